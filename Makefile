@@ -1,0 +1,31 @@
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+STAMP := .venv/.stamp
+
+.PHONY: setup test lint demo bench clean
+
+setup: $(STAMP)
+
+# torch is pinned and installed FIRST so that pip never resolves "torch>=2.6" to a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[llm,dev]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m mypy tpcompile
+
+demo: setup
+	bash examples/demo.sh
+
+bench: setup
+	$(PY) bench/run.py
+
+clean:
+	rm -rf out build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -1,0 +1,89 @@
+"""Turn rank r's graph into a self-contained ExportedProgram whose stored tensors are meta tensors.
+
+Invariant: the saved ``program.pt2`` carries no weight data; its parameters and buffers have rank r's local
+shapes and the fully-qualified names under which ``weights.safetensors`` stores them. Dynamic input dims
+keep the ranges of the original program.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import sympy
+import torch
+import torch.distributed._functional_collectives  # noqa: F401  (fake kernels for re-tracing collectives)
+import torch.fx as fx
+from torch.export import Dim, ExportedProgram
+from torch.utils._sympy.numbers import int_oo
+
+from tpcompile.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    is_parameter: bool
+
+
+def _hint(size: Any, lower: int, upper: int | None) -> int:
+    if isinstance(size, int):
+        return size
+    hint = size.node.hint if isinstance(size, torch.SymInt) else None
+    if hint is not None:
+        return int(hint)
+    guess = max(lower, 2)
+    return guess if upper is None else min(guess, upper)
+
+
+def input_signature(program: ExportedProgram, inputs: list[fx.Node]) -> tuple[list[torch.Tensor], Any]:
+    """Example inputs and a dynamic_shapes spec reproducing the program's symbolic input dims."""
+    dims: dict[str, Dim] = {}
+    examples: list[torch.Tensor] = []
+    spec: list[dict[int, Dim] | None] = []
+    for node in inputs:
+        val = node.meta["val"]
+        shape: list[int] = []
+        per_input: dict[int, Dim] = {}
+        for i, s in enumerate(val.shape):
+            if isinstance(s, torch.SymInt) and not isinstance(s.node.expr, sympy.Integer):
+                expr = s.node.expr
+                rng = program.range_constraints.get(expr)
+                lower = int(rng.lower) if rng is not None and rng.lower not in (-int_oo,) else 0
+                upper = int(rng.upper) if rng is not None and rng.upper is not int_oo else None
+                key = str(expr)
+                if key not in dims:
+                    name = "d_" + "".join(c if c.isalnum() else "_" for c in key)
+                    dims[key] = Dim(name, min=max(lower, 0), max=upper) if upper else Dim(name, min=max(lower, 0))
+                per_input[i] = dims[key]
+                shape.append(_hint(s, lower, upper))
+            else:
+                shape.append(int(s))
+        examples.append(torch.zeros(shape, dtype=val.dtype))
+        spec.append(per_input or None)
+    return examples, tuple(spec)
+
+
+def export_rank_program(
+    graph: fx.Graph, stored: list[StoredTensor], example_inputs: list[torch.Tensor], dynamic_shapes: Any
+) -> ExportedProgram:
+    # Uninitialised CPU tensors: the graph's own factories make CPU tensors, and meta ones would not mix
+    # with them. ``torch.empty`` does not touch its pages, so this costs address space, not memory.
+    root: dict[str, Any] = {}
+    for t in stored:
+        empty = torch.empty(t.shape, dtype=t.dtype)
+        root[t.name] = torch.nn.Parameter(empty, requires_grad=False) if t.is_parameter else empty
+    gm = fx.GraphModule(root, graph)
+    try:
+        with torch.no_grad():
+            program = torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UnsupportedModelError(f"re-capturing a rank's program failed: {first}") from err
+    state = program.state_dict
+    for name, value in list(state.items()):
+        meta = torch.empty_like(value, device="meta")
+        state[name] = torch.nn.Parameter(meta, requires_grad=False) if isinstance(value, torch.nn.Parameter) else meta
+    return program

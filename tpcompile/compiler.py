@@ -1,0 +1,184 @@
+"""The compile pipeline: capture -> plan + placement propagation -> per-rank lowering -> artifact.
+
+``compile_model`` is the one entry point used by the CLI and by tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.export.graph_signature import OutputKind
+
+import tpcompile
+from tpcompile.artifact.manifest import CollectiveEntry, Manifest, ParameterEntry, RankEntry, TensorSpec
+from tpcompile.artifact.program import StoredTensor, export_rank_program, input_signature
+from tpcompile.artifact.safetensors_writer import write_safetensors
+from tpcompile.artifact.writer import atomic_directory, sha256_file
+from tpcompile.errors import UsageError
+from tpcompile.frontend.capture import CapturedModel
+from tpcompile.passes.collectives import GROUP_NAME
+from tpcompile.passes.lower_rank import build_rank_graph, tensor_bytes
+from tpcompile.passes.placement import Partial, Placement, Shard
+from tpcompile.passes.propagate import Propagation
+from tpcompile.passes.slicing import local_shape, local_tensor
+from tpcompile.plan.auto import choose_plan, find_sites
+from tpcompile.plan.spec import PlanFile, ShardingPlan
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class CompileResult:
+    manifest: Manifest
+    out: Path
+    plan: ShardingPlan
+    propagation: Propagation
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _spec(name: str, val: Any) -> TensorSpec:
+    shape: list[int | str] = [int(s) if isinstance(s, int) else str(s) for s in val.shape]
+    return TensorSpec(name, _dtype_name(val.dtype), shape)
+
+
+def _scope(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return str(path).replace("L['self'].", "").replace("L__self___", "")
+
+
+def _plan_label(pl: Placement, decision: str | None) -> str:
+    if isinstance(pl, Partial):
+        return "partial"
+    if isinstance(pl, Shard):
+        return decision if decision in ("colwise", "vocab") else ("colwise" if pl.dim == 0 else "rowwise")
+    return "replicate"
+
+
+def _mutated_buffers(captured: CapturedModel) -> dict[int, str]:
+    return {
+        i: str(spec.target)
+        for i, spec in enumerate(captured.program.graph_signature.output_specs)
+        if spec.kind == OutputKind.BUFFER_MUTATION
+    }
+
+
+def plan_model(
+    captured: CapturedModel, tp: int, plan_file: PlanFile | None = None
+) -> tuple[ShardingPlan, Propagation]:
+    """Choose the plan and propagate placements (no files written)."""
+    return choose_plan(captured.gm, tp, captured.state_names(), set(captured.user_inputs()), plan_file)
+
+
+def compile_model(
+    captured: CapturedModel,
+    tp: int,
+    out: Path,
+    plan_file: PlanFile | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> CompileResult:
+    if tp < 1:
+        raise UsageError(f"--tp must be at least 1 (got {tp})")
+    say = progress or (lambda _msg: None)
+    gm = captured.gm
+    names = captured.state_names()
+    user_inputs = captured.user_inputs()
+    if _mutated_buffers(captured):
+        raise UsageError("programs with functionalized buffer mutations are not supported; export without "
+                         "run_decompositions() so that buffer writes stay in place")
+    say("planning")
+    plan, prop = plan_model(captured, tp, plan_file)
+    stored_nodes = list(names)
+    kinds = {s.arg.name: s.kind.name for s in captured.program.graph_signature.input_specs}
+    examples, dynamic = input_signature(captured.program, user_inputs)
+    output_node = next(n for n in gm.graph.nodes if n.op == "output")
+    outputs = [a for a in torch.utils._pytree.tree_leaves(output_node.args) if isinstance(a, fx.Node)]
+
+    with atomic_directory(out, force) as tmp:
+        ranks: list[RankEntry] = []
+        for rank in range(tp):
+            say(f"rank {rank}: lowering")
+            graph = build_rank_graph(gm, prop, rank, names)
+            stored = [
+                StoredTensor(names[n], local_shape(tuple(n.meta["val"].shape), prop.roots[n], rank),
+                             n.meta["val"].dtype, kinds[n.name] == "PARAMETER")
+                for n in stored_nodes
+            ]
+            say(f"rank {rank}: capturing")
+            program = export_rank_program(graph, stored, examples, dynamic)
+            rdir = tmp / f"rank{rank}"
+            rdir.mkdir()
+            torch.export.save(program, str(rdir / "program.pt2"))
+            say(f"rank {rank}: writing weights")
+            by_name = {names[n]: n for n in stored_nodes}
+            nbytes = write_safetensors(
+                rdir / "weights.safetensors",
+                [(t.name, t.dtype, t.shape) for t in stored],
+                lambda name, r=rank: local_tensor(captured.read_tensor(name), prop.roots[by_name[name]], r),
+            )
+            files = {f: sha256_file(rdir / f) for f in ("program.pt2", "weights.safetensors")}
+            ranks.append(RankEntry(rank, f"rank{rank}", nbytes, files))
+        manifest = _manifest(captured, tp, prop, plan, names, user_inputs, outputs, ranks)
+        (tmp / "manifest.json").write_text(manifest.to_json())
+    return CompileResult(manifest, out, plan, prop)
+
+
+def _manifest(
+    captured: CapturedModel,
+    tp: int,
+    prop: Propagation,
+    plan: ShardingPlan,
+    names: dict[fx.Node, str],
+    user_inputs: list[fx.Node],
+    outputs: list[fx.Node],
+    ranks: list[RankEntry],
+) -> Manifest:
+    vocab_weights = {names[s.weight] for s in find_sites(captured.gm, names) if "embedding" in str(s.node.target)}
+    params = []
+    total = 0
+    for node, name in names.items():
+        val = node.meta["val"]
+        pl = prop.roots[node]
+        decision = plan.decisions.get(name)
+        label = "vocab" if name in vocab_weights and isinstance(pl, Shard) and pl.dim == 0 else (
+            decision.style if decision else None)
+        params.append(ParameterEntry(name, [int(s) for s in val.shape], _dtype_name(val.dtype), str(pl),
+                                     _plan_label(pl, label)))
+        total += val.numel() * val.element_size()
+    collectives = [
+        CollectiveEntry(
+            op=str(red.collective), producer=red.producer.name, consumers=[c.name for c in consumers],
+            src=str(red.src), dst=str(red.dst), bytes_per_call=tensor_bytes(red.producer),
+            scope=_scope(red.producer),
+        )
+        for red, consumers in prop.collectives()
+    ]
+    dtypes = {n.meta["val"].dtype for n in names if n.meta["val"].is_floating_point()}
+    return Manifest(
+        tp=tp,
+        kind="generic",
+        dtype=_dtype_name(dtypes.pop()) if len(dtypes) == 1 else "mixed",
+        group_name=GROUP_NAME,
+        inputs=[_spec(n.name, n.meta["val"]) for n in user_inputs],
+        outputs=[_spec("output" if len(outputs) == 1 else f"output{i}", o.meta["val"])
+                 for i, o in enumerate(outputs)],
+        parameters=sorted(params, key=lambda p: p.name),
+        collectives=collectives,
+        ranks=ranks,
+        total_weight_bytes=total,
+        tool={"name": "tpcompile", "version": tpcompile.__version__},
+        torch_version=torch.__version__,
+        source=Path(captured.source).name if Path(captured.source).exists() else captured.source,
+        warnings=list(prop.warnings),
+    )

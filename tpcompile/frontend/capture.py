@@ -1,0 +1,158 @@
+"""Capture a model as an ExportedProgram, from a ``torch.export.save`` file, a Python factory
+(``pkg.module:build`` returning ``(module, example_args[, dynamic_shapes])``) or, only with ``--trust-pickle``,
+a pickled ``(module, example_args)``.
+
+Invariant: a ``CapturedModel`` has an ATen graph whose placeholders are the stored tensors (named by their
+fully-qualified names) followed by the user inputs, and a way to read every stored tensor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from tpcompile.errors import UnsupportedModelError, UsageError
+
+KNOWN_FORMATS = (
+    "a .pt2/.pt file from torch.export.save, a pickled (module, example_args) with --trust-pickle, "
+    "or a factory pkg.module:function"
+)
+
+
+@dataclass
+class CapturedModel:
+    program: ExportedProgram
+    source: str
+    read_tensor: Callable[[str], torch.Tensor]
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        return self.program.graph_module
+
+    def state_names(self) -> dict[fx.Node, str]:
+        """Placeholder node -> fully-qualified name of the stored tensor it is."""
+        by_name = {n.name: n for n in self.gm.graph.nodes if n.op == "placeholder"}
+        names: dict[fx.Node, str] = {}
+        for spec in self.program.graph_signature.input_specs:
+            if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+                assert spec.target is not None
+                names[by_name[spec.arg.name]] = spec.target
+            elif spec.kind != InputKind.USER_INPUT:
+                raise UnsupportedModelError(f"inputs of kind {spec.kind.name} are not supported ({spec.arg.name})")
+        return names
+
+    def user_inputs(self) -> list[fx.Node]:
+        by_name = {n.name: n for n in self.gm.graph.nodes if n.op == "placeholder"}
+        return [
+            by_name[s.arg.name] for s in self.program.graph_signature.input_specs
+            if s.kind == InputKind.USER_INPUT
+        ]
+
+
+def _state_reader(ep: ExportedProgram) -> Callable[[str], torch.Tensor]:
+    def read(name: str) -> torch.Tensor:
+        if name in ep.state_dict:
+            return ep.state_dict[name].detach()
+        value = ep.constants.get(name)
+        if isinstance(value, torch.Tensor):
+            return value.detach()
+        raise UnsupportedModelError(f"stored tensor {name} has no data in the exported program")
+
+    return read
+
+
+def _captured(ep: ExportedProgram, source: str) -> CapturedModel:
+    for node in ep.graph.nodes:
+        if node.op == "get_attr" or node.op == "call_module":
+            raise UnsupportedModelError(
+                f"control flow or submodule calls are not supported ({node.op} {node.target} in {source})"
+            )
+    return CapturedModel(ep, source, _state_reader(ep))
+
+
+def _is_pickle_archive(path: Path) -> bool:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("data.pkl") for n in z.namelist())
+    with path.open("rb") as f:
+        return f.read(1) == b"\x80"
+
+
+def _export(module: torch.nn.Module, args: tuple[Any, ...], dynamic: Any, source: str) -> ExportedProgram:
+    try:
+        with torch.no_grad():
+            return torch.export.export(module.eval(), tuple(args), dynamic_shapes=dynamic)
+    except Exception as err:  # torch.export raises many types; report the first line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UnsupportedModelError(f"torch.export could not capture {source}: {first}") from err
+
+
+def _from_factory(spec: str) -> CapturedModel:
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise UsageError(f"cannot import factory {spec}: {err}") from None
+    result = factory()
+    if isinstance(result, dict):
+        result = (result["model"], result["args"], result.get("dynamic_shapes"))
+    if not isinstance(result, tuple) or len(result) not in (2, 3) or not isinstance(result[0], torch.nn.Module):
+        raise UsageError(f"factory {spec} must return (nn.Module, example_args[, dynamic_shapes])")
+    module, args = result[0], result[1]
+    dynamic = result[2] if len(result) == 3 else None
+    return _captured(_export(module, tuple(args), dynamic, spec), spec)
+
+
+def _from_pickle(path: Path) -> CapturedModel:
+    obj = torch.load(path, weights_only=False, map_location="cpu")
+    if isinstance(obj, tuple) and len(obj) in (2, 3) and isinstance(obj[0], torch.nn.Module):
+        dynamic = obj[2] if len(obj) == 3 else None
+        return _captured(_export(obj[0], tuple(obj[1]), dynamic, str(path)), str(path))
+    raise UsageError(
+        f"{path} holds a {type(obj).__name__}; a pickled model must be (nn.Module, example_args), "
+        "or export it with torch.export.save"
+    )
+
+
+def load_model(spec: str, trust_pickle: bool = False) -> CapturedModel:
+    """Load ``spec`` (see the module docstring); every failure is a typed error with a one-line message."""
+    path = Path(spec)
+    if not path.exists():
+        if ":" in spec and not spec.endswith((".pt", ".pt2")) and "/" not in spec.split(":")[0]:
+            return _from_factory(spec)
+        raise UsageError(f"model file {spec} does not exist")
+    if path.is_dir():
+        raise UsageError(f"{spec} is a directory; unknown model format (expected {KNOWN_FORMATS})")
+    if path.suffix not in (".pt2", ".pt"):
+        raise UsageError(f"unknown model format: {spec} (expected {KNOWN_FORMATS})")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            is_export = any("serialized_exported_program" in n or n.endswith("models/model.json")
+                            for n in z.namelist())
+        if is_export:
+            try:
+                ep = torch.export.load(str(path))
+            except Exception as err:
+                raise UsageError(f"{spec} is not a loadable torch.export archive: {err}") from None
+            return _captured(ep, str(path))
+    if _is_pickle_archive(path):
+        if not trust_pickle:
+            raise UsageError(
+                f"{spec} is a pickled object; unpickling runs arbitrary code, so it is loaded only with "
+                "--trust-pickle (or save the model with torch.export.save instead)"
+            )
+        return _from_pickle(path)
+    raise UsageError(f"unknown model format: {spec} (expected {KNOWN_FORMATS})")

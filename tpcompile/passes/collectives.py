@@ -1,0 +1,84 @@
+"""Redistribution: a pure function from (source placement, target placement) to the ops that convert one
+into the other on one rank, emitted with ``torch.ops._c10d_functional`` collectives on a named group.
+
+Invariant: the emitted ops, run on every rank, turn each rank's local value of ``src`` into its local value
+of ``dst``; P -> R is one all-reduce, S -> R one all-gather (padded to the largest shard, then trimmed), R -> S
+a local slice, R -> P keeps the value on rank 0 and zeros elsewhere. The group name is a placeholder that the
+runtime resolves to its process group.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.distributed._functional_collectives  # noqa: F401  (registers the ops' fake kernels)
+import torch.fx as fx
+
+from tpcompile.passes.placement import Partial, Placement, Replicate, Shard
+
+GROUP_NAME = "tp"
+aten = torch.ops.aten
+c10d = torch.ops._c10d_functional
+
+
+class Emitter(Protocol):
+    rank: int
+    tp: int
+
+    def call(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node: ...
+
+
+def all_reduce(b: Emitter, value: fx.Node) -> fx.Node:
+    return b.call(c10d.wait_tensor.default, b.call(c10d.all_reduce.default, value, "sum", GROUP_NAME))
+
+
+def all_gather(b: Emitter, value: fx.Node, pl: Shard, ndim: int) -> fx.Node:
+    """Concatenate every rank's shard along ``pl.dim``; uneven shards are padded to the largest and trimmed."""
+    x = value if pl.dim == 0 else b.call(aten.transpose.int, value, 0, pl.dim)
+    biggest = max(pl.sizes)
+    mine = pl.sizes[b.rank]
+    if mine < biggest:
+        x = b.call(aten.constant_pad_nd.default, x, [0, 0] * (ndim - 1) + [0, biggest - mine], 0.0)
+    x = b.call(aten.contiguous.default, x)
+    gathered = b.call(c10d.wait_tensor.default, b.call(c10d.all_gather_into_tensor.default, x, b.tp, GROUP_NAME))
+    if not pl.even:
+        pieces = [
+            b.call(aten.slice.Tensor, gathered, 0, r * biggest, r * biggest + size)
+            for r, size in enumerate(pl.sizes)
+        ]
+        gathered = b.call(aten.cat.default, pieces, 0)
+    return gathered if pl.dim == 0 else b.call(aten.transpose.int, gathered, 0, pl.dim)
+
+
+def local_slice(b: Emitter, value: fx.Node, pl: Shard) -> fx.Node:
+    start = pl.offset(b.rank)
+    return b.call(aten.slice.Tensor, value, pl.dim, start, start + pl.sizes[b.rank])
+
+
+def redistribute(b: Emitter, value: fx.Node, src: Placement, dst: Placement, ndim: int) -> fx.Node:
+    """Emit the conversion of ``value`` from ``src`` to ``dst`` on rank ``b.rank``."""
+    if src == dst:
+        return value
+    if isinstance(src, Partial):
+        whole = all_reduce(b, value)
+        return whole if isinstance(dst, Replicate) else redistribute(b, whole, Replicate(), dst, ndim)
+    if isinstance(src, Shard):
+        whole = all_gather(b, value, src, ndim)
+        return whole if isinstance(dst, Replicate) else redistribute(b, whole, Replicate(), dst, ndim)
+    if isinstance(dst, Shard):
+        return local_slice(b, value, dst)
+    if isinstance(dst, Partial):
+        return value if b.rank == 0 else b.call(aten.mul.Tensor, value, 0)
+    raise AssertionError(f"no redistribution from {src} to {dst}")
+
+
+def collective_kind(src: Placement, dst: Placement) -> str | None:
+    """The collective a redistribution costs (None: local only)."""
+    if src == dst:
+        return None
+    if isinstance(src, Partial):
+        return "all_reduce"
+    if isinstance(src, Shard):
+        return "all_gather"
+    return None

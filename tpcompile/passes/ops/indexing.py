@@ -1,0 +1,194 @@
+"""Slicing, concatenation, embedding lookups and in-place writes into buffers (KV caches).
+
+Slices and selects along an unsharded dim keep the shard. A vocabulary-parallel embedding (weight S(0))
+looks up only the ids in its range and zeroes the others: the result is Partial. A write into a buffer
+gives the buffer the placement of the values written, so each rank stores only its slice of the cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from tpcompile.passes.ops import register
+from tpcompile.passes.ops.common import aten, concrete, norm_dim, tensor_inputs
+from tpcompile.passes.placement import PARTIAL, REPLICATE, Partial, Placement, Shard
+from tpcompile.passes.propagate import FreeView, RuleContext, Strategy, shape_of
+
+
+def _whole(node: fx.Node, dim: int) -> bool:
+    """Does this slice keep the whole of ``dim``?"""
+    size = shape_of(node.args[0])[dim]
+    start = node.args[2] if len(node.args) > 2 else 0
+    end = node.args[3] if len(node.args) > 3 else None
+    step = node.args[4] if len(node.args) > 4 else 1
+    full_end = end is None or (isinstance(end, int) and isinstance(size, int) and end >= size)
+    return (start in (None, 0)) and full_end and step == 1
+
+
+@register(aten.slice)
+def slice_(ctx: RuleContext, node: fx.Node) -> Strategy:
+    x = node.args[0]
+    nd = len(shape_of(x))
+    dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, nd)
+    p = ctx.placement(x)
+    if isinstance(p, FreeView):
+        if not _whole(node, dim) and p.dims[dim] is not None:
+            ctx.forbid(p.root, p.dims[dim])  # type: ignore[arg-type]
+        return Strategy({}, p)
+    p = concrete(p)
+    if isinstance(p, Shard) and p.dim == dim and not _whole(node, dim):
+        return Strategy({x: REPLICATE}, REPLICATE)
+    return Strategy({x: p}, p)
+
+
+@register(aten.select)
+def select(ctx: RuleContext, node: fx.Node) -> Strategy:
+    x = node.args[0]
+    nd = len(shape_of(x))
+    dim = norm_dim(node.args[1], nd)
+    p = ctx.placement(x)
+    if isinstance(p, FreeView):
+        if p.dims[dim] is not None:
+            ctx.forbid(p.root, p.dims[dim])  # type: ignore[arg-type]
+        return Strategy({}, FreeView(p.root, p.dims[:dim] + p.dims[dim + 1 :]))
+    p = concrete(p)
+    if isinstance(p, Shard):
+        if p.dim == dim:
+            return Strategy({x: REPLICATE}, REPLICATE)
+        return Strategy({x: p}, Shard(p.dim - (1 if p.dim > dim else 0), p.sizes))
+    return Strategy({x: p}, p)
+
+
+@register(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.tensor_split)
+def split(ctx: RuleContext, node: fx.Node) -> Strategy:
+    x = node.args[0]
+    nd = len(shape_of(x))
+    default = 0
+    dim_pos = 1 if "unbind" in str(node.target) else 2
+    raw = node.args[dim_pos] if len(node.args) > dim_pos else node.kwargs.get("dim", default)
+    dim = norm_dim(raw, nd)
+    n_out = len(node.meta["val"])
+    p = concrete(ctx.placement(x))
+    if isinstance(p, Shard) and p.dim == dim:
+        p = REPLICATE
+    if isinstance(p, Shard) and "unbind" in str(node.target) and p.dim > dim:
+        return Strategy({x: p}, tuple(Shard(p.dim - 1, p.sizes) for _ in range(n_out)))
+    return Strategy({x: p}, tuple(p for _ in range(n_out)))
+
+
+@register(aten.cat, aten.concat, aten.concatenate, aten.stack)
+def cat(ctx: RuleContext, node: fx.Node) -> Strategy:
+    tensors = [t for t in node.args[0] if isinstance(t, fx.Node)]
+    out_nd = len(shape_of(node))
+    is_stack = "stack" in str(node.target)
+    raw = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    dim = norm_dim(raw, out_nd)
+    pls = [concrete(ctx.placement(t)) for t in tensors]
+    if all(isinstance(p, Partial) for p in pls):
+        return Strategy(dict(zip(tensors, pls, strict=True)), PARTIAL)
+    lead = next((p for p in pls if isinstance(p, Shard)), None)
+    if lead is not None:
+        out_dim = lead.dim + (1 if is_stack and lead.dim >= dim else 0)
+        if out_dim != dim:
+            in_dim = lead.dim
+            return Strategy({t: Shard(in_dim, lead.sizes) for t in tensors}, Shard(out_dim, lead.sizes))
+    return Strategy(dict.fromkeys(tensors, REPLICATE), REPLICATE)
+
+
+def _lower_vocab_embedding(shard: Shard) -> Any:
+    def lower(b: Any, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
+        weight, ids = args[0], args[1]
+        start = shard.offset(b.rank)
+        end = start + shard.sizes[b.rank]
+        below = b.call(aten.lt.Scalar, ids, start)
+        above = b.call(aten.ge.Scalar, ids, end)
+        miss = b.call(aten.bitwise_or.Tensor, below, above)
+        local = b.call(aten.sub.Tensor, ids, start)
+        local = b.call(aten.masked_fill.Scalar, local, miss, 0)
+        rows = b.call(aten.embedding.default, weight, local, *args[2:], **kwargs)
+        mask = b.call(aten.unsqueeze.default, miss, -1)
+        return b.call(aten.masked_fill.Scalar, rows, mask, 0.0)
+
+    return lower
+
+
+@register(aten.embedding)
+def embedding(ctx: RuleContext, node: fx.Node) -> Strategy:
+    weight, ids = node.args[0], node.args[1]
+    pw = ctx.placement(weight)
+    pi = concrete(ctx.placement(ids))
+    if isinstance(pi, Partial):
+        pi = REPLICATE
+    vocab = shape_of(weight)[0]
+    if isinstance(pw, FreeView):
+        decision = ctx.decision(pw)
+        if decision is not None and decision.style in ("colwise", "rowwise") and isinstance(pi, type(REPLICATE)):
+            from tpcompile.passes.placement import balanced_split
+
+            pw = Shard(0, decision.sizes or balanced_split(vocab, ctx.tp))
+        else:
+            pw = REPLICATE
+    if isinstance(pw, Shard) and pw.dim == 0 and not isinstance(pi, Shard):
+        return Strategy({weight: pw, ids: pi}, PARTIAL, _lower_vocab_embedding(pw))
+    if isinstance(pw, Shard) and pw.dim == 1 and not isinstance(pi, Shard):
+        return Strategy({weight: pw, ids: pi}, Shard(len(shape_of(node)) - 1, pw.sizes))
+    return Strategy({weight: REPLICATE, ids: pi}, pi if isinstance(pi, Shard) else REPLICATE)
+
+
+def _write_into(ctx: RuleContext, node: fx.Node, dst: fx.Node, src: fx.Node, blocked: set[int]) -> Strategy:
+    """In-place write of ``src`` into ``dst`` (same dims): a free destination takes the source's shard."""
+    pd, ps = ctx.placement(dst), concrete(ctx.placement(src))
+    if isinstance(ps, Partial):
+        ps = REPLICATE
+    if isinstance(ps, Shard) and ps.dim in blocked:
+        ps = REPLICATE
+    want: Placement
+    if isinstance(pd, FreeView):
+        want = ps if not (isinstance(ps, Shard) and pd.dims[ps.dim] is None) else REPLICATE
+    else:
+        want = concrete(pd)
+        if isinstance(want, Partial) or (isinstance(want, Shard) and want.dim in blocked):
+            want = REPLICATE
+    others = {a: REPLICATE for a in tensor_inputs(ctx, node) if a not in (dst, src)}
+    return Strategy({**others, dst: want, src: want}, want)
+
+
+@register(aten.copy_, aten.copy)
+def copy(ctx: RuleContext, node: fx.Node) -> Strategy:
+    return _write_into(ctx, node, node.args[0], node.args[1], set())
+
+
+@register(aten.index_copy_, aten.index_copy)
+def index_copy(ctx: RuleContext, node: fx.Node) -> Strategy:
+    dst, dim, _, src = node.args[:4]
+    return _write_into(ctx, node, dst, src, {norm_dim(dim, len(shape_of(dst)))})
+
+
+@register(aten.index_put_, aten.index_put)
+def index_put(ctx: RuleContext, node: fx.Node) -> Strategy:
+    """``dst[indices] = values`` with one advanced index: dims map one to one when values has dst's rank."""
+    dst, indices, values = node.args[:3]
+    used = [i for i, ix in enumerate(indices) if ix is not None]
+    vshape = shape_of(values) if isinstance(values, fx.Node) else ()
+    if len(used) == 1 and len(vshape) == len(shape_of(dst)):
+        return _write_into(ctx, node, dst, values, set(used))
+    from tpcompile.passes.ops.common import replicate_all
+
+    return replicate_all(ctx, node)
+
+
+@register(aten.index_select)
+def index_select(ctx: RuleContext, node: fx.Node) -> Strategy:
+    x, dim, index = node.args[:3]
+    dim = norm_dim(dim, len(shape_of(x)))
+    p = concrete(ctx.placement(x))
+    if isinstance(p, Shard) and p.dim != dim:
+        return Strategy({x: p, index: REPLICATE}, p)
+    return Strategy({x: REPLICATE, index: REPLICATE}, REPLICATE)
+
+
+def is_tensor_list(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(isinstance(v, torch.Tensor) for v in value)

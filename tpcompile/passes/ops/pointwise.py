@@ -1,0 +1,101 @@
+"""Elementwise ops with broadcasting.
+
+S and S (same dim, same sizes) -> S; S and R -> S, slicing the R operand locally unless it broadcasts along the
+shard; a Partial survives only ops that are linear in it (add/sub of partials, mul/div by a replicated factor,
+unary copies); anything else reduces it first.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch.fx as fx
+
+from tpcompile.passes.ops import register
+from tpcompile.passes.ops.common import aten, concrete, tensor_inputs
+from tpcompile.passes.placement import PARTIAL, REPLICATE, Partial, Placement, Shard
+from tpcompile.passes.propagate import RuleContext, Strategy, shape_of
+
+ADDITIVE = ("add", "sub", "add_", "sub_")
+MULTIPLICATIVE = ("mul", "mul_", "div", "div_")
+UNARY_LINEAR = ("neg", "clone", "contiguous", "alias", "detach", "dropout", "lift_fresh_copy")
+OTHER = (
+    "abs", "acos", "asin", "atan", "bitwise_and", "bitwise_not", "bitwise_or", "bitwise_xor", "ceil",
+    "clamp", "clamp_min", "clamp_max", "cos", "cosh", "elu", "eq", "erf", "exp", "exp2", "expm1", "floor",
+    "ge", "gelu", "gt", "hardtanh", "isinf", "isnan", "le", "leaky_relu", "log", "log1p", "log2",
+    "logical_and", "logical_not", "logical_or", "lt", "masked_fill", "maximum", "minimum", "mish", "ne",
+    "pow", "reciprocal", "relu", "round", "rsqrt", "sigmoid", "sign", "silu", "sin", "sinh", "softplus",
+    "sqrt", "square", "tanh", "where", "to", "_to_copy", "type_as", "fmod", "remainder", "floor_divide",
+    "relu_", "silu_", "gelu_", "masked_fill_", "clamp_", "mul_", "copy", "lerp", "hardswish", "hardsigmoid",
+    "nan_to_num", "float_power", "true_divide", "logical_xor", "sigmoid_", "tanh_", "erfinv", "trunc",
+    "_to_dtype", "native_dropout",
+)
+
+
+def _partial_ok(kind: str, node: fx.Node, ins: list[fx.Node], pls: dict[fx.Node, Placement]) -> bool:
+    partial = [a for a in ins if isinstance(pls[a], Partial)]
+    scalars = [a for a in node.args if isinstance(a, numbers.Number) and not isinstance(a, bool)]
+    if kind == "add":
+        return len(partial) == len(ins) and len(ins) == 2 and not scalars
+    if kind == "mul":
+        first = node.args[0]
+        if len(partial) != 1 or (str(node.target).startswith("aten.div") and partial[0] is not first):
+            return False
+        return all(isinstance(pls[a], type(REPLICATE)) for a in ins if a is not partial[0])
+    return kind == "unary" and len(ins) == 1
+
+
+def pointwise_strategy(ctx: RuleContext, node: fx.Node, kind: str) -> Strategy:
+    ins = tensor_inputs(ctx, node)
+    pls = {a: concrete(ctx.placement(a)) for a in ins}
+    if any(isinstance(p, Partial) for p in pls.values()):
+        if _partial_ok(kind, node, ins, pls):
+            return Strategy(dict(pls), PARTIAL)
+        pls = {a: (REPLICATE if isinstance(p, Partial) else p) for a, p in pls.items()}
+    out_nd = len(shape_of(node)) if ctx.is_tensor(node) else max(len(shape_of(a)) for a in ins)
+    target: Shard | None = None
+    for a in ins:
+        p = pls[a]
+        if isinstance(p, Shard):
+            target = Shard(p.dim + out_nd - len(shape_of(a)), p.sizes)
+            break
+    if target is None:
+        return Strategy(dict.fromkeys(ins, REPLICATE), REPLICATE)
+    demands: dict[fx.Node, Placement] = {}
+    for a in ins:
+        shape = shape_of(a)
+        d = target.dim - (out_nd - len(shape))
+        demands[a] = REPLICATE if d < 0 or shape[d] == 1 else Shard(d, target.sizes)
+    return Strategy(demands, target)
+
+
+def _register(names: tuple[str, ...], kind: str) -> None:
+    def rule(ctx: RuleContext, node: fx.Node) -> Strategy:
+        return pointwise_strategy(ctx, node, kind)
+
+    register(*(getattr(aten, n) for n in names if hasattr(aten, n)))(rule)
+
+
+_register(ADDITIVE, "add")
+_register(MULTIPLICATIVE, "mul")
+_register(UNARY_LINEAR, "unary")
+_register(OTHER, "none")
+
+
+@register(aten.tril, aten.triu)
+def triangular(ctx: RuleContext, node: fx.Node) -> Strategy:
+    """The diagonal offset depends on global indices of the last two dims: those must be whole."""
+    s = pointwise_strategy(ctx, node, "none")
+    if isinstance(s.out, Shard) and s.out.dim >= len(shape_of(node)) - 2:
+        return Strategy(dict.fromkeys(s.demands, REPLICATE), REPLICATE)
+    return s
+
+
+@register(aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like, aten.rand_like, aten.randn_like)
+def like_factory(ctx: RuleContext, node: fx.Node) -> Strategy:
+    """A new tensor shaped like its input: sharded like it, replicated when the input is partial."""
+    src = node.args[0]
+    p = concrete(ctx.placement(src))
+    if isinstance(p, Shard):
+        return Strategy({src: p}, p)
+    return Strategy({}, REPLICATE)

@@ -1,0 +1,201 @@
+"""View-like ops: a shard rides through reshapes, permutes, expands and squeezes when its slices stay
+contiguous; every size literal that names the sharded dimension is rewritten per rank when lowering.
+
+A reshape keeps ``S(d)`` on output dim ``j`` when the dims before ``j`` hold exactly the elements of the dims
+before ``d`` and every rank's range along ``d`` is a whole number of output-``j`` rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import sympy
+import torch.fx as fx
+
+from tpcompile.passes.ops import register
+from tpcompile.passes.ops.common import aten, norm_dim
+from tpcompile.passes.placement import REPLICATE, Partial, Replicate, Shard
+from tpcompile.passes.propagate import FreeView, RuleContext, Strategy, shape_of
+
+
+def _prod(xs: Any) -> Any:
+    out: Any = 1
+    for x in xs:
+        out = out * x
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return bool(sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0)
+
+
+def map_shard_through_reshape(
+    in_shape: tuple[Any, ...], out_shape: tuple[Any, ...], pl: Shard
+) -> tuple[Shard | None, int | None]:
+    """The output placement of a reshape of an ``S(d)`` tensor, or (None, unit hint) when it cannot stay."""
+    d = pl.dim
+    left = _prod(in_shape[:d])
+    inner = _prod(in_shape[d + 1 :])
+    for j in range(len(out_shape)):
+        if not _same(_prod(out_shape[:j]), left):
+            continue
+        if out_shape[j] == 1 and j + 1 < len(out_shape):
+            continue
+        out_inner = _prod(out_shape[j + 1 :])
+        if not (isinstance(inner, int) and isinstance(out_inner, int)):
+            ratio = sympy.simplify(sympy.sympify(inner) / sympy.sympify(out_inner))
+            if not ratio.is_Integer:
+                return None, None
+            return Shard(j, tuple(s * int(ratio) for s in pl.sizes)), None
+        offsets = [pl.offset(r) * inner for r in range(len(pl.sizes))]
+        if all(o % out_inner == 0 for o in offsets) and all((s * inner) % out_inner == 0 for s in pl.sizes):
+            return Shard(j, tuple(s * inner // out_inner for s in pl.sizes)), None
+        return None, out_inner // math.gcd(inner, out_inner)
+    return None, None
+
+
+def _local_sizes(b: Any, node: fx.Node, sizes: list[Any]) -> list[Any]:
+    pl = b.placement(node)
+    new = list(sizes)
+    if isinstance(pl, Shard) and new[pl.dim] != -1:
+        new[pl.dim] = pl.sizes[b.rank]
+    return new
+
+
+def lower_reshape(b: Any, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
+    return b.call(node.target, args[0], _local_sizes(b, node, args[1]), *args[2:], **kwargs)
+
+
+@register(aten.view, aten.reshape, aten._unsafe_view)
+def reshape(ctx: RuleContext, node: fx.Node) -> Strategy:
+    x = node.args[0]
+    p = ctx.placement(x)
+    if isinstance(p, Partial | Replicate):
+        return Strategy({x: p}, p)
+    if isinstance(p, Shard):
+        out, hint = map_shard_through_reshape(shape_of(x), shape_of(node), p)
+        if out is not None:
+            return Strategy({x: p}, out, lower_reshape)
+        if hint is not None:
+            ctx.hint_unit(hint)
+    return Strategy({x: REPLICATE}, REPLICATE)
+
+
+@register(aten.flatten, aten.unflatten)
+def flatten(ctx: RuleContext, node: fx.Node) -> Strategy:
+    x = node.args[0]
+    p = ctx.placement(x)
+    if isinstance(p, Partial | Replicate):
+        return Strategy({x: p}, p)
+    if isinstance(p, Shard):
+        out, hint = map_shard_through_reshape(shape_of(x), shape_of(node), p)
+        if out is not None:
+            lower = _lower_unflatten if "unflatten" in str(node.target) else None
+            return Strategy({x: p}, out, lower)
+        if hint is not None:
+            ctx.hint_unit(hint)
+    return Strategy({x: REPLICATE}, REPLICATE)
+
+
+def _lower_unflatten(b: Any, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
+    x, dim, sizes = args[0], args[1], list(args[2])
+    pl = b.placement(node)
+    start = norm_dim(dim, len(shape_of(node.args[0])))
+    if isinstance(pl, Shard) and start <= pl.dim < start + len(sizes) and sizes[pl.dim - start] != -1:
+        sizes[pl.dim - start] = pl.sizes[b.rank]
+    return b.call(node.target, x, dim, sizes)
+
+
+def _permutation_rule(ctx: RuleContext, node: fx.Node, perm: list[int]) -> Strategy:
+    """Output dim i is input dim perm[i]."""
+    x = node.args[0]
+    p = ctx.placement(x)
+    if isinstance(p, FreeView):
+        return Strategy({}, FreeView(p.root, tuple(p.dims[i] for i in perm)))
+    if isinstance(p, Shard):
+        return Strategy({x: p}, Shard(perm.index(p.dim), p.sizes))
+    return Strategy({x: p} if p is not None else {}, p)
+
+
+@register(aten.permute)
+def permute(ctx: RuleContext, node: fx.Node) -> Strategy:
+    nd = len(shape_of(node))
+    return _permutation_rule(ctx, node, [norm_dim(d, nd) for d in node.args[1]])
+
+
+@register(aten.transpose, aten.swapaxes, aten.swapdims)
+def transpose(ctx: RuleContext, node: fx.Node) -> Strategy:
+    nd = len(shape_of(node))
+    a, b = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
+    perm = list(range(nd))
+    perm[a], perm[b] = perm[b], perm[a]
+    return _permutation_rule(ctx, node, perm)
+
+
+@register(aten.t, aten.numpy_T)
+def t(ctx: RuleContext, node: fx.Node) -> Strategy:
+    nd = len(shape_of(node))
+    return _permutation_rule(ctx, node, list(reversed(range(nd))))
+
+
+@register(aten.unsqueeze)
+def unsqueeze(ctx: RuleContext, node: fx.Node) -> Strategy:
+    x = node.args[0]
+    nd = len(shape_of(node))
+    dim = norm_dim(node.args[1], nd)
+    p = ctx.placement(x)
+    if isinstance(p, FreeView):
+        dims = list(p.dims)
+        dims.insert(dim, None)
+        return Strategy({}, FreeView(p.root, tuple(dims)))
+    if isinstance(p, Shard):
+        return Strategy({x: p}, Shard(p.dim + (1 if p.dim >= dim else 0), p.sizes))
+    return Strategy({x: p} if p is not None else {}, p)
+
+
+@register(aten.squeeze)
+def squeeze(ctx: RuleContext, node: fx.Node) -> Strategy:
+    x = node.args[0]
+    in_shape = shape_of(x)
+    if len(node.args) > 1:
+        raw = node.args[1]
+        dims = [raw] if isinstance(raw, int) else list(raw)
+        removed = {norm_dim(d, len(in_shape)) for d in dims if in_shape[norm_dim(d, len(in_shape))] == 1}
+    else:
+        removed = {i for i, s in enumerate(in_shape) if s == 1}
+    keep = [i for i in range(len(in_shape)) if i not in removed]
+    p = ctx.placement(x)
+    if isinstance(p, FreeView):
+        return Strategy({}, FreeView(p.root, tuple(p.dims[i] for i in keep)))
+    if isinstance(p, Shard):
+        return Strategy({x: p}, Shard(keep.index(p.dim), p.sizes))
+    return Strategy({x: p} if p is not None else {}, p)
+
+
+def _lower_expand(b: Any, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
+    return b.call(node.target, args[0], _local_sizes(b, node, args[1]), *args[2:], **kwargs)
+
+
+@register(aten.expand)
+def expand(ctx: RuleContext, node: fx.Node) -> Strategy:
+    x = node.args[0]
+    p = ctx.placement(x)
+    extra = len(shape_of(node)) - len(shape_of(x))
+    if isinstance(p, Shard):
+        return Strategy({x: p}, Shard(p.dim + extra, p.sizes), _lower_expand)
+    if isinstance(p, Partial | Replicate):
+        return Strategy({x: p}, p)
+    return Strategy({x: REPLICATE}, REPLICATE)
+
+
+@register(aten.alias, aten.detach, aten.contiguous, aten.clone, aten.lift_fresh_copy)
+def identity(ctx: RuleContext, node: fx.Node) -> Strategy:
+    x = node.args[0]
+    p = ctx.placement(x)
+    if isinstance(p, FreeView) and "clone" not in str(node.target):
+        return Strategy({}, p)
+    p = REPLICATE if isinstance(p, FreeView) or p is None else p
+    return Strategy({x: p}, p)

@@ -1,0 +1,245 @@
+"""Placement propagation: give every node of an ATen graph a placement on the ``tp`` ranks.
+
+Invariant: after ``propagate`` every tensor-valued node has a placement (Replicate, Shard or Partial), every
+parameter and buffer has the placement its shard is stored in, and for every use of a tensor whose placement
+differs from what its consumer's rule demands there is exactly one recorded redistribution (producer,
+placement) -> placement. User outputs are demanded Replicate. Rules live in ``tpcompile.passes.ops``; an op
+with no rule gets replicated inputs and a warning naming the op and its source line.
+
+Parameters and buffers start *free*: the first consumer that demands a placement fixes it (slicing a stored
+weight costs nothing at run time). A free tensor seen through a dimension-permuting view (``t``, ``permute``,
+``unsqueeze``, ``slice`` ...) stays free; a demand on the view is translated back to the root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from tpcompile.passes.placement import PARTIAL, REPLICATE, Partial, Placement, Replicate, Shard
+from tpcompile.plan.spec import ParamDecision, ShardingPlan
+
+
+@dataclass(frozen=True)
+class FreeView:
+    """A parameter/buffer, or a view of one, whose placement is not chosen yet.
+
+    ``dims[i]`` is the root dimension that dimension ``i`` of this view is, or None when the view cannot carry
+    a shard on it (a new unsqueezed dim).
+    """
+
+    root: fx.Node
+    dims: tuple[int | None, ...]
+
+
+AnyPlacement = Placement | FreeView
+NodeOut = Placement | tuple[Placement | None, ...] | None
+
+
+class LowerFn:
+    """Marker type for rule lowering callbacks (see ``tpcompile.passes.lower_rank``)."""
+
+
+@dataclass
+class Strategy:
+    """What a rule decides for one node: the placement each tensor input must have, and the output's."""
+
+    demands: dict[fx.Node, Placement]
+    out: NodeOut
+    lower: Callable[..., Any] | None = None
+
+
+@dataclass(frozen=True)
+class Redistribution:
+    producer: fx.Node
+    src: Placement
+    dst: Placement
+
+    @property
+    def collective(self) -> str | None:
+        """The collective this needs, or None when it is a local operation (slice, zero-fill)."""
+        if isinstance(self.src, Partial):
+            return "all_reduce"
+        if isinstance(self.src, Shard):
+            return "all_gather"
+        return None
+
+
+@dataclass
+class Propagation:
+    """The result: placements of nodes and of stored tensors, and the redistributions to insert."""
+
+    tp: int
+    placements: dict[fx.Node, NodeOut] = field(default_factory=dict)
+    roots: dict[fx.Node, Placement] = field(default_factory=dict)
+    redistributions: dict[tuple[fx.Node, fx.Node], Redistribution] = field(default_factory=dict)
+    lowerings: dict[fx.Node, Callable[..., Any]] = field(default_factory=dict)
+    unit_hints: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    fallback_ops: set[str] = field(default_factory=set)
+
+    def collectives(self) -> list[tuple[Redistribution, list[fx.Node]]]:
+        """Unique collectives (one per producer and target placement) with the consumers that need each."""
+        seen: dict[tuple[fx.Node, Placement], tuple[Redistribution, list[fx.Node]]] = {}
+        for (consumer, _), red in self.redistributions.items():
+            if red.collective is None:
+                continue
+            key = (red.producer, red.dst)
+            seen.setdefault(key, (red, []))[1].append(consumer)
+        return list(seen.values())
+
+    def placement(self, node: fx.Node) -> Placement:
+        pl = self.placements.get(node)
+        if isinstance(pl, Replicate | Partial | Shard):
+            return pl
+        raise KeyError(f"node {node.name} has no single placement")
+
+
+class RuleContext:
+    """What a rule may ask about the graph while propagation runs."""
+
+    def __init__(self, tp: int, plan: ShardingPlan, names: dict[fx.Node, str], prop: Propagation) -> None:
+        self.tp = tp
+        self.plan = plan
+        self.names = names
+        self.prop = prop
+        self.forbidden: dict[fx.Node, set[int]] = {}
+        self.current: fx.Node | None = None
+
+    # -- queries -------------------------------------------------------------------------------------------
+    def placement(self, node: Any) -> AnyPlacement | None:
+        """Placement of a tensor input, resolving free views whose root is already fixed."""
+        if not isinstance(node, fx.Node):
+            return None
+        pl = self.prop.placements.get(node)
+        if isinstance(pl, FreeView):
+            root = self.prop.roots.get(pl.root)
+            return pl if root is None else resolve_view(pl, root)
+        if isinstance(pl, tuple):
+            return None
+        return pl
+
+    def is_tensor(self, node: Any) -> bool:
+        return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), torch.Tensor)
+
+    def decision(self, pl: AnyPlacement | None) -> ParamDecision | None:
+        """The plan's decision for a free stored tensor, if any."""
+        if isinstance(pl, FreeView) and pl.dims == tuple(range(len(pl.dims))):
+            return self.plan.decisions.get(self.names.get(pl.root, ""))
+        return None
+
+    def forbid(self, root: fx.Node, dim: int) -> None:
+        self.forbidden.setdefault(root, set()).add(dim)
+
+    def hint_unit(self, multiple: int) -> None:
+        """Record that a shard would have survived here if its sizes were multiples of ``multiple``."""
+        self.prop.unit_hints.append(multiple)
+
+
+def resolve_view(view: FreeView, root: Placement) -> Placement:
+    if isinstance(root, Shard):
+        if root.dim in view.dims:
+            return Shard(view.dims.index(root.dim), root.sizes)
+        return REPLICATE  # unreachable by construction: a dropped dim is forbidden to shard
+    return root
+
+
+def shape_of(node: Any) -> tuple[Any, ...]:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        raise TypeError(f"{node} is not a tensor")
+    return tuple(int(s) if isinstance(s, int) else s for s in val.shape)
+
+
+def source_line(node: fx.Node) -> str:
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File")]
+    return lines[-1] if lines else "(no source line recorded)"
+
+
+def propagate(
+    gm: fx.GraphModule,
+    tp: int,
+    plan: ShardingPlan,
+    names: dict[fx.Node, str],
+    user_inputs: set[fx.Node],
+) -> Propagation:
+    """Run every node's rule in topological order; see the module docstring for the invariant."""
+    from tpcompile.passes.ops import fallback_rule, find_rule
+
+    prop = Propagation(tp=tp)
+    ctx = RuleContext(tp, plan, names, prop)
+    for node in gm.graph.nodes:
+        ctx.current = node
+        if node.op == "placeholder":
+            if node in user_inputs or not ctx.is_tensor(node):
+                prop.placements[node] = REPLICATE if ctx.is_tensor(node) else None
+            else:
+                prop.placements[node] = FreeView(node, tuple(range(len(shape_of(node)))))
+            continue
+        if node.op == "get_attr":
+            prop.placements[node] = REPLICATE
+            continue
+        if node.op == "output":
+            outs = [a for a in torch.utils._pytree.tree_leaves(node.args) if ctx.is_tensor(a)]
+            _apply(ctx, node, Strategy({a: REPLICATE for a in outs}, None))
+            continue
+        rule = find_rule(node.target)
+        if rule is None:
+            strategy = fallback_rule(ctx, node)
+            op = str(node.target)
+            if op not in prop.fallback_ops and _has_nonreplicated_input(ctx, node):
+                prop.fallback_ops.add(op)
+                prop.warnings.append(f"no sharding rule for {op}: inputs replicated at {source_line(node)}")
+        else:
+            strategy = rule(ctx, node)
+        _apply(ctx, node, strategy)
+    for node, pl in list(prop.placements.items()):
+        if isinstance(pl, FreeView) and pl.root not in prop.roots:
+            prop.roots[pl.root] = REPLICATE
+    for node in list(prop.placements):
+        pl = prop.placements[node]
+        if isinstance(pl, FreeView):
+            prop.placements[node] = resolve_view(pl, prop.roots[pl.root])
+    return prop
+
+
+def _has_nonreplicated_input(ctx: RuleContext, node: fx.Node) -> bool:
+    return any(
+        not isinstance(ctx.placement(a), Replicate | FreeView | None) for a in node.all_input_nodes
+    )
+
+
+def _apply(ctx: RuleContext, node: fx.Node, strategy: Strategy) -> None:
+    prop = ctx.prop
+    for producer, want in strategy.demands.items():
+        have = ctx.placement(producer)
+        if isinstance(have, FreeView):
+            have = _fix_root(ctx, have, want)
+        if have is None:
+            continue
+        if have != want:
+            prop.redistributions[(node, producer)] = Redistribution(producer, have, want)
+    prop.placements[node] = strategy.out
+    if strategy.lower is not None:
+        prop.lowerings[node] = strategy.lower
+
+
+def _fix_root(ctx: RuleContext, view: FreeView, want: Placement) -> Placement:
+    """Choose the stored placement of a free tensor from a demand on (a view of) it; return the view's."""
+    root = view.root
+    identity = view.dims == tuple(range(len(view.dims)))
+    if isinstance(want, Shard):
+        rdim = view.dims[want.dim]
+        if rdim is not None and rdim not in ctx.forbidden.get(root, set()):
+            ctx.prop.roots[root] = Shard(rdim, want.sizes)
+            return want
+    elif isinstance(want, Partial) and identity:
+        ctx.prop.roots[root] = PARTIAL
+        return want
+    ctx.prop.roots[root] = REPLICATE
+    return REPLICATE

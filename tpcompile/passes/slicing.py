@@ -1,0 +1,26 @@
+"""Parameter slicing: rank r's piece of a stored tensor, from its placement.
+
+Invariant: ``local_tensor(t, pl, r)`` has shape ``local_shape(t.shape, pl, r)``; for ``Shard`` it is the
+contiguous slice at ``pl.offset(r)``; for ``Partial`` (a row-parallel bias) rank 0 holds the tensor and the
+other ranks zeros, so the bias is counted once in the sum.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tpcompile.passes.placement import Partial, Placement, Shard
+
+
+def local_shape(shape: tuple[int, ...], pl: Placement, rank: int) -> tuple[int, ...]:
+    if isinstance(pl, Shard):
+        return tuple(pl.sizes[rank] if i == pl.dim else int(s) for i, s in enumerate(shape))
+    return tuple(int(s) for s in shape)
+
+
+def local_tensor(full: torch.Tensor, pl: Placement, rank: int) -> torch.Tensor:
+    if isinstance(pl, Shard):
+        return full.narrow(pl.dim, pl.offset(rank), pl.sizes[rank])
+    if isinstance(pl, Partial) and rank != 0:
+        return torch.zeros_like(full)
+    return full

@@ -1,0 +1,183 @@
+"""Automatic plan selection from the graph's structure.
+
+A *site* is a matrix product or embedding lookup whose weight is a stored tensor. Walking the sites in
+program order, each one whose activation arrives replicated is tried as the start of a column-parallel
+chain, together with its siblings (the sites reading the same activation: q/k/v, gate/up). Propagation is
+the judge: the trial is kept when it adds at most one collective and no all-gather inside the program (the
+chain ends in a row-parallel product whose partial sum is reduced once). The split unit comes from the
+graph: when a reshape downstream needs shard sizes that are multiples of a head size, the trial is repeated
+with that unit, so heads (and grouped-query KV groups) are never cut.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from tpcompile.passes.placement import Replicate, Shard, balanced_split
+from tpcompile.passes.propagate import Propagation, propagate, shape_of
+from tpcompile.plan.spec import ParamDecision, PlanFile, ShardingPlan
+
+aten = torch.ops.aten
+_VIEWS = (aten.t.default, aten.permute.default, aten.transpose.int, aten.detach.default, aten.alias.default)
+MAX_UNIT_RETRIES = 4
+
+
+@dataclass(frozen=True)
+class Site:
+    node: fx.Node
+    weight: fx.Node  # the stored tensor's placeholder
+    activation: fx.Node
+    out_features: int
+
+
+def _root(value: object, names: dict[fx.Node, str]) -> fx.Node | None:
+    node = value
+    while isinstance(node, fx.Node):
+        if node in names:
+            return node
+        if node.op == "call_function" and node.target in _VIEWS:
+            node = node.args[0]
+            continue
+        return None
+    return None
+
+
+def find_sites(gm: fx.GraphModule, names: dict[fx.Node, str]) -> list[Site]:
+    sites: list[Site] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        packet = getattr(node.target, "overloadpacket", None)
+        site: Site | None = None
+        if packet is aten.linear:
+            w = _root(node.args[1], names)
+            if w is not None and w is node.args[1] and len(shape_of(w)) == 2:
+                site = Site(node, w, node.args[0], int(shape_of(w)[0]))
+        elif packet is aten.embedding:
+            w = _root(node.args[0], names)
+            if w is not None and w is node.args[0]:
+                site = Site(node, w, node.args[1], int(shape_of(w)[0]))
+        elif packet in (aten.mm, aten.matmul, aten.addmm):
+            a, b = (node.args[1], node.args[2]) if packet is aten.addmm else (node.args[0], node.args[1])
+            w = _root(b, names)
+            if w is not None and len(shape_of(w)) == 2 and len(shape_of(b)) == 2:
+                site = Site(node, w, a, int(shape_of(b)[1]))
+        if site is not None:
+            sites.append(site)
+    return sites
+
+
+def _collective_counts(prop: Propagation, output: fx.Node) -> tuple[int, int]:
+    """(collectives, all-gathers not feeding the program output)."""
+    total = internal = 0
+    for red, consumers in prop.collectives():
+        total += 1
+        if red.collective == "all_gather" and any(c is not output for c in consumers):
+            internal += 1
+    return total, internal
+
+
+def _group_sizes(group: list[Site], units: dict[Site, int], tp: int) -> dict[Site, tuple[int, ...]] | None:
+    """Split every site of a sibling group into the same number of whole groups of units per rank."""
+    counts = {}
+    for s in group:
+        if s.out_features % units[s]:
+            return None
+        counts[s] = s.out_features // units[s]
+    groups = math.gcd(*counts.values())
+    if groups < tp:
+        return None
+    split = balanced_split(groups, tp)
+    return {s: tuple(g * (counts[s] // groups) * units[s] for g in split) for s in group}
+
+
+class PlanSearch:
+    def __init__(
+        self, gm: fx.GraphModule, tp: int, names: dict[fx.Node, str], user_inputs: set[fx.Node]
+    ) -> None:
+        self.gm, self.tp, self.names, self.user_inputs = gm, tp, names, user_inputs
+        self.output = next(n for n in gm.graph.nodes if n.op == "output")
+        self.trials = 0
+
+    def run(self, plan: ShardingPlan) -> Propagation:
+        self.trials += 1
+        return propagate(self.gm, self.tp, plan, self.names, self.user_inputs)
+
+    def search(self, plan_file: PlanFile | None = None) -> tuple[ShardingPlan, Propagation]:
+        sites = find_sites(self.gm, self.names)
+        fixed: dict[str, ParamDecision] = {}
+        forced_col: set[str] = set()
+        for site in sites:
+            style = plan_file.style_for(self.names[site.weight]) if plan_file else None
+            if style == "colwise":
+                forced_col.add(self.names[site.weight])
+            elif style is not None:
+                fixed[self.names[site.weight]] = ParamDecision(style)
+        if plan_file:
+            for node, name in self.names.items():
+                style = plan_file.style_for(name)
+                if style is not None and style != "colwise":
+                    fixed.setdefault(name, ParamDecision(style))
+        plan = ShardingPlan(self.tp, fixed)
+        prop = self.run(plan)
+        if self.tp == 1:
+            return plan, prop
+        tried: set[str] = set(fixed)
+        for site in sites:
+            name = self.names[site.weight]
+            if name in tried:
+                continue
+            if not isinstance(prop.placements.get(site.activation), Replicate):
+                tried.add(name)
+                continue
+            group = [
+                s for s in sites
+                if s.activation is site.activation and self.names[s.weight] not in tried
+            ]
+            tried.update(self.names[s.weight] for s in group)
+            forced = any(self.names[s.weight] in forced_col for s in group)
+            plan, prop = self._try_group(plan, prop, group, forced)
+        return plan, prop
+
+    def _try_group(
+        self, plan: ShardingPlan, prop: Propagation, group: list[Site], forced: bool
+    ) -> tuple[ShardingPlan, Propagation]:
+        base_total, base_internal = _collective_counts(prop, self.output)
+        units = dict.fromkeys(group, 1)
+        for _ in range(MAX_UNIT_RETRIES):
+            sizes = _group_sizes(group, units, self.tp)
+            if sizes is None:
+                break
+            trial_plan = plan.with_decisions(
+                {self.names[s.weight]: ParamDecision("colwise", sizes[s]) for s in group}
+            )
+            trial = self.run(trial_plan)
+            total, internal = _collective_counts(trial, self.output)
+            sharded = all(isinstance(trial.roots.get(s.weight), Shard) for s in group)
+            if sharded and internal <= base_internal and total <= base_total + 1:
+                return trial_plan, trial
+            hints = [h for h in trial.unit_hints if h > 1]
+            if not hints:
+                if forced:
+                    return trial_plan, trial
+                break
+            for s in group:
+                unit = math.lcm(units[s], *hints)
+                if s.out_features % unit == 0:
+                    units[s] = unit
+        return plan, prop
+
+
+def choose_plan(
+    gm: fx.GraphModule,
+    tp: int,
+    names: dict[fx.Node, str],
+    user_inputs: set[fx.Node],
+    plan_file: PlanFile | None = None,
+) -> tuple[ShardingPlan, Propagation]:
+    """The automatic plan (with the plan file's overrides applied first) and its propagation."""
+    return PlanSearch(gm, tp, names, user_inputs).search(plan_file)
