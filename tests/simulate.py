@@ -13,13 +13,16 @@ from tpcompile.compiler import plan_model
 from tpcompile.frontend.capture import CapturedModel
 from tpcompile.passes.lower_rank import build_rank_graph
 from tpcompile.passes.slicing import local_tensor
+from tpcompile.plan.spec import PlanFile
 
 c10d = torch.ops._c10d_functional
 
 
-def simulate(captured: CapturedModel, tp: int, inputs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+def simulate(
+    captured: CapturedModel, tp: int, inputs: list[torch.Tensor], plan_file: PlanFile | None = None
+) -> list[list[torch.Tensor]]:
     """Outputs of every rank (each a list of tensors) for the given user inputs."""
-    plan, prop = plan_model(captured, tp)
+    plan, prop = plan_model(captured, tp, plan_file)
     names = captured.state_names()
     graphs = [build_rank_graph(captured.gm, prop, r, names) for r in range(tp)]
     state = [
@@ -34,12 +37,13 @@ def simulate(captured: CapturedModel, tp: int, inputs: list[torch.Tensor]) -> li
     def load(r: int, a: Any) -> Any:
         return fx.map_arg(a, lambda n: envs[r][n])
 
+    feeds = [iter(inputs) for _ in range(tp)]
+
     def advance(r: int) -> None:
         """Run rank r until its next collective (left in pending[r]) or its end."""
-        inputs_left = list(inputs)
         for node in iters[r]:
             if node.op == "placeholder":
-                envs[r][node] = inputs_left.pop(0) if not hasattr(advance, "fed") else None
+                envs[r][node] = next(feeds[r])
                 continue
             if node.op == "get_attr":
                 envs[r][node] = state[r][node.target]

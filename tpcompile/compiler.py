@@ -95,8 +95,10 @@ def compile_model(
     names = captured.state_names()
     user_inputs = captured.user_inputs()
     if _mutated_buffers(captured):
-        raise UsageError("programs with functionalized buffer mutations are not supported; export without "
-                         "run_decompositions() so that buffer writes stay in place")
+        raise UsageError(
+            "programs with functionalized buffer mutations are not supported; export without "
+            "run_decompositions() so that buffer writes stay in place"
+        )
     say("planning")
     plan, prop = plan_model(captured, tp, plan_file)
     stored_nodes = list(names)
@@ -105,14 +107,19 @@ def compile_model(
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     outputs = [a for a in torch.utils._pytree.tree_leaves(output_node.args) if isinstance(a, fx.Node)]
 
+    by_name = {names[n]: n for n in stored_nodes}
     with atomic_directory(out, force) as tmp:
         ranks: list[RankEntry] = []
         for rank in range(tp):
             say(f"rank {rank}: lowering")
             graph = build_rank_graph(gm, prop, rank, names)
             stored = [
-                StoredTensor(names[n], local_shape(tuple(n.meta["val"].shape), prop.roots[n], rank),
-                             n.meta["val"].dtype, kinds[n.name] == "PARAMETER")
+                StoredTensor(
+                    names[n],
+                    local_shape(tuple(n.meta["val"].shape), prop.roots[n], rank),
+                    n.meta["val"].dtype,
+                    kinds[n.name] == "PARAMETER",
+                )
                 for n in stored_nodes
             ]
             say(f"rank {rank}: capturing")
@@ -121,11 +128,12 @@ def compile_model(
             rdir.mkdir()
             torch.export.save(program, str(rdir / "program.pt2"))
             say(f"rank {rank}: writing weights")
-            by_name = {names[n]: n for n in stored_nodes}
+
+            def read_local(name: str, r: int = rank) -> torch.Tensor:
+                return local_tensor(captured.read_tensor(name), prop.roots[by_name[name]], r)
+
             nbytes = write_safetensors(
-                rdir / "weights.safetensors",
-                [(t.name, t.dtype, t.shape) for t in stored],
-                lambda name, r=rank: local_tensor(captured.read_tensor(name), prop.roots[by_name[name]], r),
+                rdir / "weights.safetensors", [(t.name, t.dtype, t.shape) for t in stored], read_local
             )
             files = {f: sha256_file(rdir / f) for f in ("program.pt2", "weights.safetensors")}
             ranks.append(RankEntry(rank, f"rank{rank}", nbytes, files))
@@ -144,22 +152,34 @@ def _manifest(
     outputs: list[fx.Node],
     ranks: list[RankEntry],
 ) -> Manifest:
-    vocab_weights = {names[s.weight] for s in find_sites(captured.gm, names) if "embedding" in str(s.node.target)}
+    vocab_weights = {
+        names[s.weight] for s in find_sites(captured.gm, names) if "embedding" in str(s.node.target)
+    }
     params = []
     total = 0
     for node, name in names.items():
         val = node.meta["val"]
         pl = prop.roots[node]
         decision = plan.decisions.get(name)
-        label = "vocab" if name in vocab_weights and isinstance(pl, Shard) and pl.dim == 0 else (
-            decision.style if decision else None)
-        params.append(ParameterEntry(name, [int(s) for s in val.shape], _dtype_name(val.dtype), str(pl),
-                                     _plan_label(pl, label)))
+        label = (
+            "vocab"
+            if name in vocab_weights and isinstance(pl, Shard) and pl.dim == 0
+            else (decision.style if decision else None)
+        )
+        params.append(
+            ParameterEntry(
+                name, [int(s) for s in val.shape], _dtype_name(val.dtype), str(pl), _plan_label(pl, label)
+            )
+        )
         total += val.numel() * val.element_size()
     collectives = [
         CollectiveEntry(
-            op=str(red.collective), producer=red.producer.name, consumers=[c.name for c in consumers],
-            src=str(red.src), dst=str(red.dst), bytes_per_call=tensor_bytes(red.producer),
+            op=str(red.collective),
+            producer=red.producer.name,
+            consumers=[c.name for c in consumers],
+            src=str(red.src),
+            dst=str(red.dst),
+            bytes_per_call=tensor_bytes(red.producer),
             scope=_scope(red.producer),
         )
         for red, consumers in prop.collectives()
@@ -171,8 +191,10 @@ def _manifest(
         dtype=_dtype_name(dtypes.pop()) if len(dtypes) == 1 else "mixed",
         group_name=GROUP_NAME,
         inputs=[_spec(n.name, n.meta["val"]) for n in user_inputs],
-        outputs=[_spec("output" if len(outputs) == 1 else f"output{i}", o.meta["val"])
-                 for i, o in enumerate(outputs)],
+        outputs=[
+            _spec("output" if len(outputs) == 1 else f"output{i}", o.meta["val"])
+            for i, o in enumerate(outputs)
+        ],
         parameters=sorted(params, key=lambda p: p.name),
         collectives=collectives,
         ranks=ranks,

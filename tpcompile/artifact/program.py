@@ -56,7 +56,9 @@ def input_signature(program: ExportedProgram, inputs: list[fx.Node]) -> tuple[li
                 key = str(expr)
                 if key not in dims:
                     name = "d_" + "".join(c if c.isalnum() else "_" for c in key)
-                    dims[key] = Dim(name, min=max(lower, 0), max=upper) if upper else Dim(name, min=max(lower, 0))
+                    dims[key] = (
+                        Dim(name, min=max(lower, 0), max=upper) if upper else Dim(name, min=max(lower, 0))
+                    )
                 per_input[i] = dims[key]
                 shape.append(_hint(s, lower, upper))
             else:
@@ -78,12 +80,16 @@ def export_rank_program(
     gm = fx.GraphModule(root, graph)
     try:
         with torch.no_grad():
-            program = torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
+            program = torch.export.export(
+                gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False
+            )
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UnsupportedModelError(f"re-capturing a rank's program failed: {first}") from err
     state = program.state_dict
     for name, value in list(state.items()):
         meta = torch.empty_like(value, device="meta")
-        state[name] = torch.nn.Parameter(meta, requires_grad=False) if isinstance(value, torch.nn.Parameter) else meta
+        state[name] = (
+            torch.nn.Parameter(meta, requires_grad=False) if isinstance(value, torch.nn.Parameter) else meta
+        )
     return program

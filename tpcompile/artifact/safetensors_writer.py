@@ -12,8 +12,15 @@ from pathlib import Path
 import torch
 
 DTYPE_CODES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 
@@ -35,7 +42,11 @@ def write_safetensors(
         for s in shape:
             n *= s
         size = n * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": DTYPE_CODES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     raw += b" " * (-len(raw) % 8)
@@ -48,6 +59,9 @@ def write_safetensors(
                 raise ValueError(f"tensor {name}: expected {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
             data = t.detach().contiguous().cpu()
             if data.numel():
-                f.write(data.view(torch.uint8).numpy().tobytes() if data.dtype != torch.bool
-                        else data.numpy().tobytes())
+                f.write(
+                    data.view(torch.uint8).numpy().tobytes()
+                    if data.dtype != torch.bool
+                    else data.numpy().tobytes()
+                )
     return offset

@@ -1,6 +1,6 @@
 """Capture a model as an ExportedProgram, from a ``torch.export.save`` file, a Python factory
-(``pkg.module:build`` returning ``(module, example_args[, dynamic_shapes])``) or, only with ``--trust-pickle``,
-a pickled ``(module, example_args)``.
+(``pkg.module:build`` returning ``(module, example_args[, dynamic_shapes])``) or, only with
+``--trust-pickle``, a pickled ``(module, example_args)``.
 
 Invariant: a ``CapturedModel`` has an ATen graph whose placeholders are the stored tensors (named by their
 fully-qualified names) followed by the user inputs, and a way to read every stored tensor.
@@ -49,13 +49,16 @@ class CapturedModel:
                 assert spec.target is not None
                 names[by_name[spec.arg.name]] = spec.target
             elif spec.kind != InputKind.USER_INPUT:
-                raise UnsupportedModelError(f"inputs of kind {spec.kind.name} are not supported ({spec.arg.name})")
+                raise UnsupportedModelError(
+                    f"inputs of kind {spec.kind.name} are not supported ({spec.arg.name})"
+                )
         return names
 
     def user_inputs(self) -> list[fx.Node]:
         by_name = {n.name: n for n in self.gm.graph.nodes if n.op == "placeholder"}
         return [
-            by_name[s.arg.name] for s in self.program.graph_signature.input_specs
+            by_name[s.arg.name]
+            for s in self.program.graph_signature.input_specs
             if s.kind == InputKind.USER_INPUT
         ]
 
@@ -109,7 +112,11 @@ def _from_factory(spec: str) -> CapturedModel:
     result = factory()
     if isinstance(result, dict):
         result = (result["model"], result["args"], result.get("dynamic_shapes"))
-    if not isinstance(result, tuple) or len(result) not in (2, 3) or not isinstance(result[0], torch.nn.Module):
+    if (
+        not isinstance(result, tuple)
+        or len(result) not in (2, 3)
+        or not isinstance(result[0], torch.nn.Module)
+    ):
         raise UsageError(f"factory {spec} must return (nn.Module, example_args[, dynamic_shapes])")
     module, args = result[0], result[1]
     dynamic = result[2] if len(result) == 3 else None
@@ -140,8 +147,9 @@ def load_model(spec: str, trust_pickle: bool = False) -> CapturedModel:
         raise UsageError(f"unknown model format: {spec} (expected {KNOWN_FORMATS})")
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
-            is_export = any("serialized_exported_program" in n or n.endswith("models/model.json")
-                            for n in z.namelist())
+            is_export = any(
+                "serialized_exported_program" in n or n.endswith("models/model.json") for n in z.namelist()
+            )
         if is_export:
             try:
                 ep = torch.export.load(str(path))

@@ -1,10 +1,10 @@
 """Redistribution: a pure function from (source placement, target placement) to the ops that convert one
 into the other on one rank, emitted with ``torch.ops._c10d_functional`` collectives on a named group.
 
-Invariant: the emitted ops, run on every rank, turn each rank's local value of ``src`` into its local value
-of ``dst``; P -> R is one all-reduce, S -> R one all-gather (padded to the largest shard, then trimmed), R -> S
-a local slice, R -> P keeps the value on rank 0 and zeros elsewhere. The group name is a placeholder that the
-runtime resolves to its process group.
+Invariant: the emitted ops, run on every rank, turn each rank's local value of ``src`` into its local
+value of ``dst``; P -> R is one all-reduce, S -> R one all-gather (padded to the largest shard, then
+trimmed), R -> S a local slice, R -> P keeps the value on rank 0 and zeros elsewhere. The group name
+is a placeholder that the runtime resolves to its process group.
 """
 
 from __future__ import annotations
@@ -34,14 +34,17 @@ def all_reduce(b: Emitter, value: fx.Node) -> fx.Node:
 
 
 def all_gather(b: Emitter, value: fx.Node, pl: Shard, ndim: int) -> fx.Node:
-    """Concatenate every rank's shard along ``pl.dim``; uneven shards are padded to the largest and trimmed."""
+    """Concatenate every rank's shard along ``pl.dim``; uneven shards are padded to the largest, then
+    trimmed."""
     x = value if pl.dim == 0 else b.call(aten.transpose.int, value, 0, pl.dim)
     biggest = max(pl.sizes)
     mine = pl.sizes[b.rank]
     if mine < biggest:
         x = b.call(aten.constant_pad_nd.default, x, [0, 0] * (ndim - 1) + [0, biggest - mine], 0.0)
     x = b.call(aten.contiguous.default, x)
-    gathered = b.call(c10d.wait_tensor.default, b.call(c10d.all_gather_into_tensor.default, x, b.tp, GROUP_NAME))
+    gathered = b.call(
+        c10d.wait_tensor.default, b.call(c10d.all_gather_into_tensor.default, x, b.tp, GROUP_NAME)
+    )
     if not pl.even:
         pieces = [
             b.call(aten.slice.Tensor, gathered, 0, r * biggest, r * biggest + size)

@@ -56,8 +56,11 @@ def build_rank_graph(
             else:
                 env[node] = b.graph.placeholder(node.name)
             continue
-        args = fx.map_arg(node.args, lambda n, c=node: value_for(n, c))
-        kwargs = fx.map_arg(node.kwargs, lambda n, c=node: value_for(n, c))
+        def load(n: fx.Node, consumer: fx.Node = node) -> Any:
+            return value_for(n, consumer)
+
+        args = fx.map_arg(node.args, load)
+        kwargs = fx.map_arg(node.kwargs, load)
         if node.op == "output":
             b.graph.output(args[0])
             continue
@@ -74,8 +77,10 @@ def build_rank_graph(
 
 
 def is_collective(node: fx.Node) -> bool:
-    return node.op == "call_function" and "_c10d_functional" in str(node.target) and "wait" not in str(
-        node.target
+    return (
+        node.op == "call_function"
+        and "_c10d_functional" in str(node.target)
+        and "wait" not in str(node.target)
     )
 
 

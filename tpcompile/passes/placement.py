@@ -64,7 +64,8 @@ PARTIAL = Partial()
 
 
 def balanced_split(units: int, tp: int) -> tuple[int, ...]:
-    """Split ``units`` whole units over ``tp`` ranks, the first ranks taking the remainder: 6 over 4 -> 2,2,1,1."""
+    """Split ``units`` whole units over ``tp`` ranks, the first ranks taking the remainder:
+    6 over 4 -> 2,2,1,1."""
     base, extra = divmod(units, tp)
     return tuple(base + (1 if r < extra else 0) for r in range(tp))
 

@@ -37,7 +37,7 @@ class FreeView:
 
 
 AnyPlacement = Placement | FreeView
-NodeOut = Placement | tuple[Placement | None, ...] | None
+NodeOut = Placement | FreeView | tuple[Placement | None, ...] | None
 
 
 class LowerFn:
@@ -198,7 +198,7 @@ def propagate(
         else:
             strategy = rule(ctx, node)
         _apply(ctx, node, strategy)
-    for node, pl in list(prop.placements.items()):
+    for pl in list(prop.placements.values()):
         if isinstance(pl, FreeView) and pl.root not in prop.roots:
             prop.roots[pl.root] = REPLICATE
     for node in list(prop.placements):
@@ -209,9 +209,7 @@ def propagate(
 
 
 def _has_nonreplicated_input(ctx: RuleContext, node: fx.Node) -> bool:
-    return any(
-        not isinstance(ctx.placement(a), Replicate | FreeView | None) for a in node.all_input_nodes
-    )
+    return any(not isinstance(ctx.placement(a), Replicate | FreeView | None) for a in node.all_input_nodes)
 
 
 def _apply(ctx: RuleContext, node: fx.Node, strategy: Strategy) -> None:

@@ -118,7 +118,7 @@ class PlanSearch:
             elif style is not None:
                 fixed[self.names[site.weight]] = ParamDecision(style)
         if plan_file:
-            for node, name in self.names.items():
+            for name in self.names.values():
                 style = plan_file.style_for(name)
                 if style is not None and style != "colwise":
                     fixed.setdefault(name, ParamDecision(style))
@@ -135,8 +135,7 @@ class PlanSearch:
                 tried.add(name)
                 continue
             group = [
-                s for s in sites
-                if s.activation is site.activation and self.names[s.weight] not in tried
+                s for s in sites if s.activation is site.activation and self.names[s.weight] not in tried
             ]
             tried.update(self.names[s.weight] for s in group)
             forced = any(self.names[s.weight] in forced_col for s in group)

@@ -25,7 +25,7 @@ def _whole(node: fx.Node, dim: int) -> bool:
     end = node.args[3] if len(node.args) > 3 else None
     step = node.args[4] if len(node.args) > 4 else 1
     full_end = end is None or (isinstance(end, int) and isinstance(size, int) and end >= size)
-    return (start in (None, 0)) and full_end and step == 1
+    return bool(start in (None, 0) and full_end and step == 1)
 
 
 @register(aten.slice)
@@ -36,7 +36,7 @@ def slice_(ctx: RuleContext, node: fx.Node) -> Strategy:
     p = ctx.placement(x)
     if isinstance(p, FreeView):
         if not _whole(node, dim) and p.dims[dim] is not None:
-            ctx.forbid(p.root, p.dims[dim])  # type: ignore[arg-type]
+            ctx.forbid(p.root, p.dims[dim])
         return Strategy({}, p)
     p = concrete(p)
     if isinstance(p, Shard) and p.dim == dim and not _whole(node, dim):
@@ -52,7 +52,7 @@ def select(ctx: RuleContext, node: fx.Node) -> Strategy:
     p = ctx.placement(x)
     if isinstance(p, FreeView):
         if p.dims[dim] is not None:
-            ctx.forbid(p.root, p.dims[dim])  # type: ignore[arg-type]
+            ctx.forbid(p.root, p.dims[dim])
         return Strategy({}, FreeView(p.root, p.dims[:dim] + p.dims[dim + 1 :]))
     p = concrete(p)
     if isinstance(p, Shard):
@@ -125,7 +125,11 @@ def embedding(ctx: RuleContext, node: fx.Node) -> Strategy:
     vocab = shape_of(weight)[0]
     if isinstance(pw, FreeView):
         decision = ctx.decision(pw)
-        if decision is not None and decision.style in ("colwise", "rowwise") and isinstance(pi, type(REPLICATE)):
+        if (
+            decision is not None
+            and decision.style in ("colwise", "rowwise")
+            and isinstance(pi, type(REPLICATE))
+        ):
             from tpcompile.passes.placement import balanced_split
 
             pw = Shard(0, decision.sizes or balanced_split(vocab, ctx.tp))

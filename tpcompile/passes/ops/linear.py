@@ -12,11 +12,21 @@ import torch.fx as fx
 
 from tpcompile.passes.ops import register
 from tpcompile.passes.ops.common import aten, concrete
-from tpcompile.passes.placement import PARTIAL, REPLICATE, Partial, Placement, Replicate, Shard, balanced_split
+from tpcompile.passes.placement import (
+    PARTIAL,
+    REPLICATE,
+    Partial,
+    Placement,
+    Replicate,
+    Shard,
+    balanced_split,
+)
 from tpcompile.passes.propagate import FreeView, RuleContext, Strategy, shape_of
 
 
-def _col_sizes(ctx: RuleContext, weight_pl: FreeView | Placement | None, features: int) -> tuple[int, ...] | None:
+def _col_sizes(
+    ctx: RuleContext, weight_pl: FreeView | Placement | None, features: int
+) -> tuple[int, ...] | None:
     """Sizes of a column split when the plan makes this free weight column-parallel, else None."""
     decision = ctx.decision(weight_pl) if isinstance(weight_pl, FreeView) else None
     if decision is None or decision.style != "colwise":
@@ -89,7 +99,7 @@ def matmul_strategy(
 def _batch_strategy(
     a: fx.Node, b: fx.Node, pa: Placement, pb: Placement, out_nd: int
 ) -> tuple[dict[fx.Node, Placement], Placement]:
-    sa, sb = shape_of(a), shape_of(b)
+    sa = shape_of(a)
     lead, other = (a, b) if isinstance(pa, Shard) and pa.dim < len(sa) - 2 else (b, a)
     pl = pa if lead is a else pb
     assert isinstance(pl, Shard)

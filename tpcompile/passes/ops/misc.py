@@ -14,8 +14,24 @@ from tpcompile.passes.placement import REPLICATE, Shard
 from tpcompile.passes.propagate import RuleContext, Strategy
 
 FACTORIES = (
-    "arange", "zeros", "ones", "full", "empty", "scalar_tensor", "tensor", "linspace", "eye", "rand",
-    "randn", "randint", "empty_strided", "new_zeros", "new_ones", "new_full", "new_empty", "_local_scalar_dense",
+    "arange",
+    "zeros",
+    "ones",
+    "full",
+    "empty",
+    "scalar_tensor",
+    "tensor",
+    "linspace",
+    "eye",
+    "rand",
+    "randn",
+    "randint",
+    "empty_strided",
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "new_empty",
+    "_local_scalar_dense",
 )
 
 
@@ -54,7 +70,12 @@ def assert_metadata(ctx: RuleContext, node: fx.Node) -> Strategy:
     return Strategy({}, None, lower)
 
 
-@register(aten._assert_scalar, aten.sym_constrain_range_for_size, aten.sym_constrain_range,
-          aten._assert_async, torch.ops.aten._print)
+@register(
+    aten._assert_scalar,
+    aten.sym_constrain_range_for_size,
+    aten.sym_constrain_range,
+    aten._assert_async,
+    torch.ops.aten._print,
+)
 def assertion(ctx: RuleContext, node: fx.Node) -> Strategy:
     return Strategy({}, None)

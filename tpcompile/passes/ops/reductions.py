@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from tpcompile.passes.ops import register
 from tpcompile.passes.ops.common import aten, concrete, norm_dim
-from tpcompile.passes.placement import PARTIAL, REPLICATE, Partial, Placement, Replicate, Shard
+from tpcompile.passes.placement import PARTIAL, REPLICATE, Partial, Placement, Shard
 from tpcompile.passes.propagate import RuleContext, Strategy, shape_of
 
 
@@ -66,8 +66,21 @@ def _reduction(linear: bool) -> Any:
 
 
 register(aten.sum, aten.mean)(_reduction(linear=True))
-register(aten.amax, aten.amin, aten.argmax, aten.argmin, aten.prod, aten.any, aten.all, aten.logsumexp,
-         aten.var, aten.std, aten.norm, aten.linalg_vector_norm, aten.var_mean)(_reduction(linear=False))
+register(
+    aten.amax,
+    aten.amin,
+    aten.argmax,
+    aten.argmin,
+    aten.prod,
+    aten.any,
+    aten.all,
+    aten.logsumexp,
+    aten.var,
+    aten.std,
+    aten.norm,
+    aten.linalg_vector_norm,
+    aten.var_mean,
+)(_reduction(linear=False))
 
 
 @register(aten.max, aten.min)
@@ -113,8 +126,9 @@ def _norm(ctx: RuleContext, node: fx.Node, normalized: int, params: list[Any], n
 @register(aten.layer_norm)
 def layer_norm(ctx: RuleContext, node: fx.Node) -> Strategy:
     args = list(node.args) + [None] * 4
-    return _norm(ctx, node, len(args[1]), [args[2], args[3], node.kwargs.get("weight"),
-                                            node.kwargs.get("bias")], 1)
+    return _norm(
+        ctx, node, len(args[1]), [args[2], args[3], node.kwargs.get("weight"), node.kwargs.get("bias")], 1
+    )
 
 
 @register(aten.native_layer_norm)

@@ -1,0 +1,51 @@
+"""Shared helpers: run the CLIs as real subprocesses, build the example model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def run(
+    module: str, *args: str | Path, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env=cli_env(), cwd=cwd or REPO, timeout=timeout
+    )
+
+
+def tpcompile(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return run("tpcompile.cli", *args, cwd=cwd)
+
+
+def tprun(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return run("tpcompile.runtime.cli", *args)
+
+
+@pytest.fixture(scope="session")
+def gpt_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example GPT (6 heads), exported with a dynamic sequence length and saved with torch.export.save."""
+    from examples import gpt
+
+    path = tmp_path_factory.mktemp("gpt") / "gpt.pt2"
+    gpt.export(path=str(path))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)

@@ -1,0 +1,79 @@
+"""Bad input: one-line errors with exit code 2, and nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from examples import gpt
+from tests.conftest import tpcompile
+
+
+def _error_line(proc) -> str:  # type: ignore[no-untyped-def]
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("[tpcompile] ")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_pickle_needs_trust_flag(tmp_path: Path) -> None:
+    model = gpt.build_model(gpt.GPTConfig(n_layer=1))
+    path = tmp_path / "model.pt"
+    torch.save((model, gpt.example_inputs()), path)
+    proc = tpcompile(path, "--tp", "2", "-o", tmp_path / "out")
+    assert proc.returncode == 2
+    line = _error_line(proc)
+    assert line.startswith("tpcompile: error: ")
+    assert "unpickling runs arbitrary code" in line and "--trust-pickle" in line
+    assert not (tmp_path / "out").exists()
+    ok = tpcompile(path, "--tp", "2", "-o", tmp_path / "out", "--trust-pickle", "--quiet")
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "out" / "manifest.json").is_file()
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    proc = tpcompile(tmp_path / "nope.pt2", "--tp", "2", "-o", tmp_path / "out")
+    assert proc.returncode == 2
+    assert _error_line(proc) == f"tpcompile: error: model file {tmp_path / 'nope.pt2'} does not exist"
+
+
+def test_tp_below_one(gpt_pt2: Path, tmp_path: Path) -> None:
+    proc = tpcompile(gpt_pt2, "--tp", "0", "-o", tmp_path / "out")
+    assert proc.returncode == 2
+    assert _error_line(proc) == "tpcompile: error: --tp must be at least 1 (got 0)"
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_format(tmp_path: Path) -> None:
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"not a model")
+    proc = tpcompile(path, "--tp", "2", "-o", tmp_path / "out")
+    assert proc.returncode == 2
+    assert _error_line(proc).startswith(f"tpcompile: error: unknown model format: {path} (expected ")
+
+
+def test_pt_that_is_not_a_pickle(tmp_path: Path) -> None:
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"hello")
+    proc = tpcompile(path, "--tp", "2", "-o", tmp_path / "out")
+    assert proc.returncode == 2
+    assert "unknown model format" in _error_line(proc)
+
+
+def test_existing_output_needs_force(gpt_pt2: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    proc = tpcompile(gpt_pt2, "--tp", "2", "-o", out)
+    assert proc.returncode == 2
+    assert "already exists; pass --force" in _error_line(proc)
+    assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_bad_plan_file(gpt_pt2: Path, tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"*.q.weight": "diagonal"}')
+    proc = tpcompile(gpt_pt2, "--tp", "2", "-o", tmp_path / "out", "--plan", plan)
+    assert proc.returncode == 2
+    assert "has style 'diagonal'; use one of colwise, rowwise, replicate" in _error_line(proc)

@@ -1,0 +1,192 @@
+"""The ``tpcompile`` command: compile (the default), ``verify`` and ``explain``.
+
+Exit codes: 0 ok, 1 internal error or failed verification, 2 usage / bad input, 3 unsupported model.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tpcompile.errors import TpCompileError, UsageError
+
+
+class DefaultGroup(click.Group):
+    """``tpcompile MODEL ...`` means ``tpcompile compile MODEL ...``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["compile", *args]
+        return super().parse_args(ctx, args)
+
+
+def _fail(err: TpCompileError, debug: bool) -> None:
+    if debug:
+        raise err
+    click.echo(f"tpcompile: error: {err}", err=True)
+    sys.exit(err.exit_code)
+
+
+def _run(debug: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except TpCompileError as err:
+        _fail(err, debug)
+    except KeyboardInterrupt:
+        click.echo("tpcompile: interrupted", err=True)
+        sys.exit(130)
+    except Exception as err:
+        if debug:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        click.echo(f"tpcompile: internal error: {type(err).__name__}: {first} (rerun with --debug)", err=True)
+        sys.exit(1)
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tpcompile")
+def main() -> None:
+    """Compile a PyTorch program into per-rank tensor-parallel artifacts.
+
+    \b
+    tpcompile MODEL --tp N -o OUT        compile (MODEL: .pt2 from torch.export.save, or pkg.module:factory)
+    tpcompile verify OUT --reference MODEL
+    tpcompile explain OUT
+    """
+
+
+@main.command("compile")
+@click.argument("model")
+@click.option("--tp", type=int, required=True, help="Number of tensor-parallel ranks (>= 1).")
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option(
+    "--plan",
+    "plan_path",
+    type=click.Path(path_type=Path),
+    help="JSON plan: parameter glob -> colwise | rowwise | replicate.",
+)
+@click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled model (runs its code).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def compile_cmd(
+    model: str,
+    tp: int,
+    out: Path,
+    plan_path: Path | None,
+    trust_pickle: bool,
+    force: bool,
+    as_json: bool,
+    quiet: bool,
+    debug: bool,
+) -> None:
+    """Compile MODEL for TP ranks into OUT."""
+    _run(debug, _compile, model, tp, out, plan_path, trust_pickle, force, as_json, quiet)
+
+
+def _compile(
+    model: str,
+    tp: int,
+    out: Path,
+    plan_path: Path | None,
+    trust_pickle: bool,
+    force: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    import warnings
+
+    from tpcompile.compiler import compile_model
+    from tpcompile.frontend import load_model
+    from tpcompile.plan.spec import load_plan_file
+
+    if tp < 1:
+        raise UsageError(f"--tp must be at least 1 (got {tp})")
+    plan_file = load_plan_file(plan_path) if plan_path else None
+    if out.exists() and not force:
+        raise UsageError(f"output directory {out} already exists; pass --force to replace it")
+
+    def progress(msg: str) -> None:
+        if not quiet and not as_json:
+            click.echo(f"[tpcompile] {msg}", err=True)
+
+    progress(f"loading {model}")
+    captured = load_model(model, trust_pickle=trust_pickle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = compile_model(captured, tp, out, plan_file=plan_file, force=force, progress=progress)
+    m = result.manifest
+    for w in m.warnings:
+        click.echo(f"tpcompile: warning: {w}", err=True)
+    if as_json:
+        summary = {
+            "artifact": str(out.resolve()),
+            "tp": m.tp,
+            "weight_bytes_per_rank": [r.weight_bytes for r in m.ranks],
+            "total_weight_bytes": m.total_weight_bytes,
+            "collectives": {
+                op: sum(1 for c in m.collectives if c.op == op) for op in ("all_reduce", "all_gather")
+            },
+            "files": {f"{r.dir}/{name}": digest for r in m.ranks for name, digest in r.files.items()},
+        }
+        click.echo(json.dumps(summary, indent=1, sort_keys=True))
+    else:
+        n_ar = sum(1 for c in m.collectives if c.op == "all_reduce")
+        n_ag = sum(1 for c in m.collectives if c.op == "all_gather")
+        click.echo(
+            f"wrote {out} (tp={tp}: {n_ar} all-reduce, {n_ag} all-gather; "
+            f"{max(r.weight_bytes for r in m.ranks) / 2**20:.1f} MiB of weights per rank, "
+            f"{m.total_weight_bytes / 2**20:.1f} MiB in all)"
+        )
+
+
+@main.command("explain")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--debug", is_flag=True)
+def explain_cmd(artifact: Path, debug: bool) -> None:
+    """Print every parameter's placement, every collective and memory per rank."""
+    from tpcompile.explain import explain
+
+    _run(debug, lambda: click.echo(explain(artifact)))
+
+
+@main.command("verify")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--reference", required=True, help="The original model (same forms as for compiling).")
+@click.option(
+    "--inputs",
+    "inputs_path",
+    type=click.Path(path_type=Path),
+    help="safetensors file of inputs; random inputs when omitted.",
+)
+@click.option("--atol", type=float, default=1e-5, show_default=True)
+@click.option("--rtol", type=float, default=1e-4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--trust-pickle", is_flag=True)
+@click.option("--debug", is_flag=True)
+def verify_cmd(
+    artifact: Path,
+    reference: str,
+    inputs_path: Path | None,
+    atol: float,
+    rtol: float,
+    seed: int,
+    trust_pickle: bool,
+    debug: bool,
+) -> None:
+    """Run ARTIFACT on real processes and compare with the reference model's outputs."""
+    from tpcompile.verify import verify
+
+    report = _run(debug, verify, artifact, reference, inputs_path, atol, rtol, seed, trust_pickle)
+    click.echo(report.text())
+    if not report.ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""``tpcompile explain``: a readable table of an artifact's plan, collectives and memory per rank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tpcompile.artifact.manifest import Manifest
+from tpcompile.errors import UsageError
+
+
+def read_manifest(artifact: Path) -> Manifest:
+    path = artifact / "manifest.json"
+    if not path.is_file():
+        raise UsageError(f"no manifest.json in {artifact}: not a tpcompile artifact")
+    try:
+        return Manifest.read(path)
+    except (ValueError, TypeError, KeyError) as err:
+        raise UsageError(f"{path} is not a valid manifest: {err}") from None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def explain(artifact: Path) -> str:
+    m = read_manifest(artifact)
+    lines = [f"artifact {artifact}  tp={m.tp}  dtype={m.dtype}  source={m.source}", "", "parameters:"]
+    width = max((len(p.name) for p in m.parameters), default=10)
+    lines.append(f"  {'name':<{width}}  {'shape':<16} {'plan':<10} placement")
+    for p in m.parameters:
+        lines.append(f"  {p.name:<{width}}  {str(p.shape):<16} {p.plan:<10} {p.placement}")
+    lines += ["", "collectives (forward pass):"]
+    lines.append(f"  {'op':<11} {'scope':<24} {'value':<20} {'needed by':<24} bytes/call")
+    for c in m.collectives:
+        lines.append(
+            f"  {c.op:<11} {c.scope or '(top)':<24} {c.producer:<20} {','.join(c.consumers):<24} "
+            f"{c.bytes_per_call}"
+        )
+    lines += ["", "memory per rank (weights):"]
+    for r in m.ranks:
+        share = r.weight_bytes / m.total_weight_bytes if m.total_weight_bytes else 0.0
+        lines.append(f"  rank {r.rank}: {_mib(r.weight_bytes)} ({share:.0%} of {_mib(m.total_weight_bytes)})")
+    return "\n".join(lines)
