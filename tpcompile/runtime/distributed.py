@@ -1,0 +1,177 @@
+"""Process-group setup shared by every runtime entry point.
+
+Rendezvous is ``env://``: ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK`` (plus optional ``LOCAL_WORLD_SIZE``) are
+set by :mod:`tpcompile.runtime.launcher` or by ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .errors import BackendError
+
+__all__ = [
+    "BACKENDS",
+    "DistEnv",
+    "choose_backend",
+    "configure_device",
+    "destroy_group",
+    "in_torchrun",
+    "init_group",
+]
+
+BACKENDS = ("gloo", "nccl")
+_REQUIRED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+
+
+def in_torchrun(environ: Mapping[str, str] | None = None) -> bool:
+    """True when launched by torchrun (or any launcher that sets RANK and WORLD_SIZE)."""
+    env = os.environ if environ is None else environ
+    return "RANK" in env and "WORLD_SIZE" in env
+
+
+def _env_int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
+    raw = env.get(key)
+    if raw is None:
+        if default is None:
+            raise BackendError(f"environment variable {key} is not set; launch with tprun or torchrun")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise BackendError(f"environment variable {key}={raw!r} is not an integer") from None
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's position in the job, read from the environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> DistEnv:
+        """Read RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE (with defaults)."""
+        env = os.environ if environ is None else environ
+        rank = _env_int(env, "RANK")
+        world = _env_int(env, "WORLD_SIZE")
+        local_rank = _env_int(env, "LOCAL_RANK", rank)
+        local_world = _env_int(env, "LOCAL_WORLD_SIZE", world)
+        if not 0 <= rank < world:
+            raise BackendError(f"RANK={rank} is out of range for WORLD_SIZE={world}")
+        return cls(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world)
+
+
+def _local_world_size(default: int) -> int:
+    raw = os.environ.get("LOCAL_WORLD_SIZE")
+    return int(raw) if raw and raw.isdigit() else default
+
+
+def _cuda_device(device: str | None, local_rank: int) -> torch.device:
+    if not torch.cuda.is_available():
+        raise BackendError("CUDA was requested but is not available; use --backend gloo --device cpu")
+    if device is None or device == "cuda":
+        index = local_rank
+    else:
+        parsed = torch.device(device)
+        index = parsed.index if parsed.index is not None else local_rank
+    if index >= torch.cuda.device_count():
+        raise BackendError(
+            f"rank needs cuda:{index} but only {torch.cuda.device_count()} GPU(s) are visible; "
+            "lower the tp degree or use --device cpu"
+        )
+    return torch.device("cuda", index)
+
+
+def choose_backend(
+    tp: int,
+    requested: str | None = None,
+    device: str | None = None,
+    *,
+    local_rank: int | None = None,
+) -> tuple[str, torch.device]:
+    """Pick the collective backend and run device for this process.
+
+    Default: NCCL on ``cuda:LOCAL_RANK`` when CUDA is available and there are
+    at least as many GPUs as local ranks, else gloo on CPU.  ``requested``
+    (``"gloo"``/``"nccl"``) and ``device`` (``"cpu"``, ``"cuda"``,
+    ``"cuda:N"``) override the choice.
+
+    Raises:
+        BackendError: unknown backend, or a combination that cannot work.
+    """
+    if requested is not None and requested not in BACKENDS:
+        raise BackendError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
+    lrank = local_rank if local_rank is not None else int(os.environ.get("LOCAL_RANK", "0"))
+    dev_type = torch.device(device).type if device is not None else None
+    if dev_type not in (None, "cpu", "cuda"):
+        raise BackendError(f"unsupported device {device!r}; use cpu or cuda")
+
+    if requested is None and dev_type is None:
+        enough_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= _local_world_size(tp)
+        if enough_gpus:
+            return "nccl", _cuda_device(None, lrank)
+        return "gloo", torch.device("cpu")
+    if requested == "nccl" or (requested is None and dev_type == "cuda"):
+        if dev_type == "cpu":
+            raise BackendError("backend nccl cannot run on device cpu; use --backend gloo or --device cuda")
+        return "nccl", _cuda_device(device, lrank)
+    # gloo, explicitly requested or implied by --device cpu
+    if dev_type == "cuda":
+        return "gloo", _cuda_device(device, lrank)
+    return "gloo", torch.device("cpu")
+
+
+def configure_device(device: torch.device, local_world_size: int) -> None:
+    """Select the CUDA device, or split CPU threads evenly between local ranks."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // max(1, local_world_size)))
+
+
+def init_group(
+    backend: str, device: torch.device, timeout_s: float, *, local_world_size: int | None = None
+) -> str:
+    """Initialise the default process group via ``env://`` and return its name.
+
+    Raises:
+        BackendError: rendezvous variables are missing or initialisation fails.
+    """
+    env = os.environ
+    missing = [k for k in _REQUIRED_ENV if k not in env]
+    if missing:
+        raise BackendError(
+            f"environment variable(s) {', '.join(missing)} not set; launch with tprun or torchrun"
+        )
+    lws = local_world_size if local_world_size is not None else _local_world_size(int(env["WORLD_SIZE"]))
+    configure_device(device, lws)
+    timeout = timedelta(seconds=timeout_s)
+    try:
+        if device.type == "cuda" and backend == "nccl":
+            dist.init_process_group(backend=backend, timeout=timeout, device_id=device)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BackendError(f"cannot initialise {backend} process group: {first}") from exc
+    world = dist.group.WORLD
+    if world is None:  # pragma: no cover - init_process_group guarantees it
+        raise BackendError("process group initialised but WORLD group is missing")
+    return world.group_name
+
+
+def destroy_group() -> None:
+    """Tear down the default process group if one is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,47 @@
+"""Typed exceptions raised by the tpcompile runtime.
+
+Every exception carries a single-line message that tells the user what is
+wrong and, where possible, what to do about it.  Entry points (``tprun`` and
+the worker) print ``tprun: error: <message>`` and exit with status 2 for any
+:class:`RuntimeArtifactError`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArtifactCorrupt",
+    "ArtifactLoadError",
+    "BackendError",
+    "InputError",
+    "LaunchError",
+    "ManifestError",
+    "RuntimeArtifactError",
+]
+
+
+class RuntimeArtifactError(Exception):
+    """Base class for user-actionable runtime errors (one-line message)."""
+
+
+class ManifestError(RuntimeArtifactError):
+    """manifest.json is missing, unreadable, malformed or unsupported."""
+
+
+class ArtifactCorrupt(RuntimeArtifactError):
+    """A file of the artifact does not match the hash recorded in the manifest."""
+
+
+class ArtifactLoadError(RuntimeArtifactError):
+    """A rank's program or weights cannot be loaded or do not fit together."""
+
+
+class InputError(RuntimeArtifactError):
+    """User-supplied inputs do not match the artifact's input specification."""
+
+
+class BackendError(RuntimeArtifactError):
+    """The requested distributed backend/device is unusable or misconfigured."""
+
+
+class LaunchError(RuntimeArtifactError):
+    """A worker process failed or the launch itself could not be performed."""

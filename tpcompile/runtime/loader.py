@@ -1,0 +1,187 @@
+"""Loading one rank of an artifact into a runnable :class:`RankProgram`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .errors import ArtifactCorrupt, ArtifactLoadError, BackendError
+from .graph_rewrite import rewrite_collective_groups, rewrite_devices
+from .manifest import (
+    PROGRAM_FILE,
+    WEIGHTS_FILE,
+    ArtifactManifest,
+    TensorSpec,
+    load_artifact_manifest,
+    verify_rank_files,
+)
+from .tensor_io import order_inputs
+from .weights import assign_tensors, move_to_device, unloaded_tensors
+
+__all__ = ["RankProgram", "load_rank"]
+
+_CPU = torch.device("cpu")
+
+
+class RankProgram:
+    """One rank's compiled program with its weights attached, ready to run.
+
+    Calling it runs the forward pass under ``torch.inference_mode()`` and
+    returns the flattened outputs, in manifest output order.  Every rank of
+    the artifact must call it collectively (the program contains collectives).
+    """
+
+    def __init__(
+        self,
+        manifest: ArtifactManifest,
+        rank: int,
+        device: torch.device,
+        module: nn.Module,
+        group_name: str,
+    ) -> None:
+        self.manifest = manifest
+        self.rank = rank
+        self.device = device
+        self.module = module
+        self.group_name = group_name
+
+    @property
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        """Positional inputs the program expects."""
+        return self.manifest.inputs
+
+    @property
+    def output_specs(self) -> tuple[TensorSpec, ...]:
+        """Outputs the program returns, in order."""
+        return self.manifest.outputs
+
+    def bind_group(self, group_name: str) -> int:
+        """Point the program's collectives at process group ``group_name``.
+
+        Returns the number of collective nodes rewritten.
+        """
+        count = rewrite_collective_groups(self.module, self.group_name, group_name)
+        self.group_name = group_name
+        return count
+
+    def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Run the forward pass on positional ``inputs``; return the flat outputs."""
+        moved = [t.to(self.device) for t in inputs]
+        with torch.inference_mode():
+            result = self.module(*moved)
+        leaves, _ = tree_flatten(result)
+        expected = len(self.manifest.outputs)
+        if len(leaves) != expected:
+            raise ArtifactLoadError(
+                f"program of rank {self.rank} returned {len(leaves)} outputs but the manifest "
+                f"lists {expected}; the artifact is inconsistent, recompile it"
+            )
+        for spec, leaf in zip(self.manifest.outputs, leaves, strict=True):
+            if not isinstance(leaf, torch.Tensor):
+                raise ArtifactLoadError(
+                    f"program output {spec.name!r} is {type(leaf).__name__}, not a tensor"
+                )
+        return leaves
+
+    def run_named(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Validate named ``inputs`` against the manifest, run, and name the outputs."""
+        ordered = order_inputs(self.manifest.inputs, inputs)
+        outputs = self(*ordered)
+        return {spec.name: t for spec, t in zip(self.manifest.outputs, outputs, strict=True)}
+
+
+def _register_collective_kernels() -> None:
+    """Import the module that registers ``_c10d_functional`` kernels."""
+    if not dist.is_available():
+        raise BackendError(
+            "this torch build has no torch.distributed support; install a standard torch build"
+        )
+    import torch.distributed._functional_collectives  # noqa: F401
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _load_module(manifest: ArtifactManifest, path: Path, rel: str) -> nn.Module:
+    try:
+        exported = torch.export.load(str(path))
+        return exported.module()
+    except Exception as exc:
+        hint = ""
+        if manifest.torch_version and manifest.torch_version != torch.__version__:
+            hint = f" (artifact built with torch {manifest.torch_version}, running torch {torch.__version__})"
+        raise ArtifactLoadError(f"cannot load {rel}: {_first_line(exc)}{hint}") from exc
+
+
+def _load_weights(path: Path, rel: str, device: torch.device) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as exc:  # safetensors raises several unrelated types
+        raise ArtifactLoadError(f"cannot read {rel}: {_first_line(exc)}") from exc
+
+
+def _default_group_name() -> str | None:
+    if dist.is_available() and dist.is_initialized() and dist.group.WORLD is not None:
+        return dist.group.WORLD.group_name
+    return None
+
+
+def load_rank(
+    artifact_dir: str | Path,
+    rank: int,
+    device: torch.device | str = _CPU,
+    group_name: str | None = None,
+    verify: bool = True,
+    *,
+    manifest: ArtifactManifest | None = None,
+) -> RankProgram:
+    """Load rank ``rank`` of the artifact in ``artifact_dir`` onto ``device``.
+
+    Args:
+        artifact_dir: directory holding ``manifest.json`` and the rank dirs.
+        rank: which rank's program/weights to load.
+        device: run device; weights are loaded straight onto it.
+        group_name: live process-group name for the collectives.  ``None``
+            uses the default (WORLD) group if one is initialised, otherwise the
+            collectives are left unbound (call :meth:`RankProgram.bind_group`).
+        verify: check file hashes against the manifest first.
+        manifest: an already-loaded manifest for ``artifact_dir`` (optional).
+
+    Raises:
+        ManifestError, ArtifactCorrupt, ArtifactLoadError, BackendError.
+    """
+    root = Path(artifact_dir)
+    man = manifest if manifest is not None else load_artifact_manifest(root)
+    dev = torch.device(device)
+    entry = man.rank_entry(rank)
+    if verify:
+        verify_rank_files(root, entry)
+    rank_dir = root / entry.dir
+    for name in (PROGRAM_FILE, WEIGHTS_FILE):
+        if not (rank_dir / name).is_file():
+            raise ArtifactCorrupt(f"artifact incomplete: {entry.relpath(name)} is missing")
+
+    _register_collective_kernels()
+    module = _load_module(man, rank_dir / PROGRAM_FILE, entry.relpath(PROGRAM_FILE))
+    weights_rel = entry.relpath(WEIGHTS_FILE)
+    assign_tensors(module, _load_weights(rank_dir / WEIGHTS_FILE, weights_rel, dev), weights_rel)
+    missing = unloaded_tensors(module)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ArtifactLoadError(f"weights for {missing[0]} missing in {weights_rel}{more}")
+    move_to_device(module, dev)
+    rewrite_devices(module, dev)
+
+    program = RankProgram(man, rank, dev, module, man.group_name)
+    live = group_name if group_name is not None else _default_group_name()
+    if live is not None:
+        program.bind_group(live)
+    return program

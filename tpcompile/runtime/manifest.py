@@ -1,0 +1,246 @@
+"""Reading, validating and integrity-checking an artifact's ``manifest.json``.
+
+Only the fields the runtime needs are modelled; unknown fields are kept in
+:attr:`ArtifactManifest.raw` and otherwise ignored so that the compiler can
+add fields without breaking deployed runtimes.  This module depends on the
+standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import ArtifactCorrupt, ManifestError
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SUPPORTED_FORMAT_VERSION",
+    "ArtifactManifest",
+    "RankEntry",
+    "TensorSpec",
+    "load_artifact_manifest",
+    "sha256_file",
+    "verify_rank_files",
+]
+
+MANIFEST_NAME = "manifest.json"
+SUPPORTED_FORMAT_VERSION = 1
+PROGRAM_FILE = "program.pt2"
+WEIGHTS_FILE = "weights.safetensors"
+_CHUNK = 1 << 20  # 1 MiB
+
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and shape of a program input or output.
+
+    ``shape`` entries are ints for static dimensions and strings (symbol names
+    such as ``"s0"``) for dynamic ones.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+
+@dataclass(frozen=True)
+class RankEntry:
+    """One rank's directory and the sha256 of every file in it."""
+
+    rank: int
+    dir: str
+    files: Mapping[str, str]
+    weight_bytes: int = 0
+
+    def relpath(self, filename: str) -> str:
+        """Return ``"<dir>/<filename>"`` as shown in user-facing messages."""
+        return f"{self.dir}/{filename}"
+
+
+@dataclass(frozen=True)
+class ArtifactManifest:
+    """The subset of ``manifest.json`` the runtime relies on."""
+
+    path: Path
+    format_version: int
+    tp: int
+    group_name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    ranks: tuple[RankEntry, ...]
+    kind: str = "generic"
+    dtype: str | None = None
+    torch_version: str | None = None
+    tool_version: str | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def input_names(self) -> list[str]:
+        """Input names in positional order."""
+        return [s.name for s in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        """Output names in the order the program returns them (flattened)."""
+        return [s.name for s in self.outputs]
+
+    def rank_entry(self, rank: int) -> RankEntry:
+        """Return the entry for ``rank`` or raise :class:`ManifestError`."""
+        for entry in self.ranks:
+            if entry.rank == rank:
+                return entry
+        raise ManifestError(f"manifest in {self.path} has no entry for rank {rank} (tp={self.tp})")
+
+    def rank_dir(self, rank: int) -> Path:
+        """Absolute directory holding ``rank``'s program and weights."""
+        return self.path / self.rank_entry(rank).dir
+
+
+def _field(obj: Mapping[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if key not in obj:
+        raise ManifestError(f"{where} is missing field '{key}'; regenerate the artifact with tpcompile")
+    value = obj[key]
+    # bool is a subclass of int; never accept it where a number is expected.
+    if not isinstance(value, typ) or (isinstance(value, bool) and bool not in _as_tuple(typ)):
+        raise ManifestError(f"{where}: field '{key}' has unexpected value {value!r}")
+    return value
+
+
+def _as_tuple(typ: type | tuple[type, ...]) -> tuple[type, ...]:
+    return typ if isinstance(typ, tuple) else (typ,)
+
+
+def _parse_tensor_specs(items: list[Any], where: str) -> tuple[TensorSpec, ...]:
+    specs: list[TensorSpec] = []
+    for i, item in enumerate(items):
+        loc = f"{where}[{i}]"
+        if not isinstance(item, Mapping):
+            raise ManifestError(f"{loc} must be an object, got {item!r}")
+        name = _field(item, "name", str, loc)
+        dtype = _field(item, "dtype", str, loc)
+        shape = _field(item, "shape", list, loc)
+        for d in shape:
+            if isinstance(d, bool) or not isinstance(d, (int, str)):
+                raise ManifestError(f"{loc}: shape entry {d!r} must be an int or a symbol name")
+        specs.append(TensorSpec(name=name, dtype=dtype, shape=tuple(shape)))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ManifestError(f"{where} has duplicate names: {names}")
+    return tuple(specs)
+
+
+def _parse_rank(item: Any, artifact_dir: Path, index: int) -> RankEntry:
+    loc = f"manifest ranks[{index}]"
+    if not isinstance(item, Mapping):
+        raise ManifestError(f"{loc} must be an object, got {item!r}")
+    rank = _field(item, "rank", int, loc)
+    rdir = _field(item, "dir", str, loc)
+    files = _field(item, "files", Mapping, loc)
+    pure = PurePosixPath(rdir)
+    if pure.is_absolute() or ".." in pure.parts or not pure.parts:
+        raise ManifestError(f"{loc}: rank directory {rdir!r} must be a relative path inside the artifact")
+    for name, digest in files.items():
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise ManifestError(f"{loc}: file {name!r} has invalid sha256 {digest!r}")
+    weight_bytes = item.get("weight_bytes", 0)
+    if not isinstance(weight_bytes, int):
+        raise ManifestError(f"{loc}: field 'weight_bytes' has unexpected value {weight_bytes!r}")
+    if not (artifact_dir / rdir).is_dir():
+        raise ManifestError(f"rank directory {artifact_dir / rdir} is missing")
+    return RankEntry(rank=rank, dir=rdir, files=dict(files), weight_bytes=weight_bytes)
+
+
+def load_artifact_manifest(artifact_dir: str | Path) -> ArtifactManifest:
+    """Load and validate ``<artifact_dir>/manifest.json``.
+
+    Raises:
+        ManifestError: the file is missing, is not valid JSON, lacks required
+            fields, was written by a newer format version, or references a
+            rank directory that does not exist.
+    """
+    root = Path(artifact_dir)
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"no {MANIFEST_NAME} in {root}: not a tpcompile artifact")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"cannot read {path}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    if not isinstance(data, Mapping):
+        raise ManifestError(f"{path} must contain a JSON object")
+
+    where = str(path)
+    version = _field(data, "format_version", int, where)
+    if version > SUPPORTED_FORMAT_VERSION:
+        raise ManifestError(
+            f"manifest format version {version} is newer than this runtime supports "
+            f"({SUPPORTED_FORMAT_VERSION}); upgrade tpcompile"
+        )
+    if version < 1:
+        raise ManifestError(f"{where}: invalid format_version {version}")
+    tp = _field(data, "tp", int, where)
+    if tp < 1:
+        raise ManifestError(f"{where}: tp must be >= 1, got {tp}")
+    group_name = _field(data, "group_name", str, where)
+    inputs = _parse_tensor_specs(_field(data, "inputs", list, where), "manifest inputs")
+    outputs = _parse_tensor_specs(_field(data, "outputs", list, where), "manifest outputs")
+    ranks_raw = _field(data, "ranks", list, where)
+    ranks = tuple(_parse_rank(item, root, i) for i, item in enumerate(ranks_raw))
+    got = sorted(r.rank for r in ranks)
+    if got != list(range(tp)):
+        raise ManifestError(f"{where}: ranks {got} do not match tp={tp}; regenerate the artifact")
+
+    tool = data.get("tool")
+    tool_version = tool.get("version") if isinstance(tool, Mapping) else None
+    torch_version = data.get("torch_version")
+    dtype = data.get("dtype")
+    kind = data.get("kind", "generic")
+    return ArtifactManifest(
+        path=root,
+        format_version=version,
+        tp=tp,
+        group_name=group_name,
+        inputs=inputs,
+        outputs=outputs,
+        ranks=tuple(sorted(ranks, key=lambda r: r.rank)),
+        kind=kind if isinstance(kind, str) else "generic",
+        dtype=dtype if isinstance(dtype, str) else None,
+        torch_version=torch_version if isinstance(torch_version, str) else None,
+        tool_version=tool_version if isinstance(tool_version, str) else None,
+        raw=data,
+    )
+
+
+def sha256_file(path: str | Path) -> str:
+    """Return the hex sha256 of ``path``, streamed in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_rank_files(artifact_dir: str | Path, entry: RankEntry) -> None:
+    """Check every file listed for ``entry`` against its recorded sha256.
+
+    Raises:
+        ArtifactCorrupt: a listed file is missing or its content differs,
+            e.g. ``artifact corrupt: rank1/weights.safetensors``.
+    """
+    rank_dir = Path(artifact_dir) / entry.dir
+    for name, expected in entry.files.items():
+        path = rank_dir / name
+        rel = entry.relpath(name)
+        if not path.is_file():
+            raise ArtifactCorrupt(f"artifact incomplete: {rel} is missing")
+        if sha256_file(path) != expected.lower():
+            raise ArtifactCorrupt(f"artifact corrupt: {rel}")
