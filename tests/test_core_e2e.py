@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from examples import gpt
-from tests.conftest import tpcompile, tprun
+from tests.conftest import run, tpcompile, tprun
 
 
 def _compile(model: Path | str, tp: int, out: Path) -> dict:
@@ -77,3 +77,27 @@ def test_factory_frontend_and_verify(tmp_path: Path) -> None:
     assert explain.returncode == 0, explain.stderr
     assert "blocks.0.attn.q.weight" in explain.stdout and "all_reduce" in explain.stdout
     assert "rank 2:" in explain.stdout
+
+
+def test_verify_fails_against_a_different_model(tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    _compile("examples.gpt:build", 2, out)
+    proc = tpcompile("verify", out, "--reference", "tests.factories:gpt_other_weights")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("MISMATCH: max abs error ")
+
+
+def test_under_torchrun_uses_its_rendezvous(gpt_pt2: Path, tmp_path: Path) -> None:
+    """No spawning: torchrun starts the ranks, each runs its worker in place."""
+    _compile(gpt_pt2, 2, tmp_path / "art")
+    idx = torch.randint(0, gpt.GPTConfig().vocab_size, (1, 7))
+    save_file({"idx": idx}, str(tmp_path / "in.safetensors"))
+    proc = run(
+        "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tpcompile.runtime.cli",
+        tmp_path / "art", "--inputs", tmp_path / "in.safetensors", "-o", tmp_path / "out.safetensors",
+    )
+    assert proc.returncode == 0, proc.stderr
+    with torch.no_grad():
+        expected = gpt.build_model()(idx)
+    got = load_file(str(tmp_path / "out.safetensors"))["output"]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

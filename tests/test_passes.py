@@ -156,3 +156,34 @@ def test_plan_file_overrides() -> None:
     check(captured, 2, torch.randint(0, 256, (1, 6)), plan_file=plan_file)
     rowwise = PlanFile((("*.mlp.fc.weight", "rowwise"),))
     check(captured, 2, torch.randint(0, 256, (1, 6)), plan_file=rowwise)
+
+
+class Einsum(nn.Module):
+    """A column-parallel linear into heads, head-batched einsum contractions, and a row-parallel einsum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_in = nn.Linear(16, 32)  # -> 4 heads of 8
+        self.w_out = nn.Parameter(torch.randn(4, 8, 16) * 0.2)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        h = self.w_in(self.norm(x)).view(b, t, 4, 8)
+        scores = torch.einsum("bthk,bshk->bhts", h, h).softmax(-1)
+        h = torch.einsum("bhts,bshk->bthk", scores, h)
+        return x + torch.einsum("bthk,hkd->btd", torch.relu(h), self.w_out)
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+def test_einsum(tp: int) -> None:
+    torch.manual_seed(0)
+    captured = capture(Einsum(), torch.randn(2, 5, 16))
+    check(captured, tp, torch.randn(2, 5, 16))
+    _, prop = plan_model(captured, tp)
+    assert not prop.warnings
+    roots = {captured.state_names()[n]: pl for n, pl in prop.roots.items()}
+    heads = balanced_split(4, tp)
+    assert roots["w_in.weight"] == Shard(0, tuple(8 * h for h in heads))
+    assert roots["w_out"] == Shard(0, heads)
+    assert [red.collective for red, _ in prop.collectives()] == ["all_reduce"]

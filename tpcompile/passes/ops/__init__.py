@@ -60,6 +60,7 @@ def _load_rules() -> None:
     _loaded = True
     from tpcompile.passes.ops import (  # noqa: F401  (importing registers)
         attention,
+        einsum,
         indexing,
         linear,
         misc,

@@ -69,8 +69,9 @@ def lower_reshape(b: Any, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str
     return b.call(node.target, args[0], _local_sizes(b, node, args[1]), *args[2:], **kwargs)
 
 
-@register(aten.view, aten.reshape, aten._unsafe_view)
+@register(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten)
 def reshape(ctx: RuleContext, node: fx.Node) -> Strategy:
+    """Views of a Partial are Partial; a shard stays when its slices stay contiguous (see the docstring)."""
     x = node.args[0]
     p = ctx.placement(x)
     if isinstance(p, Partial | Replicate):
@@ -78,22 +79,8 @@ def reshape(ctx: RuleContext, node: fx.Node) -> Strategy:
     if isinstance(p, Shard):
         out, hint = map_shard_through_reshape(shape_of(x), shape_of(node), p)
         if out is not None:
-            return Strategy({x: p}, out, lower_reshape)
-        if hint is not None:
-            ctx.hint_unit(hint)
-    return Strategy({x: REPLICATE}, REPLICATE)
-
-
-@register(aten.flatten, aten.unflatten)
-def flatten(ctx: RuleContext, node: fx.Node) -> Strategy:
-    x = node.args[0]
-    p = ctx.placement(x)
-    if isinstance(p, Partial | Replicate):
-        return Strategy({x: p}, p)
-    if isinstance(p, Shard):
-        out, hint = map_shard_through_reshape(shape_of(x), shape_of(node), p)
-        if out is not None:
-            lower = _lower_unflatten if "unflatten" in str(node.target) else None
+            packet = getattr(node.target, "overloadpacket", None)
+            lower = {aten.flatten: None, aten.unflatten: _lower_unflatten}.get(packet, lower_reshape)
             return Strategy({x: p}, out, lower)
         if hint is not None:
             ctx.hint_unit(hint)
