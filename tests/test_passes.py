@@ -187,3 +187,4 @@ def test_einsum(tp: int) -> None:
     assert roots["w_in.weight"] == Shard(0, tuple(8 * h for h in heads))
     assert roots["w_out"] == Shard(0, heads)
     assert [red.collective for red, _ in prop.collectives()] == ["all_reduce"]
+

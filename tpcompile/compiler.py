@@ -19,7 +19,7 @@ from tpcompile.artifact.manifest import CollectiveEntry, Manifest, ParameterEntr
 from tpcompile.artifact.program import StoredTensor, export_rank_program, input_signature
 from tpcompile.artifact.safetensors_writer import write_safetensors
 from tpcompile.artifact.writer import atomic_directory, sha256_file
-from tpcompile.errors import UsageError
+from tpcompile.errors import UnsupportedModelError, UsageError
 from tpcompile.frontend.capture import CapturedModel
 from tpcompile.passes.collectives import GROUP_NAME
 from tpcompile.passes.lower_rank import build_rank_graph, tensor_bytes
@@ -77,7 +77,10 @@ def plan_model(
     captured: CapturedModel, tp: int, plan_file: PlanFile | None = None
 ) -> tuple[ShardingPlan, Propagation]:
     """Choose the plan and propagate placements (no files written)."""
-    return choose_plan(captured.gm, tp, captured.state_names(), set(captured.user_inputs()), plan_file)
+    plan, prop = choose_plan(captured.gm, tp, captured.state_names(), set(captured.user_inputs()), plan_file)
+    if prop.refusals:
+        raise UnsupportedModelError(prop.refusals[0])
+    return plan, prop
 
 
 def compile_model(

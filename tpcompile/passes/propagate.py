@@ -81,6 +81,7 @@ class Propagation:
     unit_hints: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     fallback_ops: set[str] = field(default_factory=set)
+    refusals: list[str] = field(default_factory=list)
 
     def collectives(self) -> list[tuple[Redistribution, list[fx.Node]]]:
         """Unique collectives (one per producer and target placement) with the consumers that need each."""
@@ -131,6 +132,16 @@ class RuleContext:
         if isinstance(pl, FreeView) and pl.dims == tuple(range(len(pl.dims))):
             return self.plan.decisions.get(self.names.get(pl.root, ""))
         return None
+
+    def shardable(self, view: FreeView, dim: int) -> bool:
+        """Can the free tensor behind ``view`` be stored sharded so that ``view`` is sharded on ``dim``?"""
+        rdim = view.dims[dim]
+        return rdim is not None and rdim not in self.forbidden.get(view.root, set())
+
+    def refuse(self, message: str) -> None:
+        """This placement cannot be computed correctly: the plan that led here must not be used."""
+        where = source_line(self.current) if self.current is not None else ""
+        self.prop.refusals.append(f"{message} (at {where})")
 
     def forbid(self, root: fx.Node, dim: int) -> None:
         self.forbidden.setdefault(root, set()).add(dim)

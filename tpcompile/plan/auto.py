@@ -157,6 +157,8 @@ class PlanSearch:
             trial = self.run(trial_plan)
             total, internal = _collective_counts(trial, self.output)
             sharded = all(isinstance(trial.roots.get(s.weight), Shard) for s in group)
+            if trial.refusals:
+                break
             if sharded and internal <= base_internal and total <= base_total + 1:
                 return trial_plan, trial
             hints = [h for h in trial.unit_hints if h > 1]

@@ -151,11 +151,13 @@ def _write_into(ctx: RuleContext, node: fx.Node, dst: fx.Node, src: fx.Node, blo
         ps = REPLICATE
     want: Placement
     if isinstance(pd, FreeView):
-        want = ps if not (isinstance(ps, Shard) and pd.dims[ps.dim] is None) else REPLICATE
+        want = ps if not (isinstance(ps, Shard) and not ctx.shardable(pd, ps.dim)) else REPLICATE
     else:
+        # the destination keeps its placement (converting it would write into a copy); a Partial one
+        # takes the source as a partial too (on rank 0), which is linear and so correct
         want = concrete(pd)
-        if isinstance(want, Partial) or (isinstance(want, Shard) and want.dim in blocked):
-            want = REPLICATE
+        if isinstance(want, Shard) and want.dim in blocked:
+            ctx.refuse(f"cannot write in place at global indices of dim {want.dim}, which is sharded")
     others = {a: REPLICATE for a in tensor_inputs(ctx, node) if a not in (dst, src)}
     return Strategy({**others, dst: want, src: want}, want)
 
