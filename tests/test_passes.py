@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from examples import gpt
 from tests.simulate import simulate
 from tpcompile.compiler import plan_model
-from tpcompile.frontend.capture import CapturedModel, _captured
+from tpcompile.frontend.capture import CapturedModel, captured_program
 from tpcompile.passes.placement import Shard, balanced_split
 from tpcompile.plan.spec import PlanFile
 
 
 def capture(module: nn.Module, *args: torch.Tensor, dynamic: object = None) -> CapturedModel:
     ep = torch.export.export(module.eval(), args, dynamic_shapes=dynamic)
-    return _captured(ep, type(module).__name__)
+    return captured_program(ep, type(module).__name__)
 
 
 def check(

@@ -13,6 +13,8 @@ from typing import Any
 import click
 
 from tpcompile.errors import TpCompileError, UsageError
+from tpcompile.frontend.options import LanguageModelOptions
+from tpcompile.progress import ProgressBar
 
 
 class DefaultGroup(click.Group):
@@ -53,7 +55,8 @@ def main() -> None:
     """Compile a PyTorch program into per-rank tensor-parallel artifacts.
 
     \b
-    tpcompile MODEL --tp N -o OUT        compile (MODEL: .pt2 from torch.export.save, or pkg.module:factory)
+    tpcompile MODEL --tp N -o OUT        compile (MODEL: a Hugging Face checkpoint directory, a .gguf
+                                         file, a .pt2 from torch.export.save, or pkg.module:factory)
     tpcompile verify OUT --reference MODEL
     tpcompile explain OUT
     """
@@ -70,6 +73,15 @@ def main() -> None:
     help="JSON plan: parameter glob -> colwise | rowwise | replicate.",
 )
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled model (runs its code).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Weight and activation dtype (Hugging Face checkpoints and GGUF files).",
+)
+@click.option("--max-seq-len", type=int, help="KV cache length (default: min(model limit, 4096)).")
+@click.option("--max-batch-size", type=int, default=1, show_default=True, help="Sequences per step.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
@@ -80,13 +92,17 @@ def compile_cmd(
     out: Path,
     plan_path: Path | None,
     trust_pickle: bool,
+    dtype: str,
+    max_seq_len: int | None,
+    max_batch_size: int,
     force: bool,
     as_json: bool,
     quiet: bool,
     debug: bool,
 ) -> None:
     """Compile MODEL for TP ranks into OUT."""
-    _run(debug, _compile, model, tp, out, plan_path, trust_pickle, force, as_json, quiet)
+    lm = LanguageModelOptions(dtype, max_seq_len, max_batch_size)
+    _run(debug, _compile, model, tp, out, plan_path, trust_pickle, lm, force, as_json, quiet)
 
 
 def _compile(
@@ -95,6 +111,7 @@ def _compile(
     out: Path,
     plan_path: Path | None,
     trust_pickle: bool,
+    lm: LanguageModelOptions,
     force: bool,
     as_json: bool,
     quiet: bool,
@@ -111,15 +128,15 @@ def _compile(
     if out.exists() and not force:
         raise UsageError(f"output directory {out} already exists; pass --force to replace it")
 
-    def progress(msg: str) -> None:
-        if not quiet and not as_json:
-            click.echo(f"[tpcompile] {msg}", err=True)
-
-    progress(f"loading {model}")
-    captured = load_model(model, trust_pickle=trust_pickle)
+    bar = ProgressBar(tp, enabled=not quiet and not as_json)
+    bar(f"loading {model}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = compile_model(captured, tp, out, plan_file=plan_file, force=force, progress=progress)
+        captured = load_model(model, trust_pickle=trust_pickle, lm=lm)
+        try:
+            result = compile_model(captured, tp, out, plan_file=plan_file, force=force, progress=bar)
+        finally:
+            bar.close()
     m = result.manifest
     for w in m.warnings:
         click.echo(f"tpcompile: warning: {w}", err=True)

@@ -20,10 +20,11 @@ from tpcompile.artifact.program import StoredTensor, export_rank_program, input_
 from tpcompile.artifact.safetensors_writer import write_safetensors
 from tpcompile.artifact.writer import atomic_directory, sha256_file
 from tpcompile.errors import UnsupportedModelError, UsageError
-from tpcompile.frontend.capture import CapturedModel
+from tpcompile.frontend.capture import CapturedModel, LanguageModelInfo
+from tpcompile.passes.canonicalize import fold_repeat_kv_into_sdpa
 from tpcompile.passes.collectives import GROUP_NAME
 from tpcompile.passes.lower_rank import build_rank_graph, tensor_bytes
-from tpcompile.passes.placement import Partial, Placement, Shard
+from tpcompile.passes.placement import Partial, Placement, Replicate, Shard
 from tpcompile.passes.propagate import Propagation
 from tpcompile.passes.slicing import local_shape, local_tensor
 from tpcompile.plan.auto import choose_plan, find_sites
@@ -44,9 +45,25 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _spec(name: str, val: Any) -> TensorSpec:
+def _spec(name: str, val: Any, placement: str = "R") -> TensorSpec:
     shape: list[int | str] = [int(s) if isinstance(s, int) else str(s) for s in val.shape]
-    return TensorSpec(name, _dtype_name(val.dtype), shape)
+    return TensorSpec(name, _dtype_name(val.dtype), shape, placement)
+
+
+def _output_name(captured: CapturedModel, i: int, n: int) -> str:
+    if captured.lm is not None and n == 1:
+        return "logits"
+    return "output" if n == 1 else f"output{i}"
+
+
+def _output_placement(prop: Propagation, out: fx.Node) -> Placement:
+    """What the program returns for ``out``: its placement, unless a redistribution feeds the output."""
+    output = next(n for n in out.graph.nodes if n.op == "output")
+    red = prop.redistributions.get((output, out))
+    if red is not None:
+        return red.dst
+    pl = prop.placements[out]
+    return pl if isinstance(pl, Replicate | Partial | Shard) else Replicate()
 
 
 def _scope(node: fx.Node) -> str:
@@ -77,7 +94,15 @@ def plan_model(
     captured: CapturedModel, tp: int, plan_file: PlanFile | None = None
 ) -> tuple[ShardingPlan, Propagation]:
     """Choose the plan and propagate placements (no files written)."""
-    plan, prop = choose_plan(captured.gm, tp, captured.state_names(), set(captured.user_inputs()), plan_file)
+    fold_repeat_kv_into_sdpa(captured.gm)
+    plan, prop = choose_plan(
+        captured.gm,
+        tp,
+        captured.state_names(),
+        set(captured.user_inputs()),
+        plan_file,
+        sharded_outputs=captured.lm is not None,
+    )
     if prop.refusals:
         raise UnsupportedModelError(prop.refusals[0])
     return plan, prop
@@ -133,16 +158,55 @@ def compile_model(
             say(f"rank {rank}: writing weights")
 
             def read_local(name: str, r: int = rank) -> torch.Tensor:
-                return local_tensor(captured.read_tensor(name), prop.roots[by_name[name]], r)
+                return _read_local(captured, name, prop.roots[by_name[name]], r)
 
             nbytes = write_safetensors(
-                rdir / "weights.safetensors", [(t.name, t.dtype, t.shape) for t in stored], read_local
+                rdir / "weights.safetensors",
+                [(t.name, t.dtype, t.shape) for t in stored if t.name not in captured.zero_state],
+                read_local,
             )
             files = {f: sha256_file(rdir / f) for f in ("program.pt2", "weights.safetensors")}
             ranks.append(RankEntry(rank, f"rank{rank}", nbytes, files))
         manifest = _manifest(captured, tp, prop, plan, names, user_inputs, outputs, ranks)
+        if captured.lm is not None:
+            say("writing tokenizer")
+            describe_language_model(manifest, captured.lm, tmp)
         (tmp / "manifest.json").write_text(manifest.to_json())
     return CompileResult(manifest, out, plan, prop)
+
+
+def _read_local(captured: CapturedModel, name: str, pl: Placement, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s piece of a stored tensor, reading only that slice when the source allows."""
+    if isinstance(pl, Shard) and captured.read_slice is not None:
+        return captured.read_slice(name, pl.dim, pl.offset(rank), pl.sizes[rank])
+    return local_tensor(captured.read_tensor(name), pl, rank)
+
+
+def describe_language_model(manifest: Manifest, lm: LanguageModelInfo, out: Path) -> None:
+    """Record what generation needs (``extra.lm``) and write the tokenizer beside the ranks."""
+    tokenizer_dir = out / "tokenizer"
+    has_tokenizer = lm.save_tokenizer(tokenizer_dir)
+    chat_template = False
+    if has_tokenizer:
+        for path in sorted(p for p in tokenizer_dir.rglob("*") if p.is_file()):
+            manifest.shared_files[path.relative_to(out).as_posix()] = sha256_file(path)
+            if path.name.startswith("chat_template") or (
+                path.name == "tokenizer_config.json" and '"chat_template"' in path.read_text()
+            ):
+                chat_template = True
+    manifest.kind = "causal_lm"
+    manifest.extra["lm"] = {
+        "vocab_size": lm.vocab_size,
+        "max_seq_len": lm.max_seq_len,
+        "max_batch_size": lm.max_batch_size,
+        "eos_token_ids": lm.eos_token_ids,
+        "bos_token_id": lm.bos_token_id,
+        "pad_token_id": lm.pad_token_id,
+        "tokenizer": "tokenizer" if has_tokenizer else None,
+        "chat_template": chat_template,
+        "generation": lm.generation,
+        "model_type": lm.model_type,
+    }
 
 
 def _manifest(
@@ -195,9 +259,10 @@ def _manifest(
         group_name=GROUP_NAME,
         inputs=[_spec(n.name, n.meta["val"]) for n in user_inputs],
         outputs=[
-            _spec("output" if len(outputs) == 1 else f"output{i}", o.meta["val"])
+            _spec(_output_name(captured, i, len(outputs)), o.meta["val"], str(_output_placement(prop, o)))
             for i, o in enumerate(outputs)
         ],
+        zero_state=sorted(captured.zero_state),
         parameters=sorted(params, key=lambda p: p.name),
         collectives=collectives,
         ranks=ranks,

@@ -16,6 +16,7 @@ class TensorSpec:
     name: str
     dtype: str
     shape: list[int | str]
+    placement: str = "R"  # outputs: R, or S(dim;sizes) when each rank returns its slice
 
 
 @dataclass
@@ -62,6 +63,8 @@ class Manifest:
     torch_version: str
     source: str
     warnings: list[str] = field(default_factory=list)
+    zero_state: list[str] = field(default_factory=list)  # buffers created as zeros at load (KV caches)
+    shared_files: dict[str, str] = field(default_factory=dict)  # artifact-root files -> sha256
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 

@@ -13,7 +13,7 @@ import os
 import sys
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,27 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from tpcompile.errors import UnsupportedModelError, UsageError
+from tpcompile.frontend.options import LanguageModelOptions
 
 KNOWN_FORMATS = (
-    "a .pt2/.pt file from torch.export.save, a pickled (module, example_args) with --trust-pickle, "
-    "or a factory pkg.module:function"
+    "a Hugging Face checkpoint directory, a .gguf file, a .pt2/.pt file from torch.export.save, "
+    "a pickled (module, example_args) with --trust-pickle, or a factory pkg.module:function"
 )
+
+
+@dataclass
+class LanguageModelInfo:
+    """What a causal LM artifact records for generation (see the manifest's ``extra.lm``)."""
+
+    vocab_size: int
+    max_seq_len: int
+    max_batch_size: int
+    eos_token_ids: list[int]
+    bos_token_id: int | None
+    pad_token_id: int | None
+    generation: dict[str, Any]
+    model_type: str
+    save_tokenizer: Callable[[Path], bool]  # writes the tokenizer into a directory; False if there is none
 
 
 @dataclass
@@ -35,6 +51,10 @@ class CapturedModel:
     program: ExportedProgram
     source: str
     read_tensor: Callable[[str], torch.Tensor]
+    # read_slice(name, dim, start, length): a slice without reading the whole tensor, when the source can
+    read_slice: Callable[[str, int, int, int], torch.Tensor] | None = None
+    zero_state: set[str] = field(default_factory=set)  # buffers the runtime creates as zeros (KV caches)
+    lm: LanguageModelInfo | None = None
 
     @property
     def gm(self) -> fx.GraphModule:
@@ -75,13 +95,44 @@ def _state_reader(ep: ExportedProgram) -> Callable[[str], torch.Tensor]:
     return read
 
 
-def _captured(ep: ExportedProgram, source: str) -> CapturedModel:
+def captured_program(
+    ep: ExportedProgram,
+    source: str,
+    read_tensor: Callable[[str], torch.Tensor] | None = None,
+    **extra: Any,
+) -> CapturedModel:
+    """Check that ``ep`` is a flat ATen graph, merge tied parameters, and wrap it."""
     for node in ep.graph.nodes:
         if node.op == "get_attr" or node.op == "call_module":
             raise UnsupportedModelError(
                 f"control flow or submodule calls are not supported ({node.op} {node.target} in {source})"
             )
-    return CapturedModel(ep, source, _state_reader(ep))
+    merge_tied_parameters(ep)
+    return CapturedModel(ep, source, read_tensor or _state_reader(ep), **extra)
+
+
+def merge_tied_parameters(ep: ExportedProgram) -> None:
+    """Tied parameters (one tensor under several names, e.g. embedding and lm_head) are exported as one
+    placeholder per name; keep the first, so that the compiler stores and shards the tensor once."""
+    by_name = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    first: dict[int, fx.Node] = {}
+    drop: list[Any] = []
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind != InputKind.PARAMETER or spec.target not in ep.state_dict:
+            continue
+        key = id(ep.state_dict[spec.target])
+        node = by_name[spec.arg.name]
+        if key in first:
+            node.replace_all_uses_with(first[key])
+            ep.graph.erase_node(node)
+            drop.append(spec)
+        else:
+            first[key] = node
+    for spec in drop:
+        ep.graph_signature.input_specs.remove(spec)
+        del ep.state_dict[spec.target]
+    if drop:
+        ep.graph_module.recompile()
 
 
 def _is_pickle_archive(path: Path) -> bool:
@@ -120,27 +171,34 @@ def _from_factory(spec: str) -> CapturedModel:
         raise UsageError(f"factory {spec} must return (nn.Module, example_args[, dynamic_shapes])")
     module, args = result[0], result[1]
     dynamic = result[2] if len(result) == 3 else None
-    return _captured(_export(module, tuple(args), dynamic, spec), spec)
+    return captured_program(_export(module, tuple(args), dynamic, spec), spec)
 
 
 def _from_pickle(path: Path) -> CapturedModel:
     obj = torch.load(path, weights_only=False, map_location="cpu")
     if isinstance(obj, tuple) and len(obj) in (2, 3) and isinstance(obj[0], torch.nn.Module):
         dynamic = obj[2] if len(obj) == 3 else None
-        return _captured(_export(obj[0], tuple(obj[1]), dynamic, str(path)), str(path))
+        return captured_program(_export(obj[0], tuple(obj[1]), dynamic, str(path)), str(path))
     raise UsageError(
         f"{path} holds a {type(obj).__name__}; a pickled model must be (nn.Module, example_args), "
         "or export it with torch.export.save"
     )
 
 
-def load_model(spec: str, trust_pickle: bool = False) -> CapturedModel:
+def load_model(
+    spec: str, trust_pickle: bool = False, lm: LanguageModelOptions | None = None
+) -> CapturedModel:
     """Load ``spec`` (see the module docstring); every failure is a typed error with a one-line message."""
     path = Path(spec)
     if not path.exists():
         if ":" in spec and not spec.endswith((".pt", ".pt2")) and "/" not in spec.split(":")[0]:
             return _from_factory(spec)
         raise UsageError(f"model file {spec} does not exist")
+    if (path.is_dir() and (path / "config.json").is_file()) or path.suffix == ".gguf":
+        from tpcompile.frontend.hf import load_hf  # noqa: PLC0415 (needs the optional transformers)
+
+        opts = lm or LanguageModelOptions()
+        return load_hf(path, opts.dtype, opts.max_seq_len, opts.max_batch_size)
     if path.is_dir():
         raise UsageError(f"{spec} is a directory; unknown model format (expected {KNOWN_FORMATS})")
     if path.suffix not in (".pt2", ".pt"):
@@ -155,7 +213,7 @@ def load_model(spec: str, trust_pickle: bool = False) -> CapturedModel:
                 ep = torch.export.load(str(path))
             except Exception as err:
                 raise UsageError(f"{spec} is not a loadable torch.export archive: {err}") from None
-            return _captured(ep, str(path))
+            return captured_program(ep, str(path))
     if _is_pickle_archive(path):
         if not trust_pickle:
             raise UsageError(

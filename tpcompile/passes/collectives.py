@@ -47,11 +47,26 @@ def all_gather(b: Emitter, value: fx.Node, pl: Shard, ndim: int) -> fx.Node:
     )
     if not pl.even:
         pieces = [
-            b.call(aten.slice.Tensor, gathered, 0, r * biggest, r * biggest + size)
-            for r, size in enumerate(pl.sizes)
+            b.call(aten.slice.Tensor, gathered, 0, r * biggest + lo, r * biggest + hi)
+            for r, (lo, hi) in enumerate(_owned_ranges(pl))
+            if hi > lo
         ]
         gathered = b.call(aten.cat.default, pieces, 0)
     return gathered if pl.dim == 0 else b.call(aten.transpose.int, gathered, 0, pl.dim)
+
+
+def _owned_ranges(pl: Shard) -> list[tuple[int, int]]:
+    """For each rank, the part of its slice (local coordinates) that no lower rank already holds; in rank
+    order these parts tile the dimension (overlapping slices must still start in non-decreasing order)."""
+    ranges, covered = [], 0
+    for r, size in enumerate(pl.sizes):
+        start = pl.offset(r)
+        if start > covered:
+            raise AssertionError(f"shard {pl} leaves [{covered}, {start}) on no rank")
+        lo = min(size, covered - start)
+        ranges.append((lo, size))
+        covered = max(covered, start + size)
+    return ranges
 
 
 def local_slice(b: Emitter, value: fx.Node, pl: Shard) -> fx.Node:

@@ -27,34 +27,63 @@ class Partial:
 
 @dataclass(frozen=True)
 class Shard:
-    """Rank ``r`` holds the contiguous slice ``[offset(r), offset(r) + sizes[r])`` of dimension ``dim``."""
+    """Rank ``r`` holds the contiguous slice ``[offset(r), offset(r) + sizes[r])`` of dimension ``dim``.
+
+    Normally the slices partition the dimension (``starts`` is None: each slice starts where the previous
+    one ends). With explicit ``starts`` slices may overlap: rank r holds ``[starts[r], starts[r] + sizes[r])``
+    and a piece held by several ranks is replicated among them (KV heads shared by the query heads of more
+    than one rank). An overlapping shard is never summed over its dim or turned into a partial sum.
+    """
 
     dim: int
     sizes: tuple[int, ...]
+    starts: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.starts is not None and self.starts == _cumulative(self.sizes):
+            object.__setattr__(self, "starts", None)
 
     def offset(self, rank: int) -> int:
-        return sum(self.sizes[:rank])
+        return self.starts[rank] if self.starts is not None else sum(self.sizes[:rank])
 
     @property
     def total(self) -> int:
-        return sum(self.sizes)
+        if self.starts is None:
+            return sum(self.sizes)
+        return max(s + z for s, z in zip(self.starts, self.sizes, strict=True))
+
+    @property
+    def overlapping(self) -> bool:
+        return self.starts is not None
 
     @property
     def even(self) -> bool:
-        return len(set(self.sizes)) == 1
+        return len(set(self.sizes)) == 1 and self.starts is None
 
     def with_dim(self, dim: int) -> Shard:
-        return Shard(dim, self.sizes)
+        return Shard(dim, self.sizes, self.starts)
 
     def scaled(self, num: int, den: int = 1) -> Shard:
-        """The same split with every size multiplied by ``num / den`` (exact, or ValueError)."""
-        if any((s * num) % den for s in self.sizes):
+        """The same split with every size (and start) multiplied by ``num / den`` (exact, or ValueError)."""
+        values = self.sizes + (self.starts or ())
+        if any((s * num) % den for s in values):
             raise ValueError(f"sizes {self.sizes} are not divisible by {den}")
-        return Shard(self.dim, tuple(s * num // den for s in self.sizes))
+        starts = None if self.starts is None else tuple(s * num // den for s in self.starts)
+        return Shard(self.dim, tuple(s * num // den for s in self.sizes), starts)
 
     def __str__(self) -> str:
         sizes = ",".join(map(str, self.sizes))
+        if self.starts is not None:
+            return f"S({self.dim};{sizes}@{','.join(map(str, self.starts))})"
         return f"S({self.dim};{sizes})"
+
+
+def _cumulative(sizes: tuple[int, ...]) -> tuple[int, ...]:
+    out, acc = [], 0
+    for s in sizes:
+        out.append(acc)
+        acc += s
+    return tuple(out)
 
 
 Placement = Replicate | Partial | Shard
@@ -77,6 +106,11 @@ def parse_placement(text: str) -> Placement:
     if text == "P":
         return PARTIAL
     if text.startswith("S(") and text.endswith(")"):
-        dim, sizes = text[2:-1].split(";")
-        return Shard(int(dim), tuple(int(s) for s in sizes.split(",")))
+        dim, layout = text[2:-1].split(";")
+        sizes, _, starts = layout.partition("@")
+        return Shard(
+            int(dim),
+            tuple(int(s) for s in sizes.split(",")),
+            tuple(int(s) for s in starts.split(",")) if starts else None,
+        )
     raise ValueError(f"not a placement: {text!r}")

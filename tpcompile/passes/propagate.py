@@ -154,7 +154,7 @@ class RuleContext:
 def resolve_view(view: FreeView, root: Placement) -> Placement:
     if isinstance(root, Shard):
         if root.dim in view.dims:
-            return Shard(view.dims.index(root.dim), root.sizes)
+            return root.with_dim(view.dims.index(root.dim))
         return REPLICATE  # unreachable by construction: a dropped dim is forbidden to shard
     return root
 
@@ -178,8 +178,12 @@ def propagate(
     plan: ShardingPlan,
     names: dict[fx.Node, str],
     user_inputs: set[fx.Node],
+    sharded_outputs: bool = False,
 ) -> Propagation:
-    """Run every node's rule in topological order; see the module docstring for the invariant."""
+    """Run every node's rule in topological order; see the module docstring for the invariant.
+
+    With ``sharded_outputs`` an output that is sharded on its last dim stays sharded (the logits of a
+    vocabulary-parallel lm_head: the runtime takes a distributed argmax instead of gathering them)."""
     from tpcompile.passes.ops import fallback_rule, find_rule
 
     prop = Propagation(tp=tp)
@@ -197,7 +201,7 @@ def propagate(
             continue
         if node.op == "output":
             outs = [a for a in torch.utils._pytree.tree_leaves(node.args) if ctx.is_tensor(a)]
-            _apply(ctx, node, Strategy({a: REPLICATE for a in outs}, None))
+            _apply(ctx, node, Strategy({a: _output_placement(ctx, a, sharded_outputs) for a in outs}, None))
             continue
         rule = find_rule(node.target)
         if rule is None:
@@ -219,6 +223,14 @@ def propagate(
     return prop
 
 
+def _output_placement(ctx: RuleContext, out: fx.Node, sharded_outputs: bool) -> Placement:
+    pl = ctx.placement(out)
+    last = len(shape_of(out)) - 1
+    if sharded_outputs and isinstance(pl, Shard) and pl.dim == last and not pl.overlapping:
+        return pl
+    return REPLICATE
+
+
 def _has_nonreplicated_input(ctx: RuleContext, node: fx.Node) -> bool:
     return any(not isinstance(ctx.placement(a), Replicate | FreeView | None) for a in node.all_input_nodes)
 
@@ -233,6 +245,10 @@ def _apply(ctx: RuleContext, node: fx.Node, strategy: Strategy) -> None:
             continue
         if have != want:
             prop.redistributions[(node, producer)] = Redistribution(producer, have, want)
+    if isinstance(strategy.out, Partial) and any(
+        isinstance(w, Shard) and w.overlapping for w in strategy.demands.values()
+    ):
+        ctx.refuse(f"{node.target} would sum a shard whose slices overlap between ranks")
     prop.placements[node] = strategy.out
     if strategy.lower is not None:
         prop.lowerings[node] = strategy.lower
@@ -245,7 +261,7 @@ def _fix_root(ctx: RuleContext, view: FreeView, want: Placement) -> Placement:
     if isinstance(want, Shard):
         rdim = view.dims[want.dim]
         if rdim is not None and rdim not in ctx.forbidden.get(root, set()):
-            ctx.prop.roots[root] = Shard(rdim, want.sizes)
+            ctx.prop.roots[root] = want.with_dim(rdim)
             return want
     elif isinstance(want, Partial) and identity:
         ctx.prop.roots[root] = PARTIAL

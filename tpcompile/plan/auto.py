@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from tpcompile.passes.ops.attention import kv_split
 from tpcompile.passes.placement import Replicate, Shard, balanced_split
 from tpcompile.passes.propagate import Propagation, propagate, shape_of
 from tpcompile.plan.spec import ParamDecision, PlanFile, ShardingPlan
@@ -81,31 +82,63 @@ def _collective_counts(prop: Propagation, output: fx.Node) -> tuple[int, int]:
     return total, internal
 
 
-def _group_sizes(group: list[Site], units: dict[Site, int], tp: int) -> dict[Site, tuple[int, ...]] | None:
-    """Split every site of a sibling group into the same number of whole groups of units per rank."""
+def _group_splits(group: list[Site], units: dict[Site, int], tp: int) -> dict[Site, Shard] | None:
+    """Split every site of a sibling group into the same number of whole groups of units per rank; when
+    there are fewer groups than ranks (grouped-query attention at tp > KV heads), split the largest sites
+    by unit and give the smallest ones the (overlapping) slices those units need."""
     counts = {}
     for s in group:
         if s.out_features % units[s]:
             return None
         counts[s] = s.out_features // units[s]
     groups = math.gcd(*counts.values())
-    if groups < tp:
+    if groups >= tp:
+        split = balanced_split(groups, tp)
+        return {s: Shard(0, tuple(g * (counts[s] // groups) * units[s] for g in split)) for s in group}
+    shared = _shared_unit_split(set(counts.values()), tp)
+    if shared is None:
         return None
-    split = balanced_split(groups, tp)
-    return {s: tuple(g * (counts[s] // groups) * units[s] for g in split) for s in group}
+    big, small = shared
+    return {s: (big if counts[s] == big.total else small).scaled(units[s]) for s in group}
+
+
+def _shared_unit_split(counts: set[int], tp: int) -> tuple[Shard, Shard] | None:
+    """Unit splits (large, small) for sites with ``g * n`` and ``n`` units, ``n < tp <= g * n``: the large
+    site balanced (or group-aligned when balanced cuts a group unevenly), the small one by need."""
+    if len(counts) != 2:
+        return None
+    small, big = sorted(counts)
+    if big % small or tp > big:
+        return None
+    g = big // small
+    candidates = [Shard(0, balanced_split(big, tp))]
+    if tp >= small and max(balanced_split(tp, small)) <= g:
+        aligned = [n for ranks in balanced_split(tp, small) for n in balanced_split(g, ranks)]
+        candidates.append(Shard(0, tuple(aligned)))
+    for q in candidates:
+        kv = kv_split(q, g)
+        if kv is not None:
+            return q, kv
+    return None
 
 
 class PlanSearch:
     def __init__(
-        self, gm: fx.GraphModule, tp: int, names: dict[fx.Node, str], user_inputs: set[fx.Node]
+        self,
+        gm: fx.GraphModule,
+        tp: int,
+        names: dict[fx.Node, str],
+        user_inputs: set[fx.Node],
+        sharded_outputs: bool = False,
     ) -> None:
         self.gm, self.tp, self.names, self.user_inputs = gm, tp, names, user_inputs
+        self.sharded_outputs = sharded_outputs
         self.output = next(n for n in gm.graph.nodes if n.op == "output")
         self.trials = 0
 
     def run(self, plan: ShardingPlan) -> Propagation:
         self.trials += 1
-        return propagate(self.gm, self.tp, plan, self.names, self.user_inputs)
+        return propagate(self.gm, self.tp, plan, self.names, self.user_inputs, self.sharded_outputs)
 
     def search(self, plan_file: PlanFile | None = None) -> tuple[ShardingPlan, Propagation]:
         sites = find_sites(self.gm, self.names)
@@ -148,11 +181,14 @@ class PlanSearch:
         base_total, base_internal = _collective_counts(prop, self.output)
         units = dict.fromkeys(group, 1)
         for _ in range(MAX_UNIT_RETRIES):
-            sizes = _group_sizes(group, units, self.tp)
-            if sizes is None:
+            splits = _group_splits(group, units, self.tp)
+            if splits is None:
                 break
             trial_plan = plan.with_decisions(
-                {self.names[s.weight]: ParamDecision("colwise", sizes[s]) for s in group}
+                {
+                    self.names[s.weight]: ParamDecision("colwise", splits[s].sizes, splits[s].starts)
+                    for s in group
+                }
             )
             trial = self.run(trial_plan)
             total, internal = _collective_counts(trial, self.output)
@@ -179,6 +215,7 @@ def choose_plan(
     names: dict[fx.Node, str],
     user_inputs: set[fx.Node],
     plan_file: PlanFile | None = None,
+    sharded_outputs: bool = False,
 ) -> tuple[ShardingPlan, Propagation]:
     """The automatic plan (with the plan file's overrides applied first) and its propagation."""
-    return PlanSearch(gm, tp, names, user_inputs).search(plan_file)
+    return PlanSearch(gm, tp, names, user_inputs, sharded_outputs).search(plan_file)

@@ -17,10 +17,12 @@ STYLES: tuple[Style, ...] = ("colwise", "rowwise", "replicate")
 @dataclass(frozen=True)
 class ParamDecision:
     """``colwise``: the output features are split with ``sizes``; ``rowwise``: the input features are split;
-    ``replicate``: every rank keeps the whole tensor. ``sizes`` None means "balanced, chosen by the pass"."""
+    ``replicate``: every rank keeps the whole tensor. ``sizes`` None means "balanced, chosen by the pass";
+    ``starts`` None means the slices follow each other (see ``Shard``)."""
 
     style: Style
     sizes: tuple[int, ...] | None = None
+    starts: tuple[int, ...] | None = None  # overlapping column slices (KV heads shared by several ranks)
 
 
 @dataclass

@@ -1,8 +1,11 @@
 """``scaled_dot_product_attention`` over ``[B, H, T, D]``: heads shard, nothing else does.
 
-With grouped-query attention (``enable_gqa``, ``Hq = g * Hkv``) rank r's query heads must be exactly the
-groups of its KV heads: KV sizes are the query sizes divided by g. When they are not whole, everything is
-replicated (correct) rather than guessed.
+Grouped-query attention (``enable_gqa``, ``Hq = g * Hkv``, query head h reads KV head h // g): rank r's
+query heads ``[lo, hi)`` need KV heads ``[lo // g, (hi - 1) // g + 1)``, and the rank's local SDPA (again
+with ``enable_gqa``) is right only when every one of those KV heads serves the same number m of the rank's
+query heads, so that local query i reads local KV head i // m. KV slices of neighbouring ranks may overlap
+(a KV head replicated on the ranks that need it). Splits where the counts differ are replicated, never
+guessed.
 """
 
 from __future__ import annotations
@@ -15,6 +18,32 @@ from tpcompile.passes.placement import REPLICATE, Partial, Placement, Shard
 from tpcompile.passes.propagate import RuleContext, Strategy, shape_of
 
 
+def kv_split(q: Shard, group: int) -> Shard | None:
+    """The KV head split that serves query split ``q`` (in head units), or None if a rank's query heads
+    are not spread evenly over its KV heads."""
+    if q.overlapping:
+        return None
+    sizes, starts = [], []
+    for r, n in enumerate(q.sizes):
+        lo = q.offset(r)
+        if n == 0:
+            return None
+        first, last = lo // group, (lo + n - 1) // group
+        counts = [min(lo + n, (kv + 1) * group) - max(lo, kv * group) for kv in range(first, last + 1)]
+        if len(set(counts)) != 1:
+            return None
+        sizes.append(last - first + 1)
+        starts.append(first)
+    return Shard(q.dim, tuple(sizes), tuple(starts))
+
+
+def query_split(kv: Shard, group: int) -> Shard | None:
+    """The query split whose KV split is ``kv`` when every rank keeps whole groups."""
+    if kv.overlapping:
+        return None
+    return kv.scaled(group)
+
+
 @register(aten.scaled_dot_product_attention)
 def sdpa(ctx: RuleContext, node: fx.Node) -> Strategy:
     q, k, v = node.args[:3]
@@ -23,25 +52,26 @@ def sdpa(ctx: RuleContext, node: fx.Node) -> Strategy:
     group = hq // hkv if isinstance(hq, int) and isinstance(hkv, int) and hkv and hq % hkv == 0 else None
     pls = {t: concrete(ctx.placement(t)) for t in (q, k, v)}
     heads = len(shape_of(q)) - 3
-    qpl: Shard | None = None
-    for t in (q, k, v):
-        p = pls[t]
-        if isinstance(p, Shard) and p.dim == heads and group is not None:
-            try:
-                qpl = p if t is q else p.scaled(group)
-            except ValueError:
-                qpl = None
-            break
     everything = [t for t in (q, k, v, mask) if isinstance(t, fx.Node)]
-    if qpl is None or group is None or any(isinstance(p, Partial) for p in pls.values()):
-        return Strategy(dict.fromkeys(everything, REPLICATE), REPLICATE)
-    try:
-        kvpl = qpl.scaled(1, group)
-    except ValueError:
-        return Strategy(dict.fromkeys(everything, REPLICATE), REPLICATE)
+    replicated = Strategy(dict.fromkeys(everything, REPLICATE), REPLICATE)
+    if group is None or any(isinstance(p, Partial) for p in pls.values()):
+        return replicated
+    if group > 1 and not node.kwargs.get("enable_gqa"):
+        return replicated  # different head counts without GQA: not an attention we understand
+    qpl: Shard | None = None
+    pq, pk = pls[q], pls[k]
+    if isinstance(pq, Shard) and pq.dim == heads:
+        qpl = pq
+    elif isinstance(pk, Shard) and pk.dim == heads:
+        qpl = query_split(pk, group)
+    if qpl is None:
+        return replicated
+    kvpl = kv_split(qpl, group) if group > 1 else qpl
+    if kvpl is None:
+        return replicated
     demands: dict[fx.Node, Placement] = {q: qpl, k: kvpl, v: kvpl}
     if isinstance(mask, fx.Node):
         mshape = shape_of(mask)
         mdim = len(mshape) - 3
-        demands[mask] = Shard(mdim, qpl.sizes) if mdim >= 0 and mshape[mdim] != 1 else REPLICATE
-    return Strategy(demands, Shard(heads, qpl.sizes))
+        demands[mask] = qpl.with_dim(mdim) if mdim >= 0 and mshape[mdim] != 1 else REPLICATE
+    return Strategy(demands, qpl.with_dim(heads))

@@ -42,16 +42,16 @@ def einsum(ctx: RuleContext, node: fx.Node) -> Strategy:
     partial_in = n_partial == 1 and all(isinstance(p, Partial) or p == REPLICATE for p in pls)
     if n_partial and not partial_in:
         pls = [REPLICATE if isinstance(p, Partial) else p for p in pls]
-    shards = [(sub[p.dim], p.sizes) for sub, p in zip(subs, pls, strict=True) if isinstance(p, Shard)]
+    shards = [(sub[p.dim], p) for sub, p in zip(subs, pls, strict=True) if isinstance(p, Shard)]
     lead = shards[0] if shards else None
     if lead is None:
         return Strategy(dict(zip(operands, pls, strict=True)), PARTIAL if partial_in else REPLICATE)
-    letter, sizes = lead
+    letter, split = lead
     demands: dict[fx.Node, Placement] = {}
     for operand, sub in zip(operands, subs, strict=True):
         if letter in sub and shape_of(operand)[sub.index(letter)] != 1:
-            demands[operand] = Shard(sub.index(letter), sizes)
+            demands[operand] = split.with_dim(sub.index(letter))
         else:
             demands[operand] = REPLICATE
-    result: Placement = Shard(out.index(letter), sizes) if letter in out else PARTIAL
+    result: Placement = split.with_dim(out.index(letter)) if letter in out else PARTIAL
     return Strategy(demands, result)

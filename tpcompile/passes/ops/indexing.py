@@ -58,7 +58,7 @@ def select(ctx: RuleContext, node: fx.Node) -> Strategy:
     if isinstance(p, Shard):
         if p.dim == dim:
             return Strategy({x: REPLICATE}, REPLICATE)
-        return Strategy({x: p}, Shard(p.dim - (1 if p.dim > dim else 0), p.sizes))
+        return Strategy({x: p}, p.with_dim(p.dim - (1 if p.dim > dim else 0)))
     return Strategy({x: p}, p)
 
 
@@ -75,7 +75,7 @@ def split(ctx: RuleContext, node: fx.Node) -> Strategy:
     if isinstance(p, Shard) and p.dim == dim:
         p = REPLICATE
     if isinstance(p, Shard) and "unbind" in str(node.target) and p.dim > dim:
-        return Strategy({x: p}, tuple(Shard(p.dim - 1, p.sizes) for _ in range(n_out)))
+        return Strategy({x: p}, tuple(p.with_dim(p.dim - 1) for _ in range(n_out)))
     return Strategy({x: p}, tuple(p for _ in range(n_out)))
 
 
@@ -94,7 +94,7 @@ def cat(ctx: RuleContext, node: fx.Node) -> Strategy:
         out_dim = lead.dim + (1 if is_stack and lead.dim >= dim else 0)
         if out_dim != dim:
             in_dim = lead.dim
-            return Strategy({t: Shard(in_dim, lead.sizes) for t in tensors}, Shard(out_dim, lead.sizes))
+            return Strategy({t: lead.with_dim(in_dim) for t in tensors}, lead.with_dim(out_dim))
     return Strategy(dict.fromkeys(tensors, REPLICATE), REPLICATE)
 
 
@@ -128,6 +128,7 @@ def embedding(ctx: RuleContext, node: fx.Node) -> Strategy:
         if (
             decision is not None
             and decision.style in ("colwise", "rowwise")
+            and decision.starts is None
             and isinstance(pi, type(REPLICATE))
         ):
             from tpcompile.passes.placement import balanced_split
@@ -135,10 +136,10 @@ def embedding(ctx: RuleContext, node: fx.Node) -> Strategy:
             pw = Shard(0, decision.sizes or balanced_split(vocab, ctx.tp))
         else:
             pw = REPLICATE
-    if isinstance(pw, Shard) and pw.dim == 0 and not isinstance(pi, Shard):
+    if isinstance(pw, Shard) and pw.dim == 0 and not pw.overlapping and not isinstance(pi, Shard):
         return Strategy({weight: pw, ids: pi}, PARTIAL, _lower_vocab_embedding(pw))
     if isinstance(pw, Shard) and pw.dim == 1 and not isinstance(pi, Shard):
-        return Strategy({weight: pw, ids: pi}, Shard(len(shape_of(node)) - 1, pw.sizes))
+        return Strategy({weight: pw, ids: pi}, pw.with_dim(len(shape_of(node)) - 1))
     return Strategy({weight: REPLICATE, ids: pi}, pi if isinstance(pi, Shard) else REPLICATE)
 
 

@@ -24,14 +24,14 @@ from tpcompile.passes.placement import (
 from tpcompile.passes.propagate import FreeView, RuleContext, Strategy, shape_of
 
 
-def _col_sizes(
+def _col_split(
     ctx: RuleContext, weight_pl: FreeView | Placement | None, features: int
-) -> tuple[int, ...] | None:
-    """Sizes of a column split when the plan makes this free weight column-parallel, else None."""
+) -> Shard | None:
+    """The column split (on dim 0) when the plan makes this free weight column-parallel, else None."""
     decision = ctx.decision(weight_pl) if isinstance(weight_pl, FreeView) else None
     if decision is None or decision.style != "colwise":
         return None
-    return decision.sizes or balanced_split(features, ctx.tp)
+    return Shard(0, decision.sizes or balanced_split(features, ctx.tp), decision.starts)
 
 
 def _forced_row(ctx: RuleContext, weight_pl: FreeView | Placement | None) -> bool:
@@ -60,32 +60,37 @@ def matmul_strategy(
     if isinstance(pb, Partial):
         pb = REPLICATE
     ka, mb_k, nb = len(sa) - 1, len(sb) - 2, len(sb) - 1
+    # a contraction over an overlapping shard would count the shared part twice
+    if isinstance(pa, Shard) and pa.overlapping and pa.dim == ka:
+        pa = REPLICATE
+    if isinstance(pb, Shard) and pb.overlapping and pb.dim == mb_k:
+        pb = REPLICATE
     demands: dict[fx.Node, Placement] = {}
     out: Placement
 
     if isinstance(pa, Shard) and pa.dim == ka:  # contraction dim sharded: row-parallel
-        demands = {a: pa, b: Shard(mb_k, pa.sizes)}
+        demands = {a: pa, b: pa.with_dim(mb_k)}
         if _forced_replicate(ctx, pb_raw) or (isinstance(pb, Shard) and pb.dim != mb_k):
             demands = {a: REPLICATE, b: pb}
-            out = Shard(out_nd - 1, pb.sizes) if isinstance(pb, Shard) and pb.dim == nb else REPLICATE
+            out = pb.with_dim(out_nd - 1) if isinstance(pb, Shard) and pb.dim == nb else REPLICATE
         else:
             out = PARTIAL
     elif isinstance(pa, Replicate) and isinstance(pb, Shard) and pb.dim == mb_k:
-        demands = {a: Shard(ka, pb.sizes), b: pb}
+        demands = {a: pb.with_dim(ka), b: pb}
         out = PARTIAL
     elif isinstance(pa, Replicate) and isinstance(pb, Shard) and pb.dim == nb:
-        demands, out = {a: pa, b: pb}, Shard(out_nd - 1, pb.sizes)
+        demands, out = {a: pa, b: pb}, pb.with_dim(out_nd - 1)
     elif isinstance(pa, Replicate) and isinstance(pb_raw, FreeView) and len(sb) == 2:
-        sizes = _col_sizes(ctx, pb_raw, sb[nb])
-        if sizes is not None:
-            demands, out = {a: pa, b: Shard(nb, sizes)}, Shard(out_nd - 1, sizes)
+        split = _col_split(ctx, pb_raw, sb[nb])
+        if split is not None:
+            demands, out = {a: pa, b: split.with_dim(nb)}, split.with_dim(out_nd - 1)
         elif _forced_row(ctx, pb_raw):
             sizes = balanced_split(sb[mb_k], ctx.tp)
             demands, out = {a: Shard(ka, sizes), b: Shard(mb_k, sizes)}, PARTIAL
         else:
             demands, out = {a: pa, b: REPLICATE}, REPLICATE
     elif isinstance(pa, Shard) and pa.dim == ka - 1:  # rows of a sharded (sequence / m)
-        demands, out = {a: pa, b: REPLICATE}, Shard(out_nd - 2, pa.sizes)
+        demands, out = {a: pa, b: REPLICATE}, pa.with_dim(out_nd - 2)
     elif isinstance(pa, Shard) or isinstance(pb, Shard):  # a batch dim
         demands, out = _batch_strategy(a, b, pa, pb, out_nd)
     else:
@@ -108,8 +113,8 @@ def _batch_strategy(
         return {a: REPLICATE, b: REPLICATE}, REPLICATE
     out_dim = pl.dim + out_nd - len(s_lead)
     od = out_dim - (out_nd - len(s_other))
-    want: Placement = REPLICATE if od < 0 or s_other[od] == 1 else Shard(od, pl.sizes)
-    return {lead: pl, other: want}, Shard(out_dim, pl.sizes)
+    want: Placement = REPLICATE if od < 0 or s_other[od] == 1 else pl.with_dim(od)
+    return {lead: pl, other: want}, pl.with_dim(out_dim)
 
 
 def _bias_demand(out: Placement, bias_shape: tuple[int, ...], out_nd: int) -> Placement:
@@ -118,7 +123,7 @@ def _bias_demand(out: Placement, bias_shape: tuple[int, ...], out_nd: int) -> Pl
     if isinstance(out, Shard):
         d = out.dim - (out_nd - len(bias_shape))
         if d >= 0 and bias_shape[d] != 1:
-            return Shard(d, out.sizes)
+            return out.with_dim(d)
     return REPLICATE
 
 
@@ -130,30 +135,30 @@ def linear(ctx: RuleContext, node: fx.Node) -> Strategy:
     pw = ctx.placement(w)
     sw = shape_of(w)
     px = concrete(ctx.placement(x))
-    if isinstance(px, Partial):
-        px = REPLICATE
     nd = len(shape_of(node))
+    if isinstance(px, Partial) or (isinstance(px, Shard) and px.overlapping and px.dim == nd - 1):
+        px = REPLICATE
     demands: dict[fx.Node, Placement]
     out: Placement
     if isinstance(px, Shard) and px.dim == nd - 1:
         if _forced_replicate(ctx, pw) or (isinstance(pw, Shard) and pw.dim == 0):
             return _linear_replicated(x, w, bias)
-        demands, out = {x: px, w: Shard(1, px.sizes)}, PARTIAL
+        demands, out = {x: px, w: px.with_dim(1)}, PARTIAL
     elif isinstance(px, Shard):
-        demands, out = {x: px, w: REPLICATE}, Shard(px.dim, px.sizes)
+        demands, out = {x: px, w: REPLICATE}, px.with_dim(px.dim)
     elif isinstance(pw, FreeView):
-        sizes = _col_sizes(ctx, pw, sw[0])
-        if sizes is not None:
-            demands, out = {x: px, w: Shard(0, sizes)}, Shard(nd - 1, sizes)
+        split = _col_split(ctx, pw, sw[0])
+        if split is not None:
+            demands, out = {x: px, w: split}, split.with_dim(nd - 1)
         elif _forced_row(ctx, pw):
             sizes = balanced_split(sw[1], ctx.tp)
             demands, out = {x: Shard(nd - 1, sizes), w: Shard(1, sizes)}, PARTIAL
         else:
             return _linear_replicated(x, w, bias)
     elif isinstance(pw, Shard) and pw.dim == 0:
-        demands, out = {x: px, w: pw}, Shard(nd - 1, pw.sizes)
+        demands, out = {x: px, w: pw}, pw.with_dim(nd - 1)
     elif isinstance(pw, Shard) and pw.dim == 1:
-        demands, out = {x: Shard(nd - 1, pw.sizes), w: pw}, PARTIAL
+        demands, out = {x: pw.with_dim(nd - 1), w: pw}, PARTIAL
     else:
         return _linear_replicated(x, w, bias)
     if isinstance(bias, fx.Node):

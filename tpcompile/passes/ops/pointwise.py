@@ -130,7 +130,7 @@ def pointwise_strategy(ctx: RuleContext, node: fx.Node, kind: str) -> Strategy:
     for a in ins:
         p = pls[a]
         if isinstance(p, Shard):
-            target = Shard(p.dim + out_nd - len(shape_of(a)), p.sizes)
+            target = p.with_dim(p.dim + out_nd - len(shape_of(a)))
             break
     if target is None:
         return Strategy(dict.fromkeys(ins, REPLICATE), REPLICATE)
@@ -138,7 +138,7 @@ def pointwise_strategy(ctx: RuleContext, node: fx.Node, kind: str) -> Strategy:
     for a in ins:
         shape = shape_of(a)
         d = target.dim - (out_nd - len(shape))
-        demands[a] = REPLICATE if d < 0 or shape[d] == 1 else Shard(d, target.sizes)
+        demands[a] = REPLICATE if d < 0 or shape[d] == 1 else target.with_dim(d)
     return Strategy(demands, target)
 
 

@@ -28,7 +28,7 @@ def _reduced_dims(node: fx.Node, nd: int) -> tuple[list[int], bool]:
 
 
 def _kept(pl: Shard, dims: list[int], keepdim: bool) -> Shard:
-    return pl if keepdim else Shard(pl.dim - sum(1 for d in dims if d < pl.dim), pl.sizes)
+    return pl if keepdim else pl.with_dim(pl.dim - sum(1 for d in dims if d < pl.dim))
 
 
 def _lower_global_mean(global_count: int) -> Any:

@@ -49,10 +49,10 @@ def map_shard_through_reshape(
             ratio = sympy.simplify(sympy.sympify(inner) / sympy.sympify(out_inner))
             if not ratio.is_Integer:
                 return None, None
-            return Shard(j, tuple(s * int(ratio) for s in pl.sizes)), None
+            return pl.with_dim(j).scaled(int(ratio)), None
         offsets = [pl.offset(r) * inner for r in range(len(pl.sizes))]
         if all(o % out_inner == 0 for o in offsets) and all((s * inner) % out_inner == 0 for s in pl.sizes):
-            return Shard(j, tuple(s * inner // out_inner for s in pl.sizes)), None
+            return pl.with_dim(j).scaled(inner, out_inner), None
         return None, out_inner // math.gcd(inner, out_inner)
     return None, None
 
@@ -103,7 +103,7 @@ def _permutation_rule(ctx: RuleContext, node: fx.Node, perm: list[int]) -> Strat
     if isinstance(p, FreeView):
         return Strategy({}, FreeView(p.root, tuple(p.dims[i] for i in perm)))
     if isinstance(p, Shard):
-        return Strategy({x: p}, Shard(perm.index(p.dim), p.sizes))
+        return Strategy({x: p}, p.with_dim(perm.index(p.dim)))
     return Strategy({x: p} if p is not None else {}, p)
 
 
@@ -139,7 +139,7 @@ def unsqueeze(ctx: RuleContext, node: fx.Node) -> Strategy:
         dims.insert(dim, None)
         return Strategy({}, FreeView(p.root, tuple(dims)))
     if isinstance(p, Shard):
-        return Strategy({x: p}, Shard(p.dim + (1 if p.dim >= dim else 0), p.sizes))
+        return Strategy({x: p}, p.with_dim(p.dim + (1 if p.dim >= dim else 0)))
     return Strategy({x: p} if p is not None else {}, p)
 
 
@@ -158,7 +158,7 @@ def squeeze(ctx: RuleContext, node: fx.Node) -> Strategy:
     if isinstance(p, FreeView):
         return Strategy({}, FreeView(p.root, tuple(p.dims[i] for i in keep)))
     if isinstance(p, Shard):
-        return Strategy({x: p}, Shard(keep.index(p.dim), p.sizes))
+        return Strategy({x: p}, p.with_dim(keep.index(p.dim)))
     return Strategy({x: p} if p is not None else {}, p)
 
 
@@ -172,7 +172,7 @@ def expand(ctx: RuleContext, node: fx.Node) -> Strategy:
     p = ctx.placement(x)
     extra = len(shape_of(node)) - len(shape_of(x))
     if isinstance(p, Shard):
-        return Strategy({x: p}, Shard(p.dim + extra, p.sizes), _lower_expand)
+        return Strategy({x: p}, p.with_dim(p.dim + extra), _lower_expand)
     if isinstance(p, Partial | Replicate):
         return Strategy({x: p}, p)
     return Strategy({x: REPLICATE}, REPLICATE)

