@@ -21,7 +21,7 @@ from tpcompile.artifact.safetensors_writer import write_safetensors
 from tpcompile.artifact.writer import atomic_directory, sha256_file
 from tpcompile.errors import UnsupportedModelError, UsageError
 from tpcompile.frontend.capture import CapturedModel, LanguageModelInfo
-from tpcompile.passes.canonicalize import fold_repeat_kv_into_sdpa
+from tpcompile.passes.canonicalize import drop_no_op_conversions, fold_repeat_kv_into_sdpa
 from tpcompile.passes.collectives import GROUP_NAME
 from tpcompile.passes.lower_rank import build_rank_graph, tensor_bytes
 from tpcompile.passes.placement import Partial, Placement, Replicate, Shard
@@ -94,6 +94,7 @@ def plan_model(
     captured: CapturedModel, tp: int, plan_file: PlanFile | None = None
 ) -> tuple[ShardingPlan, Propagation]:
     """Choose the plan and propagate placements (no files written)."""
+    drop_no_op_conversions(captured.gm)
     fold_repeat_kv_into_sdpa(captured.gm)
     plan, prop = choose_plan(
         captured.gm,

@@ -1,6 +1,7 @@
 """Canonical forms that the placement rules expect, applied to the captured graph before planning.
 
-Invariant: the rewritten graph computes exactly the same values. Today one rewrite: grouped-query attention
+Invariant: the rewritten graph computes exactly the same values. Conversions that change nothing are
+dropped, and grouped-query attention
 written as ``repeat_kv`` (``unsqueeze -> expand -> reshape`` that repeats each KV head g times) feeding
 ``scaled_dot_product_attention`` becomes SDPA with ``enable_gqa=True`` on the unrepeated KV. The repeat
 would otherwise bake the global group size into the graph, while a rank's local query/KV ratio may differ
@@ -38,6 +39,41 @@ def _repeated_kv(node: object) -> tuple[fx.Node, int] | None:
     if not isinstance(g, int) or out[1] != xs[1] * g or out[2:] != xs[2:] or out[0] != xs[0]:
         return None
     return x, g
+
+
+def drop_no_op_conversions(gm: fx.GraphModule) -> int:
+    """Remove metadata assertions, aliases and ``to`` calls that change nothing (same dtype, device and
+    layout): they are most of the nodes of an fp32 norm, and each costs time at every decode step."""
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target == aten._assert_tensor_metadata.default and not node.users:
+            gm.graph.erase_node(node)
+            removed += 1
+            continue
+        source = node.args[0] if node.args else None
+        if not isinstance(source, fx.Node) or "val" not in source.meta or "val" not in node.meta:
+            continue
+        if node.target == aten.alias.default or (
+            node.target in _CONVERSIONS and not node.kwargs.get("copy") and _same_tensor_type(source, node)
+        ):
+            node.replace_all_uses_with(source)
+            gm.graph.erase_node(node)
+            removed += 1
+    if removed:
+        gm.recompile()
+    return removed
+
+
+_CONVERSIONS = (aten.to.dtype, aten.to.dtype_layout, aten.to.device)  # these return self when nothing changes
+
+
+def _same_tensor_type(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = a.meta["val"], b.meta["val"]
+    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
+        return False
+    return va.dtype == vb.dtype and va.device == vb.device and va.layout == vb.layout
 
 
 def fold_repeat_kv_into_sdpa(gm: fx.GraphModule) -> int:

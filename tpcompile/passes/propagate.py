@@ -112,6 +112,12 @@ class RuleContext:
         self.current: fx.Node | None = None
 
     # -- queries -------------------------------------------------------------------------------------------
+    def reduced_already(self, node: fx.Node) -> bool:
+        """An earlier consumer already asked for ``node`` replicated: the all-reduce exists, reuse it."""
+        return any(
+            r.producer is node and isinstance(r.dst, Replicate) for r in self.prop.redistributions.values()
+        )
+
     def placement(self, node: Any) -> AnyPlacement | None:
         """Placement of a tensor input, resolving free views whose root is already fixed."""
         if not isinstance(node, fx.Node):

@@ -7,10 +7,12 @@ before ``d`` and every rank's range along ``d`` is a whole number of output-``j`
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import sympy
+import torch
 import torch.fx as fx
 
 from tpcompile.passes.ops import register
@@ -26,10 +28,27 @@ def _prod(xs: Any) -> Any:
     return out
 
 
+def _expr(x: Any) -> sympy.Expr:
+    if isinstance(x, torch.SymInt):
+        return x.node.expr
+    return sympy.sympify(x)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_zero(expr: sympy.Expr) -> bool:
+    return bool(sympy.expand(expr) == 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _integer_ratio(num: sympy.Expr, den: sympy.Expr) -> int | None:
+    ratio = sympy.cancel(num / den)
+    return int(ratio) if ratio.is_Integer else None
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
-    return bool(sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0)
+    return _is_zero(_expr(a) - _expr(b))
 
 
 def map_shard_through_reshape(
@@ -46,10 +65,10 @@ def map_shard_through_reshape(
             continue
         out_inner = _prod(out_shape[j + 1 :])
         if not (isinstance(inner, int) and isinstance(out_inner, int)):
-            ratio = sympy.simplify(sympy.sympify(inner) / sympy.sympify(out_inner))
-            if not ratio.is_Integer:
+            ratio = _integer_ratio(_expr(inner), _expr(out_inner))
+            if ratio is None:
                 return None, None
-            return pl.with_dim(j).scaled(int(ratio)), None
+            return pl.with_dim(j).scaled(ratio), None
         offsets = [pl.offset(r) * inner for r in range(len(pl.sizes))]
         if all(o % out_inner == 0 for o in offsets) and all((s * inner) % out_inner == 0 for s in pl.sizes):
             return pl.with_dim(j).scaled(inner, out_inner), None
