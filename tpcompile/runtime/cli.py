@@ -2,12 +2,15 @@
 
 ::
 
-    tprun OUT --inputs IN.safetensors -o RESULT.safetensors [--backend gloo|nccl]
-          [--device cpu|cuda] [--port N] [--timeout S] [--skip-verify] [--debug]
+    tprun OUT --inputs IN.safetensors -o RESULT.safetensors [common options]
+    tprun OUT --prompt TEXT [--prompt TEXT ...] [--prompt-file F] [generation options] [common options]
+    tprun OUT [generation options] < prompts.txt          # one prompt per line
+    common: [--backend gloo|nccl] [--device cpu|cuda] [--port N] [--timeout S] [--skip-verify] [--debug]
 
 Without torchrun, ``tprun`` spawns one worker process per rank (``tp`` from
 the manifest).  Under torchrun (``RANK``/``WORLD_SIZE`` set), each torchrun
-process runs its rank in-process.
+process runs its rank in-process.  Text prompts need a ``causal_lm``
+artifact; answers stream to stdout, one summary line per prompt goes to stderr.
 """
 
 from __future__ import annotations
@@ -20,31 +23,57 @@ import click
 from .distributed import choose_backend, in_torchrun
 from .errors import RuntimeArtifactError
 from .launcher import RUN_IN_PROCESS, launch
-from .manifest import load_artifact_manifest
+from .lm_worker import not_a_causal_lm, read_prompt_file
+from .manifest import load_artifact_manifest, verify_shared_files
 from .reporting import report_exception
 from .tensor_io import order_inputs, read_inputs
-from .worker_args import BACKEND_CHOICES, DEFAULT_TIMEOUT_S, WorkerArgs
+from .worker_args import (
+    BACKEND_CHOICES,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_TIMEOUT_S,
+    GenerationArgs,
+    WorkerArgs,
+)
 
 __all__ = ["main"]
 
 
+def _check_parent(path: Path) -> None:
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise RuntimeArtifactError(f"output directory {parent} does not exist")
+
+
 def _preflight(args: WorkerArgs) -> int:
-    """Check manifest, inputs and output dir before spawning; return the number of ranks."""
+    """Check manifest, inputs/prompts and output dirs before spawning; return the number of ranks."""
     manifest = load_artifact_manifest(args.artifact)
-    order_inputs(manifest.inputs, read_inputs(args.inputs))
+    gen = args.generation
+    if gen is not None:
+        if not manifest.is_causal_lm:
+            raise not_a_causal_lm(manifest)
+        if not args.skip_verify:
+            verify_shared_files(manifest)
+        if gen.prompt_file is not None:
+            read_prompt_file(gen.prompt_file)
+        for path in (gen.save_tokens, gen.results_json):
+            if path is not None:
+                _check_parent(path)
+    elif args.inputs is not None and args.output is not None:
+        order_inputs(manifest.inputs, read_inputs(args.inputs))
+        _check_parent(args.output)
     if not in_torchrun():
         # All ranks are local: validate --backend/--device for the highest local rank.
         choose_backend(manifest.tp, args.backend, args.device, local_rank=manifest.tp - 1)
-    out_dir = args.output.resolve().parent
-    if not out_dir.is_dir():
-        raise RuntimeArtifactError(f"output directory {out_dir} does not exist")
     return manifest.tp
 
 
 def _run(args: WorkerArgs, port: int | None) -> int:
     """Launch the ranks (or run in-process under torchrun) and return the exit code."""
     nprocs = _preflight(args)
-    rc = launch(args.to_argv(), nprocs, port)
+    stdin = args.generation is not None and args.generation.read_stdin
+    if stdin and sys.stdin.isatty() and not in_torchrun():
+        print("tprun: reading prompts from stdin, one per line (end with Ctrl-D)", file=sys.stderr)
+    rc = launch(args.to_argv(), nprocs, port, stdin_to_rank0=stdin)
     if rc == RUN_IN_PROCESS:
         from .worker import execute  # imported lazily: only needed under torchrun
 
@@ -81,6 +110,39 @@ def _run(args: WorkerArgs, port: int | None) -> int:
 )
 @click.option("--skip-verify", is_flag=True, help="do not check file hashes against the manifest.")
 @click.option("--debug", is_flag=True, help="print full tracebacks.")
+@click.option(
+    "--prompt", "prompts", multiple=True, help="text to answer (repeatable); needs a causal_lm artifact."
+)
+@click.option(
+    "--prompt-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="file whose whole content is one prompt.",
+)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_NEW_TOKENS,
+    show_default=True,
+    help="stop after this many new tokens.",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0.0),
+    default=0.0,
+    show_default=True,
+    help="0 = greedy; > 0 samples.",
+)
+@click.option("--top-k", type=click.IntRange(min=1), help="sample among the k most likely tokens.")
+@click.option(
+    "--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), help="sample from the top-p probability mass."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the sampling generator.")
+@click.option("--no-chat-template", is_flag=True, help="tokenize prompts as plain text.")
+@click.option(
+    "--save-tokens",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="write [{prompt_ids, new_ids}, ...] as JSON.",
+)
 def main(
     artifact: Path,
     inputs: Path | None,
@@ -91,10 +153,40 @@ def main(
     timeout_s: float,
     skip_verify: bool,
     debug: bool,
+    prompts: tuple[str, ...],
+    prompt_file: Path | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int,
+    no_chat_template: bool,
+    save_tokens: Path | None,
 ) -> None:
-    """Run the tensor-parallel artifact ARTIFACT on the tensors in --inputs."""
-    if inputs is None or output is None:
-        raise click.UsageError("--inputs and -o/--output are required")
+    """Run the tensor-parallel artifact ARTIFACT on the tensors in --inputs, or generate text.
+
+    Text: answer each --prompt / --prompt-file, or (with neither --prompt nor
+    --inputs) each line of stdin, streaming the answer to stdout.
+    """
+    generation = None
+    if inputs is not None or output is not None:
+        if inputs is None or output is None:
+            raise click.UsageError("--inputs and -o/--output are required")
+        if prompts or prompt_file is not None:
+            raise click.UsageError("--prompt/--prompt-file cannot be combined with --inputs")
+    else:
+        generation = GenerationArgs(
+            prompts=prompts,
+            prompt_file=prompt_file,
+            read_stdin=not prompts and prompt_file is None,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            chat_template=not no_chat_template,
+            save_tokens=save_tokens,
+        )
     args = WorkerArgs(
         artifact=artifact,
         inputs=inputs,
@@ -104,6 +196,7 @@ def main(
         skip_verify=skip_verify,
         timeout_s=timeout_s,
         debug=debug,
+        generation=generation,
     )
     try:
         rc = _run(args, port)

@@ -15,6 +15,7 @@ __all__ = [
     "InputError",
     "LaunchError",
     "ManifestError",
+    "PromptError",
     "RuntimeArtifactError",
 ]
 
@@ -45,3 +46,10 @@ class BackendError(RuntimeArtifactError):
 
 class LaunchError(RuntimeArtifactError):
     """A worker process failed or the launch itself could not be performed."""
+
+
+class PromptError(InputError):
+    """A prompt the artifact cannot serve (empty, or too long for its KV cache).
+
+    Every rank detects it identically, so it is reported once (by rank 0).
+    """

@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import IO, Final
 
 from .distributed import in_torchrun
-from .reporting import ERROR_PREFIX, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, print_error
+from .reporting import (
+    ERROR_PREFIX,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    LAUNCHER_PID_ENV,
+    VERBATIM_MARK,
+    print_error,
+)
 
 __all__ = [
     "LAUNCHER_PID_ENV",
@@ -39,8 +47,6 @@ __all__ = [
 #: Returned by :func:`launch` when the caller must run the worker in-process.
 RUN_IN_PROCESS: Final = -1
 WORKER_MODULE: Final = "tpcompile.runtime.worker"
-#: Set in spawned workers' environment to the launcher's pid.
-LAUNCHER_PID_ENV: Final = "TPRUN_LAUNCHER_PID"
 _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.1
 _STDERR_LOCK = threading.Lock()
@@ -48,11 +54,17 @@ _STDERR_LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class LaunchOutcome:
-    """Result of :func:`spawn_workers`: exit code and, on failure, a one-line reason."""
+    """Result of :func:`spawn_workers`: exit code and, on failure, a one-line reason.
+
+    ``reported`` is True when the failed rank already printed its error to
+    the user verbatim (an error every rank hit the same way), so the
+    launcher adds nothing.
+    """
 
     returncode: int
     message: str | None = None
     failed_rank: int | None = None
+    reported: bool = False
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -120,6 +132,7 @@ class _Rank:
         self.prefix = prefix
         self.last_line = ""
         self.error_line = ""
+        self.reported = False
         self.reader = threading.Thread(target=self._pump, name=f"rank{rank}-stderr", daemon=True)
 
     def _pump(self) -> None:
@@ -127,14 +140,18 @@ class _Rank:
         if stream is None:
             return
         for line in stream:
+            verbatim = line.startswith(VERBATIM_MARK)
+            if verbatim:
+                line = line.removeprefix(VERBATIM_MARK)
             with _STDERR_LOCK:
-                sys.stderr.write(self.prefix + line)
+                sys.stderr.write(line if verbatim else self.prefix + line)
                 sys.stderr.flush()
             text = line.strip()
             if text:
                 self.last_line = text
                 if text.startswith(ERROR_PREFIX):
                     self.error_line = text.removeprefix(ERROR_PREFIX)
+                    self.reported = verbatim
         stream.close()
 
     def wait_and_report(self, done: queue.Queue[int]) -> None:
@@ -172,7 +189,9 @@ def _terminate(ranks: Sequence[_Rank], grace_s: float) -> None:
         r.reader.join(timeout=2.0)
 
 
-def _spawn(argv: Sequence[str], nprocs: int, port: int, env: Mapping[str, str] | None) -> list[_Rank]:
+def _spawn(
+    argv: Sequence[str], nprocs: int, port: int, env: Mapping[str, str] | None, stdin_to_rank0: bool
+) -> list[_Rank]:
     cmd = [sys.executable, "-m", WORKER_MODULE, *argv]
     ranks: list[_Rank] = []
     try:
@@ -180,7 +199,7 @@ def _spawn(argv: Sequence[str], nprocs: int, port: int, env: Mapping[str, str] |
             proc = subprocess.Popen(
                 cmd,
                 env=worker_env(rank, nprocs, port, env),
-                stdin=subprocess.DEVNULL,
+                stdin=None if stdin_to_rank0 and rank == 0 else subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 text=True,
                 errors="replace",
@@ -203,16 +222,20 @@ def spawn_workers(
     *,
     env: Mapping[str, str] | None = None,
     grace_s: float = 5.0,
+    stdin_to_rank0: bool = False,
 ) -> LaunchOutcome:
     """Run ``python -m tpcompile.runtime.worker *argv`` as ``nprocs`` local ranks.
 
-    Each rank's stderr is forwarded (prefixed ``[rank N]``).  As soon as one
-    rank exits non-zero the others are terminated (SIGTERM, then SIGKILL after
-    ``grace_s``).  Always spawns, even under torchrun.
+    Each rank's stderr is forwarded (prefixed ``[rank N]`` unless the line is
+    marked verbatim); stdout is inherited, so rank 0's streamed text goes
+    straight to ours.  Rank 0 inherits stdin when ``stdin_to_rank0``, the
+    others read from /dev/null.  As soon as one rank exits non-zero the
+    others are terminated (SIGTERM, then SIGKILL after ``grace_s``).  Always
+    spawns, even under torchrun.
     """
     if nprocs < 1:
         raise ValueError(f"nprocs must be >= 1, got {nprocs}")
-    ranks = _spawn(argv, nprocs, port if port is not None else free_port(), env)
+    ranks = _spawn(argv, nprocs, port if port is not None else free_port(), env, stdin_to_rank0)
     done: queue.Queue[int] = queue.Queue()
     for r in ranks:
         threading.Thread(
@@ -231,6 +254,8 @@ def spawn_workers(
             if rc != 0:
                 _terminate(ranks, grace_s)
                 code = rc if rc is not None and rc > 0 else EXIT_FAILURE
+                if failed.reported and rc is not None and rc > 0:
+                    return LaunchOutcome(code, failed.error_line, rank, reported=True)
                 return LaunchOutcome(code, failed.describe_failure(), rank)
     except KeyboardInterrupt:
         _terminate(ranks, grace_s)
@@ -241,17 +266,20 @@ def spawn_workers(
     return LaunchOutcome(EXIT_OK)
 
 
-def launch(argv_for_worker: list[str], nprocs: int, port: int | None = None) -> int:
+def launch(
+    argv_for_worker: list[str], nprocs: int, port: int | None = None, *, stdin_to_rank0: bool = False
+) -> int:
     """Spawn ``nprocs`` local workers and return the job's exit code.
 
     Returns :data:`RUN_IN_PROCESS` without spawning when running under
     torchrun (``RANK`` and ``WORLD_SIZE`` set); the caller must then run the
     worker in the current process.  On failure prints
-    ``tprun: error: rank N failed (exit S): <reason>`` to stderr.
+    ``tprun: error: rank N failed (exit S): <reason>`` to stderr, unless the
+    rank already reported its error verbatim.
     """
     if in_torchrun():
         return RUN_IN_PROCESS
-    outcome = spawn_workers(argv_for_worker, nprocs, port)
-    if outcome.message:
+    outcome = spawn_workers(argv_for_worker, nprocs, port, stdin_to_rank0=stdin_to_rank0)
+    if outcome.message and not outcome.reported:
         print_error(outcome.message)
     return outcome.returncode

@@ -20,9 +20,10 @@ from .manifest import (
     TensorSpec,
     load_artifact_manifest,
     verify_rank_files,
+    verify_shared_files,
 )
 from .tensor_io import order_inputs
-from .weights import assign_tensors, move_to_device, unloaded_tensors
+from .weights import assign_tensors, create_zero_state, move_to_device, unloaded_tensors
 
 __all__ = ["RankProgram", "load_rank"]
 
@@ -152,8 +153,11 @@ def load_rank(
         group_name: live process-group name for the collectives.  ``None``
             uses the default (WORLD) group if one is initialised, otherwise the
             collectives are left unbound (call :meth:`RankProgram.bind_group`).
-        verify: check file hashes against the manifest first.
+        verify: check file hashes (the rank's files and the shared files) first.
         manifest: an already-loaded manifest for ``artifact_dir`` (optional).
+
+    Buffers listed in the manifest's ``zero_state`` (KV caches) are not read
+    from the weights file but created as zeros on ``device``.
 
     Raises:
         ManifestError, ArtifactCorrupt, ArtifactLoadError, BackendError.
@@ -163,6 +167,7 @@ def load_rank(
     dev = torch.device(device)
     entry = man.rank_entry(rank)
     if verify:
+        verify_shared_files(man)
         verify_rank_files(root, entry)
     rank_dir = root / entry.dir
     for name in (PROGRAM_FILE, WEIGHTS_FILE):
@@ -173,6 +178,7 @@ def load_rank(
     module = _load_module(man, rank_dir / PROGRAM_FILE, entry.relpath(PROGRAM_FILE))
     weights_rel = entry.relpath(WEIGHTS_FILE)
     assign_tensors(module, _load_weights(rank_dir / WEIGHTS_FILE, weights_rel, dev), weights_rel)
+    create_zero_state(module, man.zero_state, dev)
     missing = unloaded_tensors(module)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -16,6 +16,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import ArtifactCorrupt, ManifestError
+from .lm_info import CAUSAL_LM, LMInfo, parse_lm_info
+from .placement import REPLICATED, Placement, parse_placement
 
 __all__ = [
     "MANIFEST_NAME",
@@ -26,6 +28,7 @@ __all__ = [
     "load_artifact_manifest",
     "sha256_file",
     "verify_rank_files",
+    "verify_shared_files",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -42,12 +45,14 @@ class TensorSpec:
     """Name, dtype and shape of a program input or output.
 
     ``shape`` entries are ints for static dimensions and strings (symbol names
-    such as ``"s0"``) for dynamic ones.
+    such as ``"s0"``) for dynamic ones; for a sharded output (``placement``
+    ``S(...)``) the shape is the global one and each rank returns its slice.
     """
 
     name: str
     dtype: str
     shape: tuple[Dim, ...]
+    placement: Placement = REPLICATED
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,15 @@ class ArtifactManifest:
     dtype: str | None = None
     torch_version: str | None = None
     tool_version: str | None = None
+    zero_state: tuple[str, ...] = ()
+    shared_files: Mapping[str, str] = field(default_factory=dict)
+    lm: LMInfo | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def is_causal_lm(self) -> bool:
+        """True for artifacts compiled as a causal LM (``kind == "causal_lm"``)."""
+        return self.kind == CAUSAL_LM
 
     @property
     def input_names(self) -> list[str]:
@@ -117,7 +130,7 @@ def _as_tuple(typ: type | tuple[type, ...]) -> tuple[type, ...]:
     return typ if isinstance(typ, tuple) else (typ,)
 
 
-def _parse_tensor_specs(items: list[Any], where: str) -> tuple[TensorSpec, ...]:
+def _parse_tensor_specs(items: list[Any], where: str, tp: int | None = None) -> tuple[TensorSpec, ...]:
     specs: list[TensorSpec] = []
     for i, item in enumerate(items):
         loc = f"{where}[{i}]"
@@ -129,11 +142,39 @@ def _parse_tensor_specs(items: list[Any], where: str) -> tuple[TensorSpec, ...]:
         for d in shape:
             if isinstance(d, bool) or not isinstance(d, (int, str)):
                 raise ManifestError(f"{loc}: shape entry {d!r} must be an int or a symbol name")
-        specs.append(TensorSpec(name=name, dtype=dtype, shape=tuple(shape)))
+        placement = parse_placement(item.get("placement"), tp, loc) if tp is not None else REPLICATED
+        if placement.dim is not None and not -len(shape) <= placement.dim < len(shape):
+            raise ManifestError(f"{loc}: placement {placement} names a dim the {len(shape)}-dim tensor lacks")
+        specs.append(TensorSpec(name=name, dtype=dtype, shape=tuple(shape), placement=placement))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ManifestError(f"{where} has duplicate names: {names}")
     return tuple(specs)
+
+
+def _relative_path(rel: object, where: str) -> str:
+    pure = PurePosixPath(rel) if isinstance(rel, str) else None
+    if pure is None or pure.is_absolute() or ".." in pure.parts or not pure.parts:
+        raise ManifestError(f"{where}: {rel!r} must be a relative path inside the artifact")
+    return str(rel)
+
+
+def _parse_shared_files(data: Mapping[str, Any], where: str) -> dict[str, str]:
+    files = data.get("shared_files", {})
+    if not isinstance(files, Mapping):
+        raise ManifestError(f"{where}: field 'shared_files' must be an object")
+    for rel, digest in files.items():
+        _relative_path(rel, f"{where}: shared_files")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise ManifestError(f"{where}: shared file {rel!r} has invalid sha256 {digest!r}")
+    return dict(files)
+
+
+def _parse_zero_state(data: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    names = data.get("zero_state", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ManifestError(f"{where}: field 'zero_state' must be a list of buffer names")
+    return tuple(names)
 
 
 def _parse_rank(item: Any, artifact_dir: Path, index: int) -> RankEntry:
@@ -192,7 +233,7 @@ def load_artifact_manifest(artifact_dir: str | Path) -> ArtifactManifest:
         raise ManifestError(f"{where}: tp must be >= 1, got {tp}")
     group_name = _field(data, "group_name", str, where)
     inputs = _parse_tensor_specs(_field(data, "inputs", list, where), "manifest inputs")
-    outputs = _parse_tensor_specs(_field(data, "outputs", list, where), "manifest outputs")
+    outputs = _parse_tensor_specs(_field(data, "outputs", list, where), "manifest outputs", tp)
     ranks_raw = _field(data, "ranks", list, where)
     ranks = tuple(_parse_rank(item, root, i) for i, item in enumerate(ranks_raw))
     got = sorted(r.rank for r in ranks)
@@ -204,6 +245,8 @@ def load_artifact_manifest(artifact_dir: str | Path) -> ArtifactManifest:
     torch_version = data.get("torch_version")
     dtype = data.get("dtype")
     kind = data.get("kind", "generic")
+    kind = kind if isinstance(kind, str) else "generic"
+    lm = parse_lm_info(data.get("extra"), where) if kind == CAUSAL_LM else None
     return ArtifactManifest(
         path=root,
         format_version=version,
@@ -212,10 +255,13 @@ def load_artifact_manifest(artifact_dir: str | Path) -> ArtifactManifest:
         inputs=inputs,
         outputs=outputs,
         ranks=tuple(sorted(ranks, key=lambda r: r.rank)),
-        kind=kind if isinstance(kind, str) else "generic",
+        kind=kind,
         dtype=dtype if isinstance(dtype, str) else None,
         torch_version=torch_version if isinstance(torch_version, str) else None,
         tool_version=tool_version if isinstance(tool_version, str) else None,
+        zero_state=_parse_zero_state(data, where),
+        shared_files=_parse_shared_files(data, where),
+        lm=lm,
         raw=data,
     )
 
@@ -240,6 +286,21 @@ def verify_rank_files(artifact_dir: str | Path, entry: RankEntry) -> None:
     for name, expected in entry.files.items():
         path = rank_dir / name
         rel = entry.relpath(name)
+        if not path.is_file():
+            raise ArtifactCorrupt(f"artifact incomplete: {rel} is missing")
+        if sha256_file(path) != expected.lower():
+            raise ArtifactCorrupt(f"artifact corrupt: {rel}")
+
+
+def verify_shared_files(manifest: ArtifactManifest) -> None:
+    """Check every artifact-level file (``shared_files``, e.g. the tokenizer) against its sha256.
+
+    Raises:
+        ArtifactCorrupt: a listed file is missing or differs,
+            e.g. ``artifact corrupt: tokenizer/tokenizer.json``.
+    """
+    for rel, expected in sorted(manifest.shared_files.items()):
+        path = manifest.path / rel
         if not path.is_file():
             raise ArtifactCorrupt(f"artifact incomplete: {rel} is missing")
         if sha256_file(path) != expected.lower():

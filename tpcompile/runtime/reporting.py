@@ -1,7 +1,15 @@
-"""Uniform one-line error reporting and exit codes for the runtime entry points."""
+"""Uniform one-line error reporting and exit codes for the runtime entry points.
+
+Workers spawned by ``tprun`` have their stderr forwarded with a ``[rank N]``
+prefix.  A line meant for the user as is (the generation summary, an error
+every rank hit identically) is written with :func:`print_verbatim`, which
+marks it with :data:`VERBATIM_MARK` so that the launcher strips the mark and
+forwards the line without a prefix.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -13,8 +21,11 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_USER_ERROR",
+    "LAUNCHER_PID_ENV",
+    "VERBATIM_MARK",
     "first_line",
     "print_error",
+    "print_verbatim",
     "report_exception",
 ]
 
@@ -24,6 +35,10 @@ EXIT_OK = 0
 EXIT_FAILURE = 1  # unexpected failure (a bug, or a crash inside torch)
 EXIT_USER_ERROR = 2  # RuntimeArtifactError: something the user can fix
 EXIT_INTERRUPTED = 130
+#: Set in spawned workers' environment to the launcher's pid.
+LAUNCHER_PID_ENV = "TPRUN_LAUNCHER_PID"
+#: First character of a worker's stderr line that the launcher forwards unprefixed.
+VERBATIM_MARK = "\x1e"
 
 
 def first_line(exc: BaseException) -> str:
@@ -37,6 +52,12 @@ def first_line(exc: BaseException) -> str:
 def print_error(message: str) -> None:
     """Print ``tprun: error: <message>`` to stderr."""
     print(f"{ERROR_PREFIX}{message}", file=sys.stderr, flush=True)
+
+
+def print_verbatim(line: str) -> None:
+    """Print ``line`` to stderr so that it reaches the user without a ``[rank N]`` prefix."""
+    mark = VERBATIM_MARK if LAUNCHER_PID_ENV in os.environ else ""
+    print(f"{mark}{line}", file=sys.stderr, flush=True)
 
 
 def report_exception(exc: BaseException, *, debug: bool = False) -> int:

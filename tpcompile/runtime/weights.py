@@ -6,7 +6,7 @@ non-persistent buffers and lifted tensor constants are populated too.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.fx
@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import ArtifactLoadError
 
-__all__ = ["assign_tensors", "move_to_device", "unloaded_tensors"]
+__all__ = ["assign_tensors", "create_zero_state", "move_to_device", "unloaded_tensors"]
 
 
 def _owner(module: nn.Module, key: str, source: str) -> tuple[nn.Module, str]:
@@ -66,6 +66,30 @@ def assign_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor], sourc
         else:
             _check_compatible(key, getattr(owner, name), tensor, source)
             setattr(owner, name, tensor)
+
+
+def create_zero_state(module: nn.Module, names: Sequence[str], device: torch.device) -> None:
+    """Replace each (meta) buffer named in ``names`` by ``torch.zeros`` of its shape/dtype on ``device``.
+
+    These are the per-rank KV caches: state the program writes in place and
+    that is not stored in the weights file.
+
+    Raises:
+        ArtifactLoadError: a name is not a tensor of the program.
+    """
+    source = "manifest zero_state"
+    for key in names:
+        owner, name = _owner(module, key, source)
+        old = owner._buffers[name] if name in owner._buffers else getattr(owner, name)
+        if not isinstance(old, torch.Tensor):  # pragma: no cover - _owner checked it
+            raise ArtifactLoadError(f"{source} names {key!r}, which is not a tensor of the program")
+        zeros = torch.zeros(old.shape, dtype=old.dtype, device=device)
+        if name in owner._buffers:
+            owner._buffers[name] = zeros
+        elif name in owner._parameters:
+            owner._parameters[name] = nn.Parameter(zeros, requires_grad=False)
+        else:
+            setattr(owner, name, zeros)
 
 
 def unloaded_tensors(module: nn.Module) -> list[str]:

@@ -1,7 +1,9 @@
-"""Per-rank worker: ``python -m tpcompile.runtime.worker ARTIFACT --inputs IN -o OUT``.
+"""Per-rank worker: ``python -m tpcompile.runtime.worker ARTIFACT --inputs IN -o OUT`` (or ``--generate``).
 
-Each rank loads its program, joins the process group, runs the forward pass
-once and rank 0 writes the named outputs.  Arguments are described by
+Tensor mode: each rank loads its program, joins the process group, runs the
+forward pass once, sharded outputs are gathered to their global shape and
+rank 0 writes the named outputs.  Generation mode: see
+:mod:`tpcompile.runtime.lm_worker`.  Arguments are described by
 :class:`~tpcompile.runtime.worker_args.WorkerArgs`.
 """
 
@@ -10,23 +12,27 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from .collectives import gather_outputs
 from .distributed import DistEnv, choose_backend, configure_device, destroy_group, init_group
-from .errors import BackendError
+from .errors import BackendError, InputError, PromptError
+from .generate import CausalLM
 from .launcher import bind_lifetime_to_launcher
+from .lm_worker import GenerationSession
 from .loader import load_rank
 from .manifest import load_artifact_manifest
-from .reporting import EXIT_OK, report_exception
+from .reporting import ERROR_PREFIX, EXIT_OK, EXIT_USER_ERROR, first_line, print_verbatim, report_exception
 from .tensor_io import order_inputs, read_inputs, write_outputs
 from .worker_args import WorkerArgs, parse_worker_argv
 
 __all__ = ["execute", "main", "run_worker"]
 
 
-def run_worker(args: WorkerArgs) -> None:
-    """Run this rank to completion; raise on any error.
+def run_worker(args: WorkerArgs) -> int:
+    """Run this rank to completion and return its exit code; raise on any error.
 
-    Everything that can fail locally (manifest, hashes, weights, inputs) is
-    done before joining the process group so errors surface immediately.
+    Everything that can fail locally (manifest, hashes, weights, inputs,
+    prompt lengths) is done before joining the process group so errors
+    surface immediately.
     """
     env = DistEnv.from_environ()
     manifest = load_artifact_manifest(args.artifact)
@@ -35,26 +41,49 @@ def run_worker(args: WorkerArgs) -> None:
     backend, device = choose_backend(manifest.tp, args.backend, args.device, local_rank=env.local_rank)
     configure_device(device, env.local_world_size)
 
+    session = None
+    prompts: list[list[int]] = []
+    if args.generation is not None:
+        session = GenerationSession(manifest, args.generation, env.rank)
+        prompts = session.fixed_prompts()
+    elif args.inputs is None or args.output is None:
+        raise InputError("--inputs and -o/--output are required")
     program = load_rank(args.artifact, env.rank, device, verify=not args.skip_verify, manifest=manifest)
-    inputs = order_inputs(manifest.inputs, read_inputs(args.inputs, device))
+    inputs = []
+    if session is None and args.inputs is not None:
+        inputs = order_inputs(manifest.inputs, read_inputs(args.inputs, device))
 
     group_name = init_group(backend, device, args.timeout_s, local_world_size=env.local_world_size)
     try:
         program.bind_group(group_name)
-        outputs = program(*inputs)
-        if env.rank == 0:
+        if session is not None:
+            session.run(CausalLM(program), prompts)
+            session.save()
+            return EXIT_USER_ERROR if session.rejected and env.rank == 0 else EXIT_OK
+        outputs = gather_outputs(program(*inputs), [s.placement for s in manifest.outputs])
+        if env.rank == 0 and args.output is not None:
             write_outputs(args.output, manifest.outputs, outputs)
     finally:
         destroy_group()
+    return EXIT_OK
+
+
+def _report_prompt_error(exc: PromptError) -> int:
+    """Every rank rejects the same prompt: rank 0 reports it once (verbatim), the others exit quietly."""
+    if DistEnv.from_environ().rank != 0:
+        return EXIT_OK
+    print_verbatim(f"{ERROR_PREFIX}{first_line(exc)}")
+    return EXIT_USER_ERROR
 
 
 def execute(args: WorkerArgs) -> int:
     """Run :func:`run_worker`, reporting errors as one line; return the exit code."""
     try:
-        run_worker(args)
+        return run_worker(args)
+    except PromptError as exc:
+        return _report_prompt_error(exc)
     except (Exception, KeyboardInterrupt) as exc:
         return report_exception(exc, debug=args.debug)
-    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

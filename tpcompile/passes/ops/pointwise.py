@@ -122,7 +122,9 @@ def pointwise_strategy(ctx: RuleContext, node: fx.Node, kind: str) -> Strategy:
     ins = tensor_inputs(ctx, node)
     pls = {a: concrete(ctx.placement(a)) for a in ins}
     if kind != "add":  # a partial operand already reduced for another consumer: use the reduced value
-        pls = {a: REPLICATE if isinstance(p, Partial) and ctx.reduced_already(a) else p for a, p in pls.items()}
+        pls = {
+            a: REPLICATE if isinstance(p, Partial) and ctx.reduced_already(a) else p for a, p in pls.items()
+        }
     if any(isinstance(p, Partial) for p in pls.values()):
         if _partial_ok(kind, node, ins, pls):
             return Strategy(dict(pls), PARTIAL)
