@@ -21,6 +21,7 @@ from .lm_worker import GenerationSession
 from .loader import load_rank
 from .manifest import load_artifact_manifest
 from .reporting import ERROR_PREFIX, EXIT_OK, EXIT_USER_ERROR, first_line, print_verbatim, report_exception
+from .shm_collectives import ShmCommunicator, rebind_collectives, shm_supported
 from .tensor_io import order_inputs, read_inputs, write_outputs
 from .worker_args import WorkerArgs, parse_worker_argv
 
@@ -56,6 +57,9 @@ def run_worker(args: WorkerArgs) -> int:
     group_name = init_group(backend, device, args.timeout_s, local_world_size=env.local_world_size)
     try:
         program.bind_group(group_name)
+        if env.world_size > 1 and env.local_world_size == env.world_size and shm_supported(device):
+            comm = ShmCommunicator.create(env.rank, env.world_size, args.timeout_s)
+            rebind_collectives(program.module, comm, group_name)
         if session is not None:
             session.run(CausalLM(program), prompts)
             session.save()

@@ -1,0 +1,77 @@
+"""Collectives the runtime itself issues, outside the compiled programs.
+
+Invariant: every function here is collective: all ranks of ``group`` call it
+in the same order with tensors of the same rank-independent metadata (dtype,
+number of dims), and all of them get the same result back.  With a single
+rank (or no initialised process group) they are local no-ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from .placement import Placement
+
+__all__ = ["broadcast_object", "broadcast_token", "gather_outputs", "gather_sharded", "world_size"]
+
+
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Ranks in ``group`` (1 when torch.distributed is not initialised)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def gather_sharded(
+    local: torch.Tensor, placement: Placement, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """Reassemble the global tensor from every rank's slice along ``placement.dim``.
+
+    Slices may be uneven: each rank pads its slice to the largest size, the
+    padded slices are all-gathered, and each is trimmed back to its own size
+    before concatenation.  A replicated placement returns ``local`` unchanged.
+    """
+    if placement.dim is None:
+        return local
+    if world_size(group) == 1:
+        return local
+    dim = placement.dim % local.dim()
+    moved = local.movedim(dim, 0)
+    pad = placement.max_size - moved.shape[0]
+    if pad:
+        moved = torch.cat([moved, moved.new_zeros((pad, *moved.shape[1:]))])
+    moved = moved.contiguous()
+    parts = [torch.empty_like(moved) for _ in placement.sizes]
+    dist.all_gather(parts, moved, group=group)
+    trimmed = [part[:size] for part, size in zip(parts, placement.sizes, strict=True)]
+    return torch.cat(trimmed).movedim(0, dim)
+
+
+def gather_outputs(
+    outputs: Sequence[torch.Tensor], placements: Sequence[Placement], group: dist.ProcessGroup | None = None
+) -> list[torch.Tensor]:
+    """:func:`gather_sharded` for each output (replicated ones pass through)."""
+    return [gather_sharded(t, p, group) for t, p in zip(outputs, placements, strict=True)]
+
+
+def broadcast_token(
+    token: int, device: torch.device, src: int = 0, group: dist.ProcessGroup | None = None
+) -> int:
+    """Return the ``token`` of rank ``src`` (group-relative) on every rank."""
+    if world_size(group) == 1:
+        return token
+    buf = torch.tensor([token], dtype=torch.int64, device=device)
+    dist.broadcast(buf, group=group, group_src=src)
+    return int(buf.item())
+
+
+def broadcast_object(obj: object, src: int = 0, group: dist.ProcessGroup | None = None) -> object:
+    """Return the picklable ``obj`` of rank ``src`` (group-relative) on every rank."""
+    if world_size(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, group=group, group_src=src)
+    return box[0]

@@ -1,0 +1,223 @@
+"""Per-rank autoregressive generation with a causal-LM artifact (:class:`CausalLM`).
+
+Invariant: one prompt costs one prefill (all prompt tokens at positions
+``0..P-1``) and then one forward pass per further token, each writing one
+position of the rank's KV cache; the prompt is never recomputed.  All ranks
+run the same sequence of forward passes and collectives and choose the same
+tokens (see :mod:`tpcompile.runtime.sampling`), so they stop together.
+A new prompt starts again at position 0: the program masks positions past
+the current one, so what an earlier prompt left in the cache is harmless.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .errors import BackendError, ManifestError, PromptError
+from .lm_info import LMInfo
+from .loader import RankProgram, load_rank
+from .manifest import ArtifactManifest, TensorSpec
+from .sampling import SamplingConfig, VocabShard, choose_token
+
+__all__ = ["CausalLM", "GenerationStats", "TokenCallback", "check_prompt_length"]
+
+#: Called with each new token id as soon as every rank agreed on it.
+TokenCallback = Callable[[int], None]
+INPUT_IDS = "input_ids"
+CACHE_POSITION = "cache_position"
+LOGITS = "logits"
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """Timing of one :meth:`CausalLM.generate` call (seconds, wall clock on this rank)."""
+
+    prompt_tokens: int
+    new_tokens: int
+    time_to_first_token_s: float
+    decode_s: float
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """``(new_tokens - 1) / decode_s``: tokens after the first, per second (0 if undefined)."""
+        if self.new_tokens < 2 or self.decode_s <= 0.0:
+            return 0.0
+        return (self.new_tokens - 1) / self.decode_s
+
+    def summary(self) -> str:
+        """The one-line summary ``tprun --prompt`` prints to stderr."""
+        return (
+            f"prompt tokens: {self.prompt_tokens} | new tokens: {self.new_tokens} | "
+            f"time to first token: {self.time_to_first_token_s:.3f} s | "
+            f"decode: {self.decode_tokens_per_s:.1f} tokens/s"
+        )
+
+
+def check_prompt_length(lm: LMInfo, n_tokens: int) -> None:
+    """Raise :class:`PromptError` unless a prompt of ``n_tokens`` leaves room for one new token."""
+    if n_tokens < 1:
+        raise PromptError("the prompt is empty (0 tokens)")
+    if n_tokens >= lm.max_seq_len:
+        raise PromptError(
+            f"prompt has {n_tokens} tokens but the artifact's KV cache holds {lm.max_seq_len} "
+            "(compile with a larger --max-seq-len)"
+        )
+
+
+def _logits_spec(manifest: ArtifactManifest, lm: LMInfo) -> int:
+    """Index of the logits output; checks its placement shards the vocabulary dim (or is R)."""
+    names = manifest.output_names
+    if LOGITS in names:
+        index = names.index(LOGITS)
+    elif len(names) == 1:
+        index = 0
+    else:
+        raise ManifestError(f"causal_lm artifact has outputs {names} but no '{LOGITS}'; recompile it")
+    spec: TensorSpec = manifest.outputs[index]
+    placement = spec.placement
+    if placement.is_sharded:
+        if placement.dim is None or placement.dim % max(1, len(spec.shape)) != len(spec.shape) - 1:
+            raise ManifestError(f"logits placement {placement} must shard the last (vocabulary) dim")
+        if placement.total < lm.vocab_size:
+            raise ManifestError(
+                f"logits shards cover {placement.total} ids but vocab_size is {lm.vocab_size}; recompile"
+            )
+    return index
+
+
+class CausalLM:
+    """One rank of a causal-LM artifact: ``generate(prompt_ids) -> new ids``.
+
+    Every rank of the job must call :meth:`generate` with the same arguments
+    (the programs contain collectives).  Under torchrun::
+
+        dist.init_process_group("gloo")
+        lm = CausalLM.load("out/llama-tp2")
+        new_ids = lm.generate([1, 15043, 29892], max_new_tokens=32)
+        lm.last_stats.summary()
+    """
+
+    def __init__(self, program: RankProgram, group: dist.ProcessGroup | None = None) -> None:
+        manifest = program.manifest
+        if not manifest.is_causal_lm or manifest.lm is None:
+            raise ManifestError(f"{manifest.path} is a '{manifest.kind}' artifact, not a causal LM")
+        names = manifest.input_names
+        if sorted(names) != sorted([INPUT_IDS, CACHE_POSITION]):
+            raise ManifestError(
+                f"causal_lm artifact takes inputs {names}; expected {INPUT_IDS} and {CACHE_POSITION}"
+            )
+        self.program = program
+        self.group = group
+        self.lm: LMInfo = manifest.lm
+        self._order = [names.index(INPUT_IDS), names.index(CACHE_POSITION)]
+        self._logits = _logits_spec(manifest, self.lm)
+        placement = manifest.outputs[self._logits].placement
+        self.shard = VocabShard(placement, program.rank, self.lm.vocab_size)
+        self.last_stats: GenerationStats | None = None
+
+    @classmethod
+    def load(
+        cls,
+        artifact_dir: str | Path,
+        *,
+        device: torch.device | str | None = None,
+        verify: bool = True,
+        group: dist.ProcessGroup | None = None,
+    ) -> CausalLM:
+        """Load this process's rank (``dist.get_rank(group)``) of the artifact.
+
+        The process group must be initialised (e.g. by torchrun + ``init_process_group``).
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            raise BackendError("CausalLM.load needs an initialised process group (torch.distributed)")
+        live = group if group is not None else dist.group.WORLD
+        if live is None:  # pragma: no cover - is_initialized guarantees WORLD
+            raise BackendError("process group initialised but WORLD group is missing")
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        program = load_rank(artifact_dir, dist.get_rank(live), dev, live.group_name, verify)
+        if program.manifest.tp != dist.get_world_size(live):
+            raise BackendError(
+                f"artifact was compiled for tp={program.manifest.tp} but the group has "
+                f"{dist.get_world_size(live)} ranks"
+            )
+        return cls(program, group)
+
+    @property
+    def max_seq_len(self) -> int:
+        """Positions in the KV cache (prompt + generated tokens must fit)."""
+        return self.lm.max_seq_len
+
+    def check_prompt(self, n_tokens: int) -> None:
+        """Raise :class:`PromptError` unless a prompt of ``n_tokens`` leaves room for one new token."""
+        check_prompt_length(self.lm, n_tokens)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Last-position local logits ``[B, V_local]`` for ``ids`` written at ``positions``."""
+        ordered = [ids, positions]
+        ordered[self._order[0]], ordered[self._order[1]] = ids, positions
+        logits = self.program(*ordered)[self._logits]
+        return logits[:, -1, :]
+
+    def _choose(
+        self, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+    ) -> int:
+        return choose_token(logits, self.shard, sampling, generator, self.group)
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        on_token: TokenCallback | None = None,
+    ) -> list[int]:
+        """Generate up to ``max_new_tokens`` ids after ``prompt_ids``; return them (EOS included).
+
+        Stops at any of the artifact's EOS ids, after ``max_new_tokens``, or
+        when the KV cache is full (prompt + new tokens == ``max_seq_len``).
+        ``temperature == 0`` is greedy; otherwise tokens are sampled with a
+        generator seeded by ``seed`` after top-k / top-p filtering.  Timing is
+        left in :attr:`last_stats`.  When the artifact's batch size is above 1
+        the prompt fills every row and row 0 is used.
+
+        Raises:
+            PromptError: empty prompt, or no room for a new token in the cache.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        sampling = SamplingConfig(temperature, top_k, top_p, seed)
+        n_prompt = len(prompt_ids)
+        self.check_prompt(n_prompt)
+        limit = min(max_new_tokens, self.lm.max_seq_len - n_prompt)
+        device = self.program.device
+        generator = None if sampling.greedy else torch.Generator(device=device).manual_seed(seed)
+        batch = self.lm.max_batch_size
+        eos = set(self.lm.eos_token_ids)
+
+        start = time.perf_counter()
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.int64, device=device).expand(batch, -1)
+        positions = torch.arange(n_prompt, dtype=torch.int64, device=device)
+        token = self._choose(self._forward(ids.contiguous(), positions), sampling, generator)
+        first = last = time.perf_counter()
+        new = [token]
+        if on_token is not None:
+            on_token(token)
+        while len(new) < limit and token not in eos:
+            step_ids = torch.full((batch, 1), token, dtype=torch.int64, device=device)
+            step_pos = torch.tensor([n_prompt + len(new) - 1], dtype=torch.int64, device=device)
+            token = self._choose(self._forward(step_ids, step_pos), sampling, generator)
+            last = time.perf_counter()
+            new.append(token)
+            if on_token is not None:
+                on_token(token)
+        self.last_stats = GenerationStats(n_prompt, len(new), first - start, last - first)
+        return new

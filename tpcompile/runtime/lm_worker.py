@@ -1,0 +1,164 @@
+"""The worker's text-generation mode (``tprun OUT --prompt ...``).
+
+Every rank tokenizes every prompt itself (identical files give identical
+ids), so only stdin prompts travel between ranks: rank 0 reads a line and
+broadcasts it.  Rank 0 alone writes to stdout (the streamed answer), prints
+the summary line and writes the token files.  Invariant: all ranks walk
+through the same prompts in the same order and reject the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .collectives import broadcast_object
+from .errors import InputError, ManifestError, PromptError
+from .generate import CausalLM, check_prompt_length
+from .manifest import ArtifactManifest
+from .reporting import ERROR_PREFIX, first_line, print_verbatim
+from .tokenization import StreamDecoder, encode_prompt, load_tokenizer
+from .worker_args import GenerationArgs
+
+__all__ = ["GenerationSession", "not_a_causal_lm", "read_prompt_file"]
+
+
+def not_a_causal_lm(manifest: ArtifactManifest) -> ManifestError:
+    """The error for ``--prompt``/stdin prompts on an artifact that is not a causal LM."""
+    return ManifestError(
+        f"{manifest.path} is a '{manifest.kind}' artifact, not a causal LM: text prompts need an artifact "
+        "compiled as a causal LM; run this one with --inputs IN.safetensors -o OUT.safetensors"
+    )
+
+
+def read_prompt_file(path: Path) -> str:
+    """The whole file as one prompt, without its final newline."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read prompt file {path}: {first_line(exc)}") from exc
+    return text.removesuffix("\n").removesuffix("\r")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class GenerationSession:
+    """Prompts -> ids -> generated answers, on one rank."""
+
+    def __init__(self, manifest: ArtifactManifest, args: GenerationArgs, rank: int) -> None:
+        if not manifest.is_causal_lm or manifest.lm is None:
+            raise not_a_causal_lm(manifest)
+        self.manifest = manifest
+        self.lm_info = manifest.lm
+        self.args = args
+        self.rank = rank
+        needs_text = bool(args.prompts or args.prompt_file or args.read_stdin)
+        self.tokenizer = load_tokenizer(manifest) if needs_text or manifest.lm.tokenizer else None
+        self.use_template = args.chat_template and self.lm_info.chat_template
+        self.records: list[dict[str, Any]] = []
+        self.rejected = 0
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one text prompt (chat template applied when the artifact has one)."""
+        return encode_prompt(self.tokenizer, text, self.use_template)
+
+    def fixed_prompts(self) -> list[list[int]]:
+        """Ids of the prompts given on the command line, checked against the KV cache size.
+
+        Raises:
+            PromptError: a prompt is empty or too long (detected before any weight is loaded).
+        """
+        texts = list(self.args.prompts)
+        if self.args.prompt_file is not None:
+            texts.append(read_prompt_file(self.args.prompt_file))
+        prompts = [self.encode(t) for t in texts] + [list(ids) for ids in self.args.prompt_ids]
+        for ids in prompts:
+            check_prompt_length(self.lm_info, len(ids))
+        return prompts
+
+    def stdin_prompts(self) -> Iterator[str]:
+        """One prompt per non-blank stdin line (read by rank 0, broadcast to all ranks)."""
+        while True:
+            line: str | None = None
+            if self.rank == 0:
+                line = sys.stdin.readline()
+                while line and not line.strip():
+                    line = sys.stdin.readline()
+            got = broadcast_object(line or None)
+            if not isinstance(got, str):
+                return
+            yield got.rstrip("\r\n")
+
+    def answer(self, model: CausalLM, prompt_ids: list[int]) -> None:
+        """Generate for one prompt; rank 0 streams the text, prints the summary line and keeps a record."""
+        args = self.args
+        stream = self.rank == 0 and args.stream and self.tokenizer is not None
+        decoder = StreamDecoder(self.tokenizer) if stream else None
+
+        def emit(token: int) -> None:
+            piece = decoder.feed(token) if decoder is not None else ""
+            if piece:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+
+        new_ids = model.generate(
+            prompt_ids,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            on_token=emit,
+        )
+        if decoder is not None:
+            sys.stdout.write(decoder.finish() + "\n")
+            sys.stdout.flush()
+        stats = model.last_stats
+        if self.rank != 0:
+            return
+        if stats is not None:
+            print_verbatim(stats.summary())
+        text = str(self.tokenizer.decode(new_ids, skip_special_tokens=True)) if self.tokenizer else ""
+        record: dict[str, Any] = {"prompt_ids": list(prompt_ids), "new_ids": new_ids, "text": text}
+        if stats is not None:
+            record["stats"] = {**asdict(stats), "decode_tokens_per_s": stats.decode_tokens_per_s}
+        self.records.append(record)
+
+    def run(self, model: CausalLM, prompts: list[list[int]]) -> None:
+        """Answer the fixed prompts, then (if asked) each stdin prompt, skipping (and reporting) bad ones."""
+        for ids in prompts:
+            self.answer(model, ids)
+        if not self.args.read_stdin:
+            return
+        for text in self.stdin_prompts():
+            ids = self.encode(text)
+            try:
+                check_prompt_length(self.lm_info, len(ids))
+            except PromptError as exc:
+                self.rejected += 1
+                if self.rank == 0:
+                    print_verbatim(f"{ERROR_PREFIX}{first_line(exc)}")
+                continue
+            self.answer(model, ids)
+
+    def save(self) -> None:
+        """Rank 0 writes ``--save-tokens`` (ids only) and the API's results file (ids, text, stats)."""
+        if self.rank != 0:
+            return
+        if self.args.save_tokens is not None:
+            ids = [{"prompt_ids": r["prompt_ids"], "new_ids": r["new_ids"]} for r in self.records]
+            _write_json(self.args.save_tokens, ids)
+        if self.args.results_json is not None:
+            _write_json(self.args.results_json, self.records)

@@ -1,0 +1,135 @@
+"""Choosing the next token from vocabulary-sharded logits.
+
+Invariant: every rank of the group returns the same token id.  Greedy
+decoding equals ``torch.argmax`` over the full (unsharded) vocabulary,
+including its tie rule (the lowest index wins) and NaN rule (a NaN counts as
+the maximum), while exchanging only two numbers per row.  Sampling gathers
+the full logits, warps them like transformers' temperature / top-k / top-p
+warpers (in that order), and lets rank 0 draw the token, which it broadcasts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .collectives import broadcast_token, gather_sharded, world_size
+from .errors import InputError
+from .placement import Placement
+
+__all__ = ["SamplingConfig", "VocabShard", "choose_token", "distributed_argmax", "warp_logits"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick tokens: ``temperature == 0`` is greedy; otherwise sample with ``seed``."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise InputError(f"top-k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise InputError(f"top-p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when tokens are chosen by argmax (temperature 0)."""
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's slice of the vocabulary: global ids ``[offset, offset + valid)``.
+
+    ``placement`` describes how the logits are split over ranks; entries past
+    ``vocab_size`` (padding) are never chosen.
+    """
+
+    placement: Placement
+    rank: int
+    vocab_size: int
+
+    @property
+    def offset(self) -> int:
+        """Global id of this rank's first logit."""
+        return self.placement.offset(self.rank) if self.placement.is_sharded else 0
+
+    @property
+    def valid(self) -> int:
+        """How many of this rank's logits are real vocabulary entries."""
+        local = self.placement.size(self.rank) if self.placement.is_sharded else self.vocab_size
+        return max(0, min(local, self.vocab_size - self.offset))
+
+
+def distributed_argmax(
+    local: torch.Tensor, shard: VocabShard, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """Global argmax ids ``[B]`` of logits whose last dim is sharded; ``local`` is ``[B, V_local]``.
+
+    Each rank contributes ``(max, argmax + offset)`` per row (packed into
+    float64, exact for any float logits and ids < 2**53); the winner is the
+    first rank holding the maximum, i.e. the lowest global index on ties.
+    """
+    if not shard.placement.is_sharded or world_size(group) == 1:
+        return local[:, : shard.vocab_size].argmax(dim=-1)
+    rows = local.shape[0]
+    mine = local[:, : shard.valid]
+    if mine.shape[-1] == 0:
+        values = torch.full((rows,), float("-inf"), dtype=torch.float64, device=local.device)
+        ids = torch.full((rows,), shard.offset, dtype=torch.int64, device=local.device)
+    else:
+        ids = mine.argmax(dim=-1)
+        values = mine.gather(-1, ids[:, None]).squeeze(-1).double()
+        ids = ids + shard.offset
+    pair = torch.stack([values, ids.double()], dim=-1).contiguous()
+    pairs = [torch.empty_like(pair) for _ in range(world_size(group))]
+    dist.all_gather(pairs, pair, group=group)
+    table = torch.stack(pairs)  # [tp, B, 2]
+    winner = table[..., 0].argmax(dim=0)  # first maximal rank per row
+    return table[winner, torch.arange(rows, device=local.device), 1].long()
+
+
+def warp_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """Temperature, then top-k, then top-p on float ``[B, V]`` logits (transformers' warpers)."""
+    scores = logits / config.temperature if config.temperature not in (0.0, 1.0) else logits
+    if config.top_k is not None:
+        k = min(config.top_k, scores.shape[-1])
+        kth = torch.topk(scores, k)[0][..., -1, None]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if config.top_p is not None and config.top_p < 1.0:
+        sorted_logits, sorted_ids = torch.sort(scores, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= (1 - config.top_p)
+        drop_sorted[..., -1:] = False  # keep at least one token
+        drop = drop_sorted.scatter(1, sorted_ids, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def choose_token(
+    local: torch.Tensor,
+    shard: VocabShard,
+    config: SamplingConfig,
+    generator: torch.Generator | None,
+    group: dist.ProcessGroup | None = None,
+) -> int:
+    """The next token for row 0 of ``local`` (``[B, V_local]`` last-position logits), same on all ranks.
+
+    ``generator`` is only used for sampling, and only on rank 0 of ``group``.
+    """
+    if config.greedy:
+        return int(distributed_argmax(local[:1], shard, group)[0].item())
+    full = gather_sharded(local[:1], shard.placement, group)[:, : shard.vocab_size].float()
+    token = 0
+    if not dist.is_initialized() or dist.get_rank(group) == 0:
+        probs = warp_logits(full, config).softmax(dim=-1)
+        token = int(torch.multinomial(probs, num_samples=1, generator=generator)[0, 0].item())
+    return broadcast_token(token, local.device, 0, group)
