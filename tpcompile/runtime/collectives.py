@@ -14,8 +14,34 @@ import torch
 import torch.distributed as dist
 
 from .placement import Placement
+from .shm_collectives import ShmCommunicator
 
-__all__ = ["broadcast_object", "broadcast_token", "gather_outputs", "gather_sharded", "world_size"]
+__all__ = [
+    "all_gather_small",
+    "broadcast_object",
+    "broadcast_token",
+    "gather_outputs",
+    "gather_sharded",
+    "use_shared_memory",
+    "world_size",
+]
+
+_SHARED: ShmCommunicator | None = None  # same-host transport for the default group, when set up
+
+
+def use_shared_memory(comm: ShmCommunicator | None) -> None:
+    """Route small collectives on the default group through ``comm`` (None: back to torch.distributed)."""
+    global _SHARED
+    _SHARED = comm
+
+
+def all_gather_small(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> list[torch.Tensor]:
+    """Every rank's ``t`` (same shape on all ranks), in rank order."""
+    if _SHARED is not None and group in (None, dist.group.WORLD) and _SHARED.fits(t):
+        return list(_SHARED.all_gather(t.unsqueeze(0)).unbind(0))
+    parts = [torch.empty_like(t) for _ in range(world_size(group))]
+    dist.all_gather(parts, t, group=group)
+    return parts
 
 
 def world_size(group: dist.ProcessGroup | None = None) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .collectives import broadcast_token, gather_sharded, world_size
+from .collectives import all_gather_small, broadcast_token, gather_sharded, world_size
 from .errors import InputError
 from .placement import Placement
 
@@ -90,9 +90,7 @@ def distributed_argmax(
         values = mine.gather(-1, ids[:, None]).squeeze(-1).double()
         ids = ids + shard.offset
     pair = torch.stack([values, ids.double()], dim=-1).contiguous()
-    pairs = [torch.empty_like(pair) for _ in range(world_size(group))]
-    dist.all_gather(pairs, pair, group=group)
-    table = torch.stack(pairs)  # [tp, B, 2]
+    table = torch.stack(all_gather_small(pair, group))  # [tp, B, 2]
     winner = table[..., 0].argmax(dim=0)  # first maximal rank per row
     return table[winner, torch.arange(rows, device=local.device), 1].long()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from .collectives import gather_outputs
+from .collectives import gather_outputs, use_shared_memory
 from .distributed import DistEnv, choose_backend, configure_device, destroy_group, init_group
 from .errors import BackendError, InputError, PromptError
 from .generate import CausalLM
@@ -60,6 +60,7 @@ def run_worker(args: WorkerArgs) -> int:
         if env.world_size > 1 and env.local_world_size == env.world_size and shm_supported(device):
             comm = ShmCommunicator.create(env.rank, env.world_size, args.timeout_s)
             rebind_collectives(program.module, comm, group_name)
+            use_shared_memory(comm)
         if session is not None:
             session.run(CausalLM(program), prompts)
             session.save()
