@@ -81,14 +81,16 @@ def test_tiny_greedy_equals_transformers(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ckpt = tiny_checkpoints[family]
-    result, (manifest, _) = _compile_and_generate(ckpt, tp, tmp_path / "out", max_seq_len=128)
+    result, (manifest, ran) = _compile_and_generate(ckpt, tp, tmp_path / "out", max_seq_len=128)
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
     templated = tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True, return_dict=False
     )
     assert result["prompt_ids"] == list(templated)
     model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
-    assert result["new_ids"] == _greedy_reference(model, result["prompt_ids"], NEW_TOKENS)
+    want = _greedy_reference(model, result["prompt_ids"], NEW_TOKENS)
+    assert result["new_ids"] == want
+    assert ran.stdout == tokenizer.decode(want, skip_special_tokens=True) + "\n"
     config = model.config
     _check_manifest(manifest, tp, config.num_hidden_layers, config.vocab_size)
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, cli_env
-from tests.test_lm_runtime import MAX_NEW, SUMMARY, hf_generate, hf_model, tiny_llama_artifact
+from tests.lm_runtime_helpers import MAX_NEW, SUMMARY, hf_generate, hf_model, tiny_llama_artifact
 
 
 def test_stdin_prompts_tp2(tmp_path_factory: pytest.TempPathFactory) -> None:

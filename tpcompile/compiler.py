@@ -245,7 +245,8 @@ def _manifest(
                 name, [int(s) for s in val.shape], _dtype_name(val.dtype), str(pl), _plan_label(pl, label)
             )
         )
-        total += val.numel() * val.element_size()
+        if name not in captured.zero_state:  # KV caches are not weights: the runtime allocates them
+            total += val.numel() * val.element_size()
     collectives = [
         CollectiveEntry(
             op=str(red.collective),

@@ -1,9 +1,9 @@
 """Capturing every rank's program (lowering + ``torch.export`` + save), in parallel with weight writing.
 
 Re-capturing a rank's graph is pure tracing (fake tensors, no weights) and takes most of a compile, so
-ranks are captured in forked worker processes (at most one per core) while the parent streams the weight
-shards. Invariant: when the context exits without error, ``rankN/program.pt2`` exists for every rank, and
-the files are the same as a sequential capture would write.
+ranks are captured in forked worker processes (one per core the parent leaves free) while the parent
+streams the weight shards. Invariant: when the context exits without error, ``rankN/program.pt2`` exists
+for every rank, and the files are the same as a sequential capture would write.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def _workers(tp: int) -> int:
         or "fork" not in multiprocessing.get_all_start_methods()
     ):
         return 0
-    return min(tp, os.cpu_count() or 1)
+    # the parent keeps one core busy streaming weights; workers cost memory (each traces a whole rank)
+    return max(1, min(tp, (os.cpu_count() or 1) - 1))
 
 
 @contextlib.contextmanager
@@ -72,7 +73,7 @@ def rank_program_pool(job: RankProgramJob, tp: int) -> Iterator[Iterator[int]]:
     finish. Leaving the context waits for all of them (and raises the first failure)."""
     global _JOB
     workers = _workers(tp)
-    if workers <= 1:
+    if workers < 1:
         yield _sequential(job, tp)
         return
     _JOB = job

@@ -58,10 +58,8 @@ def write_safetensors(
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise ValueError(f"tensor {name}: expected {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
             data = t.detach().contiguous().cpu()
-            if data.numel():
-                f.write(
-                    data.view(torch.uint8).numpy().tobytes()
-                    if data.dtype != torch.bool
-                    else data.numpy().tobytes()
-                )
+            if data.numel():  # write the tensor's own bytes: no second copy of the largest tensor
+                raw_bytes = data.view(torch.uint8) if data.dtype != torch.bool else data
+                f.write(memoryview(raw_bytes.numpy()).cast("B"))
+            del t, data
     return offset

@@ -1,10 +1,9 @@
-"""End to end: a tiny random Llama (SmolLM2's tokenizer) compiled by ``tpcompile`` at tp=1 and tp=2, run
-by ``tprun --prompt`` on real gloo ranks: the greedy ids equal transformers' ``generate(do_sample=False)``
-from the same prompt ids, the streamed stdout is the decoded answer, stderr has the summary line."""
+"""Helpers for the runtime's end-to-end tests on a tiny random Llama (SmolLM2's tokenizer) compiled by
+``tpcompile``: the artifact, transformers' greedy reference and the summary-line pattern. The prompt tests
+against transformers for every family and tp live in ``test_llm_e2e.py``."""
 
 from __future__ import annotations
 
-import json
 import re
 from functools import cache
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import tpcompile, tprun
+from tests.conftest import tpcompile
 
 SUMMARY = re.compile(
     r"^prompt tokens: (\d+) \| new tokens: (\d+) \| time to first token: \d+\.\d{3} s \| "
@@ -69,20 +68,3 @@ def _chat_ids(checkpoint: Path, text: str) -> list[int]:
     _, tok = hf_model(checkpoint)
     messages = [{"role": "user", "content": text}]
     return list(tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
-
-
-@pytest.mark.parametrize("tp", [1, 2])
-def test_prompt_matches_transformers_generate(tp: int, tmp_path_factory: pytest.TempPathFactory) -> None:
-    tiny_llama, art = tiny_llama_artifact(tmp_path_factory, tp)
-    text = "What is the capital of France?"
-    saved = art.parent / "ids.json"
-    proc = tprun(art, "--prompt", text, "--max-new-tokens", str(MAX_NEW), "--save-tokens", saved)
-    assert proc.returncode == 0, proc.stderr
-    [entry] = json.loads(saved.read_text())
-    assert entry["prompt_ids"] == _chat_ids(tiny_llama, text)
-    expected = hf_generate(tiny_llama, entry["prompt_ids"])
-    assert entry["new_ids"] == expected
-    _, tok = hf_model(tiny_llama)
-    assert proc.stdout == tok.decode(expected, skip_special_tokens=True) + "\n"
-    summaries = [m.groups() for m in SUMMARY.finditer(proc.stderr)]
-    assert summaries == [(str(len(entry["prompt_ids"])), str(len(expected)))], proc.stderr
