@@ -60,6 +60,6 @@ def write_safetensors(
             data = t.detach().contiguous().cpu()
             if data.numel():  # write the tensor's own bytes: no second copy of the largest tensor
                 raw_bytes = data.view(torch.uint8) if data.dtype != torch.bool else data
-                f.write(memoryview(raw_bytes.numpy()).cast("B"))
+                f.write(raw_bytes.numpy().data)
             del t, data
     return offset
