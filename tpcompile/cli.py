@@ -129,14 +129,15 @@ def _compile(
         raise UsageError(f"output directory {out} already exists; pass --force to replace it")
 
     bar = ProgressBar(tp, enabled=not quiet and not as_json)
-    bar(f"loading {model}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        captured = load_model(model, trust_pickle=trust_pickle, lm=lm)
-        try:
+    try:
+        bar(f"loading {model}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            captured = load_model(model, trust_pickle=trust_pickle, lm=lm)
             result = compile_model(captured, tp, out, plan_file=plan_file, force=force, progress=bar)
-        finally:
-            bar.close()
+        bar.close(complete=True)
+    finally:
+        bar.close()
     m = result.manifest
     for w in m.warnings:
         click.echo(f"tpcompile: warning: {w}", err=True)

@@ -1,5 +1,6 @@
-"""Compile progress on stderr: a bar over the compile's steps (planning, then lowering, capturing and
-writing weights for each rank), with the current step as its label. Silent when disabled."""
+"""Compile progress on stderr: on a terminal, a bar over the compile's steps (loading, planning, then each
+rank's weights and program) labelled with the current step; otherwise (CI logs, pipes) one
+``[tpcompile] step`` line per step. Silent when disabled."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ STEPS_PER_RANK = 2  # weights written, program captured
 
 
 class ProgressBar:
-    def __init__(self, tp: int, enabled: bool = True) -> None:
+    def __init__(self, tp: int, enabled: bool = True, terminal: bool | None = None) -> None:
         self.enabled = enabled
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
         self.bar: tqdm | None = None
         self.total = 2 + STEPS_PER_RANK * tp  # loading + planning + per-rank steps
 
     def __call__(self, message: str) -> None:
         if not self.enabled:
+            return
+        if not self.terminal:
+            print(f"[tpcompile] {message}", file=sys.stderr, flush=True)
             return
         if self.bar is None:
             self.bar = tqdm(
@@ -30,8 +35,10 @@ class ProgressBar:
             self.bar.update(1)
         self.bar.set_description_str(message)
 
-    def close(self) -> None:
+    def close(self, complete: bool = False) -> None:
+        """End the bar (filled when the compile completed); the next stderr line starts on its own line."""
         if self.bar is not None:
-            self.bar.update(self.bar.total - self.bar.n)
+            if complete:
+                self.bar.update(self.bar.total - self.bar.n)
             self.bar.close()
             self.bar = None
