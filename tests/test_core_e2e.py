@@ -101,3 +101,16 @@ def test_under_torchrun_uses_its_rendezvous(gpt_pt2: Path, tmp_path: Path) -> No
         expected = gpt.build_model()(idx)
     got = load_file(str(tmp_path / "out.safetensors"))["output"]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_compiles_are_byte_identical(gpt_pt2: Path, tmp_path: Path) -> None:
+    """Two compiles of the same input write the same bytes (no timestamps, object ids or random ids)."""
+    digests = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        proc = tpcompile(gpt_pt2, "--tp", "2", "-o", out, "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        files = sorted(p for p in out.rglob("*") if p.is_file())
+        digests.append({p.relative_to(out).as_posix(): p.read_bytes() for p in files})
+    assert digests[0].keys() == digests[1].keys() and len(digests[0]) == 5
+    assert digests[0] == digests[1]

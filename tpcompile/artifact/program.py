@@ -7,7 +7,12 @@ keep the ranges of the original program.
 
 from __future__ import annotations
 
+import hashlib
+import struct
+import zipfile
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import sympy
@@ -93,3 +98,54 @@ def export_rank_program(
             torch.nn.Parameter(meta, requires_grad=False) if isinstance(value, torch.nn.Parameter) else meta
         )
     return program
+
+
+def save_program(program: ExportedProgram, path: Path) -> None:
+    """``torch.export.save`` with reproducible bytes: node provenance records (which hold Python object ids)
+    are dropped, and the archive's random serialization id is replaced by a digest of its contents."""
+    for node in program.graph.nodes:
+        node.meta.pop("from_node", None)
+    torch.export.save(program, str(path))
+    _fix_serialization_id(path)
+
+
+_SERIALIZATION_ID = ".data/serialization_id"
+
+
+def _fix_serialization_id(path: Path) -> None:
+    """Rewrite the (stored, uncompressed) serialization-id record in place and patch its CRC-32 in the
+    local header and in the central directory; the archive's layout is otherwise untouched."""
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+        digest = hashlib.sha256()
+        for info in infos:
+            if not info.filename.endswith(_SERIALIZATION_ID):
+                digest.update(info.filename.encode())
+                digest.update(archive.read(info))
+        central = archive.start_dir
+    index = next((k for k, i in enumerate(infos) if i.filename.endswith(_SERIALIZATION_ID)), None)
+    if index is None or infos[index].compress_type != zipfile.ZIP_STORED:
+        return
+    target = infos[index]
+    new_id = str(int(digest.hexdigest(), 16)).zfill(target.file_size)[-target.file_size :].encode()
+    crc = struct.pack("<I", zlib.crc32(new_id) & 0xFFFFFFFF)
+    with path.open("r+b") as f:
+        f.seek(target.header_offset)
+        local = f.read(30)
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        f.seek(target.header_offset + 14)  # local header: CRC-32
+        f.write(crc)
+        f.seek(target.header_offset + 30 + name_len + extra_len)
+        f.write(new_id)
+        pos = central
+        for k in range(len(infos)):
+            f.seek(pos)
+            entry = f.read(46)
+            if entry[:4] != b"PK\x01\x02":
+                raise ValueError(f"{path}: unexpected zip central directory layout")
+            if k == index:
+                f.seek(pos + 16)  # central directory: CRC-32
+                f.write(crc)
+                break
+            n, m, c = struct.unpack("<HHH", entry[28:34])
+            pos += 46 + n + m + c

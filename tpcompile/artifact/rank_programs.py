@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from tpcompile.artifact.program import StoredTensor, export_rank_program
+from tpcompile.artifact.program import StoredTensor, export_rank_program, save_program
 from tpcompile.errors import TpCompileError, UnsupportedModelError
 from tpcompile.passes.lower_rank import build_rank_graph
 from tpcompile.passes.propagate import Propagation
@@ -38,7 +38,7 @@ class RankProgramJob:
     def run(self, rank: int) -> None:
         graph = build_rank_graph(self.gm, self.prop, rank, self.names)
         program = export_rank_program(graph, self.stored[rank], self.examples, self.dynamic)
-        torch.export.save(program, str(self.out / f"rank{rank}" / "program.pt2"))
+        save_program(program, self.out / f"rank{rank}" / "program.pt2")
 
 
 _JOB: RankProgramJob | None = None  # what forked workers inherit
