@@ -121,3 +121,22 @@ def test_smollm2_greedy_equals_transformers(tp: int, smollm2_reference: Any, tmp
             p for p in manifest["parameters"] if p["name"].endswith("layers.0.self_attn.k_proj.weight")
         )
         assert "@" in k_proj["placement"]
+
+
+def test_checkpoint_that_disagrees_with_its_config_is_refused(
+    tiny_checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    ckpt = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoints["llama"], ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["intermediate_size"] = 100
+    (ckpt / "config.json").write_text(json.dumps(config))
+    proc = tpcompile(ckpt, "--tp", "2", "-o", tmp_path / "out", "--quiet")
+    assert proc.returncode == 3
+    assert proc.stderr.strip() == (
+        "tpcompile: error: checkpoint tensor model.layers.0.mlp.gate_proj.weight has shape [128, 64] "
+        "but the config implies [100, 64]"
+    )
+    assert not (tmp_path / "out").exists()

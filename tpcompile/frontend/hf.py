@@ -243,7 +243,7 @@ def load_hf(
         save_tokenizer=ckpt.save_tokenizer,
     )
     zero = {f"{CACHE_PREFIX}{kind}_{i}" for i in range(wrapper.layers) for kind in ("key", "value")}
-    return captured_program(
+    captured = captured_program(
         program,
         path.name,
         reader.read,
@@ -251,6 +251,10 @@ def load_hf(
         zero_state=zero,
         lm=info,
     )
+    for node, name in captured.state_names().items():
+        if name not in zero:
+            reader.check(name, tuple(int(d) for d in node.meta["val"].shape))
+    return captured
 
 
 def _export(wrapper: nn.Module, batch: int, seq: int, source: str) -> torch.export.ExportedProgram:
@@ -313,8 +317,14 @@ class _CheckpointReader:
             )
         return buf.detach()
 
-    def _check(self, key: str, expected: tuple[int, ...], got: tuple[int, ...]) -> None:
-        if expected != got:
+    def check(self, name: str, expected: tuple[int, ...]) -> None:
+        """Fail before compiling when the checkpoint lacks a tensor or disagrees with the config."""
+        key = self._resolve(name)
+        if key is None:
+            self._computed(name.removeprefix(PREFIX))
+            return
+        got = tuple(self.source.shape(key))
+        if got != expected:
             raise UnsupportedModelError(
                 f"checkpoint tensor {key} has shape {list(got)} but the config implies {list(expected)}"
             )
@@ -330,6 +340,3 @@ class _CheckpointReader:
         if key is None:
             return self._computed(name.removeprefix(PREFIX)).narrow(dim, start, length)
         return read_slice(self.source, key, dim, start, length).to(self.dtype)
-
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(p.shape) for n, p in self.model.named_parameters(remove_duplicate=False)}
