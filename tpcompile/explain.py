@@ -36,6 +36,12 @@ def explain(artifact: Path) -> str:
             f"  {c.op:<11} {c.scope or '(top)':<24} {c.producer:<20} {','.join(c.consumers):<24} "
             f"{c.bytes_per_call}"
         )
+    moe = m.extra.get("moe")
+    if moe:  # mixture of experts: the mode and what it communicates (see tpcompile/plan/experts.py)
+        lines += ["", f"mixture of experts (--moe {moe['mode']}): {moe['communication']}"]
+        for name, w in moe["weights"].items():
+            per_rank = f"  experts per rank {w['experts_per_rank']}" if "experts_per_rank" in w else ""
+            lines.append(f"  {name}: {w['experts']} experts, {w['placement']}{per_rank}")
     lines += ["", "memory per rank (weights):"]
     for r in m.ranks:
         share = r.weight_bytes / m.total_weight_bytes if m.total_weight_bytes else 0.0

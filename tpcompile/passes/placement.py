@@ -88,6 +88,38 @@ def _cumulative(sizes: tuple[int, ...]) -> tuple[int, ...]:
 
 Placement = Replicate | Partial | Shard
 
+
+@dataclass(frozen=True)
+class Pieces:
+    """A stored tensor cut along ``dim`` into consecutive pieces ``[lo, hi)``, each with its own placement
+    (relative to the piece): rank r stores its part of every piece, concatenated in piece order.
+
+    This is how a fused projection is stored: GPT-2's ``c_attn`` is read as three pieces (q, k, v), each
+    split by heads, so rank r holds ``[q_r; k_r; v_r]``. Only stored tensors have this placement; the graph
+    reads each piece through its own slice, whose bounds are rewritten to the rank's local offsets.
+    """
+
+    dim: int
+    parts: tuple[tuple[int, int, Placement], ...]
+
+    def local_size(self, index: int, rank: int) -> int:
+        lo, hi, pl = self.parts[index]
+        if isinstance(pl, Shard) and pl.dim == self.dim:
+            return pl.sizes[rank]
+        return hi - lo
+
+    def local_offset(self, index: int, rank: int) -> int:
+        return sum(self.local_size(i, rank) for i in range(index))
+
+    def index(self, lo: int, hi: int) -> int:
+        return next(i for i, (a, b, _) in enumerate(self.parts) if (a, b) == (lo, hi))
+
+    def __str__(self) -> str:
+        return f"B({self.dim};" + "|".join(f"{lo}:{hi}={pl}" for lo, hi, pl in self.parts) + ")"
+
+
+RootPlacement = Placement | Pieces
+
 REPLICATE = Replicate()
 PARTIAL = Partial()
 

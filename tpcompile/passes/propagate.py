@@ -8,7 +8,10 @@ with no rule gets replicated inputs and a warning naming the op and its source l
 
 Parameters and buffers start *free*: the first consumer that demands a placement fixes it (slicing a stored
 weight costs nothing at run time). A free tensor seen through a dimension-permuting view (``t``, ``permute``,
-``unsqueeze``, ``slice`` ...) stays free; a demand on the view is translated back to the root.
+``unsqueeze``, ``slice`` ...) stays free; a demand on the view is translated back to the root. A stored
+tensor read only through disjoint slices of one dim (a fused projection after ``split_fused_projections``)
+is fixed piece by piece: each slice is a *window* whose placement is chosen by its own consumer, and the
+root is stored as ``Pieces``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,16 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from tpcompile.passes.placement import PARTIAL, REPLICATE, Partial, Placement, Replicate, Shard
+from tpcompile.passes.placement import (
+    PARTIAL,
+    REPLICATE,
+    Partial,
+    Pieces,
+    Placement,
+    Replicate,
+    RootPlacement,
+    Shard,
+)
 from tpcompile.plan.spec import ParamDecision, ShardingPlan
 
 
@@ -29,11 +41,16 @@ class FreeView:
     """A parameter/buffer, or a view of one, whose placement is not chosen yet.
 
     ``dims[i]`` is the root dimension that dimension ``i`` of this view is, or None when the view cannot carry
-    a shard on it (a new unsqueezed dim).
+    a shard on it (a new unsqueezed dim). ``window`` ``(root_dim, lo, hi)``: the view reads only that piece
+    of the root, whose placement is chosen separately from the other pieces (see ``Pieces``).
     """
 
     root: fx.Node
     dims: tuple[int | None, ...]
+    window: tuple[int, int, int] | None = None
+
+    def with_dims(self, dims: tuple[int | None, ...]) -> FreeView:
+        return FreeView(self.root, dims, self.window)
 
 
 AnyPlacement = Placement | FreeView
@@ -75,7 +92,8 @@ class Propagation:
 
     tp: int
     placements: dict[fx.Node, NodeOut] = field(default_factory=dict)
-    roots: dict[fx.Node, Placement] = field(default_factory=dict)
+    roots: dict[fx.Node, RootPlacement] = field(default_factory=dict)
+    pieces: dict[fx.Node, dict[tuple[int, int, int], Placement]] = field(default_factory=dict)
     redistributions: dict[tuple[fx.Node, fx.Node], Redistribution] = field(default_factory=dict)
     lowerings: dict[fx.Node, Callable[..., Any]] = field(default_factory=dict)
     unit_hints: list[int] = field(default_factory=list)
@@ -92,6 +110,15 @@ class Propagation:
             key = (red.producer, red.dst)
             seen.setdefault(key, (red, []))[1].append(consumer)
         return list(seen.values())
+
+    def fixed(self, view: FreeView) -> Placement | None:
+        """The stored placement (in root dims) behind a free view, once chosen: its piece's for a window."""
+        if view.window is not None:
+            return self.pieces.get(view.root, {}).get(view.window)
+        root = self.roots.get(view.root)
+        if isinstance(root, Pieces):
+            raise AssertionError(f"{view.root.name} is stored in pieces but read whole")
+        return root
 
     def placement(self, node: fx.Node) -> Placement:
         pl = self.placements.get(node)
@@ -124,7 +151,7 @@ class RuleContext:
             return None
         pl = self.prop.placements.get(node)
         if isinstance(pl, FreeView):
-            root = self.prop.roots.get(pl.root)
+            root = self.prop.fixed(pl)
             return pl if root is None else resolve_view(pl, root)
         if isinstance(pl, tuple):
             return None
@@ -134,9 +161,12 @@ class RuleContext:
         return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), torch.Tensor)
 
     def decision(self, pl: AnyPlacement | None) -> ParamDecision | None:
-        """The plan's decision for a free stored tensor, if any."""
+        """The plan's decision for a free stored tensor (or for its piece, falling back to the tensor's)."""
         if isinstance(pl, FreeView) and pl.dims == tuple(range(len(pl.dims))):
-            return self.plan.decisions.get(self.names.get(pl.root, ""))
+            name = self.names.get(pl.root, "")
+            if pl.window is not None and piece_key(name, pl.window) in self.plan.decisions:
+                return self.plan.decisions[piece_key(name, pl.window)]
+            return self.plan.decisions.get(name)
         return None
 
     def shardable(self, view: FreeView, dim: int) -> bool:
@@ -155,6 +185,12 @@ class RuleContext:
     def hint_unit(self, multiple: int) -> None:
         """Record that a shard would have survived here if its sizes were multiples of ``multiple``."""
         self.prop.unit_hints.append(multiple)
+
+
+def piece_key(name: str, window: tuple[int, int, int]) -> str:
+    """The plan's name for one piece of a stored tensor: ``w[96:128]``, ``w[:,96:128]`` on dim 1."""
+    dim, lo, hi = window
+    return f"{name}[{':,' * dim}{lo}:{hi}]"
 
 
 def resolve_view(view: FreeView, root: Placement) -> Placement:
@@ -220,13 +256,39 @@ def propagate(
             strategy = rule(ctx, node)
         _apply(ctx, node, strategy)
     for pl in list(prop.placements.values()):
-        if isinstance(pl, FreeView) and pl.root not in prop.roots:
+        if isinstance(pl, FreeView) and pl.window is not None:
+            prop.pieces.setdefault(pl.root, {}).setdefault(pl.window, REPLICATE)
+        elif isinstance(pl, FreeView) and pl.root not in prop.roots:
             prop.roots[pl.root] = REPLICATE
+    for root, parts in prop.pieces.items():
+        prop.roots[root] = _assemble_pieces(root, parts)
     for node in list(prop.placements):
         pl = prop.placements[node]
-        if isinstance(pl, FreeView):
-            prop.placements[node] = resolve_view(pl, prop.roots[pl.root])
+        if isinstance(pl, FreeView) and pl.window is None and isinstance(prop.roots[pl.root], Pieces):
+            prop.placements[node] = None  # the stored tensor itself: no single placement (see Pieces)
+        elif isinstance(pl, FreeView):
+            fixed = prop.fixed(pl)
+            assert fixed is not None
+            prop.placements[node] = resolve_view(pl, fixed)
     return prop
+
+
+def _assemble_pieces(root: fx.Node, parts: dict[tuple[int, int, int], Placement]) -> Pieces:
+    """The stored layout of a tensor read through disjoint windows; parts nobody reads stay whole."""
+    dims = {w[0] for w in parts}
+    assert len(dims) == 1, f"{root.name}: windows on several dims"
+    dim = dims.pop()
+    size = int(shape_of(root)[dim])
+    out: list[tuple[int, int, Placement]] = []
+    at = 0
+    for (_, lo, hi), pl in sorted(parts.items()):
+        if lo > at:
+            out.append((at, lo, REPLICATE))
+        out.append((lo, hi, pl))
+        at = hi
+    if at < size:
+        out.append((at, size, REPLICATE))
+    return Pieces(dim, tuple(out))
 
 
 def _output_placement(ctx: RuleContext, out: fx.Node, sharded_outputs: bool) -> Placement:
@@ -264,6 +326,8 @@ def _fix_root(ctx: RuleContext, view: FreeView, want: Placement) -> Placement:
     """Choose the stored placement of a free tensor from a demand on (a view of) it; return the view's."""
     root = view.root
     identity = view.dims == tuple(range(len(view.dims)))
+    if view.window is not None:
+        return _fix_piece(ctx, view, want, identity)
     if isinstance(want, Shard):
         rdim = view.dims[want.dim]
         if rdim is not None and rdim not in ctx.forbidden.get(root, set()):
@@ -274,3 +338,18 @@ def _fix_root(ctx: RuleContext, view: FreeView, want: Placement) -> Placement:
         return want
     ctx.prop.roots[root] = REPLICATE
     return REPLICATE
+
+
+def _fix_piece(ctx: RuleContext, view: FreeView, want: Placement, identity: bool) -> Placement:
+    """Like ``_fix_root`` for one window: only a shard along the window's dim (or a partial) is kept."""
+    assert view.window is not None
+    wdim = view.window[0]
+    got: Placement = REPLICATE
+    if isinstance(want, Shard):
+        rdim = view.dims[want.dim]
+        if rdim == wdim and rdim not in ctx.forbidden.get(view.root, set()):
+            got = want.with_dim(rdim)
+    elif isinstance(want, Partial) and identity:
+        got = PARTIAL
+    ctx.prop.pieces.setdefault(view.root, {})[view.window] = got
+    return want if got is not REPLICATE else REPLICATE

@@ -6,7 +6,9 @@ chain, together with its siblings (the sites reading the same activation: q/k/v,
 the judge: the trial is kept when it adds at most one collective and no all-gather inside the program (the
 chain ends in a row-parallel product whose partial sum is reduced once). The split unit comes from the
 graph: when a reshape downstream needs shard sizes that are multiples of a head size, the trial is repeated
-with that unit, so heads (and grouped-query KV groups) are never cut.
+with that unit, so heads (and grouped-query KV groups) are never cut. A fused projection, once
+``split_fused_projections`` has cut it into one product per piece, is one site per piece (reading a slice of
+the stored weight), so q/k/v pieces are siblings like separate q/k/v projections.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import torch
 import torch.fx as fx
 
 from tpcompile.passes.ops.attention import kv_split
+from tpcompile.passes.ops.indexing import slice_bounds
 from tpcompile.passes.placement import Replicate, Shard, balanced_split
-from tpcompile.passes.propagate import Propagation, propagate, shape_of
+from tpcompile.passes.propagate import Propagation, piece_key, propagate, shape_of
+from tpcompile.plan.experts import DEFAULT_MOE, expert_decisions, feature_classes, stacked_root
 from tpcompile.plan.spec import ParamDecision, PlanFile, ShardingPlan
 
 aten = torch.ops.aten
@@ -33,6 +37,19 @@ class Site:
     weight: fx.Node  # the stored tensor's placeholder
     activation: fx.Node
     out_features: int
+    key: str = ""  # the plan's name for the weight: the stored tensor's, or its piece's
+    window: tuple[int, int, int] | None = None  # the piece of the weight this site reads
+
+
+def _piece(value: object, names: dict[fx.Node, str]) -> tuple[fx.Node, tuple[int, int, int]] | None:
+    """``(weight, window)`` when ``value`` is a constant slice of a stored 2-d tensor."""
+    window = slice_bounds(value)
+    if window is None or not isinstance(value, fx.Node):
+        return None
+    root = value.args[0]
+    if not isinstance(root, fx.Node) or root not in names or len(shape_of(root)) != 2:
+        return None
+    return root, window
 
 
 def _root(value: object, names: dict[fx.Node, str]) -> fx.Node | None:
@@ -56,8 +73,11 @@ def find_sites(gm: fx.GraphModule, names: dict[fx.Node, str]) -> list[Site]:
         site: Site | None = None
         if packet is aten.linear:
             w = _root(node.args[1], names)
+            piece = _piece(node.args[1], names)
             if w is not None and w is node.args[1] and len(shape_of(w)) == 2:
                 site = Site(node, w, node.args[0], int(shape_of(w)[0]))
+            elif piece is not None and piece[1][0] == 0:
+                site = Site(node, piece[0], node.args[0], piece[1][2] - piece[1][1], window=piece[1])
         elif packet is aten.embedding:
             w = _root(node.args[0], names)
             if w is not None and w is node.args[0]:
@@ -65,10 +85,17 @@ def find_sites(gm: fx.GraphModule, names: dict[fx.Node, str]) -> list[Site]:
         elif packet in (aten.mm, aten.matmul, aten.addmm):
             a, b = (node.args[1], node.args[2]) if packet is aten.addmm else (node.args[0], node.args[1])
             w = _root(b, names)
+            piece = _piece(b, names)
             if w is not None and len(shape_of(w)) == 2 and len(shape_of(b)) == 2:
                 site = Site(node, w, a, int(shape_of(b)[1]))
+            elif piece is not None and piece[1][0] == 1:
+                site = Site(node, piece[0], a, piece[1][2] - piece[1][1], window=piece[1])
+            elif (stack := stacked_root(b, names)) is not None:  # expert matrices (plan/experts.py)
+                site = Site(node, stack, a, int(shape_of(b)[-1]))
         if site is not None:
-            sites.append(site)
+            name = names[site.weight]
+            key = piece_key(name, site.window) if site.window is not None else name
+            sites.append(Site(site.node, site.weight, site.activation, site.out_features, key, site.window))
     return sites
 
 
@@ -130,8 +157,10 @@ class PlanSearch:
         names: dict[fx.Node, str],
         user_inputs: set[fx.Node],
         sharded_outputs: bool = False,
+        moe: str = DEFAULT_MOE,
     ) -> None:
         self.gm, self.tp, self.names, self.user_inputs = gm, tp, names, user_inputs
+        self.moe = moe
         self.sharded_outputs = sharded_outputs
         self.output = next(n for n in gm.graph.nodes if n.op == "output")
         self.trials = 0
@@ -155,24 +184,31 @@ class PlanSearch:
                 style = plan_file.style_for(name)
                 if style is not None and style != "colwise":
                     fixed.setdefault(name, ParamDecision(style))
+        for name, decision in expert_decisions(self.gm, self.names, self.tp, self.moe).items():
+            fixed.setdefault(name, decision)
         plan = ShardingPlan(self.tp, fixed)
         prop = self.run(plan)
         if self.tp == 1:
             return plan, prop
         tried: set[str] = set(fixed)
+
+        def done(s: Site) -> bool:
+            return s.key in tried or self.names[s.weight] in fixed
+
         for site in sites:
-            name = self.names[site.weight]
-            if name in tried:
+            if done(site):
                 continue
             if not isinstance(prop.placements.get(site.activation), Replicate):
-                tried.add(name)
+                tried.add(site.key)
                 continue
-            group = [
-                s for s in sites if s.activation is site.activation and self.names[s.weight] not in tried
-            ]
-            tried.update(self.names[s.weight] for s in group)
+            group = [s for s in sites if s.activation is site.activation and not done(s)]
+            tried.update(s.key for s in group)
             forced = any(self.names[s.weight] in forced_col for s in group)
-            plan, prop = self._try_group(plan, prop, group, forced)
+            kept, prop = self._try_group(plan, prop, group, forced)
+            if kept is plan:  # not splittable together: try its same-width parts (plan/experts.py)
+                for part in feature_classes(group):
+                    kept, prop = self._try_group(kept, prop, part, forced)
+            plan = kept
         return plan, prop
 
     def _try_group(
@@ -185,14 +221,11 @@ class PlanSearch:
             if splits is None:
                 break
             trial_plan = plan.with_decisions(
-                {
-                    self.names[s.weight]: ParamDecision("colwise", splits[s].sizes, splits[s].starts)
-                    for s in group
-                }
+                {s.key: ParamDecision("colwise", splits[s].sizes, splits[s].starts) for s in group}
             )
             trial = self.run(trial_plan)
             total, internal = _collective_counts(trial, self.output)
-            sharded = all(isinstance(trial.roots.get(s.weight), Shard) for s in group)
+            sharded = all(isinstance(_stored(trial, s), Shard) for s in group)
             if trial.refusals:
                 break
             if sharded and internal <= base_internal and total <= base_total + 1:
@@ -209,6 +242,13 @@ class PlanSearch:
         return plan, prop
 
 
+def _stored(prop: Propagation, site: Site) -> object:
+    """How the weight (or the weight's piece) a site reads is stored."""
+    if site.window is not None:
+        return prop.pieces.get(site.weight, {}).get(site.window)
+    return prop.roots.get(site.weight)
+
+
 def choose_plan(
     gm: fx.GraphModule,
     tp: int,
@@ -216,6 +256,7 @@ def choose_plan(
     user_inputs: set[fx.Node],
     plan_file: PlanFile | None = None,
     sharded_outputs: bool = False,
+    moe: str = DEFAULT_MOE,
 ) -> tuple[ShardingPlan, Propagation]:
     """The automatic plan (with the plan file's overrides applied first) and its propagation."""
-    return PlanSearch(gm, tp, names, user_inputs, sharded_outputs).search(plan_file)
+    return PlanSearch(gm, tp, names, user_inputs, sharded_outputs, moe).search(plan_file)

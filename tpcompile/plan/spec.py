@@ -10,7 +10,7 @@ from typing import Literal
 
 from tpcompile.errors import UsageError
 
-Style = Literal["colwise", "rowwise", "replicate"]
+Style = Literal["colwise", "rowwise", "replicate", "expert"]  # expert: split dim 0 of stacked experts
 STYLES: tuple[Style, ...] = ("colwise", "rowwise", "replicate")
 
 

@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from tpcompile.passes.ops import register
 from tpcompile.passes.ops.common import aten, concrete, norm_dim, tensor_inputs
-from tpcompile.passes.placement import PARTIAL, REPLICATE, Partial, Placement, Shard
+from tpcompile.passes.placement import PARTIAL, REPLICATE, Partial, Pieces, Placement, Shard
 from tpcompile.passes.propagate import FreeView, RuleContext, Strategy, shape_of
 
 
@@ -28,6 +28,51 @@ def _whole(node: fx.Node, dim: int) -> bool:
     return bool(start in (None, 0) and full_end and step == 1)
 
 
+def slice_bounds(node: Any) -> tuple[int, int, int] | None:
+    """(dim, lo, hi) of a step-1 ``aten.slice`` with constant bounds (clipped to the size), else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target != aten.slice.Tensor:
+        return None
+    args = list(node.args) + [None] * (5 - len(node.args))
+    shape = shape_of(args[0])
+    raw_dim, lo, hi, step = args[1] if args[1] is not None else 0, args[2] or 0, args[3], args[4] or 1
+    if not isinstance(raw_dim, int):
+        return None
+    dim = norm_dim(raw_dim, len(shape))
+    size = shape[dim]
+    hi = size if hi is None else hi
+    if step != 1 or not (isinstance(size, int) and isinstance(lo, int) and isinstance(hi, int)):
+        return None
+    lo, hi = max(0, min(lo, size)), max(0, min(hi, size))
+    return (dim, lo, hi) if lo < hi else None
+
+
+def piece_window(ctx: RuleContext, node: fx.Node) -> tuple[int, int, int] | None:
+    """The window of a slice that reads one piece of a stored tensor: every use of the tensor is such a
+    slice, on the same dim, and the slices are disjoint (a fused projection's weight or bias)."""
+    root = node.args[0]
+    if not isinstance(root, fx.Node) or root not in ctx.names:
+        return None
+    windows = [slice_bounds(u) for u in root.users]
+    if any(w is None or u.args[0] is not root for w, u in zip(windows, root.users, strict=True)):
+        return None
+    spans = sorted({w for w in windows if w is not None})
+    if len({w[0] for w in spans}) != 1 or len(spans) < 2:
+        return None
+    if any(a[2] > b[1] for a, b in zip(spans, spans[1:], strict=False)):
+        return None
+    return slice_bounds(node)
+
+
+def _lower_piece(b: Any, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
+    """The slice of one piece, at the rank's local offset in its stored pieces."""
+    layout = b.prop.roots[node.args[0]]
+    window = slice_bounds(node)
+    assert isinstance(layout, Pieces) and window is not None
+    i = layout.index(window[1], window[2])
+    lo = layout.local_offset(i, b.rank)
+    return b.call(aten.slice.Tensor, args[0], layout.dim, lo, lo + layout.local_size(i, b.rank))
+
+
 @register(aten.slice)
 def slice_(ctx: RuleContext, node: fx.Node) -> Strategy:
     x = node.args[0]
@@ -35,6 +80,9 @@ def slice_(ctx: RuleContext, node: fx.Node) -> Strategy:
     dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, nd)
     p = ctx.placement(x)
     if isinstance(p, FreeView):
+        window = piece_window(ctx, node) if p.window is None else None
+        if window is not None and p.dims == tuple(range(nd)):
+            return Strategy({}, FreeView(p.root, p.dims, window), _lower_piece)
         if not _whole(node, dim) and p.dims[dim] is not None:
             ctx.forbid(p.root, p.dims[dim])
         return Strategy({}, p)
@@ -53,7 +101,7 @@ def select(ctx: RuleContext, node: fx.Node) -> Strategy:
     if isinstance(p, FreeView):
         if p.dims[dim] is not None:
             ctx.forbid(p.root, p.dims[dim])
-        return Strategy({}, FreeView(p.root, p.dims[:dim] + p.dims[dim + 1 :]))
+        return Strategy({}, p.with_dims(p.dims[:dim] + p.dims[dim + 1 :]))
     p = concrete(p)
     if isinstance(p, Shard):
         if p.dim == dim:

@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from tpcompile.passes.ops import register
 from tpcompile.passes.ops.common import aten, concrete
+from tpcompile.passes.ops.experts import stacked_weight_placement
 from tpcompile.passes.placement import (
     PARTIAL,
     REPLICATE,
@@ -59,6 +60,9 @@ def matmul_strategy(
         pa = REPLICATE
     if isinstance(pb, Partial):
         pb = REPLICATE
+    stacked = stacked_weight_placement(ctx, pa, pb_raw, sb)  # planned expert weights (ops/experts.py)
+    if stacked is not None:
+        pb = stacked
     ka, mb_k, nb = len(sa) - 1, len(sb) - 2, len(sb) - 1
     # a contraction over an overlapping shard would count the shared part twice
     if isinstance(pa, Shard) and pa.overlapping and pa.dim == ka:

@@ -120,7 +120,7 @@ def _permutation_rule(ctx: RuleContext, node: fx.Node, perm: list[int]) -> Strat
     x = node.args[0]
     p = ctx.placement(x)
     if isinstance(p, FreeView):
-        return Strategy({}, FreeView(p.root, tuple(p.dims[i] for i in perm)))
+        return Strategy({}, p.with_dims(tuple(p.dims[i] for i in perm)))
     if isinstance(p, Shard):
         return Strategy({x: p}, p.with_dim(perm.index(p.dim)))
     return Strategy({x: p} if p is not None else {}, p)
@@ -156,7 +156,7 @@ def unsqueeze(ctx: RuleContext, node: fx.Node) -> Strategy:
     if isinstance(p, FreeView):
         dims = list(p.dims)
         dims.insert(dim, None)
-        return Strategy({}, FreeView(p.root, tuple(dims)))
+        return Strategy({}, p.with_dims(tuple(dims)))
     if isinstance(p, Shard):
         return Strategy({x: p}, p.with_dim(p.dim + (1 if p.dim >= dim else 0)))
     return Strategy({x: p} if p is not None else {}, p)
@@ -175,7 +175,7 @@ def squeeze(ctx: RuleContext, node: fx.Node) -> Strategy:
     keep = [i for i in range(len(in_shape)) if i not in removed]
     p = ctx.placement(x)
     if isinstance(p, FreeView):
-        return Strategy({}, FreeView(p.root, tuple(p.dims[i] for i in keep)))
+        return Strategy({}, p.with_dims(tuple(p.dims[i] for i in keep)))
     if isinstance(p, Shard):
         return Strategy({x: p}, p.with_dim(keep.index(p.dim)))
     return Strategy({x: p} if p is not None else {}, p)
