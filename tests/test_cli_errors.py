@@ -7,7 +7,10 @@ from pathlib import Path
 import torch
 
 from examples import gpt
-from tests.conftest import tpcompile
+from tests.conftest import REPO, tpcompile
+from tpcompile import errors
+from tpcompile.runtime import reporting
+from tpcompile.runtime.errors import ArtifactCorrupt
 
 
 def _error_line(proc) -> str:  # type: ignore[no-untyped-def]
@@ -77,3 +80,49 @@ def test_bad_plan_file(gpt_pt2: Path, tmp_path: Path) -> None:
     proc = tpcompile(gpt_pt2, "--tp", "2", "-o", tmp_path / "out", "--plan", plan)
     assert proc.returncode == 2
     assert "has style 'diagonal'; use one of colwise, rowwise, replicate" in _error_line(proc)
+
+
+def _exit_code_table() -> dict[int, tuple[str, str]]:
+    """README "Exit codes": code -> (tpcompile meaning, tprun meaning)."""
+    section = (REPO / "README.md").read_text().split("\n## Exit codes\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].isdigit():
+            rows[int(cells[0])] = (cells[1], cells[2])
+    return rows
+
+
+def test_readme_exit_codes_match_the_code(capsys) -> None:  # type: ignore[no-untyped-def]
+    rows = _exit_code_table()
+    compile_codes = {
+        errors.EXIT_OK: "compiled",
+        errors.EXIT_INTERNAL: "internal error",
+        errors.EXIT_USAGE: "usage error",
+        errors.EXIT_UNSUPPORTED: "unsupported model",
+        errors.EXIT_INTERRUPTED: "interrupted",
+    }
+    run_codes = {
+        reporting.EXIT_OK: "every rank finished",
+        reporting.EXIT_FAILURE: "internal error",
+        reporting.EXIT_USER_ERROR: "bad input",
+        reporting.EXIT_INTERRUPTED: "interrupted",
+    }
+    assert {code for code, (text, _) in rows.items() if text != "-"} == set(compile_codes)
+    assert {code for code, (_, text) in rows.items() if text != "-"} == set(run_codes)
+    for code, meaning in compile_codes.items():
+        assert rows[code][0].startswith(meaning), (code, rows[code][0])
+    for code, meaning in run_codes.items():
+        assert rows[code][1].startswith(meaning), (code, rows[code][1])
+    # the codes the typed errors and the runtime's reporting actually return
+    assert errors.UsageError("x").exit_code == errors.EXIT_USAGE
+    assert errors.UnsupportedModelError("x").exit_code == errors.EXIT_UNSUPPORTED
+    assert (
+        errors.VerificationError("x").exit_code
+        == errors.TpCompileError("x").exit_code
+        == errors.EXIT_INTERNAL
+    )
+    assert reporting.report_exception(ArtifactCorrupt("artifact corrupt: f")) == reporting.EXIT_USER_ERROR
+    assert reporting.report_exception(RuntimeError("boom")) == reporting.EXIT_FAILURE
+    assert reporting.report_exception(KeyboardInterrupt()) == reporting.EXIT_INTERRUPTED
+    assert capsys.readouterr().err.splitlines()[0] == "tprun: error: artifact corrupt: f"

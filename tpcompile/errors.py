@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+#: Exit codes of ``tpcompile`` (documented in the README's "Exit codes" table; a test keeps them in sync).
+EXIT_OK = 0
+EXIT_INTERNAL = 1  # a bug, or ``verify`` found outputs that differ
+EXIT_USAGE = 2  # bad input the user can fix
+EXIT_UNSUPPORTED = 3  # the model is readable but cannot be captured or sharded
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
 
 class TpCompileError(Exception):
     """Base class: ``str(err)`` is a one-line message a user can act on."""
 
-    exit_code = 1
+    exit_code = EXIT_INTERNAL
 
 
 class UsageError(TpCompileError):
     """Bad input from the user: a missing file, an invalid option, an unreadable model."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class UnsupportedModelError(TpCompileError):
     """The model is readable but the compiler cannot shard or capture it correctly."""
 
-    exit_code = 3
+    exit_code = EXIT_UNSUPPORTED
 
 
 class VerificationError(TpCompileError):
     """``tpcompile verify`` found outputs that differ from the reference beyond the tolerance."""
 
-    exit_code = 1
+    exit_code = EXIT_INTERNAL

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tpcompile.runtime.manifest import MANIFEST_DIGEST_FIELD, manifest_digest
+
 FORMAT_VERSION = 1
 
 
@@ -67,13 +69,18 @@ class Manifest:
     shared_files: dict[str, str] = field(default_factory=dict)  # artifact-root files -> sha256
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    format: str = "torch"  # torch: rank{r}/program.pt2; onnx: rank{r}/segment{i}.onnx (see extra.onnx)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+        """The manifest with its own content digest (checked by the runtime before anything is used)."""
+        data = asdict(self)
+        data[MANIFEST_DIGEST_FIELD] = manifest_digest(data)
+        return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
     @staticmethod
     def read(path: Path) -> Manifest:
         data = json.loads(path.read_text())
+        data.pop(MANIFEST_DIGEST_FIELD, None)
         return Manifest(
             **{
                 **data,

@@ -102,9 +102,13 @@ def export_rank_program(
 
 def save_program(program: ExportedProgram, path: Path) -> None:
     """``torch.export.save`` with reproducible bytes: node provenance records (which hold Python object ids)
-    are dropped, and the archive's random serialization id is replaced by a digest of its contents."""
+    are dropped, and the archive's random serialization id is replaced by a digest of its contents.
+
+    The example inputs are dropped too: ``torch.export.save`` pickles them, and the runtime loads nothing
+    that needs unpickling (without them the archive is JSON plus raw tensor bytes)."""
     for node in program.graph.nodes:
         node.meta.pop("from_node", None)
+    program.example_inputs = None
     torch.export.save(program, str(path))
     _fix_serialization_id(path)
 

@@ -209,6 +209,14 @@ def load_model(
                 "serialized_exported_program" in n or n.endswith("models/model.json") for n in z.namelist()
             )
         if is_export:
+            from tpcompile.runtime.program_archive import unsafe_content
+
+            problem = None if trust_pickle else unsafe_content(path)
+            if problem is not None:
+                raise UsageError(
+                    f"{spec} contains {problem}; unpickling runs arbitrary code, so it is loaded only "
+                    "with --trust-pickle"
+                )
             try:
                 ep = torch.export.load(str(path))
             except Exception as err:

@@ -14,9 +14,11 @@ __all__ = [
     "BackendError",
     "InputError",
     "LaunchError",
+    "ManifestCorrupt",
     "ManifestError",
     "PromptError",
     "RuntimeArtifactError",
+    "UntrustedContent",
 ]
 
 
@@ -32,8 +34,16 @@ class ArtifactCorrupt(RuntimeArtifactError):
     """A file of the artifact does not match the hash recorded in the manifest."""
 
 
+class ManifestCorrupt(ManifestError, ArtifactCorrupt):
+    """manifest.json is not the file tpcompile wrote: not JSON, or its content digest differs."""
+
+
 class ArtifactLoadError(RuntimeArtifactError):
     """A rank's program or weights cannot be loaded or do not fit together."""
+
+
+class UntrustedContent(ArtifactLoadError):
+    """A program archive holds pickled data or compiled code; it loads only with ``--trust-pickle``."""
 
 
 class InputError(RuntimeArtifactError):

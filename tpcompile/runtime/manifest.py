@@ -10,32 +10,50 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import ArtifactCorrupt, ManifestError
+from .errors import ArtifactCorrupt, ManifestCorrupt, ManifestError
 from .lm_info import CAUSAL_LM, LMInfo, parse_lm_info
 from .placement import REPLICATED, Placement, parse_placement
 
 __all__ = [
+    "MANIFEST_DIGEST_FIELD",
     "MANIFEST_NAME",
     "SUPPORTED_FORMAT_VERSION",
+    "WORK_DIR_PATTERN",
     "ArtifactManifest",
     "RankEntry",
     "TensorSpec",
     "load_artifact_manifest",
+    "manifest_digest",
     "sha256_file",
+    "verify_artifact",
     "verify_rank_files",
     "verify_shared_files",
+    "work_dir_name",
 ]
 
 MANIFEST_NAME = "manifest.json"
+#: Field of manifest.json holding :func:`manifest_digest` of the rest of it (optional: absent in
+#: hand-written manifests; a manifest from tpcompile always has it).
+MANIFEST_DIGEST_FIELD = "manifest_sha256"
 SUPPORTED_FORMAT_VERSION = 1
 PROGRAM_FILE = "program.pt2"
 WEIGHTS_FILE = "weights.safetensors"
 _CHUNK = 1 << 20  # 1 MiB
+#: Names of tpcompile's working directories beside OUT (``.OUT.tmp-PID-XXXX`` while compiling,
+#: ``.OUT.old-PID-XXXX`` for a replaced artifact being deleted); never loaded as an artifact.
+WORK_DIR_PATTERN = re.compile(r"^\.(?P<out>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^/]*$")
+
+
+def work_dir_name(out_name: str, kind: str, pid: int) -> str:
+    """Prefix of a working directory of the compile with process id ``pid`` writing ``out_name``."""
+    return f".{out_name}.{kind}-{pid}-"
+
 
 Dim = int | str
 
@@ -198,24 +216,54 @@ def _parse_rank(item: Any, artifact_dir: Path, index: int) -> RankEntry:
     return RankEntry(rank=rank, dir=rdir, files=dict(files), weight_bytes=weight_bytes)
 
 
-def load_artifact_manifest(artifact_dir: str | Path) -> ArtifactManifest:
+def manifest_digest(data: Mapping[str, Any]) -> str:
+    """sha256 of the manifest's content without :data:`MANIFEST_DIGEST_FIELD`, as canonical JSON.
+
+    Any change to a value (a flipped byte that still parses) changes it; the file's layout does not.
+    """
+    body = {k: v for k, v in data.items() if k != MANIFEST_DIGEST_FIELD}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _check_digest(data: Mapping[str, Any]) -> None:
+    if MANIFEST_DIGEST_FIELD in data and data[MANIFEST_DIGEST_FIELD] != manifest_digest(data):
+        raise ManifestCorrupt(f"artifact corrupt: {MANIFEST_NAME}")
+
+
+def load_artifact_manifest(artifact_dir: str | Path, verify: bool = True) -> ArtifactManifest:
     """Load and validate ``<artifact_dir>/manifest.json``.
 
+    With ``verify`` (the default) the manifest's own digest (:data:`MANIFEST_DIGEST_FIELD`), when
+    present, must match its content.
+
     Raises:
-        ManifestError: the file is missing, is not valid JSON, lacks required
+        ManifestCorrupt: the file is not valid UTF-8 or JSON, or its digest differs
+            (``artifact corrupt: manifest.json``).
+        ManifestError: the file is missing, lacks required
             fields, was written by a newer format version, or references a
-            rank directory that does not exist.
+            rank directory that does not exist, or ``artifact_dir`` is one of
+            tpcompile's working directories (see :data:`WORK_DIR_PATTERN`).
     """
     root = Path(artifact_dir)
     path = root / MANIFEST_NAME
+    if WORK_DIR_PATTERN.match(root.resolve().name):
+        raise ManifestError(
+            f"{root} is a working directory of an interrupted or running tpcompile, not an artifact; "
+            "use the compile's output directory"
+        )
     if not path.is_file():
         raise ManifestError(f"no {MANIFEST_NAME} in {root}: not a tpcompile artifact")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ManifestError(f"cannot read {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ManifestCorrupt(f"artifact corrupt: {MANIFEST_NAME} is not valid UTF-8") from exc
     except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+        raise ManifestCorrupt(
+            f"artifact corrupt: {MANIFEST_NAME} is not valid JSON (line {exc.lineno}: {exc.msg})"
+        ) from exc
     if not isinstance(data, Mapping):
         raise ManifestError(f"{path} must contain a JSON object")
 
@@ -226,6 +274,8 @@ def load_artifact_manifest(artifact_dir: str | Path) -> ArtifactManifest:
             f"manifest format version {version} is newer than this runtime supports "
             f"({SUPPORTED_FORMAT_VERSION}); upgrade tpcompile"
         )
+    if verify:
+        _check_digest(data)
     if version < 1:
         raise ManifestError(f"{where}: invalid format_version {version}")
     tp = _field(data, "tp", int, where)
@@ -305,3 +355,14 @@ def verify_shared_files(manifest: ArtifactManifest) -> None:
             raise ArtifactCorrupt(f"artifact incomplete: {rel} is missing")
         if sha256_file(path) != expected.lower():
             raise ArtifactCorrupt(f"artifact corrupt: {rel}")
+
+
+def verify_artifact(manifest: ArtifactManifest) -> None:
+    """Check every file the manifest lists: the shared files, then each rank's files in rank order.
+
+    Raises:
+        ArtifactCorrupt: the first file that is missing or differs from its recorded sha256.
+    """
+    verify_shared_files(manifest)
+    for entry in manifest.ranks:
+        verify_rank_files(manifest.path, entry)

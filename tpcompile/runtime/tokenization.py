@@ -37,7 +37,8 @@ def load_tokenizer(manifest: ArtifactManifest) -> Any:
     except ImportError as exc:
         raise ArtifactLoadError("text prompts need the transformers package; install tpcompile[llm]") from exc
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        # never the artifact's own Python code (auto_map), and no network: the files are all local
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
     except Exception as exc:
         raise ArtifactLoadError(f"cannot load the tokenizer in {lm.tokenizer}: {first_line(exc)}") from exc
 

@@ -1,0 +1,108 @@
+"""What loading a ``program.pt2`` would execute: refuse archives that need unpickling unless trusted.
+
+``torch.export.load`` reads a PT2 archive mostly as JSON and raw tensor bytes, but some entries are
+unpickled (example inputs: ``torch.load`` with ``weights_only=True`` and, if that fails, *without* it;
+tensor-subclass weights and constants; custom and opaque objects; the legacy formats) and AOTInductor
+entries load a compiled shared library.  :func:`unsafe_content` inspects the archive with ``zipfile``
+and an allowlist of entries, without loading anything, and names the first entry that would run code.
+tpcompile writes programs without any such entry (its example inputs are empty).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+__all__ = ["unsafe_content"]
+
+_PLAIN_FILES = {"archive_format", "archive_version", "byteorder"}
+_SAMPLE_INPUTS_DIR = "data/sample_inputs/"
+_WEIGHTS_DIR = "data/weights/"
+_CONSTANTS_DIR = "data/constants/"
+_AOTI_DIR = "data/aotinductor/"
+_RAW_WEIGHT_PREFIX = "weight_"
+_RAW_CONSTANT_PREFIX = "tensor_"
+
+
+def _relative(name: str) -> str:
+    """Entry name below the archive's root folder (``program/models/model.json`` -> ``models/model.json``)."""
+    parts = PurePosixPath(name).parts
+    return "/".join(parts[1:]) if len(parts) > 1 else name
+
+
+def _plain_tensors(data: bytes) -> bool:
+    """True when ``data`` unpickles under ``torch.load(weights_only=True)``, the restricted unpickler."""
+    import torch
+
+    try:
+        torch.load(io.BytesIO(data), weights_only=True)  # exactly torch.export.load's first attempt
+    except Exception:
+        return False
+    return True
+
+
+def _payload_problem(rel: str, text: str, raw_prefix: str) -> str | None:
+    """Check a ``*_config.json`` payload table: every entry must be raw tensor bytes, not a pickle."""
+    try:
+        config: Any = json.loads(text)
+        entries = config["config"]
+        items = entries.items()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"an unreadable payload table {rel}"
+    for fqn, meta in items:
+        if not isinstance(meta, dict) or meta.get("use_pickle") is not False:
+            return f"a pickled tensor ({fqn!r} in {rel})"
+        path_name = meta.get("path_name")
+        if not isinstance(path_name, str) or not path_name.startswith(raw_prefix):
+            return f"a pickled object ({fqn!r} in {rel})"
+    return None
+
+
+def _entry_problem(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> str | None:
+    rel = _relative(info.filename)
+    name = PurePosixPath(rel).name
+    if info.is_dir() or rel in _PLAIN_FILES or rel.startswith(".data/") or rel.startswith("extra/"):
+        return None
+    if rel.startswith("models/") and rel.endswith(".json"):
+        return None
+    if rel.startswith(_SAMPLE_INPUTS_DIR):
+        if info.file_size == 0 or _plain_tensors(archive.read(info)):
+            return None
+        return f"pickled example inputs ({rel}) that are not plain tensors"
+    if rel.startswith(_WEIGHTS_DIR) and name.endswith("_weights_config.json"):
+        return _payload_problem(rel, archive.read(info).decode("utf-8", "replace"), _RAW_WEIGHT_PREFIX)
+    if rel.startswith(_CONSTANTS_DIR) and name.endswith("_constants_config.json"):
+        return _payload_problem(rel, archive.read(info).decode("utf-8", "replace"), _RAW_CONSTANT_PREFIX)
+    if rel.startswith(_WEIGHTS_DIR) and name.startswith(_RAW_WEIGHT_PREFIX):
+        return None
+    if rel.startswith(_CONSTANTS_DIR) and name.startswith(_RAW_CONSTANT_PREFIX):
+        return None
+    if rel.startswith(_AOTI_DIR):
+        return f"AOTInductor compiled code ({rel})"
+    if rel.endswith(".pt") or rel.endswith(".pkl"):
+        return f"a pickle ({rel})"
+    return f"an unexpected entry ({rel})"
+
+
+def unsafe_content(path: str | Path) -> str | None:
+    """Describe the first entry of the PT2 archive ``path`` whose loading would unpickle or run code.
+
+    Returns ``None`` when ``torch.export.load`` would read only JSON and raw tensor bytes (and, at
+    most, example inputs that the restricted ``weights_only=True`` unpickler accepts).
+
+    Raises:
+        OSError, zipfile.BadZipFile: ``path`` cannot be read as a zip archive.
+    """
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+        rels = {_relative(i.filename) for i in infos}
+        if "archive_format" not in rels or not any(r.startswith("models/") for r in rels):
+            return "an old torch.export format that is loaded by unpickling"
+        for info in infos:
+            problem = _entry_problem(archive, info)
+            if problem is not None:
+                return problem
+    return None
