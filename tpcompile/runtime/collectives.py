@@ -8,11 +8,16 @@ rank (or no initialised process group) they are local no-ops.
 
 from __future__ import annotations
 
+import itertools
+import json
 from collections.abc import Sequence
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
+from .distributed import CollectiveError
 from .placement import Placement
 from .shm_collectives import ShmCommunicator
 
@@ -27,6 +32,8 @@ __all__ = [
 ]
 
 _SHARED: ShmCommunicator | None = None  # same-host transport for the default group, when set up
+_BROADCASTS = itertools.count()  # numbers the store keys of broadcast_object (same order on every rank)
+_NO_DEADLINE = timedelta(days=365)
 
 
 def use_shared_memory(comm: ShmCommunicator | None) -> None:
@@ -95,9 +102,27 @@ def broadcast_token(
 
 
 def broadcast_object(obj: object, src: int = 0, group: dist.ProcessGroup | None = None) -> object:
-    """Return the picklable ``obj`` of rank ``src`` (group-relative) on every rank."""
+    """Return the JSON-serialisable ``obj`` of rank ``src`` (group-relative) on every rank.
+
+    On the default group the value travels through the rendezvous store and the receivers wait without
+    the collective timeout, since the source may be waiting for a person (rank 0 reading stdin); they
+    fail with :class:`CollectiveError` as soon as the store (rank 0) is gone.
+    """
     if world_size(group) == 1:
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, group=group, group_src=src)
-    return box[0]
+    if group not in (None, dist.group.WORLD):
+        box = [obj]
+        dist.broadcast_object_list(box, group=group, group_src=src)
+        return box[0]
+    store = distributed_c10d._get_default_store()
+    key = f"tpcompile/broadcast/{next(_BROADCASTS)}"
+    if dist.get_rank() == src:
+        text = json.dumps(obj)
+        store.set(key, text)
+        return json.loads(text)
+    try:
+        store.wait([key], _NO_DEADLINE)
+        raw = store.get(key)
+    except dist.DistError as exc:
+        raise CollectiveError(f"rank {src} exited while the other ranks waited for its next input") from exc
+    return json.loads(raw.decode("utf-8"))

@@ -14,12 +14,15 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 from .errors import BackendError
 
 __all__ = [
     "BACKENDS",
+    "CollectiveError",
     "DistEnv",
+    "RENDEZVOUS_TIMEOUT_S",
     "choose_backend",
     "configure_device",
     "destroy_group",
@@ -29,6 +32,12 @@ __all__ = [
 
 BACKENDS = ("gloo", "nccl")
 _REQUIRED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+#: Least time ranks wait for each other at start-up, whatever ``--timeout`` is.
+RENDEZVOUS_TIMEOUT_S = 600.0
+
+
+class CollectiveError(RuntimeError):
+    """A collective cannot complete: a peer rank exited, or ``--timeout`` expired (exit code 1)."""
 
 
 def in_torchrun(environ: Mapping[str, str] | None = None) -> bool:
@@ -145,6 +154,9 @@ def init_group(
 ) -> str:
     """Initialise the default process group via ``env://`` and return its name.
 
+    Ranks wait up to ``max(timeout_s, RENDEZVOUS_TIMEOUT_S)`` for each other to join; then every
+    collective on the group fails after ``timeout_s`` seconds.
+
     Raises:
         BackendError: rendezvous variables are missing or initialisation fails.
     """
@@ -156,18 +168,20 @@ def init_group(
         )
     lws = local_world_size if local_world_size is not None else _local_world_size(int(env["WORLD_SIZE"]))
     configure_device(device, lws)
-    timeout = timedelta(seconds=timeout_s)
+    # Ranks may finish loading their shards far apart: only the collectives get the short timeout.
+    rendezvous = timedelta(seconds=max(timeout_s, RENDEZVOUS_TIMEOUT_S))
     try:
         if device.type == "cuda" and backend == "nccl":
-            dist.init_process_group(backend=backend, timeout=timeout, device_id=device)
+            dist.init_process_group(backend=backend, timeout=rendezvous, device_id=device)
         else:
-            dist.init_process_group(backend=backend, timeout=timeout)
+            dist.init_process_group(backend=backend, timeout=rendezvous)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise BackendError(f"cannot initialise {backend} process group: {first}") from exc
     world = dist.group.WORLD
     if world is None:  # pragma: no cover - init_process_group guarantees it
         raise BackendError("process group initialised but WORLD group is missing")
+    distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s), world)
     return world.group_name
 
 

@@ -3,11 +3,17 @@
 When the environment already defines ``RANK`` and ``WORLD_SIZE`` (running
 under ``torchrun``), :func:`launch` spawns nothing and returns
 :data:`RUN_IN_PROCESS` so the caller runs the worker in the current process.
+
+Faults: the ranks run in their own session, so a terminal's Ctrl-C reaches
+only the launcher, which then stops every rank (SIGTERM, then SIGKILL) and
+exits 130.  When one rank exits abnormally the launcher stops the others at
+once and reports that rank; a rank whose launcher dies is SIGKILLed by the
+kernel.  Shared-memory segments a killed rank 0 could leave are removed.
 """
 
 from __future__ import annotations
 
-import ctypes
+import errno
 import os
 import queue
 import signal
@@ -22,6 +28,7 @@ from pathlib import Path
 from typing import IO, Final
 
 from .distributed import in_torchrun
+from .errors import LaunchError
 from .reporting import (
     ERROR_PREFIX,
     EXIT_FAILURE,
@@ -31,13 +38,14 @@ from .reporting import (
     VERBATIM_MARK,
     print_error,
 )
+from .shm_collectives import remove_segments
 
 __all__ = [
     "LAUNCHER_PID_ENV",
     "RUN_IN_PROCESS",
     "WORKER_MODULE",
     "LaunchOutcome",
-    "bind_lifetime_to_launcher",
+    "check_port_free",
     "free_port",
     "launch",
     "spawn_workers",
@@ -48,6 +56,20 @@ __all__ = [
 RUN_IN_PROCESS: Final = -1
 WORKER_MODULE: Final = "tpcompile.runtime.worker"
 _PR_SET_PDEATHSIG = 1
+#: What a spawned rank runs (``python -c``) before importing anything heavy: get SIGKILLed when the
+#: launcher dies (Linux ``PR_SET_PDEATHSIG``; set here rather than in a ``preexec_fn``, which is unsafe
+#: in a process with threads), exit at once if the launcher is already gone, then run the worker.
+_BOOTSTRAP: Final = f"""\
+import ctypes, os, runpy, signal, sys
+if sys.platform.startswith("linux"):
+    try:
+        ctypes.CDLL(None).prctl({_PR_SET_PDEATHSIG}, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if str(os.getppid()) != os.environ[{LAUNCHER_PID_ENV!r}]:
+        os._exit({EXIT_FAILURE})
+runpy.run_module({WORKER_MODULE!r}, run_name="__main__", alter_sys=True)
+"""
 _POLL_S = 0.1
 _STDERR_LOCK = threading.Lock()
 
@@ -73,6 +95,37 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def check_port_free(port: int) -> None:
+    """Raise :class:`LaunchError` if something already listens on (or holds) TCP ``port`` locally.
+
+    Binds the way the rendezvous store does (all addresses, ``SO_REUSEADDR``), so
+    a port left in TIME_WAIT by a previous run still counts as free.
+    """
+    families = [(socket.AF_INET, "0.0.0.0")]
+    if socket.has_ipv6:
+        families.append((socket.AF_INET6, "::"))
+    for family, host in families:
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            continue  # family unavailable on this host
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                    reason = "already in use" if exc.errno == errno.EADDRINUSE else "not allowed"
+                    raise LaunchError(
+                        f"rendezvous port {port} is {reason}; pass another --port or omit --port "
+                        "to pick a free one"
+                    ) from None
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise
 
 
 def _package_root() -> Path | None:
@@ -101,26 +154,6 @@ def worker_env(rank: int, nprocs: int, port: int, base: Mapping[str, str] | None
         paths = [str(root), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env
-
-
-def bind_lifetime_to_launcher(environ: Mapping[str, str] | None = None) -> None:
-    """In a spawned worker: get SIGKILLed when the launcher dies, so no rank is orphaned.
-
-    Uses Linux ``PR_SET_PDEATHSIG``; done in the worker itself rather than in a
-    ``preexec_fn`` (which is unsafe when the launching process has threads).
-    A no-op for workers not started by :func:`spawn_workers` or off Linux.
-    """
-    env = os.environ if environ is None else environ
-    launcher_pid = env.get(LAUNCHER_PID_ENV)
-    if launcher_pid is None or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if str(os.getppid()) != launcher_pid:  # the launcher died before prctl took effect
-        os._exit(EXIT_FAILURE)
 
 
 class _Rank:
@@ -161,23 +194,29 @@ class _Rank:
         done.put(self.rank)
 
     def describe_failure(self) -> str:
+        """``rank N failed (STATUS): DETAIL``; a signal death only shows an explicit error line."""
         rc = self.proc.returncode
         if rc is not None and rc < 0:
             try:
                 status = f"killed by {signal.Signals(-rc).name}"
             except ValueError:
                 status = f"killed by signal {-rc}"
+            if -rc == signal.SIGKILL:
+                status += ", e.g. by the out-of-memory killer"
+            detail = self.error_line
         else:
             status = f"exit {rc}"
-        detail = self.error_line or self.last_line or "no error output"
-        return f"rank {self.rank} failed ({status}): {detail}"
+            detail = self.error_line or self.last_line or "no error output"
+        return f"rank {self.rank} failed ({status})" + (f": {detail}" if detail else "")
 
 
 def _terminate(ranks: Sequence[_Rank], grace_s: float) -> None:
-    """SIGTERM every live rank, then SIGKILL whatever is still alive after ``grace_s``."""
+    """SIGTERM every live rank (and SIGCONT a stopped one), then SIGKILL whatever is still alive after
+    ``grace_s``; finally remove shared-memory segments rank 0 may have left."""
     live = [r for r in ranks if r.proc.poll() is None]
     for r in live:
         r.proc.terminate()
+        r.proc.send_signal(signal.SIGCONT)
     deadline = time.monotonic() + grace_s
     for r in live:
         try:
@@ -187,12 +226,14 @@ def _terminate(ranks: Sequence[_Rank], grace_s: float) -> None:
             r.proc.wait()
     for r in ranks:
         r.reader.join(timeout=2.0)
+    if ranks:
+        remove_segments(ranks[0].proc.pid)
 
 
 def _spawn(
     argv: Sequence[str], nprocs: int, port: int, env: Mapping[str, str] | None, stdin_to_rank0: bool
 ) -> list[_Rank]:
-    cmd = [sys.executable, "-m", WORKER_MODULE, *argv]
+    cmd = [sys.executable, "-c", _BOOTSTRAP, *argv]
     ranks: list[_Rank] = []
     try:
         for rank in range(nprocs):
@@ -201,6 +242,7 @@ def _spawn(
                 env=worker_env(rank, nprocs, port, env),
                 stdin=None if stdin_to_rank0 and rank == 0 else subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
+                start_new_session=True,  # Ctrl-C reaches the launcher only; it stops the ranks
                 text=True,
                 errors="replace",
                 bufsize=1,
@@ -224,18 +266,27 @@ def spawn_workers(
     grace_s: float = 5.0,
     stdin_to_rank0: bool = False,
 ) -> LaunchOutcome:
-    """Run ``python -m tpcompile.runtime.worker *argv`` as ``nprocs`` local ranks.
+    """Run ``python -m tpcompile.runtime.worker *argv`` as ``nprocs`` local ranks (via a bootstrap that
+    ties each rank's lifetime to this process).
 
     Each rank's stderr is forwarded (prefixed ``[rank N]`` unless the line is
     marked verbatim); stdout is inherited, so rank 0's streamed text goes
     straight to ours.  Rank 0 inherits stdin when ``stdin_to_rank0``, the
     others read from /dev/null.  As soon as one rank exits non-zero the
-    others are terminated (SIGTERM, then SIGKILL after ``grace_s``).  Always
-    spawns, even under torchrun.
+    others are terminated (SIGTERM, then SIGKILL after ``grace_s``); so are
+    all of them on KeyboardInterrupt (Ctrl-C), which returns exit code 130.
+    Always spawns, even under torchrun.
+
+    Raises:
+        LaunchError: ``port`` is given but already in use.
     """
     if nprocs < 1:
         raise ValueError(f"nprocs must be >= 1, got {nprocs}")
-    ranks = _spawn(argv, nprocs, port if port is not None else free_port(), env, stdin_to_rank0)
+    if port is None:
+        port = free_port()
+    else:
+        check_port_free(port)
+    ranks = _spawn(argv, nprocs, port, env, stdin_to_rank0)
     done: queue.Queue[int] = queue.Queue()
     for r in ranks:
         threading.Thread(

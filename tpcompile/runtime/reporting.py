@@ -10,9 +10,11 @@ forwards the line without a prefix.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 
+from .distributed import CollectiveError
 from .errors import RuntimeArtifactError
 
 __all__ = [
@@ -39,6 +41,8 @@ EXIT_INTERRUPTED = 130
 LAUNCHER_PID_ENV = "TPRUN_LAUNCHER_PID"
 #: First character of a worker's stderr line that the launcher forwards unprefixed.
 VERBATIM_MARK = "\x1e"
+#: ``[.../gloo/transport/tcp/pair.cc:589] `` opening a message raised by a collective backend.
+_BACKEND_SOURCE = re.compile(r"^\[[^\]\s]+/(?:gloo|nccl|c10d)/[^\]\s]+:\d+\]\s*")
 
 
 def first_line(exc: BaseException) -> str:
@@ -70,6 +74,13 @@ def report_exception(exc: BaseException, *, debug: bool = False) -> int:
     if isinstance(exc, RuntimeArtifactError):
         print_error(first_line(exc))
         return EXIT_USER_ERROR
+    if isinstance(exc, CollectiveError):  # a peer died or --timeout expired: the message says which
+        print_error(first_line(exc))
+        return EXIT_FAILURE
+    backend_failure = _BACKEND_SOURCE.sub("", first_line(exc), count=1)
+    if backend_failure != first_line(exc):  # e.g. gloo: "Timed out waiting 300000ms for recv ..."
+        print_error(f"collective failed: {backend_failure}")
+        return EXIT_FAILURE
     hint = "" if debug else " (rerun with --debug for a traceback)"
     print_error(f"{type(exc).__name__}: {first_line(exc)}{hint}")
     return EXIT_FAILURE

@@ -10,7 +10,9 @@ Invariants:
 - two slots per rank alternate between calls; a rank overwrites a slot only after every peer has entered
   the next call (so has finished reading the previous use of that slot);
 - the data is written before the sequence number (x86-64 keeps stores in order, so a reader that sees the
-  number sees the data); other architectures, tensors larger than a slot, or ``TPCOMPILE_SHM=0`` keep gloo.
+  number sees the data); other architectures, tensors larger than a slot, or ``TPCOMPILE_SHM=0`` keep gloo;
+- a waiting rank never outlives its peers: it raises :class:`CollectiveError` when a rank it waits for no
+  longer exists (each rank's pid is in the header) or after ``--timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -25,11 +27,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["ShmCommunicator", "shm_supported"]
+from .distributed import CollectiveError
+
+__all__ = ["SEGMENT_PREFIX", "ShmCommunicator", "remove_segments", "shm_supported"]
 
 SLOT_BYTES = 8 * 2**20  # per rank and parity: covers decode steps and prompts of a few thousand tokens
-_HEADER = 64  # one cache line per rank for its sequence number
+_HEADER = 64  # one cache line per rank: its sequence number (int64 #0) and its pid (int64 #1)
 _TIMEOUT_S = 300.0
+_LIVENESS_S = 0.25  # how often a waiting rank checks that the ranks it waits for still exist
+_SPIN_S = 0.05  # after this long without progress, sleep between polls instead of only yielding
+SHM_DIR = Path("/dev/shm")
+#: Segment files are named ``SEGMENT_PREFIX + "<pid of rank 0>-<nonce>"``.
+SEGMENT_PREFIX = "tpcompile-"
 
 
 def shm_supported(device: torch.device) -> bool:
@@ -37,53 +46,124 @@ def shm_supported(device: torch.device) -> bool:
         device.type == "cpu"
         and platform.machine().lower() in ("x86_64", "amd64")
         and os.environ.get("TPCOMPILE_SHM", "1") != "0"
-        and Path("/dev/shm").is_dir()
+        and SHM_DIR.is_dir()
     )
 
 
-class ShmCommunicator:
-    """Collectives among the ``world`` ranks of this host through one shared-memory file."""
+def remove_segments(rank0_pid: int, directory: Path = SHM_DIR) -> list[Path]:
+    """Unlink the segment files a job whose rank 0 had pid ``rank0_pid`` left behind (if it was killed
+    between creating the file and unlinking it); return the removed paths."""
+    removed = []
+    for path in directory.glob(f"{SEGMENT_PREFIX}{rank0_pid}-*"):
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
 
-    def __init__(self, rank: int, world: int, name: str, timeout_s: float = _TIMEOUT_S) -> None:
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return stat[stat.rindex(")") + 2 :][:1] not in ("Z", "X")
+
+
+def _segment_size(world: int) -> int:
+    return world * _HEADER + world * 2 * SLOT_BYTES
+
+
+class ShmCommunicator:
+    """Collectives among the ``world`` ranks of this host through one shared-memory file.
+
+    A rank waiting for its peers gives up with :class:`CollectiveError` as soon as one of them no longer
+    exists, or after ``timeout_s`` seconds without them publishing.
+    """
+
+    def __init__(self, rank: int, world: int, path: Path, timeout_s: float = _TIMEOUT_S) -> None:
+        """Map the existing segment file ``path`` (see :meth:`create`) and publish this rank's pid."""
         self.rank, self.world, self.timeout_s = rank, world, timeout_s
-        self.path = Path("/dev/shm") / name
-        size = world * _HEADER + world * 2 * SLOT_BYTES
-        if rank == 0:
-            with open(self.path, "wb") as f:
-                f.truncate(size)
-        dist.barrier()  # the file exists before anyone maps it
-        with open(self.path, "r+b") as f:
-            self._map = mmap.mmap(f.fileno(), size)
-        dist.barrier()  # everyone mapped it: rank 0 unlinks, the mapping stays valid
-        if rank == 0:
-            self.path.unlink(missing_ok=True)
-        self._seq_view = np.frombuffer(self._map, dtype=np.int64, count=world * _HEADER // 8)
+        self.path = path
+        with open(path, "r+b") as f:
+            self._map = mmap.mmap(f.fileno(), _segment_size(world))
+        self._header = np.frombuffer(self._map, dtype=np.int64, count=world * _HEADER // 8)
+        self._header[self._index(rank) + 1] = os.getpid()
         self.seq = 0
 
     @classmethod
     def create(cls, rank: int, world: int, timeout_s: float = _TIMEOUT_S) -> ShmCommunicator:
-        """Agree on a fresh file name through the default process group, then map it."""
-        token = [f"tpcompile-{os.getpid()}-{time.monotonic_ns()}" if rank == 0 else ""]
+        """Agree on a fresh file name through the default process group, create and map it.
+
+        Rank 0 unlinks the file once every rank has mapped it (or when the setup fails), so nothing is
+        left in /dev/shm; if rank 0 is killed in between, :func:`remove_segments` cleans up.
+        """
+        token = [f"{SEGMENT_PREFIX}{os.getpid()}-{time.monotonic_ns()}" if rank == 0 else ""]
         dist.broadcast_object_list(token, src=0)
-        return cls(rank, world, str(token[0]), timeout_s)
+        path = SHM_DIR / str(token[0])
+        try:
+            if rank == 0:
+                with open(path, "wb") as f:
+                    f.truncate(_segment_size(world))
+            dist.barrier()  # the file exists before anyone maps it
+            comm = cls(rank, world, path, timeout_s)
+            dist.barrier()  # everyone mapped it (and published its pid): rank 0 unlinks
+        finally:
+            if rank == 0:
+                path.unlink(missing_ok=True)
+        return comm
+
+    def _index(self, rank: int) -> int:
+        return rank * _HEADER // 8
 
     def _published(self, rank: int) -> int:
-        return int(self._seq_view[rank * _HEADER // 8])
+        return int(self._header[self._index(rank)])
 
     def _publish(self, seq: int) -> None:
-        self._seq_view[self.rank * _HEADER // 8] = seq
+        self._header[self._index(self.rank)] = seq
+
+    def _check_peers(self, waiting: list[int], started: float) -> None:
+        for r in waiting:
+            pid = int(self._header[self._index(r) + 1])
+            if pid and not process_alive(pid):
+                raise CollectiveError(f"rank {r} (pid {pid}) exited during a collective")
+        if time.monotonic() - started > self.timeout_s:
+            names = ", ".join(map(str, waiting))
+            raise CollectiveError(
+                f"collective timed out after {self.timeout_s:g} s waiting for rank {names} "
+                "(raise --timeout if a rank is legitimately this slow)"
+            )
+
+    def _laggards(self, seq: int) -> list[int]:
+        return [r for r in range(self.world) if r != self.rank and self._published(r) < seq]
 
     def _wait_all(self, seq: int) -> None:
-        deadline = None
-        while True:
-            if all(self._published(r) >= seq for r in range(self.world) if r != self.rank):
-                return
-            os.sched_yield()
+        """Return once every peer has published ``seq``; raise :class:`CollectiveError` if one has exited
+        or ``timeout_s`` has passed."""
+        waiting = self._laggards(seq)
+        if not waiting:
+            return
+        started = checked = time.monotonic()
+        while waiting:
             now = time.monotonic()
-            if deadline is None:
-                deadline = now + self.timeout_s
-            elif now > deadline:
-                raise TimeoutError(f"shared-memory collective timed out after {self.timeout_s:.0f} s")
+            if now - checked > _LIVENESS_S:
+                checked = now
+                self._check_peers(waiting, started)
+            if now - started > _SPIN_S:
+                time.sleep(0.0002)
+            else:
+                os.sched_yield()
+            waiting = self._laggards(seq)
 
     def _slot(self, rank: int, parity: int, nbytes: int) -> np.ndarray:
         start = self.world * _HEADER + (rank * 2 + parity) * SLOT_BYTES

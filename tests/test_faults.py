@@ -1,0 +1,242 @@
+"""Faults through real ``tprun`` processes on a hand-built tp=2 causal LM: a rank killed or stuck during
+generation, Ctrl-C, a busy ``--port``; and, in-process, how the shared-memory transport and the process
+group give up on a dead or silent peer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d
+
+from tests.conftest import REPO, cli_env, tprun
+from tests.test_lm_runtime_helpers import build_lm_artifact
+from tpcompile.runtime.distributed import RENDEZVOUS_TIMEOUT_S, CollectiveError, destroy_group, init_group
+from tpcompile.runtime.launcher import free_port
+from tpcompile.runtime.shm_collectives import SEGMENT_PREFIX, ShmCommunicator, remove_segments
+
+GENERATE = ("--prompt", "abc", "--no-chat-template", "--max-new-tokens", "4000")
+SHM_MAPPING = f"/dev/shm/{SEGMENT_PREFIX}"
+HINT = "(raise --timeout if a rank is legitimately this slow)"
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """No EOS and a 4096-token cache: generating 4000 tokens takes seconds, so a fault lands mid-answer."""
+    return build_lm_artifact(tmp_path_factory.mktemp("faults") / "art", [130, 129], max_seq_len=4096, eos=[])
+
+
+def _start(art: Path, *args: str) -> subprocess.Popen[str]:
+    """``tprun`` as a terminal would run it: leader of its own process group."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tpcompile.runtime.cli", str(art), *GENERATE, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+        cwd=REPO,
+        start_new_session=True,
+    )
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()  # [state, ppid, ...]
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def _rank_of(pid: int) -> int | None:
+    """RANK in ``pid``'s environment (None before the spawned rank has exec'd, or once it is gone)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(e.split(b"=", 1)[1]) for e in environ if e.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
+
+
+def _mapped_shm(pid: int) -> bool:
+    try:
+        return SHM_MAPPING in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def _children(proc: subprocess.Popen[str], wait_for: Callable[[int], bool], nprocs: int = 2) -> list[int]:
+    """Pids of the launcher's ``nprocs`` ranks, by rank, once ``wait_for`` holds for each of them."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1]
+        kids = []
+        for entry in Path("/proc").iterdir():
+            fields = _stat_fields(int(entry.name)) if entry.name.isdigit() else None
+            if fields is not None and int(fields[1]) == proc.pid:
+                kids.append(int(entry.name))
+        ranks = {_rank_of(pid): pid for pid in kids}
+        if sorted(ranks, key=str) == list(range(nprocs)) and all(wait_for(pid) for pid in kids):
+            return [ranks[r] for r in range(nprocs)]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("the ranks did not get there in time")
+
+
+def _generating_ranks(proc: subprocess.Popen[str]) -> list[int]:
+    """The ranks' pids once all of them have mapped the shared-memory segment (the last step before
+    generating), plus a moment so that generation is under way."""
+    pids = _children(proc, wait_for=_mapped_shm)
+    time.sleep(0.3)
+    return pids
+
+
+def _finish(proc: subprocess.Popen[str], pids: list[int], since: float) -> str:
+    """Wait (at most 30 s after the fault) for the launcher; check that no rank and no segment survive."""
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.monotonic() - since < 30
+    deadline = time.monotonic() + 5  # the launcher waited for its ranks; this only absorbs /proc lag
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [pid for pid in pids if _alive(pid)] == []
+    assert list(Path("/dev/shm").glob(f"{SEGMENT_PREFIX}{pids[0]}-*")) == []
+    assert "Traceback" not in stderr
+    assert "prompt tokens:" not in stderr  # the fault did land during generation
+    return stderr
+
+
+def test_killed_rank_stops_every_process_and_is_named(art: Path) -> None:
+    proc = _start(art)
+    pids = _generating_ranks(proc)
+    os.kill(pids[1], signal.SIGKILL)
+    stderr = _finish(proc, pids, time.monotonic())
+    assert proc.returncode == 1
+    launcher = "tprun: error: rank 1 failed (killed by SIGKILL, e.g. by the out-of-memory killer)"
+    # rank 0 notices its dead peer itself only if the launcher has not stopped it within a quarter second
+    rank0 = f"[rank 0] tprun: error: rank 1 (pid {pids[1]}) exited during a collective"
+    assert stderr.splitlines() in ([launcher], [rank0, launcher])
+
+
+def test_stuck_rank_hits_timeout_in_its_peer(art: Path) -> None:
+    """A stopped rank 1 leaves rank 0 waiting in a shared-memory all-gather: --timeout 2 makes it raise,
+    and the launcher then ends the stopped rank too."""
+    proc = _start(art, "--timeout", "2")
+    pids = _generating_ranks(proc)
+    os.kill(pids[1], signal.SIGSTOP)
+    stderr = _finish(proc, pids, time.monotonic())
+    assert proc.returncode == 1
+    reason = f"collective timed out after 2 s waiting for rank 1 {HINT}"
+    assert stderr.splitlines() == [
+        f"[rank 0] tprun: error: {reason}",
+        f"tprun: error: rank 0 failed (exit 1): {reason}",
+    ]
+
+
+def test_ctrl_c_during_generation_stops_all_ranks(art: Path) -> None:
+    """Ctrl-C in a terminal signals the whole foreground process group."""
+    proc = _start(art)
+    pids = _generating_ranks(proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    stderr = _finish(proc, pids, time.monotonic())
+    assert proc.returncode == 130
+    assert stderr == "tprun: error: interrupted\n"
+
+
+def test_sigint_to_launcher_while_ranks_start(art: Path) -> None:
+    """``kill -INT`` of the launcher alone, while its ranks are still importing and loading."""
+    proc = _start(art)
+    pids = _children(proc, wait_for=lambda pid: True)
+    os.kill(proc.pid, signal.SIGINT)
+    stderr = _finish(proc, pids, time.monotonic())
+    assert proc.returncode == 130
+    assert stderr == "tprun: error: interrupted\n"
+
+
+def test_busy_port_is_a_one_line_error(art: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = tprun(art, *GENERATE, "--port", str(port))
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"tprun: error: rendezvous port {port} is already in use; pass another --port or omit --port "
+        "to pick a free one\n"
+    )
+
+
+def _segment(tmp_path: Path) -> Path:
+    path = tmp_path / f"{SEGMENT_PREFIX}test"
+    with open(path, "wb") as f:
+        f.truncate(2 * 64 + 4 * 8 * 2**20)  # sparse: header lines and two slots per rank
+    return path
+
+
+def test_shm_wait_ends_when_the_peer_process_is_gone(tmp_path: Path) -> None:
+    """Each rank publishes its pid in its header line (bytes 8..16 of line r); a waiting rank checks them."""
+    path = _segment(tmp_path)
+    rank0 = ShmCommunicator(0, 2, path, timeout_s=60)
+    ShmCommunicator(1, 2, path)
+    with open(path, "r+b") as f:
+        f.seek(64 + 8)
+        assert struct.unpack("<q", f.read(8)) == (os.getpid(),)
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        f.seek(64 + 8)
+        f.write(struct.pack("<q", gone.pid))  # as if rank 1 had been another process, now exited
+    started = time.monotonic()
+    with pytest.raises(CollectiveError, match=rf"^rank 1 \(pid {gone.pid}\) exited during a collective$"):
+        rank0.all_reduce(torch.ones(3))
+    assert time.monotonic() - started < 10  # found by the liveness check, long before the timeout
+
+
+def test_shm_wait_times_out_on_a_silent_peer(tmp_path: Path) -> None:
+    path = _segment(tmp_path)
+    rank0 = ShmCommunicator(0, 2, path, timeout_s=0.5)
+    ShmCommunicator(1, 2, path)  # alive (this process) but never calls the collective
+    with pytest.raises(CollectiveError) as caught:
+        rank0.all_gather(torch.ones(3))
+    assert str(caught.value) == f"collective timed out after 0.5 s waiting for rank 1 {HINT}"
+
+
+def test_remove_segments_only_touches_that_rank0(tmp_path: Path) -> None:
+    for name in ("tpcompile-123-1", "tpcompile-123-2", "tpcompile-1234-1", "other-123-1"):
+        (tmp_path / name).touch()
+    removed = remove_segments(123, tmp_path)
+    assert sorted(p.name for p in removed) == ["tpcompile-123-1", "tpcompile-123-2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other-123-1", "tpcompile-1234-1"]
+
+
+def test_timeout_is_applied_to_the_process_group_collectives(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in dict(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1"
+    ).items():
+        monkeypatch.setenv(key, value)
+    init_group("gloo", torch.device("cpu"), 7.0)
+    try:
+        world = dist.group.WORLD
+        assert world is not None
+        assert world._get_backend(torch.device("cpu")).options._timeout == timedelta(seconds=7)
+        # joining waits longer: ranks may finish loading their weights far apart
+        assert distributed_c10d._get_default_store().timeout == timedelta(seconds=RENDEZVOUS_TIMEOUT_S)
+    finally:
+        destroy_group()
