@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .errors import ArtifactCorrupt, ArtifactLoadError, BackendError
+from .errors import ArtifactCorrupt, ArtifactLoadError, BackendError, UntrustedContent
 from .graph_rewrite import rewrite_collective_groups, rewrite_devices
 from .manifest import (
     PROGRAM_FILE,
@@ -19,13 +19,16 @@ from .manifest import (
     ArtifactManifest,
     TensorSpec,
     load_artifact_manifest,
+    verify_artifact,
     verify_rank_files,
     verify_shared_files,
 )
+from .onnx_manifest import FORMAT_ONNX, FORMAT_TORCH, artifact_format
+from .program_archive import unsafe_content
 from .tensor_io import order_inputs
 from .weights import assign_tensors, create_zero_state, move_to_device, unloaded_tensors
 
-__all__ = ["RankProgram", "load_rank"]
+__all__ = ["RankProgram", "check_artifact", "check_program_trust", "load_rank"]
 
 _CPU = torch.device("cpu")
 
@@ -111,7 +114,43 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _load_module(manifest: ArtifactManifest, path: Path, rel: str) -> nn.Module:
+def check_program_trust(path: Path, rel: str) -> None:
+    """Refuse a program archive whose loading would unpickle data or load compiled code.
+
+    Raises:
+        UntrustedContent: naming the entry; ``--trust-pickle`` (``trust_pickle=True``) skips this check.
+        ArtifactLoadError: the file is not a zip archive.
+    """
+    try:
+        problem = unsafe_content(path)
+    except Exception as exc:  # zipfile raises BadZipFile, OSError, ValueError, ...
+        raise ArtifactLoadError(f"cannot load {rel}: {_first_line(exc)}") from exc
+    if problem is not None:
+        raise UntrustedContent(
+            f"{rel} contains {problem}, which runs code when loaded; pass --trust-pickle only if you "
+            "trust where the artifact comes from (or recompile it with tpcompile)"
+        )
+
+
+def check_artifact(manifest: ArtifactManifest, *, verify: bool = True, trust_pickle: bool = False) -> None:
+    """Everything about the files that can fail before any rank starts: hashes, then program trust.
+
+    ``tprun`` runs this once in the launcher, so a corrupt or untrusted artifact is one error line
+    and no rank is spawned.
+
+    Raises:
+        ArtifactCorrupt, UntrustedContent, ArtifactLoadError.
+    """
+    if verify:
+        verify_artifact(manifest)
+    if not trust_pickle and artifact_format(manifest) == FORMAT_TORCH:  # ONNX segments hold no pickles
+        for entry in manifest.ranks:
+            check_program_trust(manifest.path / entry.dir / PROGRAM_FILE, entry.relpath(PROGRAM_FILE))
+
+
+def _load_module(manifest: ArtifactManifest, path: Path, rel: str, trust_pickle: bool) -> nn.Module:
+    if not trust_pickle:
+        check_program_trust(path, rel)
     try:
         exported = torch.export.load(str(path))
         return exported.module()
@@ -143,6 +182,7 @@ def load_rank(
     verify: bool = True,
     *,
     manifest: ArtifactManifest | None = None,
+    trust_pickle: bool = False,
 ) -> RankProgram:
     """Load rank ``rank`` of the artifact in ``artifact_dir`` onto ``device``.
 
@@ -155,27 +195,33 @@ def load_rank(
             collectives are left unbound (call :meth:`RankProgram.bind_group`).
         verify: check file hashes (the rank's files and the shared files) first.
         manifest: an already-loaded manifest for ``artifact_dir`` (optional).
+        trust_pickle: load a program archive even if it holds pickled data or compiled code
+            (by default such an archive is refused with :class:`UntrustedContent`).
 
     Buffers listed in the manifest's ``zero_state`` (KV caches) are not read
     from the weights file but created as zeros on ``device``.
 
     Raises:
-        ManifestError, ArtifactCorrupt, ArtifactLoadError, BackendError.
+        ManifestError, ArtifactCorrupt, ArtifactLoadError (UntrustedContent), BackendError.
     """
     root = Path(artifact_dir)
-    man = manifest if manifest is not None else load_artifact_manifest(root)
+    man = manifest if manifest is not None else load_artifact_manifest(root, verify=verify)
     dev = torch.device(device)
     entry = man.rank_entry(rank)
     if verify:
         verify_shared_files(man)
         verify_rank_files(root, entry)
+    if artifact_format(man) == FORMAT_ONNX:  # segments run by onnxruntime (tpcompile.runtime.onnx_program)
+        from .onnx_program import load_onnx_rank
+
+        return load_onnx_rank(man, rank, dev, group_name if group_name is not None else _default_group_name())
     rank_dir = root / entry.dir
     for name in (PROGRAM_FILE, WEIGHTS_FILE):
         if not (rank_dir / name).is_file():
             raise ArtifactCorrupt(f"artifact incomplete: {entry.relpath(name)} is missing")
 
     _register_collective_kernels()
-    module = _load_module(man, rank_dir / PROGRAM_FILE, entry.relpath(PROGRAM_FILE))
+    module = _load_module(man, rank_dir / PROGRAM_FILE, entry.relpath(PROGRAM_FILE), trust_pickle)
     weights_rel = entry.relpath(WEIGHTS_FILE)
     assign_tensors(module, _load_weights(rank_dir / WEIGHTS_FILE, weights_rel, dev), weights_rel)
     create_zero_state(module, man.zero_state, dev)

@@ -1,0 +1,112 @@
+"""Turning a torch-format artifact's ranks into ONNX segments (``tpcompile ... --format onnx``).
+
+Per rank: load ``program.pt2``, make its KV cache explicit (:mod:`tpcompile.onnx.functional`), export it
+with collectives as ``tpcompile`` nodes (:mod:`tpcompile.onnx.export`), cut it at those nodes
+(:mod:`tpcompile.onnx.segments`) and drop ``program.pt2``. Invariant: afterwards each rank directory holds
+``weights.safetensors`` (unchanged, also the segments' external data) and ``segment{i}.onnx``, and the
+manifest says ``format: onnx`` and lists every rank's steps under ``extra.onnx``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tpcompile.artifact.manifest import Manifest
+from tpcompile.artifact.writer import atomic_directory, sha256_file
+from tpcompile.errors import TpCompileError, UnsupportedModelError, UsageError
+from tpcompile.onnx.export import DOMAIN, OPSET, export_model
+from tpcompile.onnx.functional import stateful_module
+from tpcompile.onnx.segments import RankGraph, split_model
+
+FORMAT = "onnx"
+PROGRAM = "program.pt2"
+WEIGHTS = "weights.safetensors"
+
+
+def convert_rank(rank_dir: Path, zero_state: set[str]) -> tuple[RankGraph, list[Path]]:
+    """Write ``rank_dir``'s segments; return the rank's steps and the segment files."""
+    program = torch.export.load(str(rank_dir / PROGRAM))
+    stateful = stateful_module(program, zero_state)
+    model = export_model(stateful, rank_dir / WEIGHTS)
+    return split_model(model, rank_dir)
+
+
+Job = tuple[Path, list[str], str]  # (artifact dir, zero_state, rank dir)
+Result = tuple[str, dict[str, Any] | None, list[str], str | None]
+
+
+def _convert_in_worker(job: Job) -> Result:
+    out, zero_state, rank_dir = job
+    try:
+        graph, files = convert_rank(out / rank_dir, set(zero_state))
+    except TpCompileError as err:
+        return rank_dir, None, [], str(err)
+    except Exception as err:  # reported by the parent as an unsupported model, with the first line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return rank_dir, None, [], f"converting {rank_dir} to ONNX failed: {type(err).__name__}: {first}"
+    return rank_dir, graph.to_json(), [f.name for f in files], None
+
+
+def _convert_all(
+    out: Path, dirs: list[str], zero_state: set[str]
+) -> Iterator[tuple[str, dict[str, Any], list[str]]]:
+    """Convert the rank directories, in worker processes (one per core) when there are several. They are
+    spawned, not forked: a fork of the compiler (which has helper threads by now) can inherit a held lock
+    and hang."""
+    jobs: list[Job] = [(out, sorted(zero_state), d) for d in dirs]
+    workers = min(len(dirs), os.cpu_count() or 1)
+    pool = None
+    if workers < 2 or os.environ.get("TPCOMPILE_JOBS") == "1":
+        results: Iterable[Result] = map(_convert_in_worker, jobs)
+    else:
+        pool = mp.get_context("spawn").Pool(workers)
+        results = pool.imap(_convert_in_worker, jobs)
+    try:
+        for rank_dir, graph, files, error in results:
+            if error is not None or graph is None:
+                raise UnsupportedModelError(error or f"converting {rank_dir} to ONNX failed")
+            yield rank_dir, graph, files
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+
+def to_onnx(out: Path, manifest: Manifest, progress: Callable[[str], None] | None = None) -> None:
+    """Convert every rank of the artifact being written in ``out`` and update ``manifest`` in place."""
+    say = progress or (lambda _msg: None)
+    ranks = {}
+    entries = {e.dir: e for e in manifest.ranks}
+    for rank_dir, graph, files in _convert_all(out, list(entries), set(manifest.zero_state)):
+        entry = entries[rank_dir]
+        (out / rank_dir / PROGRAM).unlink()
+        entry.files = {f: sha256_file(out / rank_dir / f) for f in [*files, WEIGHTS]}
+        ranks[str(entry.rank)] = graph
+        say(f"rank {entry.rank}: {len(files)} ONNX segments written")
+    manifest.format = FORMAT
+    manifest.extra["onnx"] = {"opset": OPSET, "collective_domain": DOMAIN, "ranks": ranks}
+
+
+def convert_artifact(src: Path, dst: Path, force: bool = False) -> Manifest:
+    """Write an ONNX-format copy of the torch-format artifact ``src`` to ``dst``."""
+    manifest = Manifest.read(src / "manifest.json")
+    if manifest.format != "torch":
+        raise UsageError(f"{src} is already a {manifest.format}-format artifact")
+    with atomic_directory(dst, force) as tmp:
+        for path in sorted(src.rglob("*")):
+            target = tmp / path.relative_to(src)
+            if path.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            elif path.name != "manifest.json":
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)  # not a hard link: ONNX loaders refuse linked external data
+        to_onnx(tmp, manifest)
+        (tmp / "manifest.json").write_text(manifest.to_json())
+    return manifest

@@ -1,0 +1,132 @@
+"""The ONNX part of a manifest (``format: "onnx"``, ``extra.onnx``): each rank's segments and collectives.
+
+``extra.onnx.ranks[r]`` lists rank r's ONNX graph inputs and outputs (the program's user inputs, then one
+``in.NAME`` per KV-cache buffer; the outputs ``out0...``, then one ``out.NAME`` per buffer) and its
+``steps`` in execution order: ``segment`` (an ONNX file in the rank directory, the values it reads and
+writes) or a collective (``all_reduce`` / ``all_gather``: one value in, one out). Standard library only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ManifestError
+from .manifest import ArtifactManifest
+
+__all__ = [
+    "FORMAT_ONNX",
+    "FORMAT_TORCH",
+    "Collective",
+    "OnnxRank",
+    "Segment",
+    "ValueSpec",
+    "artifact_format",
+    "onnx_rank",
+]
+
+FORMAT_TORCH = "torch"
+FORMAT_ONNX = "onnx"
+STATE_IN = "in."
+STATE_OUT = "out."
+
+
+@dataclass(frozen=True)
+class ValueSpec:
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class Segment:
+    file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Collective:
+    op: str  # all_reduce | all_gather
+    input: str
+    output: str
+    reduce_op: str = "sum"
+    group_size: int = 1
+
+
+Step = Segment | Collective
+
+
+@dataclass(frozen=True)
+class OnnxRank:
+    inputs: tuple[ValueSpec, ...]
+    outputs: tuple[ValueSpec, ...]
+    steps: tuple[Step, ...]
+
+    @property
+    def state(self) -> tuple[ValueSpec, ...]:
+        """The KV-cache inputs (``in.NAME``), in order."""
+        return tuple(s for s in self.inputs if s.name.startswith(STATE_IN))
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        return tuple(s for s in self.steps if isinstance(s, Segment))
+
+
+def artifact_format(manifest: ArtifactManifest) -> str:
+    """``"torch"`` (the default) or ``"onnx"``; ManifestError for anything else."""
+    fmt = manifest.raw.get("format", FORMAT_TORCH)
+    if fmt not in (FORMAT_TORCH, FORMAT_ONNX):
+        raise ManifestError(f"{manifest.path}: unknown artifact format {fmt!r}; upgrade tpcompile")
+    return str(fmt)
+
+
+def _specs(items: Any, where: str) -> tuple[ValueSpec, ...]:
+    if not isinstance(items, list):
+        raise ManifestError(f"{where} must be a list")
+    out = []
+    for item in items:
+        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
+            raise ManifestError(f"{where}: entry {item!r} needs a name")
+        out.append(ValueSpec(item["name"], str(item.get("dtype", "")), tuple(item.get("shape", ()))))
+    return tuple(out)
+
+
+def _step(item: Any, where: str) -> Step:
+    if not isinstance(item, Mapping):
+        raise ManifestError(f"{where} must be an object")
+    kind = item.get("kind")
+    try:
+        if kind == "segment":
+            return Segment(str(item["file"]), tuple(item["inputs"]), tuple(item["outputs"]))
+        if kind in ("all_reduce", "all_gather"):
+            return Collective(
+                str(kind),
+                str(item["input"]),
+                str(item["output"]),
+                str(item.get("reduce_op", "sum")),
+                int(item.get("group_size", 1)),
+            )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ManifestError(f"{where}: malformed {kind} step ({exc}); recompile the artifact") from exc
+    raise ManifestError(f"{where}: unknown step kind {kind!r}; upgrade tpcompile")
+
+
+def onnx_rank(manifest: ArtifactManifest, rank: int) -> OnnxRank:
+    """Rank ``rank``'s ONNX graph description; ManifestError when it is missing or malformed."""
+    extra = manifest.raw.get("extra")
+    section = extra.get("onnx") if isinstance(extra, Mapping) else None
+    ranks = section.get("ranks") if isinstance(section, Mapping) else None
+    data = ranks.get(str(rank)) if isinstance(ranks, Mapping) else None
+    where = f"{manifest.path}: extra.onnx.ranks[{rank}]"
+    if not isinstance(data, Mapping):
+        raise ManifestError(f"{where} is missing; recompile with --format onnx")
+    steps = data.get("steps")
+    if not isinstance(steps, list):
+        raise ManifestError(f"{where}.steps must be a list")
+    return OnnxRank(
+        _specs(data.get("inputs"), f"{where}.inputs"),
+        _specs(data.get("outputs"), f"{where}.outputs"),
+        tuple(_step(s, f"{where}.steps[{i}]") for i, s in enumerate(steps)),
+    )

@@ -1,0 +1,113 @@
+"""onnxruntime sessions for a rank's segments, and torch <-> OrtValue hand-over without copies.
+
+Tensors cross between torch and onnxruntime through DLPack (``OrtValue.from_dlpack`` /
+``torch.from_dlpack``), which shares memory on every device the provider supports. Invariant: a segment
+reads its inputs from and returns its outputs in device memory of the run device; nothing is copied to
+the host between segments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ArtifactLoadError, BackendError
+
+__all__ = ["SegmentSession", "import_onnxruntime", "session_options"]
+
+
+def import_onnxruntime() -> Any:
+    """The onnxruntime module; BackendError with the install hint when it is missing."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendError(
+            "this artifact is in the ONNX format and needs onnxruntime: pip install 'tpcompile[onnx]' "
+            "(onnxruntime-gpu for CUDA)"
+        ) from exc
+    return onnxruntime
+
+
+def _providers(ort: Any, device: torch.device) -> list[Any]:
+    available = ort.get_available_providers()
+    if device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise BackendError(
+                "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu) or run with --device cpu"
+            )
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        stream = torch.cuda.current_stream(index).cuda_stream  # one stream for torch and onnxruntime
+        options = {"device_id": index, "user_compute_stream": str(stream)}
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+    raise BackendError(f"the ONNX format runs on cpu or cuda devices, not {device.type}")
+
+
+def session_options(ort: Any) -> Any:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, torch.get_num_threads())
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    # ranks share the cores: threads that spin while waiting would take them from the other ranks
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
+@dataclass
+class SegmentSession:
+    """One segment: its session, a reusable I/O binding, and the names it reads and writes."""
+
+    session: Any
+    binding: Any
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    device_type: str
+    device_id: int
+
+    @classmethod
+    def open(
+        cls, path: Path, rel: str, inputs: tuple[str, ...], outputs: tuple[str, ...], device: torch.device
+    ) -> SegmentSession:
+        ort = import_onnxruntime()
+        try:
+            session = ort.InferenceSession(
+                str(path), sess_options=session_options(ort), providers=_providers(ort, device)
+            )
+        except BackendError:
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ArtifactLoadError(f"onnxruntime cannot load {rel}: {first}") from exc
+        names_in = {i.name for i in session.get_inputs()}
+        names_out = {o.name for o in session.get_outputs()}
+        if names_in != set(inputs) or names_out != set(outputs):
+            raise ArtifactLoadError(f"{rel} does not have the inputs/outputs the manifest lists; recompile")
+        index = device.index if device.index is not None else 0
+        return cls(session, session.io_binding(), inputs, outputs, device.type, index)
+
+    def run(self, env: Mapping[str, Any], preset: Mapping[str, Any]) -> list[Any]:
+        """Run on ``env``'s values (OrtValues or tensors); outputs named in ``preset`` are written into
+        those OrtValues, the others are allocated by onnxruntime. Returns the OrtValues, in output order."""
+        ort = import_onnxruntime()
+        b = self.binding
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
+        for name in self.inputs:
+            value = env[name]
+            b.bind_ortvalue_input(
+                name, value if isinstance(value, ort.OrtValue) else ort.OrtValue.from_dlpack(value)
+            )
+        for name in self.outputs:
+            if name in preset:
+                b.bind_ortvalue_output(name, preset[name])
+            else:
+                b.bind_output(name, self.device_type, self.device_id)
+        self.session.run_with_iobinding(b)
+        return list(b.get_outputs())
