@@ -6,6 +6,7 @@
     tprun OUT --prompt TEXT [--prompt TEXT ...] [--prompt-file F] [generation options] [common options]
     tprun OUT [generation options] < prompts.txt          # one prompt per line
     common: [--backend gloo|nccl] [--device cpu|cuda] [--port N] [--timeout S] [--skip-verify] [--debug]
+            [--trust-pickle]
 
 Without torchrun, ``tprun`` spawns one worker process per rank (``tp`` from
 the manifest).  Under torchrun (``RANK``/``WORLD_SIZE`` set), each torchrun
@@ -16,6 +17,7 @@ artifact; answers stream to stdout, one summary line per prompt goes to stderr.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -24,6 +26,7 @@ from .distributed import choose_backend, in_torchrun
 from .errors import RuntimeArtifactError
 from .launcher import RUN_IN_PROCESS, launch
 from .lm_worker import not_a_causal_lm, read_prompt_file
+from .loader import check_artifact
 from .manifest import load_artifact_manifest, verify_shared_files
 from .reporting import report_exception
 from .tensor_io import order_inputs, read_inputs
@@ -46,13 +49,15 @@ def _check_parent(path: Path) -> None:
 
 def _preflight(args: WorkerArgs) -> int:
     """Check manifest, inputs/prompts and output dirs before spawning; return the number of ranks."""
-    manifest = load_artifact_manifest(args.artifact)
+    manifest = load_artifact_manifest(args.artifact, verify=not args.skip_verify)
     gen = args.generation
+    if gen is not None and not manifest.is_causal_lm:
+        raise not_a_causal_lm(manifest)
+    if not in_torchrun():  # all ranks are local: check every file once, before spawning
+        check_artifact(manifest, verify=not args.skip_verify, trust_pickle=args.trust_pickle)
+    elif gen is not None and not args.skip_verify:
+        verify_shared_files(manifest)
     if gen is not None:
-        if not manifest.is_causal_lm:
-            raise not_a_causal_lm(manifest)
-        if not args.skip_verify:
-            verify_shared_files(manifest)
         if gen.prompt_file is not None:
             read_prompt_file(gen.prompt_file)
         for path in (gen.save_tokens, gen.results_json):
@@ -73,7 +78,8 @@ def _run(args: WorkerArgs, port: int | None) -> int:
     stdin = args.generation is not None and args.generation.read_stdin
     if stdin and sys.stdin.isatty() and not in_torchrun():
         print("tprun: reading prompts from stdin, one per line (end with Ctrl-D)", file=sys.stderr)
-    rc = launch(args.to_argv(), nprocs, port, stdin_to_rank0=stdin)
+    spawned = args if args.skip_verify else replace(args, skip_verify=True)  # hashes checked in _preflight
+    rc = launch(spawned.to_argv(), nprocs, port, stdin_to_rank0=stdin)
     if rc == RUN_IN_PROCESS:
         from .worker import execute  # imported lazily: only needed under torchrun
 
@@ -110,6 +116,7 @@ def _run(args: WorkerArgs, port: int | None) -> int:
 )
 @click.option("--skip-verify", is_flag=True, help="do not check file hashes against the manifest.")
 @click.option("--debug", is_flag=True, help="print full tracebacks.")
+@click.option("--trust-pickle", is_flag=True, help="load programs that hold pickled data (runs their code).")
 @click.option(
     "--prompt", "prompts", multiple=True, help="text to answer (repeatable); needs a causal_lm artifact."
 )
@@ -139,6 +146,12 @@ def _run(args: WorkerArgs, port: int | None) -> int:
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the sampling generator.")
 @click.option("--no-chat-template", is_flag=True, help="tokenize prompts as plain text.")
 @click.option(
+    "--compile",
+    "compile_decode",
+    is_flag=True,
+    help="compile the decode step with TorchInductor (faster tokens; the first run compiles for ~1 min).",
+)
+@click.option(
     "--save-tokens",
     type=click.Path(path_type=Path, dir_okay=False),
     help="write [{prompt_ids, new_ids}, ...] as JSON.",
@@ -153,6 +166,7 @@ def main(
     timeout_s: float,
     skip_verify: bool,
     debug: bool,
+    trust_pickle: bool,
     prompts: tuple[str, ...],
     prompt_file: Path | None,
     max_new_tokens: int,
@@ -161,6 +175,7 @@ def main(
     top_p: float | None,
     seed: int,
     no_chat_template: bool,
+    compile_decode: bool,
     save_tokens: Path | None,
 ) -> None:
     """Run the tensor-parallel artifact ARTIFACT on the tensors in --inputs, or generate text.
@@ -174,6 +189,8 @@ def main(
             raise click.UsageError("--inputs and -o/--output are required")
         if prompts or prompt_file is not None:
             raise click.UsageError("--prompt/--prompt-file cannot be combined with --inputs")
+        if compile_decode:
+            raise click.UsageError("--compile applies to text generation, not to --inputs")
     else:
         generation = GenerationArgs(
             prompts=prompts,
@@ -186,6 +203,7 @@ def main(
             seed=seed,
             chat_template=not no_chat_template,
             save_tokens=save_tokens,
+            compile_decode=compile_decode,
         )
     args = WorkerArgs(
         artifact=artifact,
@@ -197,6 +215,7 @@ def main(
         timeout_s=timeout_s,
         debug=debug,
         generation=generation,
+        trust_pickle=trust_pickle,
     )
     try:
         rc = _run(args, port)

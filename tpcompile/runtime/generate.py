@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .compiled import bind_transport, compile_decode_step, use_transport_ops
 from .errors import BackendError, ManifestError, PromptError
 from .lm_info import LMInfo
 from .loader import RankProgram, load_rank
 from .manifest import ArtifactManifest, TensorSpec
 from .sampling import SamplingConfig, VocabShard, choose_token
+from .weight_layout import prefer_column_major_wide_weights
 
 __all__ = ["CausalLM", "GenerationStats", "TokenCallback", "check_prompt_length"]
 
@@ -103,7 +105,13 @@ class CausalLM:
         lm.last_stats.summary()
     """
 
-    def __init__(self, program: RankProgram, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self,
+        program: RankProgram,
+        group: dist.ProcessGroup | None = None,
+        *,
+        compile_decode: bool = False,
+    ) -> None:
         manifest = program.manifest
         if not manifest.is_causal_lm or manifest.lm is None:
             raise ManifestError(f"{manifest.path} is a '{manifest.kind}' artifact, not a causal LM")
@@ -120,6 +128,8 @@ class CausalLM:
         placement = manifest.outputs[self._logits].placement
         self.shard = VocabShard(placement, program.rank, self.lm.vocab_size)
         self.last_stats: GenerationStats | None = None
+        prefer_column_major_wide_weights(program.module)  # decode streams weights: read them fastest
+        self._decode_step = compile_decode_step(program) if compile_decode else None
 
     @classmethod
     def load(
@@ -129,10 +139,14 @@ class CausalLM:
         device: torch.device | str | None = None,
         verify: bool = True,
         group: dist.ProcessGroup | None = None,
+        compile_decode: bool = False,
     ) -> CausalLM:
         """Load this process's rank (``dist.get_rank(group)``) of the artifact.
 
         The process group must be initialised (e.g. by torchrun + ``init_process_group``).
+        ``compile_decode`` compiles the decode step with TorchInductor (see
+        :mod:`tpcompile.runtime.compiled`); the first call of :meth:`warm_up` or
+        :meth:`generate` then takes a while.
         """
         if not (dist.is_available() and dist.is_initialized()):
             raise BackendError("CausalLM.load needs an initialised process group (torch.distributed)")
@@ -146,7 +160,10 @@ class CausalLM:
                 f"artifact was compiled for tp={program.manifest.tp} but the group has "
                 f"{dist.get_world_size(live)} ranks"
             )
-        return cls(program, group)
+        if compile_decode:
+            use_transport_ops(program.module)
+            bind_transport(live.group_name, dist.get_world_size(live))
+        return cls(program, group, compile_decode=compile_decode)
 
     @property
     def max_seq_len(self) -> int:
@@ -161,13 +178,26 @@ class CausalLM:
         """Last-position local logits ``[B, V_local]`` for ``ids`` written at ``positions``."""
         ordered = [ids, positions]
         ordered[self._order[0]], ordered[self._order[1]] = ids, positions
-        logits = self.program(*ordered)[self._logits]
+        run = self._decode_step if self._decode_step is not None and ids.shape[1] == 1 else self.program
+        logits = run(*ordered)[self._logits]
         return logits[:, -1, :]
 
     def _choose(
         self, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
     ) -> int:
         return choose_token(logits, self.shard, sampling, generator, self.group)
+
+    def warm_up(self) -> None:
+        """Run one decode step (compiling it if asked), so that the first prompt's timing is the real one.
+
+        Writes position 0 of the KV cache, which every prompt overwrites before reading it.
+        """
+        device = self.program.device
+        batch = self.lm.max_batch_size
+        self._forward(
+            torch.zeros((batch, 1), dtype=torch.int64, device=device),
+            torch.zeros(1, dtype=torch.int64, device=device),
+        )
 
     def generate(
         self,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from .collectives import broadcast_object
 from .errors import InputError, ManifestError, PromptError
 from .generate import CausalLM, check_prompt_length
+from .loader import RankProgram
 from .manifest import ArtifactManifest
 from .reporting import ERROR_PREFIX, first_line, print_verbatim
 from .tokenization import StreamDecoder, encode_prompt, load_tokenizer
@@ -135,6 +137,19 @@ class GenerationSession:
         if stats is not None:
             record["stats"] = {**asdict(stats), "decode_tokens_per_s": stats.decode_tokens_per_s}
         self.records.append(record)
+
+    def load_model(self, program: RankProgram, compile_decode: bool) -> CausalLM:
+        """The rank's :class:`CausalLM`; with ``compile_decode``, its decode step is compiled right away
+        (rank 0 says so on stderr) so that no prompt's timing includes the compilation."""
+        model = CausalLM(program, compile_decode=compile_decode)
+        if compile_decode:
+            if self.rank == 0:
+                print_verbatim("compiling the decode step with TorchInductor (cached for later runs)...")
+            started = time.perf_counter()
+            model.warm_up()
+            if self.rank == 0:
+                print_verbatim(f"decode step compiled in {time.perf_counter() - started:.1f} s")
+        return model
 
     def run(self, model: CausalLM, prompts: list[list[int]]) -> None:
         """Answer the fixed prompts, then (if asked) each stdin prompt, skipping (and reporting) bad ones."""

@@ -13,13 +13,13 @@ import sys
 from collections.abc import Sequence
 
 from .collectives import gather_outputs, use_shared_memory
+from .compiled import prepare_compiled_decode
 from .distributed import DistEnv, choose_backend, configure_device, destroy_group, init_group
 from .errors import BackendError, InputError, PromptError
-from .generate import CausalLM
-from .launcher import bind_lifetime_to_launcher
 from .lm_worker import GenerationSession
 from .loader import load_rank
 from .manifest import load_artifact_manifest
+from .onnx_program import OnnxRankProgram
 from .reporting import ERROR_PREFIX, EXIT_OK, EXIT_USER_ERROR, first_line, print_verbatim, report_exception
 from .shm_collectives import ShmCommunicator, rebind_collectives, shm_supported
 from .tensor_io import order_inputs, read_inputs, write_outputs
@@ -36,7 +36,7 @@ def run_worker(args: WorkerArgs) -> int:
     surface immediately.
     """
     env = DistEnv.from_environ()
-    manifest = load_artifact_manifest(args.artifact)
+    manifest = load_artifact_manifest(args.artifact, verify=not args.skip_verify)
     if manifest.tp != env.world_size:
         raise BackendError(f"artifact was compiled for tp={manifest.tp} but WORLD_SIZE={env.world_size}")
     backend, device = choose_backend(manifest.tp, args.backend, args.device, local_rank=env.local_rank)
@@ -49,7 +49,14 @@ def run_worker(args: WorkerArgs) -> int:
         prompts = session.fixed_prompts()
     elif args.inputs is None or args.output is None:
         raise InputError("--inputs and -o/--output are required")
-    program = load_rank(args.artifact, env.rank, device, verify=not args.skip_verify, manifest=manifest)
+    program = load_rank(
+        args.artifact,
+        env.rank,
+        device,
+        verify=not args.skip_verify,
+        manifest=manifest,
+        trust_pickle=args.trust_pickle,
+    )
     inputs = []
     if session is None and args.inputs is not None:
         inputs = order_inputs(manifest.inputs, read_inputs(args.inputs, device))
@@ -57,12 +64,19 @@ def run_worker(args: WorkerArgs) -> int:
     group_name = init_group(backend, device, args.timeout_s, local_world_size=env.local_world_size)
     try:
         program.bind_group(group_name)
+        comm = None
         if env.world_size > 1 and env.local_world_size == env.world_size and shm_supported(device):
             comm = ShmCommunicator.create(env.rank, env.world_size, args.timeout_s)
+        compile_decode = args.generation is not None and args.generation.compile_decode
+        if compile_decode:  # before the rebinding below: the compiled graph keeps opaque collective ops
+            prepare_compiled_decode(program, group_name, env.world_size, comm)
+        if comm is not None:
             rebind_collectives(program.module, comm, group_name)
+            if isinstance(program, OnnxRankProgram):  # ONNX format: collectives between its segments
+                program.use_shared_memory(comm)
             use_shared_memory(comm)
         if session is not None:
-            session.run(CausalLM(program), prompts)
+            session.run(session.load_model(program, compile_decode), prompts)
             session.save()
             return EXIT_USER_ERROR if session.rejected and env.rank == 0 else EXIT_OK
         outputs = gather_outputs(program(*inputs), [s.placement for s in manifest.outputs])
@@ -93,7 +107,6 @@ def execute(args: WorkerArgs) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m tpcompile.runtime.worker``."""
-    bind_lifetime_to_launcher()
     return execute(parse_worker_argv(sys.argv[1:] if argv is None else argv))
 
 

@@ -52,6 +52,7 @@ class GenerationArgs:
     save_tokens: Path | None = None
     results_json: Path | None = None
     stream: bool = True
+    compile_decode: bool = False
 
     def to_argv(self) -> list[str]:
         """Worker options for this generation (``--generate`` first)."""
@@ -75,6 +76,8 @@ class GenerationArgs:
             argv += ["--results-json", str(self.results_json.resolve())]
         if not self.stream:
             argv.append("--no-stream")
+        if self.compile_decode:
+            argv.append("--compile")
         return argv
 
 
@@ -91,6 +94,7 @@ class WorkerArgs:
     timeout_s: float = DEFAULT_TIMEOUT_S
     debug: bool = False
     generation: GenerationArgs | None = None
+    trust_pickle: bool = False
 
     def to_argv(self) -> list[str]:
         """Command-line form understood by :func:`parse_worker_argv` (absolute paths)."""
@@ -108,6 +112,8 @@ class WorkerArgs:
         argv += ["--timeout", repr(self.timeout_s)]
         if self.debug:
             argv.append("--debug")
+        if self.trust_pickle:
+            argv.append("--trust-pickle")
         if self.generation is not None:
             argv += self.generation.to_argv()
         return argv
@@ -126,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-verify", action="store_true", help="do not check file hashes")
     parser.add_argument("--timeout", dest="timeout_s", type=float, default=DEFAULT_TIMEOUT_S, help="seconds")
     parser.add_argument("--debug", action="store_true", help="print tracebacks")
+    parser.add_argument("--trust-pickle", action="store_true", help="load programs that need unpickling")
     gen = parser.add_argument_group("generation")
     gen.add_argument("--generate", action="store_true", help="generate text instead of mapping tensors")
     gen.add_argument("--prompt", dest="prompts", action="append", default=[])
@@ -141,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--save-tokens", type=Path)
     gen.add_argument("--results-json", type=Path)
     gen.add_argument("--no-stream", action="store_true")
+    gen.add_argument("--compile", dest="compile_decode", action="store_true", help="Inductor decode step")
     return parser
 
 
@@ -168,6 +176,7 @@ def parse_worker_argv(argv: Sequence[str]) -> WorkerArgs:
             save_tokens=ns.save_tokens,
             results_json=ns.results_json,
             stream=not ns.no_stream,
+            compile_decode=ns.compile_decode,
         )
     elif ns.inputs is None or ns.output is None:
         parser.error("--inputs and -o/--output are required unless --generate is given")
@@ -181,4 +190,5 @@ def parse_worker_argv(argv: Sequence[str]) -> WorkerArgs:
         timeout_s=ns.timeout_s,
         debug=ns.debug,
         generation=generation,
+        trust_pickle=ns.trust_pickle,
     )

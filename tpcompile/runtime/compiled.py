@@ -1,0 +1,189 @@
+"""Opt-in ahead-of-decode compilation of a rank's program with TorchInductor (``tprun --compile``).
+
+A decode step runs a few thousand small ops; dispatched one by one they cost more than the matrix
+products.  Inductor fuses them into a few generated kernels.  The program's collectives must survive
+that: dynamo cannot trace into the shared-memory transport (numpy on an mmap) nor resolve a process
+group by name inside a compiled graph on every torch version, so every collective node is replaced by
+an opaque custom op (``tpcompile::all_reduce_sum`` / ``tpcompile::all_gather``) whose kernel calls the
+transport bound with :func:`bind_transport`.
+
+Invariants:
+- only the decode shape (one new token per row) is compiled, with static shapes, so a prompt of any
+  length never triggers a recompile; prefill keeps running the eager program;
+- both paths run the same collectives in the same order on every rank (the custom ops are the same
+  calls the eager program makes), so ranks cannot diverge;
+- numerics: Inductor may fuse and reorder floating-point work, so logits can differ from the eager
+  program by round-off; greedy tokens are compared in the tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch.fx.node import Argument
+from torch.utils._pytree import tree_flatten
+
+from .loader import RankProgram
+from .shm_collectives import ShmCommunicator
+
+__all__ = [
+    "Transport",
+    "bind_transport",
+    "compile_decode_step",
+    "prepare_compiled_decode",
+    "use_transport_ops",
+]
+
+_C10D = torch.ops._c10d_functional
+
+
+class Transport(Protocol):
+    """What the custom ops call: a sum all-reduce and a dim-0 all-gather over the rank's group."""
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
+class _GroupTransport:
+    """Collectives through a named process group (gloo / NCCL), for when no shared memory is set up."""
+
+    def __init__(self, group_name: str, world: int) -> None:
+        self.group_name, self.world = group_name, world
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return _C10D.wait_tensor(_C10D.all_reduce(t, "sum", self.group_name))
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        return _C10D.wait_tensor(_C10D.all_gather_into_tensor(t, self.world, self.group_name))
+
+
+class _SharedMemoryTransport:
+    """The same-host shared-memory transport; tensors too large for its slots go through the group."""
+
+    def __init__(self, comm: ShmCommunicator, fallback: _GroupTransport) -> None:
+        self.comm, self.fallback = comm, fallback
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_reduce(t) if self.comm.fits(t) else self.fallback.all_reduce(t)
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_gather(t) if self.comm.fits(t) else self.fallback.all_gather(t)
+
+
+_TRANSPORT: Transport | None = None
+
+
+def bind_transport(group_name: str, world: int, shared_memory: ShmCommunicator | None = None) -> None:
+    """Make the custom ops use process group ``group_name`` of ``world`` ranks, through
+    ``shared_memory`` when the ranks share a host and it was set up."""
+    global _TRANSPORT
+    group = _GroupTransport(group_name, world)
+    _TRANSPORT = group if shared_memory is None else _SharedMemoryTransport(shared_memory, group)
+
+
+def _transport() -> Transport:
+    if _TRANSPORT is None:
+        raise RuntimeError("tpcompile collective op called before bind_transport()")
+    return _TRANSPORT
+
+
+@torch.library.custom_op("tpcompile::all_reduce_sum", mutates_args=())
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    return _transport().all_reduce(t)
+
+
+@all_reduce_sum.register_fake
+def _all_reduce_sum_fake(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t)
+
+
+@torch.library.custom_op("tpcompile::all_gather", mutates_args=())
+def all_gather(t: torch.Tensor, world: int) -> torch.Tensor:
+    return _transport().all_gather(t)
+
+
+@all_gather.register_fake
+def _all_gather_fake(t: torch.Tensor, world: int) -> torch.Tensor:
+    return t.new_empty((t.shape[0] * world, *t.shape[1:]))
+
+
+def _replacement(node: torch.fx.Node) -> tuple[Callable[..., torch.Tensor], tuple[Argument, ...]] | None:
+    if node.target == _C10D.all_reduce.default:
+        tensor, op = node.args[0], node.args[1]
+        if op != "sum":
+            raise ValueError(f"all_reduce with op {op!r} cannot be compiled; run without --compile")
+        return torch.ops.tpcompile.all_reduce_sum.default, (tensor,)
+    if node.target == _C10D.all_gather_into_tensor.default:
+        return torch.ops.tpcompile.all_gather.default, (node.args[0], node.args[1])
+    return None
+
+
+def use_transport_ops(module: torch.nn.Module) -> int:
+    """Replace the program's functional collectives (and their waits) by the transport custom ops."""
+    count = 0
+    for sub in module.modules():
+        if not isinstance(sub, torch.fx.GraphModule):
+            continue
+        changed = False
+        for node in list(sub.graph.nodes):
+            if node.op != "call_function":
+                continue
+            replacement = _replacement(node)
+            if replacement is None:
+                continue
+            target, args = replacement
+            with sub.graph.inserting_after(node):
+                new = sub.graph.call_function(target, args)
+            new.meta = dict(node.meta)
+            for user in list(node.users):
+                if user.target == _C10D.wait_tensor.default:
+                    user.replace_all_uses_with(new)
+                    sub.graph.erase_node(user)
+            node.replace_all_uses_with(new)
+            sub.graph.erase_node(node)
+            count += 1
+            changed = True
+        if changed:
+            sub.graph.lint()
+            sub.recompile()
+    return count
+
+
+def prepare_compiled_decode(
+    program: RankProgram, group_name: str, world: int, shared_memory: ShmCommunicator | None
+) -> None:
+    """Turn ``program``'s collectives into transport ops bound to ``group_name`` / ``shared_memory``."""
+    if not any(isinstance(m, torch.fx.GraphModule) for m in program.module.modules()):
+        raise ValueError("--compile needs a torch-format artifact (this program has no FX graph)")
+    use_transport_ops(program.module)
+    bind_transport(group_name, world, shared_memory)
+
+
+def compile_decode_step(program: RankProgram) -> Callable[..., list[torch.Tensor]]:
+    """``program``'s forward pass compiled by Inductor for static shapes, returning the flat outputs.
+
+    The program's collectives must already be transport ops (:func:`use_transport_ops`); a functional
+    collective left in the graph is refused rather than compiled.
+    """
+    for sub in program.module.modules():
+        if isinstance(sub, torch.fx.GraphModule) and any(
+            n.op == "call_function" and _replacement(n) is not None for n in sub.graph.nodes
+        ):
+            raise RuntimeError("compile_decode_step: call use_transport_ops(program.module) first")
+    import torch._inductor.config as inductor_config
+
+    # no pool of compile workers: every rank compiles at once and already has its share of the cores
+    inductor_config.compile_threads = 1
+    compiled = torch.compile(program.module, dynamic=False)
+
+    def step(*inputs: torch.Tensor) -> list[torch.Tensor]:
+        moved = [t.to(program.device) for t in inputs]
+        with torch.inference_mode():
+            result = compiled(*moved)
+        leaves, _ = tree_flatten(result)
+        return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+    return step
