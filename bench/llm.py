@@ -1,9 +1,10 @@
-"""Benchmark: SmolLM2-135M-Instruct generation with ``tprun`` (tp = 1, 2) against ``transformers``, and the
-compile-time memory of a >= 4 GiB random Llama checkpoint.
+"""Benchmark: SmolLM2-135M-Instruct generation with ``tprun`` (tp = 1, 2; torch and ONNX artifact formats)
+against ``transformers``, and the compile-time memory of a >= 4 GiB random Llama checkpoint.
 
 ::
 
-    python bench/llm.py [--max-new-tokens 128] [--skip-big] [--skip-hf-tp] [--workdir DIR] [--json]
+    python bench/llm.py [--max-new-tokens 128] [--skip-big] [--skip-hf-tp] [--skip-onnx] [--workdir DIR]
+                        [--json]
 
 Every measured program runs in its own process, so its memory is its own: peak RSS is the VmHWM of the
 processes of interest, polled from /proc, and the largest process of a tree as reported by ``wait4``.
@@ -210,6 +211,8 @@ class Gen:
     name: str
     kind: str  # "hf-eager", "hf-tp" or "tprun"
     tp: int
+    fmt: str = "torch"  # tprun: the artifact format (torch or onnx)
+    flags: tuple[str, ...] = ()  # tprun: extra options (--compile)
     decode: float = 0.0
     ttft: float = 0.0
     prompt_tokens: int = 0
@@ -226,9 +229,13 @@ class Gen:
             self.rss_mib = [b / MIB for b in rss]
 
 
-def compile_artifact(source: Path, tp: int, out: Path) -> Proc:
+def artifact_dir(work: Path, tp: int, fmt: str = "torch") -> Path:
+    return work / (f"smollm2-tp{tp}" + ("" if fmt == "torch" else f"-{fmt}"))
+
+
+def compile_artifact(source: Path, tp: int, out: Path, fmt: str = "torch") -> Proc:
     """``tpcompile SOURCE --tp TP -o OUT`` with a KV cache of ``SEQ_LEN``; raises if it fails."""
-    flags = f"--tp {tp} --max-seq-len {SEQ_LEN} --force --quiet".split()
+    flags = f"--tp {tp} --max-seq-len {SEQ_LEN} --format {fmt} --force --quiet".split()
     cmd = [str(BIN / "tpcompile"), str(source), *flags, "-o", str(out)]
     return _checked(run(cmd, 7200, poll_s=0.05, pss=True), "tpcompile")
 
@@ -239,9 +246,11 @@ def weight_share(artifact: Path) -> float:
     return float(max(r["weight_bytes"] for r in manifest["ranks"]) / manifest["total_weight_bytes"])
 
 
-def tprun_once(art: Path, max_new: int, tokens: Path) -> tuple[dict[str, Any], list[int]]:
+def tprun_once(
+    art: Path, max_new: int, tokens: Path, extra: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], list[int]]:
     """One ``tprun --prompt`` run: parsed summary (+ new ids) and the peak RSS of each rank."""
-    flags = ["--prompt", PROMPT, "--max-new-tokens", str(max_new), "--save-tokens", str(tokens)]
+    flags = ["--prompt", PROMPT, "--max-new-tokens", str(max_new), "--save-tokens", str(tokens), *extra]
     cmd = [str(BIN / "tprun"), str(art), *flags]
     proc = run(cmd, timeout=1800)
     match = SUMMARY.search(proc.err)
@@ -306,8 +315,8 @@ def measure_generation(gens: list[Gen], work: Path, max_new: int) -> None:
                 continue
             try:
                 if g.kind == "tprun":
-                    art = work / f"smollm2-tp{g.tp}"
-                    res, rss = tprun_once(art, max_new, work / "tokens.json")
+                    art = artifact_dir(work, g.tp, g.fmt)
+                    res, rss = tprun_once(art, max_new, work / "tokens.json", g.flags)
                 else:
                     res, rss = hf_once(g.kind, max_new)
             except RuntimeError as exc:
@@ -347,10 +356,11 @@ def tables(gens: list[Gen], compiles: list[list[object]], big: dict[str, Any] | 
     lines = _table(header, [_gen_row(g, gens[0]) for g in gens]) + [""]
     header = ["compile", "seconds", "peak RSS, largest process (MiB)", "peak PSS, process tree (MiB)"]
     lines += _table(header, compiles) + [""]
-    eager, tp2 = gens[0], next(g for g in gens if g.kind == "tprun" and g.tp == 2)
+    eager = gens[0]
+    tp2 = max((g for g in gens if g.kind == "tprun" and g.tp == 2), key=lambda g: g.decode)
     speedup = tp2.decode / eager.decode if eager.decode and tp2.decode else None
     targets: list[tuple[str, str, str, bool | None]] = [
-        ("decode tokens/s, tpcompile tp=2 / transformers eager",
+        (f"decode tokens/s, {tp2.name} / transformers eager",
          "-" if speedup is None else f"{speedup:.2f}x", f">= {TARGET_SPEEDUP:.0f}x",
          None if speedup is None else speedup >= TARGET_SPEEDUP),
         ("weight share per rank at tp=2", "-" if tp2.share is None else f"{tp2.share:.3f}",
@@ -372,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--skip-big", action="store_true", help="skip the >= 4 GiB checkpoint compile")
     parser.add_argument("--skip-hf-tp", action="store_true", help="skip transformers tp_plan='auto'")
+    parser.add_argument("--skip-onnx", action="store_true", help="skip the ONNX-format artifacts")
     parser.add_argument("--workdir", type=Path, help="default: a temporary directory, removed at the end")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     parser.add_argument("--worker", choices=["hf-eager", "hf-tp"], help=argparse.SUPPRESS)
@@ -388,11 +399,17 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_hf_tp:
             gens.append(Gen("transformers tp_plan=auto, torchrun tp=2", "hf-tp", 2))
         compiles: list[list[object]] = []
-        for tp in (1, 2):
-            proc = compile_artifact(smollm2_gguf(), tp, work / f"smollm2-tp{tp}")
-            share = weight_share(work / f"smollm2-tp{tp}")
-            compiles.append(compile_row(f"SmolLM2-135M GGUF, tp={tp}", proc))
-            gens.append(Gen(f"tpcompile tp={tp}", "tprun", tp, share=share))
+        formats = ["torch"] if args.skip_onnx else ["torch", "onnx"]
+        for fmt in formats:  # ONNX: segments on onnxruntime, collectives on torch.distributed
+            for tp in (1, 2):
+                proc = compile_artifact(smollm2_gguf(), tp, artifact_dir(work, tp, fmt), fmt)
+                share = weight_share(artifact_dir(work, tp, fmt))
+                label = f"tp={tp}" + ("" if fmt == "torch" else f", {fmt} format")
+                compiles.append(compile_row(f"SmolLM2-135M GGUF, {label}", proc))
+                gens.append(Gen(f"tpcompile {label}", "tprun", tp, fmt=fmt, share=share))
+                if fmt == "torch" and tp == 2:  # the decode step compiled by Inductor
+                    gens.append(Gen(f"tpcompile {label}, tprun --compile", "tprun", tp, flags=("--compile",),
+                                    share=share))  # fmt: skip
         measure_generation(gens, work, args.max_new_tokens)
         big = None
         if not args.skip_big:

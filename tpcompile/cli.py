@@ -1,6 +1,7 @@
 """The ``tpcompile`` command: compile (the default), ``verify`` and ``explain``.
 
-Exit codes: 0 ok, 1 internal error or failed verification, 2 usage / bad input, 3 unsupported model.
+Exit codes (``tpcompile.errors.EXIT_*``): 0 ok, 1 internal error or failed verification, 2 usage / bad
+input, 3 unsupported model, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import click
 
-from tpcompile.errors import TpCompileError, UsageError
+from tpcompile.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TpCompileError, UsageError
 from tpcompile.frontend.options import LanguageModelOptions
 from tpcompile.progress import ProgressBar
 
@@ -40,13 +41,13 @@ def _run(debug: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
         _fail(err, debug)
     except KeyboardInterrupt:
         click.echo("tpcompile: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as err:
         if debug:
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         click.echo(f"tpcompile: internal error: {type(err).__name__}: {first} (rerun with --debug)", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_INTERNAL)
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,6 +83,23 @@ def main() -> None:
 )
 @click.option("--max-seq-len", type=int, help="KV cache length (default: min(model limit, 4096)).")
 @click.option("--max-batch-size", type=int, default=1, show_default=True, help="Sequences per step.")
+@click.option(
+    "--moe",
+    type=click.Choice(["tp", "ep"]),
+    default="tp",
+    show_default=True,
+    help="Mixture-of-experts layers: tp splits every expert like an MLP; ep gives each rank whole experts "
+    "(uneven counts allowed). Either way one all-reduce per MoE block.",
+)
+@click.option(
+    "--format",
+    "artifact_format",
+    type=click.Choice(["torch", "onnx"]),
+    default="torch",
+    show_default=True,
+    help="Rank programs as torch.export programs, or as ONNX segments cut at the collectives "
+    "(run by onnxruntime; needs the onnx extra).",
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
@@ -95,6 +113,8 @@ def compile_cmd(
     dtype: str,
     max_seq_len: int | None,
     max_batch_size: int,
+    moe: str,
+    artifact_format: str,
     force: bool,
     as_json: bool,
     quiet: bool,
@@ -102,7 +122,10 @@ def compile_cmd(
 ) -> None:
     """Compile MODEL for TP ranks into OUT."""
     lm = LanguageModelOptions(dtype, max_seq_len, max_batch_size)
-    _run(debug, _compile, model, tp, out, plan_path, trust_pickle, lm, force, as_json, quiet)
+    _run(
+        debug, _compile, model, tp, out, plan_path, trust_pickle, lm, force, as_json, quiet, moe,
+        artifact_format,
+    )
 
 
 def _compile(
@@ -115,9 +138,12 @@ def _compile(
     force: bool,
     as_json: bool,
     quiet: bool,
+    moe: str = "tp",
+    artifact_format: str = "torch",
 ) -> None:
     import warnings
 
+    from tpcompile.artifact.writer import sha256_file
     from tpcompile.compiler import compile_model
     from tpcompile.frontend import load_model
     from tpcompile.plan.spec import load_plan_file
@@ -134,7 +160,10 @@ def _compile(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             captured = load_model(model, trust_pickle=trust_pickle, lm=lm)
-            result = compile_model(captured, tp, out, plan_file=plan_file, force=force, progress=bar)
+            result = compile_model(
+                captured, tp, out, plan_file=plan_file, force=force, progress=bar, moe=moe,
+                format=artifact_format,
+            )
         bar.close(complete=True)
     finally:
         bar.close()
@@ -150,7 +179,11 @@ def _compile(
             "collectives": {
                 op: sum(1 for c in m.collectives if c.op == op) for op in ("all_reduce", "all_gather")
             },
-            "files": {f"{r.dir}/{name}": digest for r in m.ranks for name, digest in r.files.items()},
+            "files": {
+                **{f"{r.dir}/{name}": digest for r in m.ranks for name, digest in r.files.items()},
+                **m.shared_files,
+                "manifest.json": sha256_file(out / "manifest.json"),
+            },
         }
         click.echo(json.dumps(summary, indent=1, sort_keys=True))
     else:
@@ -203,7 +236,7 @@ def verify_cmd(
     report = _run(debug, verify, artifact, reference, inputs_path, atol, rtol, seed, trust_pickle)
     click.echo(report.text())
     if not report.ok:
-        sys.exit(1)
+        sys.exit(EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,13 @@ from tpcompile.errors import UnsupportedModelError, UsageError
 from tpcompile.frontend.capture import CapturedModel, LanguageModelInfo
 from tpcompile.passes.canonicalize import drop_no_op_conversions, fold_repeat_kv_into_sdpa
 from tpcompile.passes.collectives import GROUP_NAME
+from tpcompile.passes.fused import split_fused_projections
 from tpcompile.passes.lower_rank import tensor_bytes
-from tpcompile.passes.placement import Partial, Placement, Replicate, Shard
-from tpcompile.passes.propagate import Propagation
+from tpcompile.passes.placement import Partial, Pieces, Placement, Replicate, RootPlacement, Shard
+from tpcompile.passes.propagate import Propagation, piece_key
 from tpcompile.passes.slicing import local_shape, local_tensor
 from tpcompile.plan.auto import choose_plan, find_sites
+from tpcompile.plan.experts import DEFAULT_MOE, describe_experts
 from tpcompile.plan.spec import PlanFile, ShardingPlan
 
 Progress = Callable[[str], None]
@@ -75,11 +77,24 @@ def _scope(node: fx.Node) -> str:
     return str(path).replace("L['self'].", "").replace("L__self___", "")
 
 
-def _plan_label(pl: Placement, decision: str | None) -> str:
+def _pieces_label(pl: Pieces, name: str, plan: ShardingPlan) -> str:
+    """``fused-colwise`` for a fused projection whose pieces are column-parallel (see ``Pieces``)."""
+    kinds = set()
+    for lo, hi, part in pl.parts:
+        decision = plan.decisions.get(piece_key(name, (pl.dim, lo, hi)))
+        kinds.add(_plan_label(part, decision.style if decision else None))
+    kinds.discard("replicate")
+    return f"fused-{kinds.pop()}" if len(kinds) == 1 else "fused" if kinds else "replicate"
+
+
+def _plan_label(pl: Placement, decision: str | None, out_dim: int = 0) -> str:
+    """``out_dim``: the weight's output-feature dim (1 for ``x @ W`` products such as GPT-2's Conv1D)."""
     if isinstance(pl, Partial):
         return "partial"
     if isinstance(pl, Shard):
-        return decision if decision in ("colwise", "vocab") else ("colwise" if pl.dim == 0 else "rowwise")
+        if decision in ("colwise", "vocab", "expert"):
+            return decision
+        return "colwise" if pl.dim == out_dim else "rowwise"
     return "replicate"
 
 
@@ -92,11 +107,12 @@ def _mutated_buffers(captured: CapturedModel) -> dict[int, str]:
 
 
 def plan_model(
-    captured: CapturedModel, tp: int, plan_file: PlanFile | None = None
+    captured: CapturedModel, tp: int, plan_file: PlanFile | None = None, moe: str = DEFAULT_MOE
 ) -> tuple[ShardingPlan, Propagation]:
     """Choose the plan and propagate placements (no files written)."""
     drop_no_op_conversions(captured.gm)
     fold_repeat_kv_into_sdpa(captured.gm)
+    split_fused_projections(captured.gm)
     plan, prop = choose_plan(
         captured.gm,
         tp,
@@ -104,6 +120,7 @@ def plan_model(
         set(captured.user_inputs()),
         plan_file,
         sharded_outputs=captured.lm is not None,
+        moe=moe,
     )
     if prop.refusals:
         raise UnsupportedModelError(prop.refusals[0])
@@ -117,9 +134,13 @@ def compile_model(
     plan_file: PlanFile | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    moe: str = DEFAULT_MOE,
+    format: str = "torch",
 ) -> CompileResult:
     if tp < 1:
         raise UsageError(f"--tp must be at least 1 (got {tp})")
+    if format not in ("torch", "onnx"):
+        raise UsageError(f"--format must be torch or onnx (got {format!r})")
     say = progress or (lambda _msg: None)
     gm = captured.gm
     names = captured.state_names()
@@ -130,7 +151,7 @@ def compile_model(
             "run_decompositions() so that buffer writes stay in place"
         )
     say("planning")
-    plan, prop = plan_model(captured, tp, plan_file)
+    plan, prop = plan_model(captured, tp, plan_file, moe)
     stored_nodes = list(names)
     kinds = {s.arg.name: s.kind.name for s in captured.program.graph_signature.input_specs}
     examples, dynamic = input_signature(captured.program, user_inputs)
@@ -175,18 +196,38 @@ def compile_model(
             rdir = tmp / entry.dir
             entry.files = {f: sha256_file(rdir / f) for f in ("program.pt2", "weights.safetensors")}
         manifest = _manifest(captured, tp, prop, plan, names, user_inputs, outputs, ranks)
+        experts = describe_experts(names, prop.roots, gm, moe)  # mixture of experts: mode, layouts
+        if experts is not None:
+            manifest.extra["moe"] = experts
         if captured.lm is not None:
             say("writing tokenizer")
             describe_language_model(manifest, captured.lm, tmp)
+        if format == "onnx":  # rank programs -> ONNX segments cut at the collectives (tpcompile.onnx)
+            from tpcompile.onnx.artifact import to_onnx
+
+            to_onnx(tmp, manifest, say)
         (tmp / "manifest.json").write_text(manifest.to_json())
     return CompileResult(manifest, out, plan, prop)
 
 
-def _read_local(captured: CapturedModel, name: str, pl: Placement, rank: int) -> torch.Tensor:
+def _read_local(captured: CapturedModel, name: str, pl: RootPlacement, rank: int) -> torch.Tensor:
     """Rank ``rank``'s piece of a stored tensor, reading only that slice when the source allows."""
+    if isinstance(pl, Pieces) and captured.read_slice is not None:
+        parts = [_read_local_part(captured, name, pl.dim, lo, hi, part, rank) for lo, hi, part in pl.parts]
+        return torch.cat(parts, pl.dim)
     if isinstance(pl, Shard) and captured.read_slice is not None:
         return captured.read_slice(name, pl.dim, pl.offset(rank), pl.sizes[rank])
     return local_tensor(captured.read_tensor(name), pl, rank)
+
+
+def _read_local_part(
+    captured: CapturedModel, name: str, dim: int, lo: int, hi: int, part: Placement, rank: int
+) -> torch.Tensor:
+    """Rank ``rank``'s slice of the piece ``[lo, hi)`` of a stored tensor (see ``Pieces``)."""
+    assert captured.read_slice is not None
+    if isinstance(part, Shard):
+        return captured.read_slice(name, dim, lo + part.offset(rank), part.sizes[rank])
+    return local_tensor(captured.read_slice(name, dim, lo, hi - lo), part, rank)
 
 
 def describe_language_model(manifest: Manifest, lm: LanguageModelInfo, out: Path) -> None:
@@ -216,6 +257,22 @@ def describe_language_model(manifest: Manifest, lm: LanguageModelInfo, out: Path
     }
 
 
+def collective_entries(prop: Propagation) -> list[CollectiveEntry]:
+    """The manifest's ``collectives``: one entry per collective in every rank's program."""
+    return [
+        CollectiveEntry(
+            op=str(red.collective),
+            producer=red.producer.name,
+            consumers=[c.name for c in consumers],
+            src=str(red.src),
+            dst=str(red.dst),
+            bytes_per_call=tensor_bytes(red.producer),
+            scope=_scope(red.producer),
+        )
+        for red, consumers in prop.collectives()
+    ]
+
+
 def _manifest(
     captured: CapturedModel,
     tp: int,
@@ -226,9 +283,9 @@ def _manifest(
     outputs: list[fx.Node],
     ranks: list[RankEntry],
 ) -> Manifest:
-    vocab_weights = {
-        names[s.weight] for s in find_sites(captured.gm, names) if "embedding" in str(s.node.target)
-    }
+    sites = find_sites(captured.gm, names)
+    vocab_weights = {names[s.weight] for s in sites if "embedding" in str(s.node.target)}
+    out_dims = {names[s.weight]: 0 if "linear" in str(s.node.target) else 1 for s in sites}
     params = []
     total = 0
     for node, name in names.items():
@@ -242,23 +299,18 @@ def _manifest(
         )
         params.append(
             ParameterEntry(
-                name, [int(s) for s in val.shape], _dtype_name(val.dtype), str(pl), _plan_label(pl, label)
+                name,
+                [int(s) for s in val.shape],
+                _dtype_name(val.dtype),
+                str(pl),
+                _pieces_label(pl, name, plan)
+                if isinstance(pl, Pieces)
+                else _plan_label(pl, label, out_dims.get(name, 0)),
             )
         )
         if name not in captured.zero_state:  # KV caches are not weights: the runtime allocates them
             total += val.numel() * val.element_size()
-    collectives = [
-        CollectiveEntry(
-            op=str(red.collective),
-            producer=red.producer.name,
-            consumers=[c.name for c in consumers],
-            src=str(red.src),
-            dst=str(red.dst),
-            bytes_per_call=tensor_bytes(red.producer),
-            scope=_scope(red.producer),
-        )
-        for red, consumers in prop.collectives()
-    ]
+    collectives = collective_entries(prop)
     dtypes = {n.meta["val"].dtype for n in names if n.meta["val"].is_floating_point()}
     return Manifest(
         tp=tp,

@@ -23,6 +23,8 @@ from torch import nn
 
 from tpcompile.errors import UnsupportedModelError, UsageError
 from tpcompile.frontend.capture import CapturedModel, LanguageModelInfo, captured_program
+from tpcompile.frontend.hf_encoder import is_encoder, load_hf_encoder
+from tpcompile.frontend.hf_experts import prepare_experts
 from tpcompile.frontend.sources import TensorSource, read_slice
 
 PREFIX = "hf."
@@ -209,6 +211,8 @@ def load_hf(
         raise UsageError(f"--max-batch-size must be at least 1 (got {max_batch_size})")
     ckpt = HFCheckpoint(path)
     config = ckpt.config
+    if ckpt.gguf is None and is_encoder(config):  # BERT-style: a generic program (see hf_encoder)
+        return load_hf_encoder(path, config, ckpt.tensors, DTYPES[dtype], max_seq_len, max_batch_size)
     text = config.get_text_config(decoder=True)
     limit = _model_limit(text)
     seq = max_seq_len or min(limit or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
@@ -224,9 +228,10 @@ def load_hf(
         )
     torch_dtype = DTYPES[dtype]
     model = build_model(config, torch_dtype)
+    tensors = prepare_experts(model, ckpt.tensors)  # mixture of experts: see hf_experts
     wrapper = CausalLMWithStaticCache(model, max_batch_size, seq).eval()
     program = _export(wrapper, max_batch_size, seq, str(path))
-    reader = _CheckpointReader(ckpt.tensors, model, torch_dtype)
+    reader = _CheckpointReader(tensors, model, torch_dtype)
     reader.buffers.update({f"{CACHE_PREFIX}{k}": v for k, v in wrapper.kv_cache.named_buffers()})
     generation = ckpt.generation_defaults()
     info = LanguageModelInfo(
@@ -288,12 +293,35 @@ def _unbacked_cpu_parameters(model: nn.Module) -> None:
             module._parameters[name] = replaced[id(param)]
 
 
+def _renamed_keys(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """Model key -> checkpoint key: transformers renames some checkpoint keys when it loads them
+    (GPT-NeoX's ``embed_out`` is the model's ``lm_head``); plain renamings are applied, nothing else."""
+    renamings: list[Any] = []
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+        mapping = get_model_conversion_mapping(model)  # type: ignore[arg-type]
+        renamings = [t for t in mapping if type(t) is WeightRenaming]
+    except (ImportError, AttributeError, TypeError):  # an older transformers: no renamings
+        return {k: k for k in keys}
+    out: dict[str, str] = {}
+    for key in keys:
+        out.setdefault(apply_renamings(key, renamings) if renamings else key, key)
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    for key in keys:  # a task model's checkpoint read by its base model: bert.encoder... -> encoder...
+        if prefix != "." and key.startswith(prefix):
+            out.setdefault(key.removeprefix(prefix), key)
+    return out
+
+
 class _CheckpointReader:
     """Stored tensors of the wrapper by fully-qualified name -> checkpoint tensors (ties resolved)."""
 
     def __init__(self, source: TensorSource, model: nn.Module, dtype: torch.dtype) -> None:
         self.source, self.model, self.dtype = source, model, dtype
-        self.available = set(source.names())
+        self.renamed = _renamed_keys(model, source.names())
+        self.available = set(self.renamed)
         groups: dict[int, list[str]] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
             groups.setdefault(id(param), []).append(name)
@@ -304,7 +332,7 @@ class _CheckpointReader:
         local = name.removeprefix(PREFIX)
         for candidate in self.aliases.get(local, [local]):
             if candidate in self.available:
-                return candidate
+                return self.renamed[candidate]
         return None
 
     def _computed(self, local: str) -> torch.Tensor:
