@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,26 @@ def gpt_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+SMOLLM2_SEQ_LEN = 256
+
+
+@pytest.fixture(scope="session")
+def compiled_smollm2(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """``compiled_smollm2(tp)``: SmolLM2 compiled once per tp for the whole session (KV cache 256)."""
+    from tests.checkpoints import smollm2_gguf
+
+    root = tmp_path_factory.mktemp("smollm2")
+    done: dict[int, Path] = {}
+
+    def get(tp: int) -> Path:
+        if tp not in done:
+            out = root / f"tp{tp}"
+            args = ("--tp", str(tp), "-o", out, "--max-seq-len", str(SMOLLM2_SEQ_LEN), "--quiet")
+            proc = tpcompile(smollm2_gguf(), *args)
+            assert proc.returncode == 0, proc.stderr
+            done[tp] = out
+        return done[tp]
+
+    return get

@@ -44,6 +44,10 @@ def _greedy_reference(model: Any, prompt_ids: list[int], new_tokens: int) -> lis
 def _compile_and_generate(source: Path, tp: int, out: Path, max_seq_len: int) -> tuple[dict[str, Any], Any]:
     compiled = tpcompile(source, "--tp", tp, "-o", out, "--max-seq-len", max_seq_len, "--quiet")
     assert compiled.returncode == 0, compiled.stderr
+    return _generate(out)
+
+
+def _generate(out: Path) -> tuple[dict[str, Any], Any]:
     saved = out.parent / f"{out.name}-tokens.json"
     ran = tprun(out, "--prompt", PROMPT, "--max-new-tokens", NEW_TOKENS, "--save-tokens", saved)
     assert ran.returncode == 0, ran.stderr
@@ -107,8 +111,8 @@ def smollm2_reference() -> Any:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tp", [1, 2, 3, 4])
-def test_smollm2_greedy_equals_transformers(tp: int, smollm2_reference: Any, tmp_path: Path) -> None:
-    result, (manifest, ran) = _compile_and_generate(smollm2_gguf(), tp, tmp_path / "out", max_seq_len=256)
+def test_smollm2_greedy_equals_transformers(tp: int, smollm2_reference: Any, compiled_smollm2: Any) -> None:
+    result, (manifest, ran) = _generate(compiled_smollm2(tp))
     want = _greedy_reference(smollm2_reference, result["prompt_ids"], NEW_TOKENS)
     assert result["new_ids"] == want
     assert len(want) > 16  # a real answer, not an immediate end of turn

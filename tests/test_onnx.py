@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from tests.checkpoints import save_smollm2_tokenizer, smollm2_gguf, tiny_checkpoint
+from tests.checkpoints import save_smollm2_tokenizer, tiny_checkpoint
 from tests.conftest import tpcompile, tprun
 from tpcompile.onnx.artifact import convert_artifact
 from tpcompile.runtime.collectives import gather_outputs
@@ -157,10 +157,8 @@ def test_kv_cache_llama_onnx_equals_torch(tiny_llama: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_smollm2_tp2_onnx_equals_torch(tmp_path: Path) -> None:
-    torch_dir, onnx_dir = tmp_path / "smollm2-torch", tmp_path / "smollm2-onnx"
-    done = tpcompile(smollm2_gguf(), "--tp", 2, "-o", torch_dir, "--max-seq-len", 128, "--quiet")
-    assert done.returncode == 0, done.stderr
+def test_smollm2_tp2_onnx_equals_torch(compiled_smollm2: Any, tmp_path: Path) -> None:
+    torch_dir, onnx_dir = compiled_smollm2(2), tmp_path / "smollm2-onnx"
     convert_artifact(torch_dir, onnx_dir)
     _check_onnx_artifact(onnx_dir, 2)
     # "Why is the sky blue?" through SmolLM2's chat template: the answer runs past 32 tokens

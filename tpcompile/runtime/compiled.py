@@ -25,6 +25,7 @@ import torch
 from torch.fx.node import Argument
 from torch.utils._pytree import tree_flatten
 
+from .errors import InputError
 from .loader import RankProgram
 from .shm_collectives import ShmCommunicator
 
@@ -114,7 +115,7 @@ def _replacement(node: torch.fx.Node) -> tuple[Callable[..., torch.Tensor], tupl
     if node.target == _C10D.all_reduce.default:
         tensor, op = node.args[0], node.args[1]
         if op != "sum":
-            raise ValueError(f"all_reduce with op {op!r} cannot be compiled; run without --compile")
+            raise InputError(f"all_reduce with op {op!r} cannot be compiled; run without --compile")
         return torch.ops.tpcompile.all_reduce_sum.default, (tensor,)
     if node.target == _C10D.all_gather_into_tensor.default:
         return torch.ops.tpcompile.all_gather.default, (node.args[0], node.args[1])
@@ -157,7 +158,7 @@ def prepare_compiled_decode(
 ) -> None:
     """Turn ``program``'s collectives into transport ops bound to ``group_name`` / ``shared_memory``."""
     if not any(isinstance(m, torch.fx.GraphModule) for m in program.module.modules()):
-        raise ValueError("--compile needs a torch-format artifact (this program has no FX graph)")
+        raise InputError("--compile needs a torch-format artifact; run this ONNX artifact without --compile")
     use_transport_ops(program.module)
     bind_transport(group_name, world, shared_memory)
 
