@@ -195,8 +195,9 @@ def _greedy_simulated(sim: Simulator, prompt: torch.Tensor, new_tokens: int) -> 
     return out
 
 
+@pytest.mark.parametrize("tp", [1, 2, 3, 4])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_greedy_tokens_equal_transformers(family: str, families: Any) -> None:
+def test_greedy_tokens_equal_transformers(family: str, tp: int, families: Any) -> None:
     fam = families(family)
     prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -204,7 +205,7 @@ def test_greedy_tokens_equal_transformers(family: str, families: Any) -> None:
             prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, top_k=None, top_p=None
         )
     want = [int(t) for t in ref[0, 6:]]
-    assert _greedy_simulated(fam.sim(3), prompt, 8) == want
+    assert _greedy_simulated(fam.sim(tp), prompt, 8) == want
 
 
 @pytest.fixture(scope="module")

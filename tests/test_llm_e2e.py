@@ -99,21 +99,38 @@ def test_tiny_greedy_equals_transformers(
     _check_manifest(manifest, tp, config.num_hidden_layers, config.vocab_size)
 
 
-@pytest.fixture(scope="module")
-def smollm2_reference() -> Any:
-    from transformers import AutoModelForCausalLM
+class _CachedReference:
+    """transformers' SmolLM2 and its greedy answers, computed once per prompt for all tp values."""
 
-    path = smollm2_gguf()
-    return AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    ).eval()
+    def __init__(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        path = smollm2_gguf()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        ).eval()
+        self.config = self.model.config
+        self._answers: dict[tuple[int, ...], list[int]] = {}
+
+    def greedy(self, prompt_ids: list[int]) -> list[int]:
+        key = tuple(prompt_ids)
+        if key not in self._answers:
+            self._answers[key] = _greedy_reference(self.model, prompt_ids, NEW_TOKENS)
+        return self._answers[key]
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference() -> _CachedReference:
+    return _CachedReference()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tp", [1, 2, 3, 4])
-def test_smollm2_greedy_equals_transformers(tp: int, smollm2_reference: Any, compiled_smollm2: Any) -> None:
+def test_smollm2_greedy_equals_transformers(
+    tp: int, smollm2_reference: _CachedReference, compiled_smollm2: Any
+) -> None:
     result, (manifest, ran) = _generate(compiled_smollm2(tp))
-    want = _greedy_reference(smollm2_reference, result["prompt_ids"], NEW_TOKENS)
+    want = smollm2_reference.greedy(result["prompt_ids"])
     assert result["new_ids"] == want
     assert len(want) > 16  # a real answer, not an immediate end of turn
     config = smollm2_reference.config

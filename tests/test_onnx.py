@@ -104,19 +104,28 @@ def _check_onnx_artifact(out: Path, tp: int) -> dict[str, Any]:
             assert {n.domain for n in model.graph.node} <= _STANDARD_DOMAINS
             for init in model.graph.initializer:
                 if init.data_location == onnx.TensorProto.EXTERNAL:
-                    location = {e.key: e.value for e in init.external_data}["location"]
-                    assert location == "weights.safetensors"
+                    data = {e.key: e.value for e in init.external_data}
+                    assert data["location"] == "weights.safetensors"
+                    assert int(data["offset"]) % 4096 == 0  # onnxruntime memory-maps only aligned data
         weights = (rank_dir / "weights.safetensors").stat().st_size
         assert sum((rank_dir / f).stat().st_size for f in files) < weights / 4  # no weight copied
     assert all(p == per_rank[0] for p in per_rank)
     return manifest
 
 
-def test_gpt_onnx_equals_torch(tmp_path: Path) -> None:
-    torch_dir, onnx_dir = tmp_path / "gpt-torch", tmp_path / "gpt-onnx"
+@pytest.fixture(scope="module")
+def gpt_artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The example GPT at tp=2, compiled to the torch and to the ONNX format."""
+    root = tmp_path_factory.mktemp("onnx-gpt")
+    torch_dir, onnx_dir = root / "gpt-torch", root / "gpt-onnx"
     for out, fmt in ((torch_dir, "torch"), (onnx_dir, "onnx")):
         done = tpcompile("examples.gpt:build", "--tp", 2, "-o", out, "--format", fmt, "--quiet")
         assert done.returncode == 0, done.stderr
+    return torch_dir, onnx_dir
+
+
+def test_gpt_onnx_equals_torch(gpt_artifacts: tuple[Path, Path], tmp_path: Path) -> None:
+    torch_dir, onnx_dir = gpt_artifacts
     manifest = _check_onnx_artifact(onnx_dir, 2)
     assert json.loads((torch_dir / "manifest.json").read_text())["format"] == "torch"
     assert [c["op"] for c in manifest["collectives"]].count("all_gather") == 1
@@ -129,6 +138,48 @@ def test_gpt_onnx_equals_torch(tmp_path: Path) -> None:
     assert ran.returncode == 0, ran.stderr
     output = load_file(str(tmp_path / "out.safetensors"))["output"]
     assert (output - logits).abs().max().item() <= 1e-4
+
+
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """The (start, end) file offsets of this process's memory mappings of ``path``."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(path.resolve()):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((int(fields[2], 16), int(fields[2], 16) + hi - lo))
+    return ranges
+
+
+def test_onnx_weights_are_memory_mapped(gpt_artifacts: tuple[Path, Path]) -> None:
+    """The ONNX artifact keeps one weights file per rank, the torch artifact's tensors at page-aligned
+    offsets (uint8 padding tensors in the gaps), and onnxruntime memory-maps every one of them."""
+    from safetensors import safe_open
+
+    from tpcompile.onnx.aligned import PAD_PREFIX
+    from tpcompile.onnx.export import safetensors_offsets
+
+    torch_dir, onnx_dir = gpt_artifacts
+    weights = onnx_dir / "rank0" / "weights.safetensors"
+    want = load_file(str(torch_dir / "rank0" / "weights.safetensors"))
+    with safe_open(str(weights), "pt") as f:
+        pads = [k for k in f.keys() if k.startswith(PAD_PREFIX)]  # noqa: SIM118 (no __iter__)
+        assert pads and sorted(set(f.keys()) - set(pads)) == sorted(want)
+        for name, tensor in want.items():
+            assert torch.equal(f.get_tensor(name), tensor), name
+    offsets = {k: v for k, v in safetensors_offsets(weights).items() if not k.startswith(PAD_PREFIX)}
+    assert all(offset % 4096 == 0 for offset, _, _, _ in offsets.values())
+
+    assert _mapped_ranges(weights) == []
+    program = load_rank(str(onnx_dir), 0)  # checks the manifest's hash of the rewritten file
+    mapped = _mapped_ranges(weights)
+    unmapped = [
+        name
+        for name, (offset, length, _, _) in offsets.items()
+        if not any(lo <= offset and offset + length <= hi for lo, hi in mapped)
+    ]
+    assert unmapped == []
+    del program
 
 
 @pytest.fixture(scope="module")

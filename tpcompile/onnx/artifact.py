@@ -3,8 +3,9 @@
 Per rank: load ``program.pt2``, make its KV cache explicit (:mod:`tpcompile.onnx.functional`), export it
 with collectives as ``tpcompile`` nodes (:mod:`tpcompile.onnx.export`), cut it at those nodes
 (:mod:`tpcompile.onnx.segments`) and drop ``program.pt2``. Invariant: afterwards each rank directory holds
-``weights.safetensors`` (unchanged, also the segments' external data) and ``segment{i}.onnx``, and the
-manifest says ``format: onnx`` and lists every rank's steps under ``extra.onnx``.
+``weights.safetensors`` (the same tensors, realigned so that onnxruntime memory-maps them: see
+:mod:`tpcompile.onnx.aligned`; also the segments' external data) and ``segment{i}.onnx``, and the manifest
+says ``format: onnx`` and lists every rank's steps under ``extra.onnx``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from tpcompile.artifact.manifest import Manifest
 from tpcompile.artifact.writer import atomic_directory, sha256_file
 from tpcompile.errors import TpCompileError, UnsupportedModelError, UsageError
+from tpcompile.onnx.aligned import align_safetensors
 from tpcompile.onnx.export import DOMAIN, OPSET, export_model
 from tpcompile.onnx.functional import stateful_module
 from tpcompile.onnx.segments import RankGraph, split_model
@@ -33,6 +35,7 @@ WEIGHTS = "weights.safetensors"
 def convert_rank(rank_dir: Path, zero_state: set[str]) -> tuple[RankGraph, list[Path]]:
     """Write ``rank_dir``'s segments; return the rank's steps and the segment files."""
     program = torch.export.load(str(rank_dir / PROGRAM))
+    align_safetensors(rank_dir / WEIGHTS)
     stateful = stateful_module(program, zero_state)
     model = export_model(stateful, rank_dir / WEIGHTS)
     return split_model(model, rank_dir)

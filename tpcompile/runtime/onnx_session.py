@@ -3,7 +3,10 @@
 Tensors cross between torch and onnxruntime through DLPack (``OrtValue.from_dlpack`` /
 ``torch.from_dlpack``), which shares memory on every device the provider supports. Invariant: a segment
 reads its inputs from and returns its outputs in device memory of the run device; nothing is copied to
-the host between segments.
+the host between segments. Weights stay memory-mapped from the rank's ``weights.safetensors`` (its
+tensors are page-aligned, as the ONNX spec recommends): onnxruntime neither prepacks them nor folds the
+``Transpose`` in front of a ``MatMul`` into a private copy (it fuses the pair into one ``FusedMatMul``
+that reads the mapped weight).
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import torch
 
 from .errors import ArtifactLoadError, BackendError
 
-__all__ = ["SegmentSession", "import_onnxruntime", "session_options"]
+__all__ = ["DISABLED_OPTIMIZERS", "SegmentSession", "import_onnxruntime", "session_options"]
+
+# constant folding would copy every transposed weight out of the mapped file (see the module docstring)
+DISABLED_OPTIMIZERS = ["ConstantFolding"]
 
 
 def import_onnxruntime() -> Any:
@@ -57,6 +63,7 @@ def session_options(ort: Any) -> Any:
     so.log_severity_level = 3
     # ranks share the cores: threads that spin while waiting would take them from the other ranks
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.disable_prepacking", "1")  # a packed weight is a private copy
     return so
 
 
@@ -78,7 +85,10 @@ class SegmentSession:
         ort = import_onnxruntime()
         try:
             session = ort.InferenceSession(
-                str(path), sess_options=session_options(ort), providers=_providers(ort, device)
+                str(path),
+                sess_options=session_options(ort),
+                providers=_providers(ort, device),
+                disabled_optimizers=DISABLED_OPTIMIZERS,
             )
         except BackendError:
             raise
