@@ -85,7 +85,8 @@ class CausalLMWithStaticCache(nn.Module):
             layer = StaticLayer(self.max_seq_len)
             keys, values = self.kv_cache.get_buffer(f"key_{i}"), self.kv_cache.get_buffer(f"value_{i}")
             layer.keys, layer.values = keys, values
-            layer.dtype, layer.device = keys.dtype, keys.device
+            # `dtype` is read by the transformers releases that declare it (not by 5.24 and later)
+            layer.__dict__.update(dtype=keys.dtype, device=keys.device)
             layer.batch_size, layer.num_heads = keys.shape[:2]
             layer.k_head_dim, layer.v_head_dim = keys.shape[-1], values.shape[-1]
             layer.cumulative_length = start.clone()
