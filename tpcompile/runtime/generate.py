@@ -24,7 +24,9 @@ from .errors import BackendError, ManifestError, PromptError
 from .lm_info import LMInfo
 from .loader import RankProgram, load_rank
 from .manifest import ArtifactManifest, TensorSpec
+from .prefix_attention import use_prefix_attention
 from .sampling import SamplingConfig, VocabShard, choose_token
+from .streaming_linear import use_streaming_linear
 from .weight_layout import prefer_column_major_wide_weights
 
 __all__ = ["CausalLM", "GenerationStats", "TokenCallback", "check_prompt_length"]
@@ -128,7 +130,10 @@ class CausalLM:
         placement = manifest.outputs[self._logits].placement
         self.shard = VocabShard(placement, program.rank, self.lm.vocab_size)
         self.last_stats: GenerationStats | None = None
-        prefer_column_major_wide_weights(program.module)  # decode streams weights: read them fastest
+        # decode streams every weight once per token: read them as fast as this host can
+        if not use_streaming_linear(program.module, custom_op=compile_decode):
+            prefer_column_major_wide_weights(program.module)
+        use_prefix_attention(program.module, custom_op=compile_decode)  # skip the unwritten cache
         self._decode_step = compile_decode_step(program) if compile_decode else None
 
     @classmethod

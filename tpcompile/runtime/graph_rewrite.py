@@ -12,7 +12,7 @@ sense at run time:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -20,7 +20,16 @@ import torch.fx
 
 from .errors import ArtifactLoadError
 
-__all__ = ["COLLECTIVE_NAMESPACES", "graph_modules", "rewrite_collective_groups", "rewrite_devices"]
+__all__ = [
+    "COLLECTIVE_NAMESPACES",
+    "graph_modules",
+    "retarget_calls",
+    "rewrite_collective_groups",
+    "rewrite_devices",
+]
+
+#: Maps a node to the (args, kwargs) its new target takes.
+ArgMap = Callable[[torch.fx.Node], tuple[tuple[Any, ...], dict[str, Any]]]
 
 #: Operator namespaces whose ops take a ``group_name`` string argument.
 COLLECTIVE_NAMESPACES = frozenset({"_c10d_functional", "c10d_functional", "_c10d_functional_autograd"})
@@ -116,6 +125,31 @@ def rewrite_devices(module: torch.nn.Module, device: torch.device) -> int:
                 node.kwargs = new_kwargs
                 changed = True
                 count += 1
+        if changed:
+            gm.recompile()
+    return count
+
+
+def retarget_calls(
+    module: torch.nn.Module,
+    old: Any,
+    new: Callable[..., Any],
+    arg_map: ArgMap | None = None,
+    where: Callable[[torch.fx.Node], bool] | None = None,
+) -> int:
+    """Make every ``call_function`` node of ``old`` (that ``where`` accepts) call ``new``, with its
+    arguments remapped by ``arg_map`` if given; return how many nodes changed."""
+    count = 0
+    for gm in graph_modules(module):
+        changed = False
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target != old or (where is not None and not where(node)):
+                continue
+            if arg_map is not None:
+                node.args, node.kwargs = arg_map(node)
+            node.target = new
+            changed = True
+            count += 1
         if changed:
             gm.recompile()
     return count
