@@ -100,6 +100,8 @@ class ShmCommunicator:
         self._header = np.frombuffer(self._map, dtype=np.int64, count=world * _HEADER // 8)
         self._header[self._index(rank) + 1] = os.getpid()
         self.seq = 0
+        # one byte view per (rank, parity) slot, made once: a decode step makes ~60 collectives
+        self._slots = [[self._slot_view(r, q) for q in (0, 1)] for r in range(world)]
 
     @classmethod
     def create(cls, rank: int, world: int, timeout_s: float = _TIMEOUT_S) -> ShmCommunicator:
@@ -165,9 +167,9 @@ class ShmCommunicator:
                 os.sched_yield()
             waiting = self._laggards(seq)
 
-    def _slot(self, rank: int, parity: int, nbytes: int) -> np.ndarray:
+    def _slot_view(self, rank: int, parity: int) -> torch.Tensor:
         start = self.world * _HEADER + (rank * 2 + parity) * SLOT_BYTES
-        return np.frombuffer(self._map, dtype=np.uint8, count=nbytes, offset=start)
+        return torch.frombuffer(self._map, dtype=torch.uint8, count=SLOT_BYTES, offset=start)
 
     def fits(self, t: torch.Tensor) -> bool:
         return t.numel() * t.element_size() <= SLOT_BYTES
@@ -177,21 +179,23 @@ class ShmCommunicator:
         self.seq += 1
         seq, parity = self.seq, self.seq % 2
         self._wait_all(seq - 1)  # peers are done reading the slot this call overwrites
-        src = t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
-        self._slot(self.rank, parity, src.size)[:] = src
+        src = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        nbytes = src.numel()
+        self._slots[self.rank][parity][:nbytes].copy_(src)
         self._publish(seq)
         self._wait_all(seq)
-        return parity, src.size
+        return parity, nbytes
 
     def _peer(self, rank: int, parity: int, nbytes: int, like: torch.Tensor) -> torch.Tensor:
-        raw = torch.from_numpy(self._slot(rank, parity, nbytes))
-        return raw.view(like.dtype).view(like.shape)
+        return self._slots[rank][parity][:nbytes].view(like.dtype).view(like.shape)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in rank order, as a new tensor."""
         parity, nbytes = self._exchange(t)
-        acc = self._peer(0, parity, nbytes, t).clone()
-        for r in range(1, self.world):
+        if self.world == 1:
+            return self._peer(0, parity, nbytes, t).clone()
+        acc = torch.add(self._peer(0, parity, nbytes, t), self._peer(1, parity, nbytes, t))
+        for r in range(2, self.world):
             acc += self._peer(r, parity, nbytes, t)
         return acc
 
@@ -201,6 +205,9 @@ class ShmCommunicator:
         return torch.cat([self._peer(r, parity, nbytes, t) for r in range(self.world)], 0)
 
     def close(self) -> None:
+        """Unmap the segment; collectives return new tensors, so only this object's views hold it."""
+        self._slots = []
+        self._header = np.zeros(0, dtype=np.int64)
         self._map.close()
 
 
