@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,6 +112,14 @@ def test_streaming_linear_leaves_other_cases_to_torch_exactly() -> None:
     ]
     for x, w in cases:
         assert torch.equal(decode_linear(x, w), F.linear(x, w))
+    one = torch.ones(1)  # a bias F.linear broadcasts
+    assert torch.equal(
+        decode_linear(torch.ones(1, 64), weight, one), F.linear(torch.ones(1, 64), weight, one)
+    )
+    # mismatched features are F.linear's error, never a read past the activation
+    for x in (torch.randn(1, 128), torch.randn(1, 32)):
+        with pytest.raises(RuntimeError):
+            decode_linear(x, weight)
 
 
 def test_streaming_linear_rewrite_keeps_the_programs_outputs() -> None:

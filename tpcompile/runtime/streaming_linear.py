@@ -136,8 +136,10 @@ def kernel_available() -> bool:
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through the streaming kernel when ``x`` has few rows."""
-    k_total = weight.shape[-1] if weight.dim() == 2 else 0
-    rows = x.numel() // k_total if k_total else 0
+    k_total = (
+        weight.shape[-1] if weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[-1] else 0
+    )
+    rows = x.numel() // k_total if k_total else 0  # 0: a shape F.linear must judge (and reject)
     if (
         _LIB is None
         or rows == 0
@@ -148,7 +150,10 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         or x.dtype != torch.float32
         or weight.dtype != torch.float32
         or not weight.is_contiguous()
-        or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))
+        or (
+            bias is not None
+            and (bias.dtype != torch.float32 or bias.shape != weight.shape[:1] or not bias.is_contiguous())
+        )
         or x.requires_grad
         or weight.requires_grad
     ):
