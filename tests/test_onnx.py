@@ -193,7 +193,7 @@ def test_kv_cache_llama_onnx_equals_torch(tiny_llama: Path, tmp_path: Path) -> N
     torch_dir, onnx_dir = tmp_path / "llama-torch", tmp_path / "llama-onnx"
     done = tpcompile(tiny_llama, "--tp", 2, "-o", torch_dir, "--max-seq-len", 96, "--quiet")
     assert done.returncode == 0, done.stderr
-    convert_artifact(torch_dir, onnx_dir)
+    convert_artifact(str(torch_dir), str(onnx_dir))  # the Python API takes str paths as well
     manifest = _check_onnx_artifact(onnx_dir, 2)
     inputs = [s["name"] for s in manifest["extra"]["onnx"]["ranks"]["0"]["inputs"]]
     assert inputs[:2] == ["input_ids", "cache_position"]

@@ -97,8 +97,9 @@ def to_onnx(out: Path, manifest: Manifest, progress: Callable[[str], None] | Non
     manifest.extra["onnx"] = {"opset": OPSET, "collective_domain": DOMAIN, "ranks": ranks}
 
 
-def convert_artifact(src: Path, dst: Path, force: bool = False) -> Manifest:
+def convert_artifact(src: str | Path, dst: str | Path, force: bool = False) -> Manifest:
     """Write an ONNX-format copy of the torch-format artifact ``src`` to ``dst``."""
+    src, dst = Path(src), Path(dst)
     manifest = Manifest.read(src / "manifest.json")
     if manifest.format != "torch":
         raise UsageError(f"{src} is already a {manifest.format}-format artifact")
