@@ -3,17 +3,20 @@
 A decode step multiplies a handful of activation rows by every weight matrix, so its speed is how fast
 the weights stream from memory.  BLAS ``sgemv`` (MKL and OpenBLAS alike) reads a row-major ``[out, in]``
 weight at 11-15 GB/s on the machines this was measured on, while a plain loop that walks each weight row
-once with four independent vector accumulators reads it at 20-28 GB/s: the whole matrix is one sequential
-stream and the additions do not wait on each other.  This module compiles that loop (portable C with GCC
-vector extensions, ``-O3 -march=native``) into a small shared library cached per source and CPU, and calls
-it through ``ctypes``.
+once with four independent vector accumulators reads it at 17-21 GB/s (through this module): the whole
+matrix is one sequential stream and the additions do not wait on each other.  This module compiles that
+loop (portable C with GCC vector extensions, ``-O3 -march=native``) into a small shared library cached per
+source and CPU, and calls it through ``ctypes``.  The loop runs on one thread, so it is used only while
+torch runs one intra-op thread (a rank per core, as ``tprun`` sets it up at tp = cores); with more threads
+BLAS spreads a product over them and is left to do so.
 
 Invariants:
 - only the rewrite target changes speed, never results beyond fp32 round-off: every output element is one
   dot product of a weight row with an activation row, accumulated in float32 in a fixed order, plus the
   bias; the same inputs give bit-identical outputs on every call and every rank;
 - anything the kernel does not handle (not CPU, not float32, a non-contiguous weight, more than
-  :data:`MAX_ROWS` activation rows, no compiler, ``TPCOMPILE_CPU_KERNELS=0``) goes to ``F.linear``;
+  :data:`MAX_ROWS` activation rows, more than one torch thread, no compiler, ``TPCOMPILE_CPU_KERNELS=0``)
+  goes to ``F.linear``;
 - a failed build is not an error: the library is simply unavailable and ``F.linear`` is used.
 """
 
@@ -144,6 +147,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         _LIB is None
         or rows == 0
         or rows > MAX_ROWS
+        or torch.get_num_threads() != 1
         or x.device.type != "cpu"
         or weight.device.type != "cpu"
         or (bias is not None and bias.device.type != "cpu")
