@@ -199,9 +199,9 @@ def use_streaming_linear(module: torch.nn.Module, *, custom_op: bool = False) ->
     """Point every ``aten.linear`` of ``module``'s graphs at the kernel (:func:`decode_linear`, or the
     ``tpcompile::streaming_linear`` op when the graph is to be compiled); return how many.
 
-    Does nothing (returns 0) when the kernel cannot be built here.
+    Does nothing (returns 0) when torch runs more than one thread or the kernel cannot be built here.
     """
-    if not kernel_available():
+    if torch.get_num_threads() != 1 or not kernel_available():
         return 0
     if custom_op:
         return retarget_calls(module, _LINEAR, torch.ops.tpcompile.streaming_linear.default, _op_args)
