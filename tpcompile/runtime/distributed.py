@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
-from .errors import BackendError
+from .errors import BackendError, first_line
 
 __all__ = [
     "BACKENDS",
@@ -176,8 +176,7 @@ def init_group(
         else:
             dist.init_process_group(backend=backend, timeout=rendezvous)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BackendError(f"cannot initialise {backend} process group: {first}") from exc
+        raise BackendError(f"cannot initialise {backend} process group: {first_line(exc)}") from exc
     world = dist.group.WORLD
     if world is None:  # pragma: no cover - init_process_group guarantees it
         raise BackendError("process group initialised but WORLD group is missing")

@@ -3,7 +3,9 @@
 Every exception carries a single-line message that tells the user what is
 wrong and, where possible, what to do about it.  Entry points (``tprun`` and
 the worker) print ``tprun: error: <message>`` and exit with status 2 for any
-:class:`RuntimeArtifactError`.
+:class:`RuntimeArtifactError`.  :func:`first_line` is the one way the runtime
+turns any exception (its own or one from torch, safetensors, onnxruntime...)
+into such a line.
 """
 
 from __future__ import annotations
@@ -19,7 +21,16 @@ __all__ = [
     "PromptError",
     "RuntimeArtifactError",
     "UntrustedContent",
+    "first_line",
 ]
+
+
+def first_line(exc: BaseException) -> str:
+    """First non-empty line of ``str(exc)``, stripped, or the exception type's name when there is none."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
 
 
 class RuntimeArtifactError(Exception):

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from .collectives import broadcast_object
-from .errors import InputError, ManifestError, PromptError
+from .errors import InputError, ManifestError, PromptError, first_line
 from .generate import CausalLM, check_prompt_length
 from .loader import RankProgram
 from .manifest import ArtifactManifest
-from .reporting import ERROR_PREFIX, first_line, print_verbatim
+from .reporting import ERROR_PREFIX, print_verbatim
 from .tokenization import StreamDecoder, encode_prompt, load_tokenizer
 from .worker_args import GenerationArgs
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .errors import ArtifactCorrupt, ArtifactLoadError, BackendError, UntrustedContent
+from .errors import ArtifactCorrupt, ArtifactLoadError, BackendError, UntrustedContent, first_line
 from .graph_rewrite import rewrite_collective_groups, rewrite_devices
 from .manifest import (
     PROGRAM_FILE,
@@ -109,11 +109,6 @@ def _register_collective_kernels() -> None:
     import torch.distributed._functional_collectives  # noqa: F401
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def check_program_trust(path: Path, rel: str) -> None:
     """Refuse a program archive whose loading would unpickle data or load compiled code.
 
@@ -124,7 +119,7 @@ def check_program_trust(path: Path, rel: str) -> None:
     try:
         problem = unsafe_content(path)
     except Exception as exc:  # zipfile raises BadZipFile, OSError, ValueError, ...
-        raise ArtifactLoadError(f"cannot load {rel}: {_first_line(exc)}") from exc
+        raise ArtifactLoadError(f"cannot load {rel}: {first_line(exc)}") from exc
     if problem is not None:
         raise UntrustedContent(
             f"{rel} contains {problem}, which runs code when loaded; pass --trust-pickle only if you "
@@ -158,14 +153,14 @@ def _load_module(manifest: ArtifactManifest, path: Path, rel: str, trust_pickle:
         hint = ""
         if manifest.torch_version and manifest.torch_version != torch.__version__:
             hint = f" (artifact built with torch {manifest.torch_version}, running torch {torch.__version__})"
-        raise ArtifactLoadError(f"cannot load {rel}: {_first_line(exc)}{hint}") from exc
+        raise ArtifactLoadError(f"cannot load {rel}: {first_line(exc)}{hint}") from exc
 
 
 def _load_weights(path: Path, rel: str, device: torch.device) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device=str(device))
     except Exception as exc:  # safetensors raises several unrelated types
-        raise ArtifactLoadError(f"cannot read {rel}: {_first_line(exc)}") from exc
+        raise ArtifactLoadError(f"cannot read {rel}: {first_line(exc)}") from exc
 
 
 def _default_group_name() -> str | None:

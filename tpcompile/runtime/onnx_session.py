@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import ArtifactLoadError, BackendError
+from .errors import ArtifactLoadError, BackendError, first_line
 
 __all__ = ["DISABLED_OPTIMIZERS", "SegmentSession", "import_onnxruntime", "session_options"]
 
@@ -93,8 +93,7 @@ class SegmentSession:
         except BackendError:
             raise
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ArtifactLoadError(f"onnxruntime cannot load {rel}: {first}") from exc
+            raise ArtifactLoadError(f"onnxruntime cannot load {rel}: {first_line(exc)}") from exc
         names_in = {i.name for i in session.get_inputs()}
         names_out = {o.name for o in session.get_outputs()}
         if names_in != set(inputs) or names_out != set(outputs):

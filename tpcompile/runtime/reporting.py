@@ -15,7 +15,7 @@ import sys
 import traceback
 
 from .distributed import CollectiveError
-from .errors import RuntimeArtifactError
+from .errors import RuntimeArtifactError, first_line
 
 __all__ = [
     "ERROR_PREFIX",
@@ -25,7 +25,6 @@ __all__ = [
     "EXIT_USER_ERROR",
     "LAUNCHER_PID_ENV",
     "VERBATIM_MARK",
-    "first_line",
     "print_error",
     "print_verbatim",
     "report_exception",
@@ -43,14 +42,6 @@ LAUNCHER_PID_ENV = "TPRUN_LAUNCHER_PID"
 VERBATIM_MARK = "\x1e"
 #: ``[.../gloo/transport/tcp/pair.cc:589] `` opening a message raised by a collective backend.
 _BACKEND_SOURCE = re.compile(r"^\[[^\]\s]+/(?:gloo|nccl|c10d)/[^\]\s]+:\d+\]\s*")
-
-
-def first_line(exc: BaseException) -> str:
-    """First non-empty line of ``str(exc)``, or the exception type's name."""
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__
 
 
 def print_error(message: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import InputError, ManifestError, RuntimeArtifactError
+from .errors import InputError, ManifestError, RuntimeArtifactError, first_line
 from .manifest import TensorSpec
 
 __all__ = [
@@ -91,7 +91,7 @@ def read_inputs(path: str | Path, device: torch.device | str = "cpu") -> dict[st
     try:
         return load_file(str(p), device=str(device))
     except Exception as exc:  # safetensors raises several unrelated types
-        raise InputError(f"cannot read inputs file {p}: {_one_line(exc)}") from exc
+        raise InputError(f"cannot read inputs file {p}: {first_line(exc)}") from exc
 
 
 def write_outputs(path: str | Path, specs: Sequence[TensorSpec], tensors: Sequence[torch.Tensor]) -> None:
@@ -110,8 +110,3 @@ def write_outputs(path: str | Path, specs: Sequence[TensorSpec], tensors: Sequen
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

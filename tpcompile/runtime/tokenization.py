@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import ArtifactLoadError, InputError
+from .errors import ArtifactLoadError, InputError, first_line
 from .manifest import ArtifactManifest
-from .reporting import first_line
 
 __all__ = ["StreamDecoder", "encode_prompt", "load_tokenizer"]
 

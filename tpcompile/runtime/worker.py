@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from .collectives import gather_outputs, use_shared_memory
 from .compiled import prepare_compiled_decode
 from .distributed import DistEnv, choose_backend, configure_device, destroy_group, init_group
-from .errors import BackendError, InputError, PromptError
+from .errors import BackendError, InputError, PromptError, first_line
 from .lm_worker import GenerationSession
 from .loader import load_rank
 from .manifest import load_artifact_manifest
 from .onnx_program import OnnxRankProgram
-from .reporting import ERROR_PREFIX, EXIT_OK, EXIT_USER_ERROR, first_line, print_verbatim, report_exception
+from .reporting import ERROR_PREFIX, EXIT_OK, EXIT_USER_ERROR, print_verbatim, report_exception
 from .shm_collectives import ShmCommunicator, rebind_collectives, shm_supported
 from .tensor_io import order_inputs, read_inputs, write_outputs
 from .worker_args import WorkerArgs, parse_worker_argv
