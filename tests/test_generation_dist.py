@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tpcompile.runtime.collectives import gather_sharded
+from tpcompile.runtime.format import Replicate, Shard
 from tpcompile.runtime.launcher import free_port
-from tpcompile.runtime.placement import Placement
 from tpcompile.runtime.sampling import (
     SamplingConfig,
     VocabShard,
@@ -43,16 +43,16 @@ def _tie_logits(sizes: list[int], dtype: torch.dtype) -> torch.Tensor:
     return rows
 
 
-def _slice(full: torch.Tensor, placement: Placement, rank: int) -> torch.Tensor:
+def _slice(full: torch.Tensor, placement: Shard, rank: int) -> torch.Tensor:
     start = placement.offset(rank)
-    return full[..., start : start + placement.size(rank)]
+    return full[..., start : start + placement.sizes[rank]]
 
 
 def _ranks(rank: int, world: int, port: int, sizes: list[int]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        placement = Placement(dim=-1, sizes=tuple(sizes))
+        placement = Shard(dim=-1, sizes=tuple(sizes))
         total = sum(sizes)
         # 1. distributed greedy argmax == torch.argmax over the concatenated logits, ties -> lowest id
         for dtype in (torch.float32, torch.bfloat16):
@@ -90,11 +90,11 @@ def _ranks(rank: int, world: int, port: int, sizes: list[int]) -> None:
 
         # 3. gathering uneven shards of an output back to the global tensor (middle dim and last dim)
         glob = torch.arange(2 * total * 3, dtype=torch.float32).reshape(2, total, 3)
-        mid = Placement(dim=1, sizes=tuple(sizes))
+        mid = Shard(dim=1, sizes=tuple(sizes))
         assert torch.equal(gather_sharded(_slice(glob.transpose(1, 2), mid, rank).transpose(1, 2), mid), glob)
         last = glob.transpose(1, 2).contiguous()  # [2, 3, total]
         assert torch.equal(gather_sharded(_slice(last, placement, rank), placement), last)
-        rep = Placement()
+        rep = Replicate()
         assert gather_sharded(glob, rep) is glob
     finally:
         dist.destroy_process_group()

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tpcompile.runtime import ArtifactCorrupt, ArtifactLoadError, CausalLM, load_artifact_manifest, load_rank
+from tpcompile.runtime.format import Shard
 
 D = 8
 BATCH = 2
@@ -209,8 +210,8 @@ def test_manifest_lm_fields(lm_artifact: Path) -> None:
     assert manifest.lm.eos_token_ids == (EOS,) and manifest.lm.tokenizer == "tokenizer"
     assert manifest.zero_state == ("cache.key_0",)
     placement = manifest.outputs[0].placement
-    assert (placement.dim, placement.sizes) == (2, (130, 129))
-    assert (placement.offset(1), placement.size(1), str(placement)) == (130, 129, "S(2;130,129)")
+    assert isinstance(placement, Shard) and (placement.dim, placement.sizes) == (2, (130, 129))
+    assert (placement.offset(1), placement.sizes[1], str(placement)) == (130, 129, "S(2;130,129)")
     assert "tokenizer/tokenizer.json" in manifest.shared_files
 
 

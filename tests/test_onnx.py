@@ -56,7 +56,7 @@ def _run_both(rank: int, world: int, port: int, dirs: list[str], prompt: list[in
                     (out,) = gather_outputs(program(ids), placements)
                     new.append(int(out[0, -1].argmax()))
                     ids = torch.cat([ids, torch.tensor([[new[-1]]])], 1)
-            results[program.manifest.raw.get("format", "torch")] = (logits, new)
+            results[program.manifest.format] = (logits, new)
         if rank == 0:
             torch.save(results, result)
     finally:
@@ -251,11 +251,10 @@ def test_kv_cache_writes_become_explicit_outputs() -> None:
 
 def test_manifest_format_errors(tmp_path: Path) -> None:
     from tpcompile.runtime.errors import ManifestError
-    from tpcompile.runtime.manifest import ArtifactManifest
-    from tpcompile.runtime.onnx_manifest import artifact_format, onnx_rank
+    from tpcompile.runtime.format import Manifest, artifact_format, onnx_rank
 
-    def manifest(raw: dict[str, Any]) -> ArtifactManifest:
-        return ArtifactManifest(tmp_path, 1, 1, "tp", (), (), (), raw=raw)
+    def manifest(raw: dict[str, Any]) -> Manifest:
+        return Manifest(1, "tp", [], [], [], path=tmp_path, **raw)
 
     assert artifact_format(manifest({})) == "torch"
     assert artifact_format(manifest({"format": "onnx"})) == "onnx"

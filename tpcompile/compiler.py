@@ -15,7 +15,6 @@ import torch.fx as fx
 from torch.export.graph_signature import OutputKind
 
 import tpcompile
-from tpcompile.artifact.manifest import CollectiveEntry, Manifest, ParameterEntry, RankEntry, TensorSpec
 from tpcompile.artifact.program import StoredTensor, input_signature
 from tpcompile.artifact.rank_programs import RankProgramJob, rank_program_pool
 from tpcompile.artifact.safetensors_writer import write_safetensors
@@ -32,6 +31,7 @@ from tpcompile.passes.slicing import local_shape, local_tensor
 from tpcompile.plan.auto import choose_plan, find_sites
 from tpcompile.plan.experts import DEFAULT_MOE, describe_experts
 from tpcompile.plan.spec import PlanFile, ShardingPlan
+from tpcompile.runtime.format import CollectiveEntry, Manifest, ParameterEntry, RankEntry, TensorSpec
 
 Progress = Callable[[str], None]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tpcompile.artifact.manifest import Manifest
 from tpcompile.errors import UsageError
+from tpcompile.runtime.format import Manifest
 
 
 def read_manifest(artifact: Path) -> Manifest:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tpcompile.errors import UsageError
-from tpcompile.runtime.manifest import WORK_DIR_PATTERN, work_dir_name
+from tpcompile.runtime.format import WORK_DIR_PATTERN, work_dir_name
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2

@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
-from tpcompile.artifact.manifest import Manifest
 from tpcompile.artifact.writer import atomic_directory, sha256_file
 from tpcompile.errors import TpCompileError, UnsupportedModelError, UsageError
 from tpcompile.onnx.aligned import align_safetensors
 from tpcompile.onnx.export import DOMAIN, OPSET, export_model
 from tpcompile.onnx.functional import stateful_module
 from tpcompile.onnx.segments import RankGraph, split_model
+from tpcompile.runtime.format import Manifest
 
 FORMAT = "onnx"
 PROGRAM = "program.pt2"

@@ -1,11 +1,13 @@
 """tpcompile runtime: load and run tensor-parallel artifacts written by tpcompile.
 
 This sub-package is self-contained (it imports nothing else from tpcompile)
-so that a deployment can ship only the runtime.
+so that a deployment can ship only the runtime.  Its names are imported on
+first use, so that ``import tpcompile.runtime.format`` (the artifact contract,
+used by the compiler's writer) does not import torch.
 
 Public API::
 
-    load_artifact_manifest(artifact_dir) -> ArtifactManifest
+    load_artifact_manifest(artifact_dir) -> Manifest
     load_rank(artifact_dir, rank, device="cpu", group_name=None, verify=True) -> RankProgram
     run_artifact(artifact_dir, inputs, *, backend=None, device=None, ...) -> dict[str, Tensor]
 
@@ -19,36 +21,71 @@ Causal LMs (``kind == "causal_lm"``)::
 
 from __future__ import annotations
 
-from .errors import (
-    ArtifactCorrupt,
-    ArtifactLoadError,
-    BackendError,
-    InputError,
-    LaunchError,
-    ManifestError,
-    PromptError,
-    RuntimeArtifactError,
-)
-from .generate import CausalLM, GenerationStats
-from .lm_api import Generation, generate_text
-from .lm_info import LMInfo
-from .loader import RankProgram, load_rank
-from .manifest import (
-    ArtifactManifest,
-    RankEntry,
-    TensorSpec,
-    load_artifact_manifest,
-    verify_rank_files,
-    verify_shared_files,
-)
-from .placement import Placement
-from .run import run_artifact
-from .sampling import SamplingConfig
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .errors import (
+        ArtifactCorrupt,
+        ArtifactLoadError,
+        BackendError,
+        InputError,
+        LaunchError,
+        ManifestError,
+        PromptError,
+        RuntimeArtifactError,
+    )
+    from .format import (
+        LMInfo,
+        Manifest,
+        Placement,
+        RankEntry,
+        Replicate,
+        Shard,
+        TensorSpec,
+        load_artifact_manifest,
+        verify_rank_files,
+        verify_shared_files,
+    )
+    from .generate import CausalLM, GenerationStats
+    from .lm_api import Generation, generate_text
+    from .loader import RankProgram, load_rank
+    from .run import run_artifact
+    from .sampling import SamplingConfig
+
+#: Public name -> the module (relative to this package) that defines it.
+_MODULES = {
+    "ArtifactCorrupt": ".errors",
+    "ArtifactLoadError": ".errors",
+    "BackendError": ".errors",
+    "InputError": ".errors",
+    "LaunchError": ".errors",
+    "ManifestError": ".errors",
+    "PromptError": ".errors",
+    "RuntimeArtifactError": ".errors",
+    "LMInfo": ".format",
+    "Manifest": ".format",
+    "Placement": ".format",
+    "RankEntry": ".format",
+    "Replicate": ".format",
+    "Shard": ".format",
+    "TensorSpec": ".format",
+    "load_artifact_manifest": ".format",
+    "verify_rank_files": ".format",
+    "verify_shared_files": ".format",
+    "CausalLM": ".generate",
+    "GenerationStats": ".generate",
+    "Generation": ".lm_api",
+    "generate_text": ".lm_api",
+    "RankProgram": ".loader",
+    "load_rank": ".loader",
+    "run_artifact": ".run",
+    "SamplingConfig": ".sampling",
+}
 
 __all__ = [
     "ArtifactCorrupt",
     "ArtifactLoadError",
-    "ArtifactManifest",
     "BackendError",
     "CausalLM",
     "Generation",
@@ -56,13 +93,16 @@ __all__ = [
     "InputError",
     "LMInfo",
     "LaunchError",
+    "Manifest",
     "ManifestError",
     "Placement",
     "PromptError",
     "RankEntry",
     "RankProgram",
+    "Replicate",
     "RuntimeArtifactError",
     "SamplingConfig",
+    "Shard",
     "TensorSpec",
     "generate_text",
     "load_artifact_manifest",
@@ -71,3 +111,16 @@ __all__ = [
     "verify_rank_files",
     "verify_shared_files",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

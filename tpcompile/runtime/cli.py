@@ -24,10 +24,10 @@ import click
 
 from .distributed import choose_backend, in_torchrun
 from .errors import RuntimeArtifactError
+from .format import load_artifact_manifest, verify_shared_files
 from .launcher import RUN_IN_PROCESS, launch
 from .lm_worker import not_a_causal_lm, read_prompt_file
 from .loader import check_artifact
-from .manifest import load_artifact_manifest, verify_shared_files
 from .reporting import report_exception
 from .tensor_io import order_inputs, read_inputs
 from .worker_args import (

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
 from .distributed import CollectiveError
-from .placement import Placement
+from .format import Placement, Shard
 from .shm_collectives import ShmCommunicator
 
 __all__ = [
@@ -65,15 +65,16 @@ def gather_sharded(
 
     Slices may be uneven: each rank pads its slice to the largest size, the
     padded slices are all-gathered, and each is trimmed back to its own size
-    before concatenation.  A replicated placement returns ``local`` unchanged.
+    before concatenation.  Any other placement than a (non-overlapping)
+    :class:`Shard` returns ``local`` unchanged.
     """
-    if placement.dim is None:
+    if not isinstance(placement, Shard) or placement.overlapping:
         return local
     if world_size(group) == 1:
         return local
     dim = placement.dim % local.dim()
     moved = local.movedim(dim, 0)
-    pad = placement.max_size - moved.shape[0]
+    pad = max(placement.sizes) - moved.shape[0]
     if pad:
         moved = torch.cat([moved, moved.new_zeros((pad, *moved.shape[1:]))])
     moved = moved.contiguous()

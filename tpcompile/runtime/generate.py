@@ -21,9 +21,8 @@ import torch.distributed as dist
 
 from .compiled import bind_transport, compile_decode_step, use_transport_ops
 from .errors import BackendError, ManifestError, PromptError
-from .lm_info import LMInfo
+from .format import LMInfo, Manifest, Shard, TensorSpec
 from .loader import RankProgram, load_rank
-from .manifest import ArtifactManifest, TensorSpec
 from .prefix_attention import use_prefix_attention
 from .sampling import SamplingConfig, VocabShard, choose_token
 from .streaming_linear import use_streaming_linear
@@ -74,7 +73,7 @@ def check_prompt_length(lm: LMInfo, n_tokens: int) -> None:
         )
 
 
-def _logits_spec(manifest: ArtifactManifest, lm: LMInfo) -> int:
+def _logits_spec(manifest: Manifest, lm: LMInfo) -> int:
     """Index of the logits output; checks its placement shards the vocabulary dim (or is R)."""
     names = manifest.output_names
     if LOGITS in names:
@@ -85,8 +84,8 @@ def _logits_spec(manifest: ArtifactManifest, lm: LMInfo) -> int:
         raise ManifestError(f"causal_lm artifact has outputs {names} but no '{LOGITS}'; recompile it")
     spec: TensorSpec = manifest.outputs[index]
     placement = spec.placement
-    if placement.is_sharded:
-        if placement.dim is None or placement.dim % max(1, len(spec.shape)) != len(spec.shape) - 1:
+    if isinstance(placement, Shard):
+        if placement.dim % max(1, len(spec.shape)) != len(spec.shape) - 1:
             raise ManifestError(f"logits placement {placement} must shard the last (vocabulary) dim")
         if placement.total < lm.vocab_size:
             raise ManifestError(

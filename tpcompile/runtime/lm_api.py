@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LaunchError, PromptError
+from .format import load_artifact_manifest
 from .generate import GenerationStats
 from .launcher import spawn_workers
 from .lm_worker import not_a_causal_lm
-from .manifest import load_artifact_manifest
 from .worker_args import DEFAULT_TIMEOUT_S, GenerationArgs, WorkerArgs
 
 __all__ = ["Generation", "generate_text"]

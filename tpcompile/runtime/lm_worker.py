@@ -20,9 +20,9 @@ from typing import Any
 
 from .collectives import broadcast_object
 from .errors import InputError, ManifestError, PromptError, first_line
+from .format import Manifest
 from .generate import CausalLM, check_prompt_length
 from .loader import RankProgram
-from .manifest import ArtifactManifest
 from .reporting import ERROR_PREFIX, print_verbatim
 from .tokenization import StreamDecoder, encode_prompt, load_tokenizer
 from .worker_args import GenerationArgs
@@ -30,7 +30,7 @@ from .worker_args import GenerationArgs
 __all__ = ["GenerationSession", "not_a_causal_lm", "read_prompt_file"]
 
 
-def not_a_causal_lm(manifest: ArtifactManifest) -> ManifestError:
+def not_a_causal_lm(manifest: Manifest) -> ManifestError:
     """The error for ``--prompt``/stdin prompts on an artifact that is not a causal LM."""
     return ManifestError(
         f"{manifest.path} is a '{manifest.kind}' artifact, not a causal LM: text prompts need an artifact "
@@ -59,7 +59,7 @@ def _write_json(path: Path, data: Any) -> None:
 class GenerationSession:
     """Prompts -> ids -> generated answers, on one rank."""
 
-    def __init__(self, manifest: ArtifactManifest, args: GenerationArgs, rank: int) -> None:
+    def __init__(self, manifest: Manifest, args: GenerationArgs, rank: int) -> None:
         if not manifest.is_causal_lm or manifest.lm is None:
             raise not_a_causal_lm(manifest)
         self.manifest = manifest

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -12,18 +12,20 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .errors import ArtifactCorrupt, ArtifactLoadError, BackendError, UntrustedContent, first_line
-from .graph_rewrite import rewrite_collective_groups, rewrite_devices
-from .manifest import (
+from .format import (
+    FORMAT_ONNX,
+    FORMAT_TORCH,
     PROGRAM_FILE,
     WEIGHTS_FILE,
-    ArtifactManifest,
+    Manifest,
     TensorSpec,
+    artifact_format,
     load_artifact_manifest,
     verify_artifact,
     verify_rank_files,
     verify_shared_files,
 )
-from .onnx_manifest import FORMAT_ONNX, FORMAT_TORCH, artifact_format
+from .graph_rewrite import rewrite_collective_groups, rewrite_devices
 from .program_archive import unsafe_content
 from .tensor_io import order_inputs
 from .weights import assign_tensors, create_zero_state, move_to_device, unloaded_tensors
@@ -43,7 +45,7 @@ class RankProgram:
 
     def __init__(
         self,
-        manifest: ArtifactManifest,
+        manifest: Manifest,
         rank: int,
         device: torch.device,
         module: nn.Module,
@@ -56,12 +58,12 @@ class RankProgram:
         self.group_name = group_name
 
     @property
-    def input_specs(self) -> tuple[TensorSpec, ...]:
+    def input_specs(self) -> Sequence[TensorSpec]:
         """Positional inputs the program expects."""
         return self.manifest.inputs
 
     @property
-    def output_specs(self) -> tuple[TensorSpec, ...]:
+    def output_specs(self) -> Sequence[TensorSpec]:
         """Outputs the program returns, in order."""
         return self.manifest.outputs
 
@@ -127,7 +129,7 @@ def check_program_trust(path: Path, rel: str) -> None:
         )
 
 
-def check_artifact(manifest: ArtifactManifest, *, verify: bool = True, trust_pickle: bool = False) -> None:
+def check_artifact(manifest: Manifest, *, verify: bool = True, trust_pickle: bool = False) -> None:
     """Everything about the files that can fail before any rank starts: hashes, then program trust.
 
     ``tprun`` runs this once in the launcher, so a corrupt or untrusted artifact is one error line
@@ -143,7 +145,7 @@ def check_artifact(manifest: ArtifactManifest, *, verify: bool = True, trust_pic
             check_program_trust(manifest.path / entry.dir / PROGRAM_FILE, entry.relpath(PROGRAM_FILE))
 
 
-def _load_module(manifest: ArtifactManifest, path: Path, rel: str, trust_pickle: bool) -> nn.Module:
+def _load_module(manifest: Manifest, path: Path, rel: str, trust_pickle: bool) -> nn.Module:
     if not trust_pickle:
         check_program_trust(path, rel)
     try:
@@ -176,7 +178,7 @@ def load_rank(
     group_name: str | None = None,
     verify: bool = True,
     *,
-    manifest: ArtifactManifest | None = None,
+    manifest: Manifest | None = None,
     trust_pickle: bool = False,
 ) -> RankProgram:
     """Load rank ``rank`` of the artifact in ``artifact_dir`` onto ``device``.

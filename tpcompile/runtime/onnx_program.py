@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from .errors import ArtifactCorrupt, ArtifactLoadError
+from .format import STATE_IN, STATE_OUT, Collective, Manifest, OnnxRank, Segment, onnx_rank
 from .loader import RankProgram
-from .manifest import ArtifactManifest
-from .onnx_manifest import STATE_IN, STATE_OUT, Collective, OnnxRank, Segment, onnx_rank
 from .onnx_session import SegmentSession, import_onnxruntime
 from .shm_collectives import ShmCommunicator
 
@@ -41,7 +40,7 @@ class OnnxRankProgram(RankProgram):
 
     def __init__(
         self,
-        manifest: ArtifactManifest,
+        manifest: Manifest,
         rank: int,
         device: torch.device,
         graph: OnnxRank,
@@ -116,7 +115,7 @@ def _tensor(value: Any) -> torch.Tensor:
 
 
 def load_onnx_rank(
-    manifest: ArtifactManifest, rank: int, device: torch.device, group_name: str | None
+    manifest: Manifest, rank: int, device: torch.device, group_name: str | None
 ) -> OnnxRankProgram:
     """Open one onnxruntime session per segment of ``rank`` (files already hash-checked by the caller)."""
     graph = onnx_rank(manifest, rank)

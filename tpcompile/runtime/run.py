@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import LaunchError
+from .format import load_artifact_manifest
 from .launcher import spawn_workers
-from .manifest import load_artifact_manifest
 from .tensor_io import order_inputs
 from .worker_args import DEFAULT_TIMEOUT_S, WorkerArgs
 

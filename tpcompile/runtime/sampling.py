@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .collectives import all_gather_small, broadcast_token, gather_sharded, world_size
 from .errors import InputError
-from .placement import Placement
+from .format import Placement, Shard
 
 __all__ = ["SamplingConfig", "VocabShard", "choose_token", "distributed_argmax", "warp_logits"]
 
@@ -49,8 +49,9 @@ class SamplingConfig:
 class VocabShard:
     """This rank's slice of the vocabulary: global ids ``[offset, offset + valid)``.
 
-    ``placement`` describes how the logits are split over ranks; entries past
-    ``vocab_size`` (padding) are never chosen.
+    ``placement`` describes how the logits are split over ranks (a :class:`Shard`
+    of the last dim, or replicated); entries past ``vocab_size`` (padding) are
+    never chosen.
     """
 
     placement: Placement
@@ -60,12 +61,12 @@ class VocabShard:
     @property
     def offset(self) -> int:
         """Global id of this rank's first logit."""
-        return self.placement.offset(self.rank) if self.placement.is_sharded else 0
+        return self.placement.offset(self.rank) if isinstance(self.placement, Shard) else 0
 
     @property
     def valid(self) -> int:
         """How many of this rank's logits are real vocabulary entries."""
-        local = self.placement.size(self.rank) if self.placement.is_sharded else self.vocab_size
+        local = self.placement.sizes[self.rank] if isinstance(self.placement, Shard) else self.vocab_size
         return max(0, min(local, self.vocab_size - self.offset))
 
 
@@ -78,7 +79,7 @@ def distributed_argmax(
     float64, exact for any float logits and ids < 2**53); the winner is the
     first rank holding the maximum, i.e. the lowest global index on ties.
     """
-    if not shard.placement.is_sharded or world_size(group) == 1:
+    if not isinstance(shard.placement, Shard) or world_size(group) == 1:
         return local[:, : shard.vocab_size].argmax(dim=-1)
     rows = local.shape[0]
     mine = local[:, : shard.valid]

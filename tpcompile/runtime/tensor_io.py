@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import InputError, ManifestError, RuntimeArtifactError, first_line
-from .manifest import TensorSpec
+from .format import TensorSpec
 
 __all__ = [
     "dtype_name",

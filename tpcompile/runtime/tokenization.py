@@ -13,14 +13,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import ArtifactLoadError, InputError, first_line
-from .manifest import ArtifactManifest
+from .format import Manifest
 
 __all__ = ["StreamDecoder", "encode_prompt", "load_tokenizer"]
 
 _REPLACEMENT = "\ufffd"
 
 
-def load_tokenizer(manifest: ArtifactManifest) -> Any:
+def load_tokenizer(manifest: Manifest) -> Any:
     """``AutoTokenizer.from_pretrained`` on the artifact's tokenizer directory.
 
     Raises:

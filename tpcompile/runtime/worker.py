@@ -16,9 +16,9 @@ from .collectives import gather_outputs, use_shared_memory
 from .compiled import prepare_compiled_decode
 from .distributed import DistEnv, choose_backend, configure_device, destroy_group, init_group
 from .errors import BackendError, InputError, PromptError, first_line
+from .format import load_artifact_manifest
 from .lm_worker import GenerationSession
 from .loader import load_rank
-from .manifest import load_artifact_manifest
 from .onnx_program import OnnxRankProgram
 from .reporting import ERROR_PREFIX, EXIT_OK, EXIT_USER_ERROR, print_verbatim, report_exception
 from .shm_collectives import ShmCommunicator, rebind_collectives, shm_supported

@@ -1,4 +1,4 @@
-"""The ``extra.lm`` block of a ``causal_lm`` manifest.
+"""The LM section of a manifest: the ``extra.lm`` block of a ``causal_lm`` artifact.
 
 Invariant: an :class:`LMInfo` has ``vocab_size``, ``max_seq_len`` and
 ``max_batch_size`` >= 1 and integer token ids; the tokenizer path, when set,
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from .errors import ManifestError
+from ..errors import ManifestError
 
 __all__ = ["CAUSAL_LM", "LMInfo", "parse_lm_info"]
 
@@ -32,6 +32,7 @@ class LMInfo:
     tokenizer: str | None = None
     chat_template: bool = False
     generation: Mapping[str, Any] = field(default_factory=dict)
+    model_type: str | None = None
 
 
 def _is_int(value: object) -> bool:
@@ -94,4 +95,5 @@ def parse_lm_info(extra: object, where: str) -> LMInfo:
         tokenizer=_tokenizer_dir(lm, loc),
         chat_template=bool(lm.get("chat_template", False)),
         generation=dict(generation),
+        model_type=lm["model_type"] if isinstance(lm.get("model_type"), str) else None,
     )

@@ -1,9 +1,10 @@
-"""The ONNX part of a manifest (``format: "onnx"``, ``extra.onnx``): each rank's segments and collectives.
+"""The ONNX section of a manifest (``format: "onnx"``, ``extra.onnx``): each rank's segments and collectives.
 
 ``extra.onnx.ranks[r]`` lists rank r's ONNX graph inputs and outputs (the program's user inputs, then one
 ``in.NAME`` per KV-cache buffer; the outputs ``out0...``, then one ``out.NAME`` per buffer) and its
 ``steps`` in execution order: ``segment`` (an ONNX file in the rank directory, the values it reads and
-writes) or a collective (``all_reduce`` / ``all_gather``: one value in, one out). Standard library only.
+writes) or a collective (``all_reduce`` / ``all_gather``: one value in, one out). The section is read
+when a rank is loaded (:func:`onnx_rank`), into the immutable values below. Standard library only.
 """
 
 from __future__ import annotations
@@ -12,22 +13,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ManifestError
-from .manifest import ArtifactManifest
+from ..errors import ManifestError
+from .manifest import FORMAT_ONNX, FORMAT_TORCH, Manifest
 
 __all__ = [
-    "FORMAT_ONNX",
-    "FORMAT_TORCH",
+    "STATE_IN",
+    "STATE_OUT",
     "Collective",
     "OnnxRank",
     "Segment",
+    "Step",
     "ValueSpec",
     "artifact_format",
     "onnx_rank",
 ]
 
-FORMAT_TORCH = "torch"
-FORMAT_ONNX = "onnx"
 STATE_IN = "in."
 STATE_OUT = "out."
 
@@ -74,9 +74,9 @@ class OnnxRank:
         return tuple(s for s in self.steps if isinstance(s, Segment))
 
 
-def artifact_format(manifest: ArtifactManifest) -> str:
+def artifact_format(manifest: Manifest) -> str:
     """``"torch"`` (the default) or ``"onnx"``; ManifestError for anything else."""
-    fmt = manifest.raw.get("format", FORMAT_TORCH)
+    fmt = manifest.format
     if fmt not in (FORMAT_TORCH, FORMAT_ONNX):
         raise ManifestError(f"{manifest.path}: unknown artifact format {fmt!r}; upgrade tpcompile")
     return str(fmt)
@@ -113,10 +113,9 @@ def _step(item: Any, where: str) -> Step:
     raise ManifestError(f"{where}: unknown step kind {kind!r}; upgrade tpcompile")
 
 
-def onnx_rank(manifest: ArtifactManifest, rank: int) -> OnnxRank:
+def onnx_rank(manifest: Manifest, rank: int) -> OnnxRank:
     """Rank ``rank``'s ONNX graph description; ManifestError when it is missing or malformed."""
-    extra = manifest.raw.get("extra")
-    section = extra.get("onnx") if isinstance(extra, Mapping) else None
+    section = manifest.extra.get("onnx")
     ranks = section.get("ranks") if isinstance(section, Mapping) else None
     data = ranks.get(str(rank)) if isinstance(ranks, Mapping) else None
     where = f"{manifest.path}: extra.onnx.ranks[{rank}]"
