@@ -42,7 +42,7 @@ SUMMARY = re.compile(
 )
 JSON_TAG = "BENCH_JSON "
 BASELINE = "import torch, transformers, tpcompile.compiler"
-WORKER_MARK = "tpcompile.runtime.worker"
+WORKER_MARK = "tpcompile.runtime.launch.worker"
 TARGET_SPEEDUP, TARGET_SHARE = 2.0, 0.55
 
 

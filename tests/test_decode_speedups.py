@@ -14,7 +14,7 @@ from torch import nn
 
 from tests.checkpoints import save_smollm2_tokenizer, tiny_checkpoint
 from tests.conftest import tpcompile, tprun
-from tpcompile.runtime.weight_layout import prefer_column_major_wide_weights
+from tpcompile.runtime.kernels.weight_layout import prefer_column_major_wide_weights
 
 
 class _TiedHead(nn.Module):
@@ -87,14 +87,14 @@ def one_thread() -> Iterator[None]:
 
 
 def _kernel() -> None:
-    from tpcompile.runtime.streaming_linear import kernel_available
+    from tpcompile.runtime.kernels.streaming_linear import kernel_available
 
     # this machine (and CI) has a C compiler: the kernel must build, or every other check here is moot
     assert kernel_available()
 
 
 def test_streaming_linear_matches_linear_for_decode_shapes(one_thread: None) -> None:
-    from tpcompile.runtime.streaming_linear import MAX_ROWS, decode_linear
+    from tpcompile.runtime.kernels.streaming_linear import MAX_ROWS, decode_linear
 
     _kernel()
     gen = torch.Generator().manual_seed(0)
@@ -110,7 +110,7 @@ def test_streaming_linear_matches_linear_for_decode_shapes(one_thread: None) -> 
 
 
 def test_streaming_linear_leaves_other_cases_to_torch_exactly(one_thread: None) -> None:
-    from tpcompile.runtime.streaming_linear import MAX_ROWS, decode_linear
+    from tpcompile.runtime.kernels.streaming_linear import MAX_ROWS, decode_linear
 
     _kernel()
     weight = torch.randn(48, 64)
@@ -138,7 +138,7 @@ def test_streaming_linear_leaves_other_cases_to_torch_exactly(one_thread: None) 
 
 
 def test_streaming_linear_rewrite_keeps_the_programs_outputs(one_thread: None) -> None:
-    from tpcompile.runtime.streaming_linear import decode_linear, use_streaming_linear
+    from tpcompile.runtime.kernels.streaming_linear import decode_linear, use_streaming_linear
 
     _kernel()
     ids = torch.tensor([[3, 1, 63, 0]])
@@ -164,7 +164,7 @@ def test_no_compiler_means_torch_linear(tmp_path: Path) -> None:
 
     code = (
         "import torch, torch.nn.functional as F\n"
-        "from tpcompile.runtime import streaming_linear as s\n"
+        "from tpcompile.runtime.kernels import streaming_linear as s\n"
         "assert not s.kernel_available()\n"
         "m = torch.export.export(torch.nn.Linear(4, 3), (torch.ones(1, 4),)).module()\n"
         "assert s.use_streaming_linear(m) == 0\n"
@@ -194,7 +194,7 @@ def _sdpa_inputs(keys: int, filled: int, heads: int = 4, kv_heads: int = 2) -> t
 
 
 def test_prefix_attention_equals_full_attention_for_every_mask_kind() -> None:
-    from tpcompile.runtime.prefix_attention import attended_prefix, prefix_attention
+    from tpcompile.runtime.kernels.prefix_attention import attended_prefix, prefix_attention
 
     q, k, v, mask = _sdpa_inputs(keys=64, filled=11)
     assert attended_prefix(mask) == 11
@@ -237,7 +237,7 @@ class _MaskInput(nn.Module):
 
 
 def test_prefix_attention_rewrite_only_where_the_mask_is_made_in_the_graph() -> None:
-    from tpcompile.runtime.prefix_attention import prefix_attention, use_prefix_attention
+    from tpcompile.runtime.kernels.prefix_attention import prefix_attention, use_prefix_attention
 
     q, pos = torch.randn(1, 2, 1, 8), torch.tensor([5])
     module = torch.export.export(_CachedAttention(), (q, pos)).module()

@@ -22,9 +22,14 @@ from torch.distributed import distributed_c10d
 
 from tests.conftest import REPO, cli_env, tprun
 from tests.test_lm_runtime_helpers import build_lm_artifact
-from tpcompile.runtime.distributed import RENDEZVOUS_TIMEOUT_S, CollectiveError, destroy_group, init_group
-from tpcompile.runtime.launcher import free_port
-from tpcompile.runtime.shm_collectives import SEGMENT_PREFIX, ShmCommunicator, remove_segments
+from tpcompile.runtime.launch.launcher import free_port
+from tpcompile.runtime.transport.distributed import (
+    RENDEZVOUS_TIMEOUT_S,
+    CollectiveError,
+    destroy_group,
+    init_group,
+)
+from tpcompile.runtime.transport.shm import SEGMENT_PREFIX, ShmCommunicator, remove_segments
 
 GENERATE = ("--prompt", "abc", "--no-chat-template", "--max-new-tokens", "4000")
 SHM_MAPPING = f"/dev/shm/{SEGMENT_PREFIX}"

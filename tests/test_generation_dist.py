@@ -14,16 +14,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tpcompile.runtime.collectives import gather_sharded
 from tpcompile.runtime.format import Replicate, Shard
-from tpcompile.runtime.launcher import free_port
-from tpcompile.runtime.sampling import (
+from tpcompile.runtime.launch.launcher import free_port
+from tpcompile.runtime.lm.sampling import (
     SamplingConfig,
     VocabShard,
     choose_token,
     distributed_argmax,
     warp_logits,
 )
+from tpcompile.runtime.transport.collectives import gather_sharded
 
 
 def _tie_logits(sizes: list[int], dtype: torch.dtype) -> torch.Tensor:

@@ -25,7 +25,7 @@ from tests.conftest import REPO, cli_env, tpcompile, tprun
 from tpcompile.runtime import load_rank
 from tpcompile.runtime.errors import ManifestCorrupt, ManifestError
 from tpcompile.runtime.format import load_artifact_manifest, sha256_file, verify_artifact
-from tpcompile.runtime.program_archive import unsafe_content
+from tpcompile.runtime.load.program_archive import unsafe_content
 
 KINDS = ["manifest.json", "rank1/program.pt2", "rank0/weights.safetensors", "tokenizer/tokenizer.json"]
 

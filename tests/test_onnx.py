@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 from tests.checkpoints import save_smollm2_tokenizer, tiny_checkpoint
 from tests.conftest import tpcompile, tprun
 from tpcompile.onnx.artifact import convert_artifact
-from tpcompile.runtime.collectives import gather_outputs
-from tpcompile.runtime.generate import CausalLM
-from tpcompile.runtime.launcher import free_port
-from tpcompile.runtime.loader import load_rank
+from tpcompile.runtime.launch.launcher import free_port
+from tpcompile.runtime.lm.generate import CausalLM
+from tpcompile.runtime.load.loader import load_rank
+from tpcompile.runtime.transport.collectives import gather_outputs
 
 NEW_TOKENS = 32
 PROMPT = "Why is the sky blue?"

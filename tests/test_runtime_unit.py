@@ -26,9 +26,9 @@ from tpcompile.runtime import (
     run_artifact,
     verify_rank_files,
 )
-from tpcompile.runtime.distributed import BACKENDS, choose_backend
-from tpcompile.runtime.tensor_io import order_inputs
-from tpcompile.runtime.worker_args import BACKEND_CHOICES, WorkerArgs, parse_worker_argv
+from tpcompile.runtime.launch.args import BACKEND_CHOICES, WorkerArgs, parse_worker_argv
+from tpcompile.runtime.load.tensor_io import order_inputs
+from tpcompile.runtime.transport.distributed import BACKENDS, choose_backend
 
 REPO = Path(__file__).resolve().parents[1]
 TP = 2
@@ -192,7 +192,8 @@ def test_worker_rejects_world_size_mismatch(artifact: Path, tmp_path: Path) -> N
         "MASTER_PORT": "1",
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "tpcompile.runtime.worker", str(artifact), "--inputs", str(inputs), "-o", "x"],
+        [sys.executable, "-m", "tpcompile.runtime.launch.worker", str(artifact), "--inputs", str(inputs)]
+        + ["-o", "x"],
         env=env,
         capture_output=True,
         text=True,

@@ -209,7 +209,7 @@ def load_model(
                 "serialized_exported_program" in n or n.endswith("models/model.json") for n in z.namelist()
             )
         if is_export:
-            from tpcompile.runtime.program_archive import unsafe_content
+            from tpcompile.runtime.load.program_archive import unsafe_content
 
             problem = None if trust_pickle else unsafe_content(path)
             if problem is not None:

@@ -47,11 +47,12 @@ if TYPE_CHECKING:
         verify_rank_files,
         verify_shared_files,
     )
-    from .generate import CausalLM, GenerationStats
-    from .lm_api import Generation, generate_text
-    from .loader import RankProgram, load_rank
-    from .run import run_artifact
-    from .sampling import SamplingConfig
+    from .launch.api import run_artifact
+    from .launch.lm_api import Generation, generate_text
+    from .lm.generate import CausalLM, GenerationStats
+    from .lm.sampling import SamplingConfig
+    from .load.loader import load_rank
+    from .load.program import RankProgram
 
 #: Public name -> the module (relative to this package) that defines it.
 _MODULES = {
@@ -73,14 +74,14 @@ _MODULES = {
     "load_artifact_manifest": ".format",
     "verify_rank_files": ".format",
     "verify_shared_files": ".format",
-    "CausalLM": ".generate",
-    "GenerationStats": ".generate",
-    "Generation": ".lm_api",
-    "generate_text": ".lm_api",
-    "RankProgram": ".loader",
-    "load_rank": ".loader",
-    "run_artifact": ".run",
-    "SamplingConfig": ".sampling",
+    "CausalLM": ".lm.generate",
+    "GenerationStats": ".lm.generate",
+    "Generation": ".launch.lm_api",
+    "generate_text": ".launch.lm_api",
+    "RankProgram": ".load.program",
+    "load_rank": ".load.loader",
+    "run_artifact": ".launch.api",
+    "SamplingConfig": ".lm.sampling",
 }
 
 __all__ = [

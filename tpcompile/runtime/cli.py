@@ -22,21 +22,21 @@ from pathlib import Path
 
 import click
 
-from .distributed import choose_backend, in_torchrun
 from .errors import RuntimeArtifactError
 from .format import load_artifact_manifest, verify_shared_files
-from .launcher import RUN_IN_PROCESS, launch
-from .lm_worker import not_a_causal_lm, read_prompt_file
-from .loader import check_artifact
-from .reporting import report_exception
-from .tensor_io import order_inputs, read_inputs
-from .worker_args import (
+from .launch.args import (
     BACKEND_CHOICES,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_TIMEOUT_S,
     GenerationArgs,
     WorkerArgs,
 )
+from .launch.launcher import RUN_IN_PROCESS, launch
+from .lm.session import not_a_causal_lm, read_prompt_file
+from .load.loader import check_artifact
+from .load.tensor_io import order_inputs, read_inputs
+from .reporting import report_exception
+from .transport.distributed import choose_backend, in_torchrun
 
 __all__ = ["main"]
 
@@ -81,7 +81,7 @@ def _run(args: WorkerArgs, port: int | None) -> int:
     spawned = args if args.skip_verify else replace(args, skip_verify=True)  # hashes checked in _preflight
     rc = launch(spawned.to_argv(), nprocs, port, stdin_to_rank0=stdin)
     if rc == RUN_IN_PROCESS:
-        from .worker import execute  # imported lazily: only needed under torchrun
+        from .launch.worker import execute  # imported lazily: only needed under torchrun
 
         return execute(args)
     return rc

@@ -14,8 +14,8 @@ import re
 import sys
 import traceback
 
-from .distributed import CollectiveError
 from .errors import RuntimeArtifactError, first_line
+from .transport.distributed import CollectiveError
 
 __all__ = [
     "ERROR_PREFIX",

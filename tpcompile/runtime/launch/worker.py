@@ -1,10 +1,11 @@
-"""Per-rank worker: ``python -m tpcompile.runtime.worker ARTIFACT --inputs IN -o OUT`` (or ``--generate``).
+"""Per-rank worker: ``python -m tpcompile.runtime.launch.worker ARTIFACT --inputs IN -o OUT``
+(or ``--generate``).
 
 Tensor mode: each rank loads its program, joins the process group, runs the
 forward pass once, sharded outputs are gathered to their global shape and
 rank 0 writes the named outputs.  Generation mode: see
-:mod:`tpcompile.runtime.lm_worker`.  Arguments are described by
-:class:`~tpcompile.runtime.worker_args.WorkerArgs`.
+:mod:`tpcompile.runtime.lm.session`.  Arguments are described by
+:class:`~tpcompile.runtime.launch.args.WorkerArgs`.
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from .collectives import gather_outputs, use_shared_memory
-from .compiled import prepare_compiled_decode
-from .distributed import DistEnv, choose_backend, configure_device, destroy_group, init_group
-from .errors import BackendError, InputError, PromptError, first_line
-from .format import load_artifact_manifest
-from .lm_worker import GenerationSession
-from .loader import load_rank
-from .onnx_program import OnnxRankProgram
-from .reporting import ERROR_PREFIX, EXIT_OK, EXIT_USER_ERROR, print_verbatim, report_exception
-from .shm_collectives import ShmCommunicator, rebind_collectives, shm_supported
-from .tensor_io import order_inputs, read_inputs, write_outputs
-from .worker_args import WorkerArgs, parse_worker_argv
+from ..errors import BackendError, InputError, PromptError, first_line
+from ..format import load_artifact_manifest
+from ..kernels.compiled import prepare_compiled_decode
+from ..lm.session import GenerationSession
+from ..load.loader import load_rank
+from ..load.tensor_io import order_inputs, read_inputs, write_outputs
+from ..onnx.program import OnnxRankProgram
+from ..reporting import ERROR_PREFIX, EXIT_OK, EXIT_USER_ERROR, print_verbatim, report_exception
+from ..transport.collectives import gather_outputs, use_shared_memory
+from ..transport.distributed import DistEnv, choose_backend, configure_device, destroy_group, init_group
+from ..transport.shm import ShmCommunicator, rebind_collectives, shm_supported
+from .args import WorkerArgs, parse_worker_argv
 
 __all__ = ["execute", "main", "run_worker"]
 
@@ -106,7 +107,7 @@ def execute(args: WorkerArgs) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m tpcompile.runtime.worker``."""
+    """Entry point of ``python -m tpcompile.runtime.launch.worker``."""
     return execute(parse_worker_argv(sys.argv[1:] if argv is None else argv))
 
 

@@ -2,7 +2,7 @@
 
 Rendezvous is ``env://``: ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``,
 ``WORLD_SIZE`` and ``LOCAL_RANK`` (plus optional ``LOCAL_WORLD_SIZE``) are
-set by :mod:`tpcompile.runtime.launcher` or by ``torchrun``.
+set by :mod:`tpcompile.runtime.launch.launcher` or by ``torchrun``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
-from .errors import BackendError, first_line
+from ..errors import BackendError, first_line
 
 __all__ = [
     "BACKENDS",

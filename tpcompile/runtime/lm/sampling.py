@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .collectives import all_gather_small, broadcast_token, gather_sharded, world_size
-from .errors import InputError
-from .format import Placement, Shard
+from ..errors import InputError
+from ..format import Placement, Shard
+from ..transport.collectives import all_gather_small, broadcast_token, gather_sharded, world_size
 
 __all__ = ["SamplingConfig", "VocabShard", "choose_token", "distributed_argmax", "warp_logits"]
 

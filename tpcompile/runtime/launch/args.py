@@ -122,7 +122,7 @@ class WorkerArgs:
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of the worker module."""
     parser = argparse.ArgumentParser(
-        prog="python -m tpcompile.runtime.worker", description="Run one rank of a tpcompile artifact."
+        prog="python -m tpcompile.runtime.launch.worker", description="Run one rank of a tpcompile artifact."
     )
     parser.add_argument("artifact", type=Path, help="artifact directory (contains manifest.json)")
     parser.add_argument("--inputs", type=Path, help="safetensors file with the named inputs")

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final
 
-from .distributed import in_torchrun
-from .errors import LaunchError
-from .reporting import (
+from ..errors import LaunchError
+from ..reporting import (
     ERROR_PREFIX,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -38,7 +37,8 @@ from .reporting import (
     VERBATIM_MARK,
     print_error,
 )
-from .shm_collectives import remove_segments
+from ..transport.distributed import in_torchrun
+from ..transport.shm import remove_segments
 
 __all__ = [
     "LAUNCHER_PID_ENV",
@@ -54,7 +54,7 @@ __all__ = [
 
 #: Returned by :func:`launch` when the caller must run the worker in-process.
 RUN_IN_PROCESS: Final = -1
-WORKER_MODULE: Final = "tpcompile.runtime.worker"
+WORKER_MODULE: Final = "tpcompile.runtime.launch.worker"
 _PR_SET_PDEATHSIG = 1
 #: What a spawned rank runs (``python -c``) before importing anything heavy: get SIGKILLed when the
 #: launcher dies (Linux ``PR_SET_PDEATHSIG``; set here rather than in a ``preexec_fn``, which is unsafe
@@ -266,7 +266,7 @@ def spawn_workers(
     grace_s: float = 5.0,
     stdin_to_rank0: bool = False,
 ) -> LaunchOutcome:
-    """Run ``python -m tpcompile.runtime.worker *argv`` as ``nprocs`` local ranks (via a bootstrap that
+    """Run ``python -m tpcompile.runtime.launch.worker *argv`` as ``nprocs`` local ranks (via a bootstrap that
     ties each rank's lifetime to this process).
 
     Each rank's stderr is forwarded (prefixed ``[rank N]`` unless the line is

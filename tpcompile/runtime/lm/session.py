@@ -18,14 +18,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .collectives import broadcast_object
-from .errors import InputError, ManifestError, PromptError, first_line
-from .format import Manifest
+from ..errors import InputError, ManifestError, PromptError, first_line
+from ..format import Manifest
+from ..launch.args import GenerationArgs
+from ..load.program import RankProgram
+from ..reporting import ERROR_PREFIX, print_verbatim
+from ..transport.collectives import broadcast_object
 from .generate import CausalLM, check_prompt_length
-from .loader import RankProgram
-from .reporting import ERROR_PREFIX, print_verbatim
 from .tokenization import StreamDecoder, encode_prompt, load_tokenizer
-from .worker_args import GenerationArgs
 
 __all__ = ["GenerationSession", "not_a_causal_lm", "read_prompt_file"]
 

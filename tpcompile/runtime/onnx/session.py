@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import ArtifactLoadError, BackendError, first_line
+from ..errors import ArtifactLoadError, BackendError, first_line
 
 __all__ = ["DISABLED_OPTIMIZERS", "SegmentSession", "import_onnxruntime", "session_options"]
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import ArtifactLoadError, InputError, first_line
-from .format import Manifest
+from ..errors import ArtifactLoadError, InputError, first_line
+from ..format import Manifest
 
 __all__ = ["StreamDecoder", "encode_prompt", "load_tokenizer"]
 

@@ -25,9 +25,9 @@ import torch
 from torch.fx.node import Argument
 from torch.utils._pytree import tree_flatten
 
-from .errors import InputError
-from .loader import RankProgram
-from .shm_collectives import ShmCommunicator
+from ..errors import InputError
+from ..load.program import RankProgram
+from ..transport.shm import ShmCommunicator
 
 __all__ = [
     "Transport",

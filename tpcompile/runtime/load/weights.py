@@ -12,7 +12,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import ArtifactLoadError
+from ..errors import ArtifactLoadError
 
 __all__ = ["assign_tensors", "create_zero_state", "move_to_device", "unloaded_tensors"]
 

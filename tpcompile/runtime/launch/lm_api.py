@@ -1,6 +1,6 @@
 """In-Python convenience API: generate for one prompt with every rank of a causal-LM artifact.
 
-Invariant: like :func:`~tpcompile.runtime.run.run_artifact`, always spawns
+Invariant: like :func:`~tpcompile.runtime.launch.api.run_artifact`, always spawns
 ``tp`` fresh local worker processes and returns only after they all exited;
 nothing is streamed, the result comes back from rank 0 through a temporary
 JSON file.
@@ -14,12 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LaunchError, PromptError
-from .format import load_artifact_manifest
-from .generate import GenerationStats
+from ..errors import LaunchError, PromptError
+from ..format import load_artifact_manifest
+from ..lm.generate import GenerationStats
+from ..lm.session import not_a_causal_lm
+from .args import DEFAULT_TIMEOUT_S, GenerationArgs, WorkerArgs
 from .launcher import spawn_workers
-from .lm_worker import not_a_causal_lm
-from .worker_args import DEFAULT_TIMEOUT_S, GenerationArgs, WorkerArgs
 
 __all__ = ["Generation", "generate_text"]
 

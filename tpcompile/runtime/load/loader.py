@@ -1,105 +1,41 @@
-"""Loading one rank of an artifact into a runnable :class:`RankProgram`."""
+"""Loading one rank of an artifact into a runnable :class:`~tpcompile.runtime.load.program.RankProgram`.
+
+Invariant: nothing is executed from an artifact whose files do not match the manifest (unless
+verification is skipped) or whose program archive would unpickle data (unless ``trust_pickle``); every
+failure is one typed, one-line error.  ONNX-format ranks are handed to :mod:`tpcompile.runtime.onnx`
+(imported only then, with onnxruntime).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
-from .errors import ArtifactCorrupt, ArtifactLoadError, BackendError, UntrustedContent, first_line
-from .format import (
+from ..errors import ArtifactCorrupt, ArtifactLoadError, BackendError, UntrustedContent, first_line
+from ..format import (
     FORMAT_ONNX,
     FORMAT_TORCH,
     PROGRAM_FILE,
     WEIGHTS_FILE,
     Manifest,
-    TensorSpec,
     artifact_format,
     load_artifact_manifest,
     verify_artifact,
     verify_rank_files,
     verify_shared_files,
 )
-from .graph_rewrite import rewrite_collective_groups, rewrite_devices
+from .graph_rewrite import rewrite_devices
+from .program import RankProgram
 from .program_archive import unsafe_content
-from .tensor_io import order_inputs
 from .weights import assign_tensors, create_zero_state, move_to_device, unloaded_tensors
 
-__all__ = ["RankProgram", "check_artifact", "check_program_trust", "load_rank"]
+__all__ = ["check_artifact", "check_program_trust", "load_rank"]
 
 _CPU = torch.device("cpu")
-
-
-class RankProgram:
-    """One rank's compiled program with its weights attached, ready to run.
-
-    Calling it runs the forward pass under ``torch.inference_mode()`` and
-    returns the flattened outputs, in manifest output order.  Every rank of
-    the artifact must call it collectively (the program contains collectives).
-    """
-
-    def __init__(
-        self,
-        manifest: Manifest,
-        rank: int,
-        device: torch.device,
-        module: nn.Module,
-        group_name: str,
-    ) -> None:
-        self.manifest = manifest
-        self.rank = rank
-        self.device = device
-        self.module = module
-        self.group_name = group_name
-
-    @property
-    def input_specs(self) -> Sequence[TensorSpec]:
-        """Positional inputs the program expects."""
-        return self.manifest.inputs
-
-    @property
-    def output_specs(self) -> Sequence[TensorSpec]:
-        """Outputs the program returns, in order."""
-        return self.manifest.outputs
-
-    def bind_group(self, group_name: str) -> int:
-        """Point the program's collectives at process group ``group_name``.
-
-        Returns the number of collective nodes rewritten.
-        """
-        count = rewrite_collective_groups(self.module, self.group_name, group_name)
-        self.group_name = group_name
-        return count
-
-    def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
-        """Run the forward pass on positional ``inputs``; return the flat outputs."""
-        moved = [t.to(self.device) for t in inputs]
-        with torch.inference_mode():
-            result = self.module(*moved)
-        leaves, _ = tree_flatten(result)
-        expected = len(self.manifest.outputs)
-        if len(leaves) != expected:
-            raise ArtifactLoadError(
-                f"program of rank {self.rank} returned {len(leaves)} outputs but the manifest "
-                f"lists {expected}; the artifact is inconsistent, recompile it"
-            )
-        for spec, leaf in zip(self.manifest.outputs, leaves, strict=True):
-            if not isinstance(leaf, torch.Tensor):
-                raise ArtifactLoadError(
-                    f"program output {spec.name!r} is {type(leaf).__name__}, not a tensor"
-                )
-        return leaves
-
-    def run_named(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Validate named ``inputs`` against the manifest, run, and name the outputs."""
-        ordered = order_inputs(self.manifest.inputs, inputs)
-        outputs = self(*ordered)
-        return {spec.name: t for spec, t in zip(self.manifest.outputs, outputs, strict=True)}
 
 
 def _register_collective_kernels() -> None:
@@ -208,8 +144,8 @@ def load_rank(
     if verify:
         verify_shared_files(man)
         verify_rank_files(root, entry)
-    if artifact_format(man) == FORMAT_ONNX:  # segments run by onnxruntime (tpcompile.runtime.onnx_program)
-        from .onnx_program import load_onnx_rank
+    if artifact_format(man) == FORMAT_ONNX:  # segments run by onnxruntime
+        from ..onnx.program import load_onnx_rank
 
         return load_onnx_rank(man, rank, dev, group_name if group_name is not None else _default_group_name())
     rank_dir = root / entry.dir

@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import LaunchError
-from .format import load_artifact_manifest
+from ..errors import LaunchError
+from ..format import load_artifact_manifest
+from ..load.tensor_io import order_inputs
+from .args import DEFAULT_TIMEOUT_S, WorkerArgs
 from .launcher import spawn_workers
-from .tensor_io import order_inputs
-from .worker_args import DEFAULT_TIMEOUT_S, WorkerArgs
 
 __all__ = ["run_artifact"]
 

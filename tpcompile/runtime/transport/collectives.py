@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
+from ..format import Placement, Shard
 from .distributed import CollectiveError
-from .format import Placement, Shard
-from .shm_collectives import ShmCommunicator
+from .shm import ShmCommunicator
 
 __all__ = [
     "all_gather_small",

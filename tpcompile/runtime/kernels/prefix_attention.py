@@ -24,7 +24,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .graph_rewrite import retarget_calls
+from ..load.graph_rewrite import retarget_calls
 
 __all__ = ["attended_prefix", "prefix_attention", "use_prefix_attention"]
 

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ArtifactCorrupt, ArtifactLoadError
-from .format import STATE_IN, STATE_OUT, Collective, Manifest, OnnxRank, Segment, onnx_rank
-from .loader import RankProgram
-from .onnx_session import SegmentSession, import_onnxruntime
-from .shm_collectives import ShmCommunicator
+from ..errors import ArtifactCorrupt, ArtifactLoadError
+from ..format import STATE_IN, STATE_OUT, Collective, Manifest, OnnxRank, Segment, onnx_rank
+from ..load.program import RankProgram
+from ..transport.shm import ShmCommunicator
+from .session import SegmentSession, import_onnxruntime
 
 __all__ = ["OnnxRankProgram", "load_onnx_rank"]
 

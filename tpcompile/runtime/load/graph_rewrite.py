@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from .errors import ArtifactLoadError
+from ..errors import ArtifactLoadError
 
 __all__ = [
     "COLLECTIVE_NAMESPACES",

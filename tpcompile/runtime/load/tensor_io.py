@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import InputError, ManifestError, RuntimeArtifactError, first_line
-from .format import TensorSpec
+from ..errors import InputError, ManifestError, RuntimeArtifactError, first_line
+from ..format import TensorSpec
 
 __all__ = [
     "dtype_name",

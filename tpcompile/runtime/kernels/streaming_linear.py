@@ -35,7 +35,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from .graph_rewrite import retarget_calls
+from ..load.graph_rewrite import retarget_calls
 
 __all__ = ["MAX_ROWS", "decode_linear", "kernel_available", "use_streaming_linear"]
 

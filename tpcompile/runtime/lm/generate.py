@@ -4,7 +4,7 @@ Invariant: one prompt costs one prefill (all prompt tokens at positions
 ``0..P-1``) and then one forward pass per further token, each writing one
 position of the rank's KV cache; the prompt is never recomputed.  All ranks
 run the same sequence of forward passes and collectives and choose the same
-tokens (see :mod:`tpcompile.runtime.sampling`), so they stop together.
+tokens (see :mod:`tpcompile.runtime.lm.sampling`), so they stop together.
 A new prompt starts again at position 0: the program masks positions past
 the current one, so what an earlier prompt left in the cache is harmless.
 """
@@ -19,14 +19,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .compiled import bind_transport, compile_decode_step, use_transport_ops
-from .errors import BackendError, ManifestError, PromptError
-from .format import LMInfo, Manifest, Shard, TensorSpec
-from .loader import RankProgram, load_rank
-from .prefix_attention import use_prefix_attention
+from ..errors import BackendError, ManifestError, PromptError
+from ..format import LMInfo, Manifest, Shard, TensorSpec
+from ..kernels.compiled import bind_transport, compile_decode_step, use_transport_ops
+from ..kernels.prefix_attention import use_prefix_attention
+from ..kernels.streaming_linear import use_streaming_linear
+from ..kernels.weight_layout import prefer_column_major_wide_weights
+from ..load.loader import load_rank
+from ..load.program import RankProgram
 from .sampling import SamplingConfig, VocabShard, choose_token
-from .streaming_linear import use_streaming_linear
-from .weight_layout import prefer_column_major_wide_weights
 
 __all__ = ["CausalLM", "GenerationStats", "TokenCallback", "check_prompt_length"]
 
@@ -149,7 +150,7 @@ class CausalLM:
 
         The process group must be initialised (e.g. by torchrun + ``init_process_group``).
         ``compile_decode`` compiles the decode step with TorchInductor (see
-        :mod:`tpcompile.runtime.compiled`); the first call of :meth:`warm_up` or
+        :mod:`tpcompile.runtime.kernels.compiled`); the first call of :meth:`warm_up` or
         :meth:`generate` then takes a while.
         """
         if not (dist.is_available() and dist.is_initialized()):

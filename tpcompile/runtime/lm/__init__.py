@@ -1,0 +1,6 @@
+"""Causal language models on one rank: generation, token choice, tokenization and the worker's session.
+
+Modules: :mod:`.generate` (:class:`CausalLM`), :mod:`.sampling` (the same token on every rank),
+:mod:`.tokenization` (prompts in, text out) and :mod:`.session` (a worker's prompts and answers).
+Invariant: every rank runs the same forward passes and picks the same tokens, so the ranks stop together.
+"""

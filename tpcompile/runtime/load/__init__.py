@@ -1,0 +1,7 @@
+"""Loading one rank of an artifact: check its files, open its program, attach its weights.
+
+Modules: :mod:`.program` (the loaded :class:`RankProgram`), :mod:`.loader` (``load_rank``,
+``check_artifact``), :mod:`.weights`, :mod:`.program_archive` (what loading a program archive would
+execute), :mod:`.graph_rewrite` (run-time rewrites of the program's graphs) and :mod:`.tensor_io` (the
+named tensors a program consumes and produces).  Invariant: one job, one rank, no process group needed.
+"""
