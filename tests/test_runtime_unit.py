@@ -26,7 +26,8 @@ from tpcompile.runtime import (
     run_artifact,
     verify_rank_files,
 )
-from tpcompile.runtime.launch.args import BACKEND_CHOICES, WorkerArgs, parse_worker_argv
+from tpcompile.runtime.launch.args import BACKEND_CHOICES, WorkerArgs
+from tpcompile.runtime.lm.session import GenerationArgs
 from tpcompile.runtime.load.tensor_io import order_inputs
 from tpcompile.runtime.transport.distributed import BACKENDS, choose_backend
 
@@ -192,8 +193,12 @@ def test_worker_rejects_world_size_mismatch(artifact: Path, tmp_path: Path) -> N
         "MASTER_PORT": "1",
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "tpcompile.runtime.launch.worker", str(artifact), "--inputs", str(inputs)]
-        + ["-o", "x"],
+        [
+            sys.executable,
+            "-m",
+            "tpcompile.runtime.launch.worker",
+            WorkerArgs(artifact=artifact, inputs=inputs, output=Path("x")).to_json(),
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -336,9 +341,31 @@ def test_worker_args_round_trip(tmp_path: Path) -> None:
         timeout_s=12.5,
         debug=True,
     )
-    assert parse_worker_argv(args.to_argv()) == args
+    assert WorkerArgs.from_json(args.to_json()) == args
     plain = WorkerArgs(artifact=tmp_path, inputs=tmp_path / "i", output=tmp_path / "o")
-    assert parse_worker_argv(plain.to_argv()) == plain
+    assert WorkerArgs.from_json(plain.to_json()) == plain
+    generation = GenerationArgs(
+        prompts=("a", "b"),
+        prompt_file=tmp_path / "p.txt",
+        prompt_ids=((1, 2), (3,)),
+        read_stdin=True,
+        max_new_tokens=7,
+        temperature=0.5,
+        top_k=3,
+        top_p=0.9,
+        seed=4,
+        chat_template=False,
+        save_tokens=tmp_path / "t.json",
+        results_json=tmp_path / "r.json",
+        stream=False,
+        compile_decode=True,
+    )
+    generating = WorkerArgs(artifact=tmp_path, generation=generation, trust_pickle=True)
+    assert WorkerArgs.from_json(generating.to_json()) == generating
+    relative = WorkerArgs(artifact=Path("a"), inputs=Path("i"), output=Path("o"))
+    assert WorkerArgs.from_json(relative.to_json()).artifact == Path("a").resolve()  # paths made absolute
+    with pytest.raises(InputError, match="invalid worker arguments: WorkerArgs has no field"):
+        WorkerArgs.from_json('{"artifact": "/a", "bogus": 1}')
 
 
 def test_choose_backend_cpu_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

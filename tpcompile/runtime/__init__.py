@@ -47,10 +47,10 @@ if TYPE_CHECKING:
         verify_rank_files,
         verify_shared_files,
     )
-    from .launch.api import run_artifact
-    from .launch.lm_api import Generation, generate_text
+    from .launch.api import generate_text, run_artifact
     from .lm.generate import CausalLM, GenerationStats
     from .lm.sampling import SamplingConfig
+    from .lm.session import Generation
     from .load.loader import load_rank
     from .load.program import RankProgram
 
@@ -76,8 +76,8 @@ _MODULES = {
     "verify_shared_files": ".format",
     "CausalLM": ".lm.generate",
     "GenerationStats": ".lm.generate",
-    "Generation": ".launch.lm_api",
-    "generate_text": ".launch.lm_api",
+    "Generation": ".lm.session",
+    "generate_text": ".launch.api",
     "RankProgram": ".load.program",
     "load_rank": ".load.loader",
     "run_artifact": ".launch.api",

@@ -24,18 +24,12 @@ import click
 
 from .errors import RuntimeArtifactError
 from .format import load_artifact_manifest, verify_shared_files
-from .launch.args import (
-    BACKEND_CHOICES,
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_TIMEOUT_S,
-    GenerationArgs,
-    WorkerArgs,
-)
-from .launch.launcher import RUN_IN_PROCESS, launch
-from .lm.session import not_a_causal_lm, read_prompt_file
+from .launch.args import BACKEND_CHOICES, DEFAULT_TIMEOUT_S, WorkerArgs
+from .launch.launcher import run_ranks
+from .lm.session import DEFAULT_MAX_NEW_TOKENS, GenerationArgs, not_a_causal_lm, read_prompt_file
 from .load.loader import check_artifact
 from .load.tensor_io import order_inputs, read_inputs
-from .reporting import report_exception
+from .reporting import EXIT_OK, report_exception
 from .transport.distributed import choose_backend, in_torchrun
 
 __all__ = ["main"]
@@ -73,18 +67,19 @@ def _preflight(args: WorkerArgs) -> int:
 
 
 def _run(args: WorkerArgs, port: int | None) -> int:
-    """Launch the ranks (or run in-process under torchrun) and return the exit code."""
+    """Launch the ranks (or run in-process under torchrun) and return the exit code; a failed launch
+    raises (see :func:`~tpcompile.runtime.launch.launcher.run_ranks`)."""
     nprocs = _preflight(args)
     stdin = args.generation is not None and args.generation.read_stdin
     if stdin and sys.stdin.isatty() and not in_torchrun():
         print("tprun: reading prompts from stdin, one per line (end with Ctrl-D)", file=sys.stderr)
-    spawned = args if args.skip_verify else replace(args, skip_verify=True)  # hashes checked in _preflight
-    rc = launch(spawned.to_argv(), nprocs, port, stdin_to_rank0=stdin)
-    if rc == RUN_IN_PROCESS:
+    if in_torchrun():  # torchrun started the ranks: this process is one of them
         from .launch.worker import execute  # imported lazily: only needed under torchrun
 
         return execute(args)
-    return rc
+    spawned = args if args.skip_verify else replace(args, skip_verify=True)  # hashes checked in _preflight
+    run_ranks(spawned, nprocs, port, stdin_to_rank0=stdin, result=args.output)
+    return EXIT_OK
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -66,11 +66,23 @@ class BackendError(RuntimeArtifactError):
 
 
 class LaunchError(RuntimeArtifactError):
-    """A worker process failed or the launch itself could not be performed."""
+    """A worker process failed or the launch itself could not be performed.
+
+    ``exit_code`` is the job's exit code when a rank failed (its own code, 130 after Ctrl-C), else None.
+    """
+
+    def __init__(self, message: str, *, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class PromptError(InputError):
     """A prompt the artifact cannot serve (empty, or too long for its KV cache).
 
-    Every rank detects it identically, so it is reported once (by rank 0).
+    Every rank detects it identically, so it is reported once (by rank 0);
+    ``reported`` is True when a rank already showed it to the user.
     """
+
+    def __init__(self, message: str, *, reported: bool = False) -> None:
+        super().__init__(message)
+        self.reported = reported

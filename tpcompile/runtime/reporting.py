@@ -14,7 +14,7 @@ import re
 import sys
 import traceback
 
-from .errors import RuntimeArtifactError, first_line
+from .errors import LaunchError, PromptError, RuntimeArtifactError, first_line
 from .transport.distributed import CollectiveError
 
 __all__ = [
@@ -62,9 +62,13 @@ def report_exception(exc: BaseException, *, debug: bool = False) -> int:
     if isinstance(exc, KeyboardInterrupt):
         print_error("interrupted")
         return EXIT_INTERRUPTED
+    if isinstance(exc, PromptError) and exc.reported:  # a rank already printed it
+        return EXIT_USER_ERROR
     if isinstance(exc, RuntimeArtifactError):
         print_error(first_line(exc))
-        return EXIT_USER_ERROR
+        return (
+            exc.exit_code if isinstance(exc, LaunchError) and exc.exit_code is not None else EXIT_USER_ERROR
+        )
     if isinstance(exc, CollectiveError):  # a peer died or --timeout expired: the message says which
         print_error(first_line(exc))
         return EXIT_FAILURE

@@ -1,8 +1,8 @@
 """Spawning one worker process per rank on this machine and supervising them.
 
-When the environment already defines ``RANK`` and ``WORLD_SIZE`` (running
-under ``torchrun``), :func:`launch` spawns nothing and returns
-:data:`RUN_IN_PROCESS` so the caller runs the worker in the current process.
+Every rank runs :mod:`tpcompile.runtime.launch.worker` with the run's
+:class:`~tpcompile.runtime.launch.args.WorkerArgs` as its one JSON argument;
+:func:`run_ranks` is the one place that interprets how the job ended.
 
 Faults: the ranks run in their own session, so a terminal's Ctrl-C reaches
 only the launcher, which then stops every rank (SIGTERM, then SIGKILL) and
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final
 
-from ..errors import LaunchError
+from ..errors import LaunchError, PromptError
 from ..reporting import (
     ERROR_PREFIX,
     EXIT_FAILURE,
@@ -35,25 +35,21 @@ from ..reporting import (
     EXIT_OK,
     LAUNCHER_PID_ENV,
     VERBATIM_MARK,
-    print_error,
 )
-from ..transport.distributed import in_torchrun
 from ..transport.shm import remove_segments
+from .args import WorkerArgs
 
 __all__ = [
     "LAUNCHER_PID_ENV",
-    "RUN_IN_PROCESS",
     "WORKER_MODULE",
     "LaunchOutcome",
     "check_port_free",
     "free_port",
-    "launch",
+    "run_ranks",
     "spawn_workers",
     "worker_env",
 ]
 
-#: Returned by :func:`launch` when the caller must run the worker in-process.
-RUN_IN_PROCESS: Final = -1
 WORKER_MODULE: Final = "tpcompile.runtime.launch.worker"
 _PR_SET_PDEATHSIG = 1
 #: What a spawned rank runs (``python -c``) before importing anything heavy: get SIGKILLed when the
@@ -266,8 +262,8 @@ def spawn_workers(
     grace_s: float = 5.0,
     stdin_to_rank0: bool = False,
 ) -> LaunchOutcome:
-    """Run ``python -m tpcompile.runtime.launch.worker *argv`` as ``nprocs`` local ranks (via a bootstrap that
-    ties each rank's lifetime to this process).
+    """Run ``python -m tpcompile.runtime.launch.worker *argv`` as ``nprocs`` local ranks (via a bootstrap
+    that ties each rank's lifetime to this process).
 
     Each rank's stderr is forwarded (prefixed ``[rank N]`` unless the line is
     marked verbatim); stdout is inherited, so rank 0's streamed text goes
@@ -317,20 +313,31 @@ def spawn_workers(
     return LaunchOutcome(EXIT_OK)
 
 
-def launch(
-    argv_for_worker: list[str], nprocs: int, port: int | None = None, *, stdin_to_rank0: bool = False
-) -> int:
-    """Spawn ``nprocs`` local workers and return the job's exit code.
+def run_ranks(
+    args: WorkerArgs,
+    nprocs: int,
+    port: int | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    stdin_to_rank0: bool = False,
+    result: Path | None = None,
+) -> None:
+    """Run ``args`` as ``nprocs`` spawned local ranks (:func:`spawn_workers`); return once every rank
+    exited 0 and, when ``result`` is given, rank 0 wrote that file.
 
-    Returns :data:`RUN_IN_PROCESS` without spawning when running under
-    torchrun (``RANK`` and ``WORLD_SIZE`` set); the caller must then run the
-    worker in the current process.  On failure prints
-    ``tprun: error: rank N failed (exit S): <reason>`` to stderr, unless the
-    rank already reported its error verbatim.
+    This is the one place that turns a :class:`LaunchOutcome` into a result or an error, for ``tprun``,
+    ``run_artifact`` and ``generate_text`` alike.
+
+    Raises:
+        PromptError: a rank rejected a prompt and already said so on stderr (``reported``).
+        LaunchError: a rank failed (``exit_code`` is the job's: the rank's code, 130 after Ctrl-C; the
+            message names the rank and its error), ``port`` is in use, or rank 0 wrote no ``result``.
     """
-    if in_torchrun():
-        return RUN_IN_PROCESS
-    outcome = spawn_workers(argv_for_worker, nprocs, port, stdin_to_rank0=stdin_to_rank0)
-    if outcome.message and not outcome.reported:
-        print_error(outcome.message)
-    return outcome.returncode
+    outcome = spawn_workers([args.to_json()], nprocs, port, env=env, stdin_to_rank0=stdin_to_rank0)
+    if outcome.reported and outcome.message:
+        raise PromptError(outcome.message, reported=True)  # every rank rejected the prompt the same way
+    if outcome.returncode != 0:
+        message = outcome.message or f"workers failed with exit code {outcome.returncode}"
+        raise LaunchError(message, exit_code=outcome.returncode)
+    if result is not None and not result.is_file():
+        raise LaunchError(f"workers exited successfully but rank 0 wrote no {result.name}")

@@ -1,11 +1,11 @@
-"""Per-rank worker: ``python -m tpcompile.runtime.launch.worker ARTIFACT --inputs IN -o OUT``
-(or ``--generate``).
+"""Per-rank worker: ``python -m tpcompile.runtime.launch.worker WORKER_ARGS_JSON``.
 
 Tensor mode: each rank loads its program, joins the process group, runs the
 forward pass once, sharded outputs are gathered to their global shape and
 rank 0 writes the named outputs.  Generation mode: see
 :mod:`tpcompile.runtime.lm.session`.  Arguments are described by
-:class:`~tpcompile.runtime.launch.args.WorkerArgs`.
+:class:`~tpcompile.runtime.launch.args.WorkerArgs`, given as its JSON
+(:meth:`~tpcompile.runtime.launch.args.WorkerArgs.to_json`), the one argument.
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ from ..kernels.compiled import prepare_compiled_decode
 from ..lm.session import GenerationSession
 from ..load.loader import load_rank
 from ..load.tensor_io import order_inputs, read_inputs, write_outputs
-from ..onnx.program import OnnxRankProgram
 from ..reporting import ERROR_PREFIX, EXIT_OK, EXIT_USER_ERROR, print_verbatim, report_exception
 from ..transport.collectives import gather_outputs, use_shared_memory
 from ..transport.distributed import DistEnv, choose_backend, configure_device, destroy_group, init_group
-from ..transport.shm import ShmCommunicator, rebind_collectives, shm_supported
-from .args import WorkerArgs, parse_worker_argv
+from ..transport.shm import ShmCommunicator, shm_supported
+from .args import WorkerArgs
 
 __all__ = ["execute", "main", "run_worker"]
 
@@ -72,9 +71,7 @@ def run_worker(args: WorkerArgs) -> int:
         if compile_decode:  # before the rebinding below: the compiled graph keeps opaque collective ops
             prepare_compiled_decode(program, group_name, env.world_size, comm)
         if comm is not None:
-            rebind_collectives(program.module, comm, group_name)
-            if isinstance(program, OnnxRankProgram):  # ONNX format: collectives between its segments
-                program.use_shared_memory(comm)
+            program.use_shared_memory(comm)
             use_shared_memory(comm)
         if session is not None:
             session.run(session.load_model(program, compile_decode), prompts)
@@ -107,8 +104,15 @@ def execute(args: WorkerArgs) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m tpcompile.runtime.launch.worker``."""
-    return execute(parse_worker_argv(sys.argv[1:] if argv is None else argv))
+    """Entry point of ``python -m tpcompile.runtime.launch.worker WORKER_ARGS_JSON``."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if len(argv) != 1:
+            raise InputError("the worker takes one argument, the JSON of its WorkerArgs (tprun writes it)")
+        args = WorkerArgs.from_json(argv[0])
+    except InputError as exc:
+        return report_exception(exc)
+    return execute(args)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""The worker's text-generation mode (``tprun OUT --prompt ...``).
+"""The worker's text-generation mode (``tprun OUT --prompt ...``): its arguments, session and results.
 
 Every rank tokenizes every prompt itself (identical files give identical
 ids), so only stdin prompts travel between ranks: rank 0 reads a line and
 broadcasts it.  Rank 0 alone writes to stdout (the streamed answer), prints
-the summary line and writes the token files.  Invariant: all ranks walk
-through the same prompts in the same order and reject the same ones.
+the summary line and writes the token files and the results file
+(:class:`Generation` records, read back by ``generate_text``).  Invariant:
+all ranks walk through the same prompts in the same order and reject the
+same ones.
 """
 
 from __future__ import annotations
@@ -13,21 +15,81 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, ManifestError, PromptError, first_line
 from ..format import Manifest
-from ..launch.args import GenerationArgs
 from ..load.program import RankProgram
 from ..reporting import ERROR_PREFIX, print_verbatim
 from ..transport.collectives import broadcast_object
-from .generate import CausalLM, check_prompt_length
+from .generate import CausalLM, GenerationStats, check_prompt_length
 from .tokenization import StreamDecoder, encode_prompt, load_tokenizer
 
-__all__ = ["GenerationSession", "not_a_causal_lm", "read_prompt_file"]
+__all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
+    "Generation",
+    "GenerationArgs",
+    "GenerationSession",
+    "not_a_causal_lm",
+    "read_prompt_file",
+]
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class GenerationArgs:
+    """Text generation: where prompts come from and how tokens are chosen.
+
+    Prompts are, in order: each of ``prompts``, the whole of ``prompt_file``,
+    each of ``prompt_ids`` (already tokenized; used by the Python API); when
+    ``read_stdin`` is set, rank 0 then reads one prompt per line of stdin.
+    """
+
+    prompts: tuple[str, ...] = ()
+    prompt_file: Path | None = None
+    prompt_ids: tuple[tuple[int, ...], ...] = ()
+    read_stdin: bool = False
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    chat_template: bool = True
+    save_tokens: Path | None = None
+    results_json: Path | None = None
+    stream: bool = True
+    compile_decode: bool = False
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One answer: decoded ``text`` ("" without a tokenizer), the ids and the timing of rank 0."""
+
+    text: str
+    prompt_ids: list[int]
+    new_ids: list[int]
+    stats: GenerationStats
+
+    def to_record(self) -> dict[str, Any]:
+        """The answer as one entry of the results file (``stats`` also gives the decode speed)."""
+        stats = {**asdict(self.stats), "decode_tokens_per_s": self.stats.decode_tokens_per_s}
+        return {"prompt_ids": self.prompt_ids, "new_ids": self.new_ids, "text": self.text, "stats": stats}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Generation:
+        """Inverse of :meth:`to_record`."""
+        raw = record["stats"]
+        stats = GenerationStats(
+            prompt_tokens=raw["prompt_tokens"],
+            new_tokens=raw["new_tokens"],
+            time_to_first_token_s=raw["time_to_first_token_s"],
+            decode_s=raw["decode_s"],
+        )
+        return cls(record["text"], record["prompt_ids"], record["new_ids"], stats)
 
 
 def not_a_causal_lm(manifest: Manifest) -> ManifestError:
@@ -69,7 +131,7 @@ class GenerationSession:
         needs_text = bool(args.prompts or args.prompt_file or args.read_stdin)
         self.tokenizer = load_tokenizer(manifest) if needs_text or manifest.lm.tokenizer else None
         self.use_template = args.chat_template and self.lm_info.chat_template
-        self.records: list[dict[str, Any]] = []
+        self.answers: list[Generation] = []
         self.rejected = 0
 
     def encode(self, text: str) -> list[int]:
@@ -128,15 +190,11 @@ class GenerationSession:
             sys.stdout.write(decoder.finish() + "\n")
             sys.stdout.flush()
         stats = model.last_stats
-        if self.rank != 0:
+        if self.rank != 0 or stats is None:  # generate() always leaves its stats
             return
-        if stats is not None:
-            print_verbatim(stats.summary())
+        print_verbatim(stats.summary())
         text = str(self.tokenizer.decode(new_ids, skip_special_tokens=True)) if self.tokenizer else ""
-        record: dict[str, Any] = {"prompt_ids": list(prompt_ids), "new_ids": new_ids, "text": text}
-        if stats is not None:
-            record["stats"] = {**asdict(stats), "decode_tokens_per_s": stats.decode_tokens_per_s}
-        self.records.append(record)
+        self.answers.append(Generation(text, list(prompt_ids), new_ids, stats))
 
     def load_model(self, program: RankProgram, compile_decode: bool) -> CausalLM:
         """The rank's :class:`CausalLM`; with ``compile_decode``, its decode step is compiled right away
@@ -173,7 +231,7 @@ class GenerationSession:
         if self.rank != 0:
             return
         if self.args.save_tokens is not None:
-            ids = [{"prompt_ids": r["prompt_ids"], "new_ids": r["new_ids"]} for r in self.records]
+            ids = [{"prompt_ids": a.prompt_ids, "new_ids": a.new_ids} for a in self.answers]
             _write_json(self.args.save_tokens, ids)
         if self.args.results_json is not None:
-            _write_json(self.args.results_json, self.records)
+            _write_json(self.args.results_json, [a.to_record() for a in self.answers])

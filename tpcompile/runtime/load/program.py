@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import ArtifactLoadError
 from ..format import Manifest, TensorSpec
+from ..transport.shm import ShmCommunicator, rebind_collectives
 from .graph_rewrite import rewrite_collective_groups
 from .tensor_io import order_inputs
 
@@ -62,6 +63,11 @@ class RankProgram:
         count = rewrite_collective_groups(self.module, self.group_name, group_name)
         self.group_name = group_name
         return count
+
+    def use_shared_memory(self, comm: ShmCommunicator) -> int:
+        """Same-host ranks: run the program's collectives through ``comm`` (tensors too large for a slot
+        still use the bound group); returns how many collectives were rebound."""
+        return rebind_collectives(self.module, comm, self.group_name)
 
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         """Run the forward pass on positional ``inputs``; return the flat outputs."""

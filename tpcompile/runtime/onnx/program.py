@@ -73,9 +73,11 @@ class OnnxRankProgram(RankProgram):
         self.group_name = group_name
         return sum(1 for c, _ in self._steps if c is not None)
 
-    def use_shared_memory(self, comm: ShmCommunicator | None) -> None:
-        """Same-host ranks: exchange through ``comm`` (tensors too large for a slot still use the group)."""
+    def use_shared_memory(self, comm: ShmCommunicator) -> int:
+        """Same-host ranks: the collectives between segments exchange through ``comm`` (tensors too large
+        for a slot still use the group); returns how many steps are collectives."""
         self._comm = comm
+        return sum(1 for c, _ in self._steps if c is not None)
 
     def _collective(self, step: Collective, t: torch.Tensor) -> torch.Tensor:
         comm = self._comm
