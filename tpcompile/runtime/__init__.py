@@ -17,6 +17,10 @@ Causal LMs (``kind == "causal_lm"``)::
     CausalLM.load(artifact_dir)  # in a rank (torchrun + init_process_group)
     CausalLM(load_rank(artifact_dir, 0))  # tp=1, no process group needed
     lm.generate(prompt_ids, max_new_tokens=..., temperature=..., on_token=...) -> list[int]
+
+Invariant: the runtime imports nothing from the compiler, and no runtime module
+imports another in a circle; each subpackage has one job (``format``, ``load``,
+``onnx``, ``transport``, ``kernels``, ``lm``, ``launch``).
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ Without torchrun, ``tprun`` spawns one worker process per rank (``tp`` from
 the manifest).  Under torchrun (``RANK``/``WORLD_SIZE`` set), each torchrun
 process runs its rank in-process.  Text prompts need a ``causal_lm``
 artifact; answers stream to stdout, one summary line per prompt goes to stderr.
+
+Invariant: everything that can be checked before spawning (manifest, file
+hashes, program trust, inputs, prompt file, output directories, backend) is
+checked once here, so a bad run is one error line and no rank starts.
 """
 
 from __future__ import annotations

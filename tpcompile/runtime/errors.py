@@ -6,6 +6,9 @@ the worker) print ``tprun: error: <message>`` and exit with status 2 for any
 :class:`RuntimeArtifactError`.  :func:`first_line` is the one way the runtime
 turns any exception (its own or one from torch, safetensors, onnxruntime...)
 into such a line.
+
+Invariant: every runtime error a user can act on is a :class:`RuntimeArtifactError`
+whose ``str`` is one line.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ prefix.  A line meant for the user as is (the generation summary, an error
 every rank hit identically) is written with :func:`print_verbatim`, which
 marks it with :data:`VERBATIM_MARK` so that the launcher strips the mark and
 forwards the line without a prefix.
+
+Invariant: an exception reaches the user as one ``tprun: error:`` line (a
+traceback only with ``--debug``), and its type (or a failed rank's own code) decides the exit code.
 """
 
 from __future__ import annotations

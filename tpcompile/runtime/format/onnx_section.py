@@ -4,7 +4,9 @@
 ``in.NAME`` per KV-cache buffer; the outputs ``out0...``, then one ``out.NAME`` per buffer) and its
 ``steps`` in execution order: ``segment`` (an ONNX file in the rank directory, the values it reads and
 writes) or a collective (``all_reduce`` / ``all_gather``: one value in, one out). The section is read
-when a rank is loaded (:func:`onnx_rank`), into the immutable values below. Standard library only.
+when a rank is loaded (:func:`onnx_rank`), into the immutable values below. Invariant: a parsed
+:class:`OnnxRank` lists only known step kinds with all their fields, or reading fails with a
+ManifestError. Standard library only.
 """
 
 from __future__ import annotations

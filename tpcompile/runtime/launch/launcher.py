@@ -9,6 +9,8 @@ only the launcher, which then stops every rank (SIGTERM, then SIGKILL) and
 exits 130.  When one rank exits abnormally the launcher stops the others at
 once and reports that rank; a rank whose launcher dies is SIGKILLed by the
 kernel.  Shared-memory segments a killed rank 0 could leave are removed.
+
+Invariant: :func:`spawn_workers` returns only when every rank has exited.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ rank 0 writes the named outputs.  Generation mode: see
 :mod:`tpcompile.runtime.lm.session`.  Arguments are described by
 :class:`~tpcompile.runtime.launch.args.WorkerArgs`, given as its JSON
 (:meth:`~tpcompile.runtime.launch.args.WorkerArgs.to_json`), the one argument.
+
+Invariant: everything that can fail locally is done before the rank joins the
+process group, and a rank ends with an exit code and at most one error line.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ sense at run time:
 * ``device=`` arguments of factory ops (``arange``, ``zeros``, ``_to_copy``...),
   recorded as the export device (usually ``meta`` or ``cpu``), which must
   become the run device.
+
+Invariant: a rewrite changes only these arguments or a call's target, never the
+graph's structure, and recompiles exactly the graph modules it changed.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ tensor-subclass weights and constants; custom and opaque objects; the legacy for
 entries load a compiled shared library.  :func:`unsafe_content` inspects the archive with ``zipfile``
 and an allowlist of entries, without loading anything, and names the first entry that would run code.
 tpcompile writes programs without any such entry (its example inputs are empty).
+
+Invariant: inspecting an archive never unpickles or executes anything from it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Reading, validating and writing the named tensors a program consumes/produces."""
+"""Reading, validating and writing the named tensors a program consumes/produces.
+
+Invariant: inputs reach a program only in manifest order, after every name, dtype, static
+dimension and shared symbol was checked against the manifest; outputs are written atomically.
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,9 @@
 
 Tensors are assigned by attribute path, not with ``load_state_dict``, so that
 non-persistent buffers and lifted tensor constants are populated too.
+
+Invariant: a tensor replaces an attribute only if the program defines it with
+the same shape and dtype; parameters stay parameters, buffers stay buffers.
 """
 
 from __future__ import annotations

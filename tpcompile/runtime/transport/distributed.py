@@ -3,6 +3,9 @@
 Rendezvous is ``env://``: ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``,
 ``WORLD_SIZE`` and ``LOCAL_RANK`` (plus optional ``LOCAL_WORLD_SIZE``) are
 set by :mod:`tpcompile.runtime.launch.launcher` or by ``torchrun``.
+
+Invariant: ranks wait for each other at start-up at least :data:`RENDEZVOUS_TIMEOUT_S`,
+then every collective on the group fails after ``--timeout``.
 """
 
 from __future__ import annotations
