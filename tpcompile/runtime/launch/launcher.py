@@ -128,7 +128,7 @@ def check_port_free(port: int) -> None:
 
 def _package_root() -> Path | None:
     """Directory to put on PYTHONPATH so children can import an uninstalled tpcompile."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]  # .../tpcompile/runtime/launch/launcher.py
     if any(part in ("site-packages", "dist-packages") for part in root.parts):
         return None
     return root
