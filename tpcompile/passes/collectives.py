@@ -89,14 +89,3 @@ def redistribute(b: Emitter, value: fx.Node, src: Placement, dst: Placement, ndi
     if isinstance(dst, Partial):
         return value if b.rank == 0 else b.call(aten.mul.Tensor, value, 0)
     raise AssertionError(f"no redistribution from {src} to {dst}")
-
-
-def collective_kind(src: Placement, dst: Placement) -> str | None:
-    """The collective a redistribution costs (None: local only)."""
-    if src == dst:
-        return None
-    if isinstance(src, Partial):
-        return "all_reduce"
-    if isinstance(src, Shard):
-        return "all_gather"
-    return None

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from tpcompile.passes.ops.indexing import slice_bounds
+from tpcompile.passes.graph_queries import slice_bounds
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)

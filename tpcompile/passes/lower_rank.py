@@ -14,11 +14,12 @@ import torch
 import torch.fx as fx
 
 from tpcompile.passes.collectives import redistribute
-from tpcompile.passes.propagate import NodeOut, Propagation, shape_of
+from tpcompile.passes.placement import RootPlacement
+from tpcompile.passes.rule_api import NodeOut, Propagation, shape_of
 
 
 class RankBuilder:
-    """Emits nodes into rank ``rank``'s graph; rules' lowering callbacks receive it."""
+    """Emits nodes into rank ``rank``'s graph; rules' lowering callbacks receive it (``LoweringBuilder``)."""
 
     def __init__(self, prop: Propagation, rank: int) -> None:
         self.prop = prop
@@ -31,6 +32,9 @@ class RankBuilder:
 
     def placement(self, node: fx.Node) -> NodeOut:
         return self.prop.placements.get(node)
+
+    def stored(self, node: fx.Node) -> RootPlacement:
+        return self.prop.roots[node]
 
 
 def build_rank_graph(
@@ -56,6 +60,7 @@ def build_rank_graph(
             else:
                 env[node] = b.graph.placeholder(node.name)
             continue
+
         def load(n: fx.Node, consumer: fx.Node = node) -> Any:
             return value_for(n, consumer)
 
@@ -74,18 +79,6 @@ def build_rank_graph(
         env[node] = new
     b.graph.lint()
     return b.graph
-
-
-def is_collective(node: fx.Node) -> bool:
-    return (
-        node.op == "call_function"
-        and "_c10d_functional" in str(node.target)
-        and "wait" not in str(node.target)
-    )
-
-
-def graph_collectives(graph: fx.Graph) -> list[fx.Node]:
-    return [n for n in graph.nodes if is_collective(n)]
 
 
 def tensor_bytes(node: fx.Node) -> int:

@@ -2,36 +2,59 @@
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from tpcompile.errors import UsageError
 
-Style = Literal["colwise", "rowwise", "replicate", "expert"]  # expert: split dim 0 of stacked experts
-STYLES: tuple[Style, ...] = ("colwise", "rowwise", "replicate")
+
+class Style(str, enum.Enum):
+    """How a stored tensor is split: the plan decides it, the op rules carry it out, the manifest records
+    it (``parameters[].plan``)."""
+
+    COLWISE = "colwise"  # output features split: starts a column-parallel chain
+    ROWWISE = "rowwise"  # input features split: ends a chain in a partial sum
+    VOCAB = "vocab"  # rows of a lookup table split: each rank looks up its ids, the sum completes it
+    EXPERT = "expert"  # the expert dim of stacked expert weights split (--moe ep)
+    PARTIAL = "partial"  # a row-parallel bias, stored on rank 0 only so that it is added once
+    SHARDED = "sharded"  # split to follow its consumers (a KV cache by heads, a norm weight by features)
+    FUSED_COLWISE = "fused-colwise"  # a fused projection stored as its column-parallel pieces
+    FUSED = "fused"  # a fused projection stored as pieces split in different roles
+    REPLICATE = "replicate"  # every rank holds the whole tensor
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: The styles a ``--plan`` file may ask for.
+PLAN_FILE_STYLES: tuple[Style, ...] = (Style.COLWISE, Style.ROWWISE, Style.REPLICATE)
 
 
 @dataclass(frozen=True)
 class ParamDecision:
-    """``colwise``: the output features are split with ``sizes``; ``rowwise``: the input features are split;
-    ``replicate``: every rank keeps the whole tensor. ``sizes`` None means "balanced, chosen by the pass";
+    """Split stored tensor dim ``dim`` with ``sizes`` in role ``style``; ``replicate``: every rank keeps the
+    whole tensor. ``dim`` None (a ``--plan`` style) means the dim the consuming op gives that role (a
+    linear's output features for colwise, its input features for rowwise); ``sizes`` None means balanced;
     ``starts`` None means the slices follow each other (see ``Shard``)."""
 
     style: Style
     sizes: tuple[int, ...] | None = None
     starts: tuple[int, ...] | None = None  # overlapping column slices (KV heads shared by several ranks)
+    dim: int | None = None
 
 
 @dataclass
 class ShardingPlan:
     tp: int
     decisions: dict[str, ParamDecision] = field(default_factory=dict)
+    #: weights a plan site could have split that stay replicated, with the reason (compile summary, explain)
+    unsplit: dict[str, str] = field(default_factory=dict)
 
     def with_decisions(self, extra: dict[str, ParamDecision]) -> ShardingPlan:
-        return ShardingPlan(self.tp, {**self.decisions, **extra})
+        return ShardingPlan(self.tp, {**self.decisions, **extra}, dict(self.unsplit))
 
 
 @dataclass(frozen=True)
@@ -39,6 +62,9 @@ class PlanFile:
     """An explicit plan: glob on the parameter name -> style. The first matching pattern wins."""
 
     rules: tuple[tuple[str, Style], ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rules", tuple((p, Style(s)) for p, s in self.rules))
 
     def style_for(self, name: str) -> Style | None:
         for pattern, style in self.rules:
@@ -59,10 +85,11 @@ def load_plan_file(path: str | Path) -> PlanFile:
     if not isinstance(data, dict):
         raise UsageError(f"plan file {p} must hold a JSON object of pattern -> style")
     rules: list[tuple[str, Style]] = []
+    allowed = [s.value for s in PLAN_FILE_STYLES]
     for pattern, style in data.items():
-        if style not in STYLES:
+        if style not in allowed:
             raise UsageError(
-                f"plan file {p}: {pattern!r} has style {style!r}; use one of {', '.join(STYLES)}"
+                f"plan file {p}: {pattern!r} has style {style!r}; use one of {', '.join(allowed)}"
             )
-        rules.append((str(pattern), style))
+        rules.append((str(pattern), Style(style)))
     return PlanFile(tuple(rules))

@@ -12,36 +12,11 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from tpcompile.passes.ops import register
-from tpcompile.passes.ops.common import aten, concrete
+from tpcompile.passes.graph_queries import kv_split, query_split
+from tpcompile.passes.ops.common import concrete
+from tpcompile.passes.ops.registry import aten, register
 from tpcompile.passes.placement import REPLICATE, Partial, Placement, Shard
-from tpcompile.passes.propagate import RuleContext, Strategy, shape_of
-
-
-def kv_split(q: Shard, group: int) -> Shard | None:
-    """The KV head split that serves query split ``q`` (in head units), or None if a rank's query heads
-    are not spread evenly over its KV heads."""
-    if q.overlapping:
-        return None
-    sizes, starts = [], []
-    for r, n in enumerate(q.sizes):
-        lo = q.offset(r)
-        if n == 0:
-            return None
-        first, last = lo // group, (lo + n - 1) // group
-        counts = [min(lo + n, (kv + 1) * group) - max(lo, kv * group) for kv in range(first, last + 1)]
-        if len(set(counts)) != 1:
-            return None
-        sizes.append(last - first + 1)
-        starts.append(first)
-    return Shard(q.dim, tuple(sizes), tuple(starts))
-
-
-def query_split(kv: Shard, group: int) -> Shard | None:
-    """The query split whose KV split is ``kv`` when every rank keeps whole groups."""
-    if kv.overlapping:
-        return None
-    return kv.scaled(group)
+from tpcompile.passes.rule_api import RuleContext, Strategy, shape_of
 
 
 @register(aten.scaled_dot_product_attention)

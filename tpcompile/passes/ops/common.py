@@ -1,16 +1,12 @@
-"""Helpers shared by the op rules."""
+"""Small helpers shared by the op rules."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.fx as fx
 
-from tpcompile.passes.placement import REPLICATE, Placement, Shard
-from tpcompile.passes.propagate import FreeView, RuleContext, Strategy, shape_of
-
-aten = torch.ops.aten
+from tpcompile.passes.placement import REPLICATE, Partial, Placement
+from tpcompile.passes.rule_api import FreeView, RuleContext, Strategy
 
 
 def tensor_inputs(ctx: RuleContext, node: fx.Node) -> list[fx.Node]:
@@ -22,12 +18,13 @@ def tensor_inputs(ctx: RuleContext, node: fx.Node) -> list[fx.Node]:
     return seen
 
 
-def norm_dim(dim: int, ndim: int) -> int:
-    return dim + ndim if dim < 0 else dim
-
-
 def replicate_all(ctx: RuleContext, node: fx.Node) -> Strategy:
-    return Strategy({a: REPLICATE for a in tensor_inputs(ctx, node)}, REPLICATE)
+    """Every tensor input whole, the output (or each output) replicated."""
+    demands: dict[fx.Node, Placement] = {a: REPLICATE for a in tensor_inputs(ctx, node)}
+    val = node.meta.get("val")
+    if isinstance(val, tuple | list):
+        return Strategy(demands, tuple(REPLICATE for _ in val))
+    return Strategy(demands, REPLICATE if ctx.is_tensor(node) else None)
 
 
 def concrete(pl: Placement | FreeView | None) -> Placement:
@@ -37,15 +34,6 @@ def concrete(pl: Placement | FreeView | None) -> Placement:
     return pl
 
 
-def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def shard_local(pl: Shard, rank: int) -> int:
-    return pl.sizes[rank]
-
-
-def ndim(node: fx.Node) -> int:
-    return len(shape_of(node))
+def whole(pl: Placement) -> Placement:
+    """``pl``, with a partial sum counted as replicated (the consumer needs it reduced)."""
+    return REPLICATE if isinstance(pl, Partial) else pl

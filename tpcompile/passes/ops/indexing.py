@@ -7,15 +7,25 @@ gives the buffer the placement of the values written, so each rank stores only i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from tpcompile.passes.ops import register
-from tpcompile.passes.ops.common import aten, concrete, norm_dim, tensor_inputs
+from tpcompile.passes.graph_queries import norm_dim, packet, slice_bounds
+from tpcompile.passes.ops.common import concrete, replicate_all, tensor_inputs, whole
+from tpcompile.passes.ops.registry import aten, register
 from tpcompile.passes.placement import PARTIAL, REPLICATE, Partial, Pieces, Placement, Shard
-from tpcompile.passes.propagate import FreeView, RuleContext, Strategy, shape_of
+from tpcompile.passes.rule_api import (
+    FreeView,
+    LoweringBuilder,
+    RuleContext,
+    SiteKind,
+    Strategy,
+    shape_of,
+)
+from tpcompile.plan.spec import Style
 
 
 def _whole(node: fx.Node, dim: int) -> bool:
@@ -26,24 +36,6 @@ def _whole(node: fx.Node, dim: int) -> bool:
     step = node.args[4] if len(node.args) > 4 else 1
     full_end = end is None or (isinstance(end, int) and isinstance(size, int) and end >= size)
     return bool(start in (None, 0) and full_end and step == 1)
-
-
-def slice_bounds(node: Any) -> tuple[int, int, int] | None:
-    """(dim, lo, hi) of a step-1 ``aten.slice`` with constant bounds (clipped to the size), else None."""
-    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target != aten.slice.Tensor:
-        return None
-    args = list(node.args) + [None] * (5 - len(node.args))
-    shape = shape_of(args[0])
-    raw_dim, lo, hi, step = args[1] if args[1] is not None else 0, args[2] or 0, args[3], args[4] or 1
-    if not isinstance(raw_dim, int):
-        return None
-    dim = norm_dim(raw_dim, len(shape))
-    size = shape[dim]
-    hi = size if hi is None else hi
-    if step != 1 or not (isinstance(size, int) and isinstance(lo, int) and isinstance(hi, int)):
-        return None
-    lo, hi = max(0, min(lo, size)), max(0, min(hi, size))
-    return (dim, lo, hi) if lo < hi else None
 
 
 def piece_window(ctx: RuleContext, node: fx.Node) -> tuple[int, int, int] | None:
@@ -63,9 +55,9 @@ def piece_window(ctx: RuleContext, node: fx.Node) -> tuple[int, int, int] | None
     return slice_bounds(node)
 
 
-def _lower_piece(b: Any, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
+def _lower_piece(b: LoweringBuilder, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
     """The slice of one piece, at the rank's local offset in its stored pieces."""
-    layout = b.prop.roots[node.args[0]]
+    layout = b.stored(node.args[0])
     window = slice_bounds(node)
     assert isinstance(layout, Pieces) and window is not None
     i = layout.index(window[1], window[2])
@@ -81,10 +73,11 @@ def slice_(ctx: RuleContext, node: fx.Node) -> Strategy:
     p = ctx.placement(x)
     if isinstance(p, FreeView):
         window = piece_window(ctx, node) if p.window is None else None
-        if window is not None and p.dims == tuple(range(nd)):
+        if window is not None and p.is_identity:
             return Strategy({}, FreeView(p.root, p.dims, window), _lower_piece)
-        if not _whole(node, dim) and p.dims[dim] is not None:
-            ctx.forbid(p.root, p.dims[dim])
+        vd = p.dims[dim]
+        if not _whole(node, dim) and vd is not None:
+            ctx.forbid(p.root, vd.root)
         return Strategy({}, p)
     p = concrete(p)
     if isinstance(p, Shard) and p.dim == dim and not _whole(node, dim):
@@ -99,8 +92,9 @@ def select(ctx: RuleContext, node: fx.Node) -> Strategy:
     dim = norm_dim(node.args[1], nd)
     p = ctx.placement(x)
     if isinstance(p, FreeView):
-        if p.dims[dim] is not None:
-            ctx.forbid(p.root, p.dims[dim])
+        vd = p.dims[dim]
+        if vd is not None:
+            ctx.forbid(p.root, vd.root)
         return Strategy({}, p.with_dims(p.dims[:dim] + p.dims[dim + 1 :]))
     p = concrete(p)
     if isinstance(p, Shard):
@@ -114,15 +108,15 @@ def select(ctx: RuleContext, node: fx.Node) -> Strategy:
 def split(ctx: RuleContext, node: fx.Node) -> Strategy:
     x = node.args[0]
     nd = len(shape_of(x))
-    default = 0
-    dim_pos = 1 if "unbind" in str(node.target) else 2
-    raw = node.args[dim_pos] if len(node.args) > dim_pos else node.kwargs.get("dim", default)
+    unbind = packet(node) is aten.unbind
+    dim_pos = 1 if unbind else 2
+    raw = node.args[dim_pos] if len(node.args) > dim_pos else node.kwargs.get("dim", 0)
     dim = norm_dim(raw, nd)
     n_out = len(node.meta["val"])
     p = concrete(ctx.placement(x))
     if isinstance(p, Shard) and p.dim == dim:
         p = REPLICATE
-    if isinstance(p, Shard) and "unbind" in str(node.target) and p.dim > dim:
+    if isinstance(p, Shard) and unbind and p.dim > dim:
         return Strategy({x: p}, tuple(p.with_dim(p.dim - 1) for _ in range(n_out)))
     return Strategy({x: p}, tuple(p for _ in range(n_out)))
 
@@ -131,7 +125,7 @@ def split(ctx: RuleContext, node: fx.Node) -> Strategy:
 def cat(ctx: RuleContext, node: fx.Node) -> Strategy:
     tensors = [t for t in node.args[0] if isinstance(t, fx.Node)]
     out_nd = len(shape_of(node))
-    is_stack = "stack" in str(node.target)
+    is_stack = packet(node) is aten.stack
     raw = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     dim = norm_dim(raw, out_nd)
     pls = [concrete(ctx.placement(t)) for t in tensors]
@@ -146,9 +140,14 @@ def cat(ctx: RuleContext, node: fx.Node) -> Strategy:
     return Strategy(dict.fromkeys(tensors, REPLICATE), REPLICATE)
 
 
-def _lower_vocab_embedding(shard: Shard) -> Any:
-    def lower(b: Any, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
-        weight, ids = args[0], args[1]
+Lookup = Callable[[LoweringBuilder, fx.Node, Any, Any], fx.Node]
+
+
+def _lower_vocab_lookup(shard: Shard, lookup: Lookup, table_ndim: int) -> Any:
+    """Rank r looks up only the ids in its rows ``[start, end)`` and zeroes the others: a partial sum."""
+
+    def lower(b: LoweringBuilder, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
+        table, ids = lookup_operands(node, args)
         start = shard.offset(b.rank)
         end = start + shard.sizes[b.rank]
         below = b.call(aten.lt.Scalar, ids, start)
@@ -156,39 +155,92 @@ def _lower_vocab_embedding(shard: Shard) -> Any:
         miss = b.call(aten.bitwise_or.Tensor, below, above)
         local = b.call(aten.sub.Tensor, ids, start)
         local = b.call(aten.masked_fill.Scalar, local, miss, 0)
-        rows = b.call(aten.embedding.default, weight, local, *args[2:], **kwargs)
-        mask = b.call(aten.unsqueeze.default, miss, -1)
-        return b.call(aten.masked_fill.Scalar, rows, mask, 0.0)
+        rows = lookup(b, node, table, local)
+        for _ in range(table_ndim - 1):
+            miss = b.call(aten.unsqueeze.default, miss, -1)
+        return b.call(aten.masked_fill.Scalar, rows, miss, 0.0)
 
     return lower
 
 
+def lookup_operands(node: fx.Node, args: tuple[Any, ...] | None = None) -> tuple[Any, Any]:
+    """(table, ids) of a lookup node (``embedding(table, ids)``, ``index(table, [ids])``,
+    ``index_select(table, 0, ids)``), from ``args`` when given (the lowered ones) or the node's own."""
+    a: Any = node.args if args is None else args
+    if packet(node) is aten.embedding:
+        return a[0], a[1]
+    if packet(node) is aten.index:
+        return a[0], a[1][0]
+    return a[0], a[2]
+
+
+def _embedding_lookup(b: LoweringBuilder, node: fx.Node, table: Any, ids: Any) -> fx.Node:
+    return b.call(aten.embedding.default, table, ids, *node.args[2:], **node.kwargs)
+
+
+def _index_lookup(b: LoweringBuilder, node: fx.Node, table: Any, ids: Any) -> fx.Node:
+    return b.call(aten.index.Tensor, table, [ids])
+
+
+def _index_select_lookup(b: LoweringBuilder, node: fx.Node, table: Any, ids: Any) -> fx.Node:
+    return b.call(aten.index_select.default, table, 0, ids)
+
+
+_ROW_ROLES = {Style.VOCAB: 0, Style.COLWISE: 0, Style.ROWWISE: 0}
+
+
+def _lookup_rows(ctx: RuleContext, node: fx.Node, lookup: Lookup) -> Strategy:
+    """A table read by rows: ``out = table[ids]`` with ``ids`` of any shape, rows of ``table`` on dim 0.
+
+    Rows split (vocabulary-parallel): each rank looks up its rows, a partial sum. A table split on a later
+    dim: the output is split on the same feature dim. Ids split on a dim: the output is split there."""
+    table, ids = lookup_operands(node)
+    raw = ctx.placement(table)
+    pi = whole(concrete(ctx.placement(ids)))
+    ctx.offer_site(raw, ids, 0, SiteKind.LOOKUP)
+    pw = (ctx.planned(raw, _ROW_ROLES) if isinstance(pi, type(REPLICATE)) else None) or concrete(raw)
+    pw = whole(pw)
+    out_nd = len(shape_of(node))
+    table_nd = len(shape_of(table))
+    styles = {table: Style.VOCAB} if isinstance(raw, FreeView) else {}
+    if isinstance(pw, Shard) and pw.dim == 0 and not pw.overlapping and not isinstance(pi, Shard):
+        return Strategy({table: pw, ids: pi}, PARTIAL, _lower_vocab_lookup(pw, lookup, table_nd), styles)
+    if isinstance(pw, Shard) and pw.dim > 0 and not isinstance(pi, Shard):
+        return Strategy({table: pw, ids: pi}, pw.with_dim(out_nd - table_nd + pw.dim))
+    if isinstance(pi, Shard):
+        return Strategy({table: REPLICATE, ids: pi}, pi)
+    return Strategy({table: REPLICATE, ids: REPLICATE}, REPLICATE)
+
+
 @register(aten.embedding)
 def embedding(ctx: RuleContext, node: fx.Node) -> Strategy:
-    weight, ids = node.args[0], node.args[1]
-    pw = ctx.placement(weight)
-    pi = concrete(ctx.placement(ids))
-    if isinstance(pi, Partial):
-        pi = REPLICATE
-    vocab = shape_of(weight)[0]
-    if isinstance(pw, FreeView):
-        decision = ctx.decision(pw)
-        if (
-            decision is not None
-            and decision.style in ("colwise", "rowwise")
-            and decision.starts is None
-            and isinstance(pi, type(REPLICATE))
-        ):
-            from tpcompile.passes.placement import balanced_split
+    return _lookup_rows(ctx, node, _embedding_lookup)
 
-            pw = Shard(0, decision.sizes or balanced_split(vocab, ctx.tp))
-        else:
-            pw = REPLICATE
-    if isinstance(pw, Shard) and pw.dim == 0 and not pw.overlapping and not isinstance(pi, Shard):
-        return Strategy({weight: pw, ids: pi}, PARTIAL, _lower_vocab_embedding(pw))
-    if isinstance(pw, Shard) and pw.dim == 1 and not isinstance(pi, Shard):
-        return Strategy({weight: pw, ids: pi}, pw.with_dim(len(shape_of(node)) - 1))
-    return Strategy({weight: REPLICATE, ids: pi}, pi if isinstance(pi, Shard) else REPLICATE)
+
+@register(aten.index)
+def index(ctx: RuleContext, node: fx.Node) -> Strategy:
+    """``x[idx]`` with one index tensor on dim 0 is a row lookup; other advanced indexing is replicated."""
+    indices: Any = node.args[1]
+    ids = indices[0] if len(indices) == 1 else None
+    if ctx.is_tensor(ids) and ids.meta["val"].dtype in _ID_DTYPES:
+        return _lookup_rows(ctx, node, _index_lookup)
+    return replicate_all(ctx, node)
+
+
+_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+@register(aten.index_select)
+def index_select(ctx: RuleContext, node: fx.Node) -> Strategy:
+    """``index_select(x, 0, idx)`` is a row lookup; on a later dim a shard elsewhere is kept."""
+    x, dim, index = node.args[:3]
+    dim = norm_dim(dim, len(shape_of(x)))
+    if dim == 0:
+        return _lookup_rows(ctx, node, _index_select_lookup)
+    p = whole(concrete(ctx.placement(x)))
+    if isinstance(p, Shard) and p.dim != dim:
+        return Strategy({x: p, index: REPLICATE}, p)
+    return Strategy({x: REPLICATE, index: REPLICATE}, REPLICATE)
 
 
 def _write_into(ctx: RuleContext, node: fx.Node, dst: fx.Node, src: fx.Node, blocked: set[int]) -> Strategy:
@@ -230,20 +282,4 @@ def index_put(ctx: RuleContext, node: fx.Node) -> Strategy:
     vshape = shape_of(values) if isinstance(values, fx.Node) else ()
     if len(used) == 1 and len(vshape) == len(shape_of(dst)):
         return _write_into(ctx, node, dst, values, set(used))
-    from tpcompile.passes.ops.common import replicate_all
-
     return replicate_all(ctx, node)
-
-
-@register(aten.index_select)
-def index_select(ctx: RuleContext, node: fx.Node) -> Strategy:
-    x, dim, index = node.args[:3]
-    dim = norm_dim(dim, len(shape_of(x)))
-    p = concrete(ctx.placement(x))
-    if isinstance(p, Shard) and p.dim != dim:
-        return Strategy({x: p, index: REPLICATE}, p)
-    return Strategy({x: REPLICATE, index: REPLICATE}, REPLICATE)
-
-
-def is_tensor_list(value: Any) -> bool:
-    return isinstance(value, list | tuple) and all(isinstance(v, torch.Tensor) for v in value)

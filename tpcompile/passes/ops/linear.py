@@ -1,48 +1,45 @@
-"""Matrix products: ``linear``, ``mm``, ``addmm``, ``bmm``, ``matmul``.
+"""Matrix products: ``linear``, ``mm``, ``addmm``, ``bmm``, ``baddbmm``, ``matmul``.
 
 Megatron's two layouts fall out of one rule for ``A[..., m, k] @ B[..., k, n]``:
 column-parallel (A R, B S(n)) -> S(n); row-parallel (A S(k), B S(k)) -> P. A weight still free is split the
-way its activation asks (the plan says which linears start a column-parallel chain), a row-parallel bias is
-stored on rank 0 only (Partial), so it is added once. Batch dims shard like elementwise ops.
+way the plan says (its decision names the stored dim, whatever view of the weight the product reads:
+``W.T``, ``W`` as ``[in, out]``, a permuted or reshaped weight), or the way its activation asks. A
+row-parallel bias is stored on rank 0 only (Partial), so it is added once. Batch dims shard like elementwise
+ops (stacked expert weights split on their expert dim).
 """
 
 from __future__ import annotations
 
 import torch.fx as fx
 
-from tpcompile.passes.ops import register
-from tpcompile.passes.ops.common import aten, concrete
-from tpcompile.passes.ops.experts import stacked_weight_placement
-from tpcompile.passes.placement import (
-    PARTIAL,
-    REPLICATE,
-    Partial,
-    Placement,
-    Replicate,
-    Shard,
-    balanced_split,
-)
-from tpcompile.passes.propagate import FreeView, RuleContext, Strategy, shape_of
+from tpcompile.passes.ops.common import concrete, whole
+from tpcompile.passes.ops.registry import aten, register
+from tpcompile.passes.placement import PARTIAL, REPLICATE, Partial, Placement, Replicate, Shard
+from tpcompile.passes.rule_api import AnyPlacement, FreeView, RuleContext, SiteKind, Strategy, shape_of
+from tpcompile.plan.spec import Style
 
 
-def _col_split(
-    ctx: RuleContext, weight_pl: FreeView | Placement | None, features: int
-) -> Shard | None:
-    """The column split (on dim 0) when the plan makes this free weight column-parallel, else None."""
-    decision = ctx.decision(weight_pl) if isinstance(weight_pl, FreeView) else None
-    if decision is None or decision.style != "colwise":
-        return None
-    return Shard(0, decision.sizes or balanced_split(features, ctx.tp), decision.starts)
+def _weight(ctx: RuleContext, raw: AnyPlacement | None, roles: dict[Style, int], planned: bool) -> Placement:
+    """The placement of a product's weight operand: with ``planned`` (its activation is replicated), what
+    the plan gives a free stored weight in this product; else its concrete placement."""
+    decided = ctx.planned(raw, roles) if planned else None
+    return whole(decided if decided is not None else concrete(raw))
 
 
-def _forced_row(ctx: RuleContext, weight_pl: FreeView | Placement | None) -> bool:
-    decision = ctx.decision(weight_pl) if isinstance(weight_pl, FreeView) else None
-    return decision is not None and decision.style == "rowwise"
+def _kept_whole(ctx: RuleContext, raw: AnyPlacement | None) -> bool:
+    """The plan (``--plan ... replicate``) says this stored weight stays whole."""
+    decision = ctx.decision(raw)
+    return decision is not None and decision.style is Style.REPLICATE
 
 
-def _forced_replicate(ctx: RuleContext, weight_pl: FreeView | Placement | None) -> bool:
-    decision = ctx.decision(weight_pl) if isinstance(weight_pl, FreeView) else None
-    return decision is not None and decision.style == "replicate"
+def _styles(raw: AnyPlacement | None, node: fx.Node, want: Placement, roles: dict[Style, int]) -> dict:
+    """The role in which a free stored operand ends up split (from the dim the product demands)."""
+    if not isinstance(raw, FreeView) or not isinstance(want, Shard | Partial):
+        return {}
+    if isinstance(want, Partial):
+        return {node: Style.PARTIAL}
+    role = next((style for style, dim in roles.items() if dim == want.dim), Style.SHARDED)
+    return {node: role}
 
 
 def matmul_strategy(
@@ -54,45 +51,29 @@ def matmul_strategy(
         ins = [x for x in (a, b, bias) if x is not None]
         return Strategy(dict.fromkeys(ins, REPLICATE), REPLICATE)
     out_nd = len(shape_of(node))
-    pa_raw, pb_raw = ctx.placement(a), ctx.placement(b)
-    pa, pb = concrete(pa_raw), concrete(pb_raw)
-    if isinstance(pa, Partial):
-        pa = REPLICATE
-    if isinstance(pb, Partial):
-        pb = REPLICATE
-    stacked = stacked_weight_placement(ctx, pa, pb_raw, sb)  # planned expert weights (ops/experts.py)
-    if stacked is not None:
-        pb = stacked
-    ka, mb_k, nb = len(sa) - 1, len(sb) - 2, len(sb) - 1
+    ka, kb, nb = len(sa) - 1, len(sb) - 2, len(sb) - 1
+    roles = {Style.COLWISE: nb, Style.ROWWISE: kb}
+    pa, pb_raw = whole(concrete(ctx.placement(a))), ctx.placement(b)
+    ctx.offer_site(pb_raw, a, nb, SiteKind.PRODUCT)
+    pb = _weight(ctx, pb_raw, roles, planned=isinstance(pa, Replicate))
     # a contraction over an overlapping shard would count the shared part twice
     if isinstance(pa, Shard) and pa.overlapping and pa.dim == ka:
         pa = REPLICATE
-    if isinstance(pb, Shard) and pb.overlapping and pb.dim == mb_k:
+    if isinstance(pb, Shard) and pb.overlapping and pb.dim == kb:
         pb = REPLICATE
-    demands: dict[fx.Node, Placement] = {}
+    demands: dict[fx.Node, Placement]
     out: Placement
 
     if isinstance(pa, Shard) and pa.dim == ka:  # contraction dim sharded: row-parallel
-        demands = {a: pa, b: pa.with_dim(mb_k)}
-        if _forced_replicate(ctx, pb_raw) or (isinstance(pb, Shard) and pb.dim != mb_k):
+        if _kept_whole(ctx, pb_raw) or (isinstance(pb, Shard) and pb.dim != kb):
             demands = {a: REPLICATE, b: pb}
             out = pb.with_dim(out_nd - 1) if isinstance(pb, Shard) and pb.dim == nb else REPLICATE
         else:
-            out = PARTIAL
-    elif isinstance(pa, Replicate) and isinstance(pb, Shard) and pb.dim == mb_k:
-        demands = {a: pb.with_dim(ka), b: pb}
-        out = PARTIAL
+            demands, out = {a: pa, b: pa.with_dim(kb)}, PARTIAL
+    elif isinstance(pa, Replicate) and isinstance(pb, Shard) and pb.dim == kb:
+        demands, out = {a: pb.with_dim(ka), b: pb}, PARTIAL
     elif isinstance(pa, Replicate) and isinstance(pb, Shard) and pb.dim == nb:
         demands, out = {a: pa, b: pb}, pb.with_dim(out_nd - 1)
-    elif isinstance(pa, Replicate) and isinstance(pb_raw, FreeView) and len(sb) == 2:
-        split = _col_split(ctx, pb_raw, sb[nb])
-        if split is not None:
-            demands, out = {a: pa, b: split.with_dim(nb)}, split.with_dim(out_nd - 1)
-        elif _forced_row(ctx, pb_raw):
-            sizes = balanced_split(sb[mb_k], ctx.tp)
-            demands, out = {a: Shard(ka, sizes), b: Shard(mb_k, sizes)}, PARTIAL
-        else:
-            demands, out = {a: pa, b: REPLICATE}, REPLICATE
     elif isinstance(pa, Shard) and pa.dim == ka - 1:  # rows of a sharded (sequence / m)
         demands, out = {a: pa, b: REPLICATE}, pa.with_dim(out_nd - 2)
     elif isinstance(pa, Shard) or isinstance(pb, Shard):  # a batch dim
@@ -100,9 +81,13 @@ def matmul_strategy(
     else:
         demands, out = {a: pa, b: pb}, REPLICATE
 
+    styles = _styles(pb_raw, b, demands[b], roles)
+    if isinstance(pb_raw, FreeView) and (decision := ctx.decision(pb_raw)) is not None:
+        styles = {b: decision.style} if isinstance(demands[b], Shard) else styles
     if bias is not None:
         demands[bias] = _bias_demand(out, shape_of(bias), out_nd)
-    return Strategy(demands, out)
+        styles = {**styles, **_bias_style(ctx.placement(bias), bias, demands[bias])}
+    return Strategy(demands, out, styles=styles)
 
 
 def _batch_strategy(
@@ -131,43 +116,46 @@ def _bias_demand(out: Placement, bias_shape: tuple[int, ...], out_nd: int) -> Pl
     return REPLICATE
 
 
+def _bias_style(raw: AnyPlacement | None, bias: fx.Node, want: Placement) -> dict:
+    if not isinstance(raw, FreeView):
+        return {}
+    if isinstance(want, Partial):
+        return {bias: Style.PARTIAL}
+    return {bias: Style.COLWISE} if isinstance(want, Shard) else {}
+
+
 @register(aten.linear)
 def linear(ctx: RuleContext, node: fx.Node) -> Strategy:
     """``x @ W.T + b`` with ``W[out, in]``: the weight is seen through a transpose."""
     x, w = node.args[0], node.args[1]
+    assert isinstance(x, fx.Node) and isinstance(w, fx.Node)
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    pw = ctx.placement(w)
-    sw = shape_of(w)
-    px = concrete(ctx.placement(x))
     nd = len(shape_of(node))
-    if isinstance(px, Partial) or (isinstance(px, Shard) and px.overlapping and px.dim == nd - 1):
+    roles = {Style.COLWISE: 0, Style.ROWWISE: 1}
+    px, pw_raw = whole(concrete(ctx.placement(x))), ctx.placement(w)
+    if isinstance(px, Shard) and px.overlapping and px.dim == nd - 1:
         px = REPLICATE
+    ctx.offer_site(pw_raw, x, 0, SiteKind.PRODUCT)
+    pw = _weight(ctx, pw_raw, roles, planned=isinstance(px, Replicate))
     demands: dict[fx.Node, Placement]
     out: Placement
     if isinstance(px, Shard) and px.dim == nd - 1:
-        if _forced_replicate(ctx, pw) or (isinstance(pw, Shard) and pw.dim == 0):
+        if _kept_whole(ctx, pw_raw) or (isinstance(pw, Shard) and pw.dim == 0):
             return _linear_replicated(x, w, bias)
         demands, out = {x: px, w: px.with_dim(1)}, PARTIAL
     elif isinstance(px, Shard):
         demands, out = {x: px, w: REPLICATE}, px.with_dim(px.dim)
-    elif isinstance(pw, FreeView):
-        split = _col_split(ctx, pw, sw[0])
-        if split is not None:
-            demands, out = {x: px, w: split}, split.with_dim(nd - 1)
-        elif _forced_row(ctx, pw):
-            sizes = balanced_split(sw[1], ctx.tp)
-            demands, out = {x: Shard(nd - 1, sizes), w: Shard(1, sizes)}, PARTIAL
-        else:
-            return _linear_replicated(x, w, bias)
     elif isinstance(pw, Shard) and pw.dim == 0:
         demands, out = {x: px, w: pw}, pw.with_dim(nd - 1)
-    elif isinstance(pw, Shard) and pw.dim == 1:
+    elif isinstance(pw, Shard) and pw.dim == 1 and not pw.overlapping:
         demands, out = {x: pw.with_dim(nd - 1), w: pw}, PARTIAL
     else:
         return _linear_replicated(x, w, bias)
+    styles = _styles(pw_raw, w, demands[w], roles)
     if isinstance(bias, fx.Node):
         demands[bias] = _bias_demand(out, shape_of(bias), nd)
-    return Strategy(demands, out)
+        styles = {**styles, **_bias_style(ctx.placement(bias), bias, demands[bias])}
+    return Strategy(demands, out, styles=styles)
 
 
 def _linear_replicated(x: fx.Node, w: fx.Node, bias: object) -> Strategy:

@@ -8,10 +8,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from tpcompile.passes.ops import register
-from tpcompile.passes.ops.common import aten
+from tpcompile.passes.ops.registry import aten, aten_ops, register
 from tpcompile.passes.placement import REPLICATE, Shard
-from tpcompile.passes.propagate import RuleContext, Strategy
+from tpcompile.passes.rule_api import LoweringBuilder, RuleContext, Strategy
 
 FACTORIES = (
     "arange",
@@ -35,7 +34,7 @@ FACTORIES = (
 )
 
 
-@register(*(getattr(aten, n) for n in FACTORIES if hasattr(aten, n)))
+@register(*aten_ops(*FACTORIES))
 def factory(ctx: RuleContext, node: fx.Node) -> Strategy:
     """A tensor made from shapes and scalars is identical on every rank."""
     return Strategy({}, REPLICATE if ctx.is_tensor(node) else None)
@@ -56,7 +55,9 @@ def shape_query(ctx: RuleContext, node: fx.Node) -> Strategy:
     return Strategy({}, None)
 
 
-def _lower_drop_sizes(b: Any, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
+def _lower_drop_sizes(
+    b: LoweringBuilder, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> fx.Node:
     kw = {k: v for k, v in kwargs.items() if k not in ("size", "stride")}
     return b.call(node.target, args[0], None, None, *args[3:], **kw)
 

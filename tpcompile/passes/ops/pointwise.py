@@ -7,121 +7,133 @@ replicated factor, unary copies); anything else reduces it first.
 
 from __future__ import annotations
 
+import enum
 import numbers
 
 import torch.fx as fx
 
-from tpcompile.passes.ops import register
-from tpcompile.passes.ops.common import aten, concrete, tensor_inputs
-from tpcompile.passes.placement import PARTIAL, REPLICATE, Partial, Placement, Shard
-from tpcompile.passes.propagate import RuleContext, Strategy, shape_of
-
-ADDITIVE = ("add", "sub", "add_", "sub_")
-MULTIPLICATIVE = ("mul", "mul_", "div", "div_")
-UNARY_LINEAR = ("neg", "clone", "contiguous", "alias", "detach", "dropout", "lift_fresh_copy")
-OTHER = (
-    "abs",
-    "acos",
-    "asin",
-    "atan",
-    "bitwise_and",
-    "bitwise_not",
-    "bitwise_or",
-    "bitwise_xor",
-    "ceil",
-    "clamp",
-    "clamp_min",
-    "clamp_max",
-    "cos",
-    "cosh",
-    "elu",
-    "eq",
-    "erf",
-    "exp",
-    "exp2",
-    "expm1",
-    "floor",
-    "ge",
-    "gelu",
-    "gt",
-    "hardtanh",
-    "isinf",
-    "isnan",
-    "le",
-    "leaky_relu",
-    "log",
-    "log1p",
-    "log2",
-    "logical_and",
-    "logical_not",
-    "logical_or",
-    "lt",
-    "masked_fill",
-    "maximum",
-    "minimum",
-    "mish",
-    "ne",
-    "pow",
-    "reciprocal",
-    "relu",
-    "round",
-    "rsqrt",
-    "sigmoid",
-    "sign",
-    "silu",
-    "sin",
-    "sinh",
-    "softplus",
-    "sqrt",
-    "square",
-    "tanh",
-    "where",
-    "to",
-    "_to_copy",
-    "type_as",
-    "fmod",
-    "remainder",
-    "floor_divide",
-    "relu_",
-    "silu_",
-    "gelu_",
-    "masked_fill_",
-    "clamp_",
-    "mul_",
-    "copy",
-    "lerp",
-    "hardswish",
-    "hardsigmoid",
-    "nan_to_num",
-    "float_power",
-    "true_divide",
-    "logical_xor",
-    "sigmoid_",
-    "tanh_",
-    "erfinv",
-    "trunc",
-    "_to_dtype",
-    "native_dropout",
-)
+from tpcompile.passes.graph_queries import packet
+from tpcompile.passes.ops.common import concrete, tensor_inputs
+from tpcompile.passes.ops.registry import aten, aten_ops, register
+from tpcompile.passes.placement import PARTIAL, REPLICATE, Partial, Placement, Replicate, Shard
+from tpcompile.passes.rule_api import RuleContext, Strategy, shape_of
 
 
-def _partial_ok(kind: str, node: fx.Node, ins: list[fx.Node], pls: dict[fx.Node, Placement]) -> bool:
+class Linearity(enum.Enum):
+    """In which way an elementwise op is linear in a partial-sum operand."""
+
+    ADDITIVE = "additive"  # P + P = P (two partials)
+    SCALING = "scaling"  # P * R, P / R = P (one partial, scaled by replicated factors)
+    UNARY = "unary"  # f(P) = P for a linear f of one operand
+    NONE = "none"  # a partial operand is reduced first
+
+
+FAMILIES: dict[Linearity, tuple[str, ...]] = {
+    Linearity.ADDITIVE: ("add", "sub", "add_", "sub_"),
+    Linearity.SCALING: ("mul", "mul_", "div", "div_", "true_divide"),
+    Linearity.UNARY: ("neg", "dropout"),
+    Linearity.NONE: (
+        "abs",
+        "acos",
+        "asin",
+        "atan",
+        "bitwise_and",
+        "bitwise_not",
+        "bitwise_or",
+        "bitwise_xor",
+        "ceil",
+        "clamp",
+        "clamp_min",
+        "clamp_max",
+        "cos",
+        "cosh",
+        "elu",
+        "eq",
+        "erf",
+        "exp",
+        "exp2",
+        "expm1",
+        "floor",
+        "ge",
+        "gelu",
+        "gt",
+        "hardtanh",
+        "isinf",
+        "isnan",
+        "le",
+        "leaky_relu",
+        "log",
+        "log1p",
+        "log2",
+        "logical_and",
+        "logical_not",
+        "logical_or",
+        "lt",
+        "masked_fill",
+        "maximum",
+        "minimum",
+        "mish",
+        "ne",
+        "pow",
+        "reciprocal",
+        "relu",
+        "round",
+        "rsqrt",
+        "sigmoid",
+        "sign",
+        "silu",
+        "sin",
+        "sinh",
+        "softplus",
+        "sqrt",
+        "square",
+        "tanh",
+        "where",
+        "to",
+        "_to_copy",
+        "type_as",
+        "fmod",
+        "remainder",
+        "floor_divide",
+        "relu_",
+        "silu_",
+        "gelu_",
+        "masked_fill_",
+        "clamp_",
+        "lerp",
+        "hardswish",
+        "hardsigmoid",
+        "nan_to_num",
+        "float_power",
+        "logical_xor",
+        "sigmoid_",
+        "tanh_",
+        "erfinv",
+        "trunc",
+        "native_dropout",
+    ),
+}
+_DIVISIONS = (aten.div, aten.div_, aten.true_divide)
+
+
+def _partial_ok(kind: Linearity, node: fx.Node, ins: list[fx.Node], pls: dict[fx.Node, Placement]) -> bool:
     partial = [a for a in ins if isinstance(pls[a], Partial)]
     scalars = [a for a in node.args if isinstance(a, numbers.Number) and not isinstance(a, bool)]
-    if kind == "add":
+    if kind is Linearity.ADDITIVE:
         return len(partial) == len(ins) and len(ins) == 2 and not scalars
-    if kind == "mul":
-        first = node.args[0]
-        if len(partial) != 1 or (str(node.target).startswith("aten.div") and partial[0] is not first):
+    if kind is Linearity.SCALING:
+        if len(partial) != 1 or (packet(node) in _DIVISIONS and partial[0] is not node.args[0]):
             return False
-        return all(isinstance(pls[a], type(REPLICATE)) for a in ins if a is not partial[0])
-    return kind == "unary" and len(ins) == 1
+        return all(isinstance(pls[a], Replicate) for a in ins if a is not partial[0])
+    return kind is Linearity.UNARY and len(ins) == 1
 
 
-def pointwise_strategy(ctx: RuleContext, node: fx.Node, kind: str) -> Strategy:
+def pointwise_strategy(ctx: RuleContext, node: fx.Node, kind: Linearity) -> Strategy:
+    """Broadcasting elementwise: the first shard decides, replicated operands are sliced to it (unless they
+    broadcast along it); a partial survives only where ``kind`` is linear in it."""
     ins = tensor_inputs(ctx, node)
     pls = {a: concrete(ctx.placement(a)) for a in ins}
-    if kind != "add":  # a partial operand already reduced for another consumer: use the reduced value
+    if kind is not Linearity.ADDITIVE:  # a partial operand already reduced for another consumer: reuse it
         pls = {
             a: REPLICATE if isinstance(p, Partial) and ctx.reduced_already(a) else p for a, p in pls.items()
         }
@@ -146,23 +158,22 @@ def pointwise_strategy(ctx: RuleContext, node: fx.Node, kind: str) -> Strategy:
     return Strategy(demands, target)
 
 
-def _register(names: tuple[str, ...], kind: str) -> None:
+def _family_rule(kind: Linearity) -> None:
     def rule(ctx: RuleContext, node: fx.Node) -> Strategy:
         return pointwise_strategy(ctx, node, kind)
 
-    register(*(getattr(aten, n) for n in names if hasattr(aten, n)))(rule)
+    rule.__qualname__ = f"pointwise[{kind.value}]"
+    register(*aten_ops(*FAMILIES[kind]))(rule)
 
 
-_register(ADDITIVE, "add")
-_register(MULTIPLICATIVE, "mul")
-_register(UNARY_LINEAR, "unary")
-_register(OTHER, "none")
+for _kind in Linearity:
+    _family_rule(_kind)
 
 
 @register(aten.tril, aten.triu)
 def triangular(ctx: RuleContext, node: fx.Node) -> Strategy:
     """The diagonal offset depends on global indices of the last two dims: those must be whole."""
-    s = pointwise_strategy(ctx, node, "none")
+    s = pointwise_strategy(ctx, node, Linearity.NONE)
     if isinstance(s.out, Shard) and s.out.dim >= len(shape_of(node)) - 2:
         return Strategy(dict.fromkeys(s.demands, REPLICATE), REPLICATE)
     return s

@@ -11,10 +11,12 @@ from typing import Any
 
 import torch.fx as fx
 
-from tpcompile.passes.ops import register
-from tpcompile.passes.ops.common import aten, concrete, norm_dim
+from tpcompile.passes.graph_queries import norm_dim, packet
+from tpcompile.passes.ops.common import concrete, replicate_all
+from tpcompile.passes.ops.pointwise import Linearity, pointwise_strategy
+from tpcompile.passes.ops.registry import aten, register
 from tpcompile.passes.placement import PARTIAL, REPLICATE, Partial, Placement, Shard
-from tpcompile.passes.propagate import RuleContext, Strategy, shape_of
+from tpcompile.passes.rule_api import LoweringBuilder, RuleContext, Strategy, shape_of
 
 
 def _reduced_dims(node: fx.Node, nd: int) -> tuple[list[int], bool]:
@@ -32,7 +34,7 @@ def _kept(pl: Shard, dims: list[int], keepdim: bool) -> Shard:
 
 
 def _lower_global_mean(global_count: int) -> Any:
-    def lower(b: Any, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
+    def lower(b: LoweringBuilder, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
         nd = len(shape_of(node.args[0]))
         dims, keepdim = _reduced_dims(node, nd)
         total = b.call(aten.sum.dim_IntList, args[0], dims, keepdim, **kwargs)
@@ -54,7 +56,7 @@ def _reduction(linear: bool) -> Any:
                 return Strategy({x: p}, _kept(p, dims, keepdim))
             if linear:
                 lower = None
-                if "mean" in str(node.target):
+                if packet(node) is aten.mean:
                     count = 1
                     for d in dims:
                         count *= int(shape[d])
@@ -89,10 +91,8 @@ def max_min(ctx: RuleContext, node: fx.Node) -> Strategy:
     if len(node.args) > 1 and isinstance(node.args[1], int):
         s = _reduction(linear=False)(ctx, node)
         return Strategy(s.demands, (s.out, s.out) if not isinstance(s.out, tuple) else s.out)
-    from tpcompile.passes.ops.pointwise import pointwise_strategy
-
     if len(node.args) > 1:
-        return pointwise_strategy(ctx, node, "none")
+        return pointwise_strategy(ctx, node, Linearity.NONE)
     return _reduction(linear=False)(ctx, node)
 
 
@@ -139,17 +139,11 @@ def native_layer_norm(ctx: RuleContext, node: fx.Node) -> Strategy:
 @register(aten.rms_norm, aten._fused_rms_norm)
 def rms_norm(ctx: RuleContext, node: fx.Node) -> Strategy:
     args = list(node.args) + [None] * 3
-    n_out = 2 if "fused" in str(node.target) else 1
+    n_out = 2 if packet(node) is aten._fused_rms_norm else 1
     return _norm(ctx, node, len(args[1]), [args[2], node.kwargs.get("weight")], n_out)
 
 
 @register(aten.group_norm, aten.native_group_norm, aten.batch_norm, aten._native_batch_norm_legit_no_training)
 def channel_norms(ctx: RuleContext, node: fx.Node) -> Strategy:
     """Normalisations over channels: everything replicated (correct; rarely on a TP critical path)."""
-    from tpcompile.passes.ops.common import replicate_all
-
-    s = replicate_all(ctx, node)
-    val = node.meta.get("val")
-    if isinstance(val, tuple | list):
-        return Strategy(s.demands, tuple(REPLICATE for _ in val))
-    return s
+    return replicate_all(ctx, node)

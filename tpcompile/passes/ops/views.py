@@ -2,23 +2,26 @@
 contiguous; every size literal that names the sharded dimension is rewritten per rank when lowering.
 
 A reshape keeps ``S(d)`` on output dim ``j`` when the dims before ``j`` hold exactly the elements of the dims
-before ``d`` and every rank's range along ``d`` is a whole number of output-``j`` rows.
+before ``d`` and every rank's range along ``d`` is a whole number of output-``j`` rows. A free stored tensor
+stays free through every view: its ``FreeView`` records, per view dim, which root dim it shows and at what
+scale (``reshape_view_dims``), so whichever consumer splits it later splits the stored tensor.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from fractions import Fraction
 from typing import Any
 
 import sympy
 import torch
 import torch.fx as fx
 
-from tpcompile.passes.ops import register
-from tpcompile.passes.ops.common import aten, norm_dim
+from tpcompile.passes.graph_queries import norm_dim, packet
+from tpcompile.passes.ops.registry import aten, register
 from tpcompile.passes.placement import REPLICATE, Partial, Replicate, Shard
-from tpcompile.passes.propagate import FreeView, RuleContext, Strategy, shape_of
+from tpcompile.passes.rule_api import FreeView, LoweringBuilder, RuleContext, Strategy, ViewDim, shape_of
 
 
 def _prod(xs: Any) -> Any:
@@ -76,7 +79,42 @@ def map_shard_through_reshape(
     return None, None
 
 
-def _local_sizes(b: Any, node: fx.Node, sizes: list[Any]) -> list[Any]:
+def reshape_view_dims(
+    dims: tuple[ViewDim | None, ...], in_shape: tuple[Any, ...], out_shape: tuple[Any, ...]
+) -> tuple[ViewDim | None, ...]:
+    """What each output dim of a reshape of a free view shows of the root.
+
+    Dims are matched in groups of equal element counts; in each group only the leftmost non-1 output dim
+    can carry a shard, of the leftmost non-1 input dim, scaled by the trailing elements on either side
+    (``[D, H, K] -> [D, H*K]``: the merged dim shows H at scale 1/K). Everything else shows nothing."""
+    out: list[ViewDim | None] = [None] * len(out_shape)
+    if not all(isinstance(s, int) for s in (*in_shape, *out_shape)):
+        return tuple(out)
+    i = j = 0
+    while i < len(in_shape) and j < len(out_shape):
+        gi, gj = i, j
+        have, want = in_shape[i], out_shape[j]
+        i, j = i + 1, j + 1
+        while have != want:
+            if have < want and i < len(in_shape):
+                have, i = have * in_shape[i], i + 1
+            elif j < len(out_shape):
+                want, j = want * out_shape[j], j + 1
+            else:
+                return tuple(out)
+        lead_in = next((k for k in range(gi, i) if in_shape[k] != 1), None)
+        lead_out = next((k for k in range(gj, j) if out_shape[k] != 1), None)
+        if lead_in is None or lead_out is None or dims[lead_in] is None:
+            continue
+        source = dims[lead_in]
+        assert source is not None
+        right_in = math.prod(in_shape[lead_in + 1 : i])
+        right_out = math.prod(out_shape[lead_out + 1 : j])
+        out[lead_out] = ViewDim(source.root, source.scale * Fraction(right_out, right_in))
+    return tuple(out)
+
+
+def _local_sizes(b: LoweringBuilder, node: fx.Node, sizes: list[Any]) -> list[Any]:
     pl = b.placement(node)
     new = list(sizes)
     if isinstance(pl, Shard) and new[pl.dim] != -1:
@@ -84,7 +122,10 @@ def _local_sizes(b: Any, node: fx.Node, sizes: list[Any]) -> list[Any]:
     return new
 
 
-def lower_reshape(b: Any, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
+def lower_reshape(
+    b: LoweringBuilder, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> fx.Node:
+    """The reshape with rank ``b.rank``'s size on the sharded dim."""
     return b.call(node.target, args[0], _local_sizes(b, node, args[1]), *args[2:], **kwargs)
 
 
@@ -93,20 +134,23 @@ def reshape(ctx: RuleContext, node: fx.Node) -> Strategy:
     """Views of a Partial are Partial; a shard stays when its slices stay contiguous (see the docstring)."""
     x = node.args[0]
     p = ctx.placement(x)
+    lower = {aten.flatten: None, aten.unflatten: _lower_unflatten}.get(packet(node), lower_reshape)
+    if isinstance(p, FreeView):
+        return Strategy({}, p.with_dims(reshape_view_dims(p.dims, shape_of(x), shape_of(node))), lower)
     if isinstance(p, Partial | Replicate):
         return Strategy({x: p}, p)
     if isinstance(p, Shard):
         out, hint = map_shard_through_reshape(shape_of(x), shape_of(node), p)
         if out is not None:
-            packet = getattr(node.target, "overloadpacket", None)
-            lower = {aten.flatten: None, aten.unflatten: _lower_unflatten}.get(packet, lower_reshape)
             return Strategy({x: p}, out, lower)
         if hint is not None:
             ctx.hint_unit(hint)
     return Strategy({x: REPLICATE}, REPLICATE)
 
 
-def _lower_unflatten(b: Any, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
+def _lower_unflatten(
+    b: LoweringBuilder, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> fx.Node:
     x, dim, sizes = args[0], args[1], list(args[2])
     pl = b.placement(node)
     start = norm_dim(dim, len(shape_of(node.args[0])))
@@ -154,7 +198,7 @@ def unsqueeze(ctx: RuleContext, node: fx.Node) -> Strategy:
     dim = norm_dim(node.args[1], nd)
     p = ctx.placement(x)
     if isinstance(p, FreeView):
-        dims = list(p.dims)
+        dims: list[ViewDim | None] = list(p.dims)
         dims.insert(dim, None)
         return Strategy({}, p.with_dims(tuple(dims)))
     if isinstance(p, Shard):
@@ -181,27 +225,34 @@ def squeeze(ctx: RuleContext, node: fx.Node) -> Strategy:
     return Strategy({x: p} if p is not None else {}, p)
 
 
-def _lower_expand(b: Any, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
-    return b.call(node.target, args[0], _local_sizes(b, node, args[1]), *args[2:], **kwargs)
-
-
 @register(aten.expand)
 def expand(ctx: RuleContext, node: fx.Node) -> Strategy:
+    """New leading dims and broadcast size-1 dims carry nothing; a sharded dim keeps its local size."""
     x = node.args[0]
     p = ctx.placement(x)
-    extra = len(shape_of(node)) - len(shape_of(x))
+    in_shape, out_shape = shape_of(x), shape_of(node)
+    extra = len(out_shape) - len(in_shape)
+    if isinstance(p, FreeView):
+        dims = [None] * extra + [
+            None if in_shape[i] == 1 and out_shape[i + extra] != 1 else vd for i, vd in enumerate(p.dims)
+        ]
+        return Strategy({}, p.with_dims(tuple(dims)), lower_reshape)
     if isinstance(p, Shard):
-        return Strategy({x: p}, p.with_dim(p.dim + extra), _lower_expand)
+        return Strategy({x: p}, p.with_dim(p.dim + extra), lower_reshape)
     if isinstance(p, Partial | Replicate):
         return Strategy({x: p}, p)
     return Strategy({x: REPLICATE}, REPLICATE)
 
 
+_COPIES = (aten.clone, aten.lift_fresh_copy)
+
+
 @register(aten.alias, aten.detach, aten.contiguous, aten.clone, aten.lift_fresh_copy)
 def identity(ctx: RuleContext, node: fx.Node) -> Strategy:
+    """Same values, same placement; a view (not a copy) of a free stored tensor stays free."""
     x = node.args[0]
     p = ctx.placement(x)
-    if isinstance(p, FreeView) and "clone" not in str(node.target):
+    if isinstance(p, FreeView) and packet(node) not in _COPIES:
         return Strategy({}, p)
     p = REPLICATE if isinstance(p, FreeView) or p is None else p
     return Strategy({x: p}, p)

@@ -1,0 +1,123 @@
+"""Questions about an ATen graph that the rules, the rewrites and the planner share.
+
+Invariant: every function here only reads the graph (and the value metadata ``torch.export`` recorded);
+none depends on placements or on the plan.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from tpcompile.passes.placement import Shard
+
+aten = torch.ops.aten
+
+#: Ops whose output is the same data as their first input, rearranged (a walk through them stays on it).
+SAME_DATA = frozenset(
+    {
+        aten.view,
+        aten.reshape,
+        aten._unsafe_view,
+        aten.permute,
+        aten.transpose,
+        aten.t,
+        aten.numpy_T,
+        aten.unsqueeze,
+        aten.squeeze,
+        aten.expand,
+        aten.flatten,
+        aten.unflatten,
+        aten.clone,
+        aten.contiguous,
+        aten.alias,
+        aten.detach,
+    }
+)
+
+
+def packet(node: Any) -> Any:
+    """The overload packet of a call node's target (``aten.view`` for ``aten.view.default``), else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    return getattr(node.target, "overloadpacket", None)
+
+
+def norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def _shape(node: Any) -> tuple[Any, ...]:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        raise TypeError(f"{node} is not a tensor")
+    return tuple(val.shape)
+
+
+def slice_bounds(node: Any) -> tuple[int, int, int] | None:
+    """(dim, lo, hi) of a step-1 ``aten.slice`` with constant bounds (clipped to the size), else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target != aten.slice.Tensor:
+        return None
+    args = list(node.args) + [None] * (5 - len(node.args))
+    shape = _shape(args[0])
+    raw_dim, lo, hi, step = args[1] if args[1] is not None else 0, args[2] or 0, args[3], args[4] or 1
+    if not isinstance(raw_dim, int):
+        return None
+    dim = norm_dim(raw_dim, len(shape))
+    size = shape[dim]
+    hi = size if hi is None else hi
+    if step != 1 or not (isinstance(size, int) and isinstance(lo, int) and isinstance(hi, int)):
+        return None
+    lo, hi = max(0, min(lo, size)), max(0, min(hi, size))
+    return (dim, lo, hi) if lo < hi else None
+
+
+def same_data_root(node: Any) -> Any:
+    """Walk back through ``SAME_DATA`` ops to the value they rearrange (sibling products read one root)."""
+    while packet(node) in SAME_DATA:
+        node = node.args[0]
+    return node
+
+
+def written_in_place(gm: fx.GraphModule) -> set[fx.Node]:
+    """Placeholders that an op writes in place (a KV cache), directly or through a view."""
+    written: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None:
+            continue
+        for i, arg in enumerate(schema.arguments[: len(node.args)]):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                root = same_data_root(node.args[i])
+                if isinstance(root, fx.Node) and root.op == "placeholder":
+                    written.add(root)
+    return written
+
+
+def kv_split(q: Shard, group: int) -> Shard | None:
+    """The KV head split that serves query split ``q`` (in head units) under grouped-query attention with
+    ``group`` query heads per KV head, or None if a rank's query heads are not spread evenly over its KV
+    heads (then its local attention could not use one repeat factor)."""
+    if q.overlapping:
+        return None
+    sizes, starts = [], []
+    for r, n in enumerate(q.sizes):
+        lo = q.offset(r)
+        if n == 0:
+            return None
+        first, last = lo // group, (lo + n - 1) // group
+        counts = [min(lo + n, (kv + 1) * group) - max(lo, kv * group) for kv in range(first, last + 1)]
+        if len(set(counts)) != 1:
+            return None
+        sizes.append(last - first + 1)
+        starts.append(first)
+    return Shard(q.dim, tuple(sizes), tuple(starts))
+
+
+def query_split(kv: Shard, group: int) -> Shard | None:
+    """The query split whose KV split is ``kv`` when every rank keeps whole groups."""
+    if kv.overlapping:
+        return None
+    return kv.scaled(group)
