@@ -1,123 +1,56 @@
 """Automatic plan selection from the graph's structure.
 
-A *site* is a matrix product or embedding lookup whose weight is a stored tensor. Walking the sites in
-program order, each one whose activation arrives replicated is tried as the start of a column-parallel
-chain, together with its siblings (the sites reading the same activation: q/k/v, gate/up). Propagation is
-the judge: the trial is kept when it adds at most one collective and no all-gather inside the program (the
-chain ends in a row-parallel product whose partial sum is reduced once). The split unit comes from the
-graph: when a reshape downstream needs shard sizes that are multiples of a head size, the trial is repeated
-with that unit, so heads (and grouped-query KV groups) are never cut. A fused projection, once
-``split_fused_projections`` has cut it into one product per piece, is one site per piece (reading a slice of
-the stored weight), so q/k/v pieces are siblings like separate q/k/v projections.
+A *site* is a matrix product or lookup whose weight is a free stored tensor, in whatever layout the program
+reads it (``linear``, ``x @ W``, ``x @ W.T``, ``mm``/``addmm`` after ``run_decompositions()``, an einsum
+projection, ``embedding``, ``E[idx]``, ``index_select``): the op rules offer them while propagating
+(``Propagation.sites``), with the stored dim that holds the output features. Walking the sites in program
+order, each one whose activation arrives replicated is tried as the start of a column-parallel chain (a
+lookup: a vocabulary-parallel table), together with its siblings (the sites reading views of the same
+activation: q/k/v, gate/up). Propagation is the judge: the trial is kept when it adds at most one collective
+and no all-gather inside the program (the chain ends in a row-parallel product whose partial sum is reduced
+once). The split unit comes from the graph: when a reshape downstream needs shard sizes that are multiples
+of a head size, the trial is repeated with that unit, so heads (and grouped-query KV groups) are never cut.
+A weight a site could have split that stays whole gets a reason (``ShardingPlan.unsplit``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 
-from tpcompile.passes.ops.attention import kv_split
-from tpcompile.passes.ops.indexing import slice_bounds
+from tpcompile.passes.graph_queries import kv_split, same_data_root, written_in_place
 from tpcompile.passes.placement import Replicate, Shard, balanced_split
-from tpcompile.passes.propagate import Propagation, piece_key, propagate, shape_of
-from tpcompile.plan.experts import DEFAULT_MOE, expert_decisions, feature_classes, stacked_root
-from tpcompile.plan.spec import ParamDecision, PlanFile, ShardingPlan
+from tpcompile.passes.propagate import propagate
+from tpcompile.passes.rule_api import PlanSite, Propagation, SiteKind
+from tpcompile.plan.experts import DEFAULT_MOE, expert_decisions, feature_classes
+from tpcompile.plan.spec import ParamDecision, PlanFile, ShardingPlan, Style
 
-aten = torch.ops.aten
-_VIEWS = (aten.t.default, aten.permute.default, aten.transpose.int, aten.detach.default, aten.alias.default)
 MAX_UNIT_RETRIES = 4
 
 
-@dataclass(frozen=True)
-class Site:
-    node: fx.Node
-    weight: fx.Node  # the stored tensor's placeholder
-    activation: fx.Node
-    out_features: int
-    key: str = ""  # the plan's name for the weight: the stored tensor's, or its piece's
-    window: tuple[int, int, int] | None = None  # the piece of the weight this site reads
-
-
-def _piece(value: object, names: dict[fx.Node, str]) -> tuple[fx.Node, tuple[int, int, int]] | None:
-    """``(weight, window)`` when ``value`` is a constant slice of a stored 2-d tensor."""
-    window = slice_bounds(value)
-    if window is None or not isinstance(value, fx.Node):
-        return None
-    root = value.args[0]
-    if not isinstance(root, fx.Node) or root not in names or len(shape_of(root)) != 2:
-        return None
-    return root, window
-
-
-def _root(value: object, names: dict[fx.Node, str]) -> fx.Node | None:
-    node = value
-    while isinstance(node, fx.Node):
-        if node in names:
-            return node
-        if node.op == "call_function" and node.target in _VIEWS:
-            node = node.args[0]
-            continue
-        return None
-    return None
-
-
-def find_sites(gm: fx.GraphModule, names: dict[fx.Node, str]) -> list[Site]:
-    sites: list[Site] = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        packet = getattr(node.target, "overloadpacket", None)
-        site: Site | None = None
-        if packet is aten.linear:
-            w = _root(node.args[1], names)
-            piece = _piece(node.args[1], names)
-            if w is not None and w is node.args[1] and len(shape_of(w)) == 2:
-                site = Site(node, w, node.args[0], int(shape_of(w)[0]))
-            elif piece is not None and piece[1][0] == 0:
-                site = Site(node, piece[0], node.args[0], piece[1][2] - piece[1][1], window=piece[1])
-        elif packet is aten.embedding:
-            w = _root(node.args[0], names)
-            if w is not None and w is node.args[0]:
-                site = Site(node, w, node.args[1], int(shape_of(w)[0]))
-        elif packet in (aten.mm, aten.matmul, aten.addmm):
-            a, b = (node.args[1], node.args[2]) if packet is aten.addmm else (node.args[0], node.args[1])
-            w = _root(b, names)
-            piece = _piece(b, names)
-            if w is not None and len(shape_of(w)) == 2 and len(shape_of(b)) == 2:
-                site = Site(node, w, a, int(shape_of(b)[1]))
-            elif piece is not None and piece[1][0] == 1:
-                site = Site(node, piece[0], a, piece[1][2] - piece[1][1], window=piece[1])
-            elif (stack := stacked_root(b, names)) is not None:  # expert matrices (plan/experts.py)
-                site = Site(node, stack, a, int(shape_of(b)[-1]))
-        if site is not None:
-            name = names[site.weight]
-            key = piece_key(name, site.window) if site.window is not None else name
-            sites.append(Site(site.node, site.weight, site.activation, site.out_features, key, site.window))
-    return sites
-
-
 def _collective_counts(prop: Propagation, output: fx.Node) -> tuple[int, int]:
-    """(collectives, all-gathers not feeding the program output)."""
+    """(collectives inside the program, the all-gathers among them). An all-gather that only assembles a
+    program output is not counted: a split last product (an lm_head, tied to a vocabulary-parallel
+    table or not) needs it once, wherever the chain before it ends."""
     total = internal = 0
     for red, consumers in prop.collectives():
+        if red.collective == "all_gather" and all(c is output for c in consumers):
+            continue
         total += 1
-        if red.collective == "all_gather" and any(c is not output for c in consumers):
-            internal += 1
+        internal += red.collective == "all_gather"
     return total, internal
 
 
-def _group_splits(group: list[Site], units: dict[Site, int], tp: int) -> dict[Site, Shard] | None:
+def _group_splits(group: list[PlanSite], units: dict[PlanSite, int], tp: int) -> dict[PlanSite, Shard] | None:
     """Split every site of a sibling group into the same number of whole groups of units per rank; when
     there are fewer groups than ranks (grouped-query attention at tp > KV heads), split the largest sites
     by unit and give the smallest ones the (overlapping) slices those units need."""
     counts = {}
     for s in group:
-        if s.out_features % units[s]:
+        if s.features % units[s]:
             return None
-        counts[s] = s.out_features // units[s]
+        counts[s] = s.features // units[s]
     groups = math.gcd(*counts.values())
     if groups >= tp:
         split = balanced_split(groups, tp)
@@ -149,6 +82,10 @@ def _shared_unit_split(counts: set[int], tp: int) -> tuple[Shard, Shard] | None:
     return None
 
 
+def _site_style(site: PlanSite) -> Style:
+    return Style.VOCAB if site.kind is SiteKind.LOOKUP else Style.COLWISE
+
+
 class PlanSearch:
     def __init__(
         self,
@@ -163,36 +100,41 @@ class PlanSearch:
         self.moe = moe
         self.sharded_outputs = sharded_outputs
         self.output = next(n for n in gm.graph.nodes if n.op == "output")
+        self.weights = set(names) - written_in_place(gm)
         self.trials = 0
+        self.reasons: dict[str, str] = {}
 
     def run(self, plan: ShardingPlan) -> Propagation:
         self.trials += 1
-        return propagate(self.gm, self.tp, plan, self.names, self.user_inputs, self.sharded_outputs)
+        return propagate(
+            self.gm, self.tp, plan, self.names, self.user_inputs, self.sharded_outputs, self.weights
+        )
 
-    def search(self, plan_file: PlanFile | None = None) -> tuple[ShardingPlan, Propagation]:
-        sites = find_sites(self.gm, self.names)
+    def _fixed(self, plan_file: PlanFile | None) -> tuple[dict[str, ParamDecision], set[str]]:
+        """The plan file's decisions (colwise ones only mark their sites as forced) and --moe ep's."""
         fixed: dict[str, ParamDecision] = {}
         forced_col: set[str] = set()
-        for site in sites:
-            style = plan_file.style_for(self.names[site.weight]) if plan_file else None
-            if style == "colwise":
-                forced_col.add(self.names[site.weight])
-            elif style is not None:
-                fixed[self.names[site.weight]] = ParamDecision(style)
         if plan_file:
             for name in self.names.values():
                 style = plan_file.style_for(name)
-                if style is not None and style != "colwise":
-                    fixed.setdefault(name, ParamDecision(style))
+                if style is Style.COLWISE:
+                    forced_col.add(name)
+                elif style is not None:
+                    fixed[name] = ParamDecision(style)
         for name, decision in expert_decisions(self.gm, self.names, self.tp, self.moe).items():
             fixed.setdefault(name, decision)
+        return fixed, forced_col
+
+    def search(self, plan_file: PlanFile | None = None) -> tuple[ShardingPlan, Propagation]:
+        fixed, forced_col = self._fixed(plan_file)
         plan = ShardingPlan(self.tp, fixed)
         prop = self.run(plan)
+        sites = list(prop.sites)
         if self.tp == 1:
             return plan, prop
         tried: set[str] = set(fixed)
 
-        def done(s: Site) -> bool:
+        def done(s: PlanSite) -> bool:
             return s.key in tried or self.names[s.weight] in fixed
 
         for site in sites:
@@ -200,8 +142,10 @@ class PlanSearch:
                 continue
             if not isinstance(prop.placements.get(site.activation), Replicate):
                 tried.add(site.key)
+                self.reasons.setdefault(site.key, "its input is already split or partial where it is read")
                 continue
-            group = [s for s in sites if s.activation is site.activation and not done(s)]
+            root = same_data_root(site.activation)
+            group = [s for s in sites if same_data_root(s.activation) is root and not done(s)]
             tried.update(s.key for s in group)
             forced = any(self.names[s.weight] in forced_col for s in group)
             kept, prop = self._try_group(plan, prop, group, forced)
@@ -209,27 +153,41 @@ class PlanSearch:
                 for part in feature_classes(group):
                     kept, prop = self._try_group(kept, prop, part, forced)
             plan = kept
+        plan.unsplit = self._unsplit(sites, prop, fixed)
         return plan, prop
 
     def _try_group(
-        self, plan: ShardingPlan, prop: Propagation, group: list[Site], forced: bool
+        self, plan: ShardingPlan, prop: Propagation, group: list[PlanSite], forced: bool
     ) -> tuple[ShardingPlan, Propagation]:
         base_total, base_internal = _collective_counts(prop, self.output)
         units = dict.fromkeys(group, 1)
+        reason = "its features do not split into whole units over the ranks"
         for _ in range(MAX_UNIT_RETRIES):
             splits = _group_splits(group, units, self.tp)
             if splits is None:
+                unit = max(units.values())
+                reason = f"its features do not split into whole units of {unit} over {self.tp} ranks"
                 break
             trial_plan = plan.with_decisions(
-                {s.key: ParamDecision("colwise", splits[s].sizes, splits[s].starts) for s in group}
+                {
+                    s.key: ParamDecision(_site_style(s), splits[s].sizes, splits[s].starts, s.dim)
+                    for s in group
+                }
             )
             trial = self.run(trial_plan)
             total, internal = _collective_counts(trial, self.output)
             sharded = all(isinstance(_stored(trial, s), Shard) for s in group)
             if trial.refusals:
+                reason = f"splitting it cannot be computed exactly: {trial.refusals[0]}"
                 break
             if sharded and internal <= base_internal and total <= base_total + 1:
                 return trial_plan, trial
+            if internal > base_internal:
+                reason = "splitting it would need an all-gather inside the program"
+            elif not sharded:
+                reason = "its consumers need it whole"
+            else:
+                reason = f"splitting it would add {total - base_total} collectives (a chain may add one)"
             hints = [h for h in trial.unit_hints if h > 1]
             if not hints:
                 if forced:
@@ -237,12 +195,26 @@ class PlanSearch:
                 break
             for s in group:
                 unit = math.lcm(units[s], *hints)
-                if s.out_features % unit == 0:
+                if s.features % unit == 0:
                     units[s] = unit
+        for s in group:
+            self.reasons.setdefault(s.key, reason)
         return plan, prop
 
+    def _unsplit(
+        self, sites: list[PlanSite], prop: Propagation, fixed: dict[str, ParamDecision]
+    ) -> dict[str, str]:
+        """Every site weight the final plan leaves replicated (and the plan file did not), with why."""
+        out: dict[str, str] = {}
+        for site in sites:
+            name = self.names[site.weight]
+            if name in fixed or not isinstance(_stored(prop, site), Replicate | None):
+                continue
+            out.setdefault(site.key, self.reasons.get(site.key, "another use of it needs it whole"))
+        return out
 
-def _stored(prop: Propagation, site: Site) -> object:
+
+def _stored(prop: Propagation, site: PlanSite) -> object:
     """How the weight (or the weight's piece) a site reads is stored."""
     if site.window is not None:
         return prop.pieces.get(site.weight, {}).get(site.window)

@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from tpcompile.errors import UsageError
 from tpcompile.passes.placement import Shard, balanced_split
-from tpcompile.plan.spec import ParamDecision
+from tpcompile.plan.spec import ParamDecision, Style
 
 MoeMode = Literal["tp", "ep"]
 MOE_MODES: tuple[MoeMode, ...] = ("tp", "ep")
@@ -96,7 +96,7 @@ def expert_decisions(
                 f"--moe ep needs at least one expert per rank: {names[p.weight]} has {experts} experts "
                 f"for tp={tp}; use --tp <= {experts} or --moe tp"
             )
-        decisions[names[p.weight]] = ParamDecision("expert", balanced_split(experts, tp))
+        decisions[names[p.weight]] = ParamDecision(Style.EXPERT, balanced_split(experts, tp), dim=0)
     return decisions
 
 
@@ -105,7 +105,7 @@ def feature_classes(group: list[Any]) -> list[list[Any]]:
     together (a router or a 1-wide gate beside an MLP), its MLP-shaped parts are tried on their own."""
     classes: dict[int, list[Any]] = {}
     for site in group:
-        classes.setdefault(site.out_features, []).append(site)
+        classes.setdefault(site.features, []).append(site)
     return [classes[k] for k in sorted(classes, reverse=True)] if len(classes) > 1 else []
 
 
