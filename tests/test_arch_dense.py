@@ -28,7 +28,7 @@ import torch
 from tests.checkpoints import save_smollm2_tokenizer
 from tests.conftest import tpcompile, tprun
 from tests.simulate import Simulator
-from tpcompile.compiler import collective_entries
+from tpcompile.artifact.describe import collective_entries
 from tpcompile.frontend.capture import CapturedModel
 from tpcompile.frontend.hf import load_hf
 from tpcompile.passes.placement import Pieces, Replicate, Shard

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.conftest import tpcompile, tprun
 from tests.simulate import Simulator
-from tpcompile.compiler import collective_entries
+from tpcompile.artifact.describe import collective_entries
 from tpcompile.frontend.capture import CapturedModel
 from tpcompile.frontend.hf import load_hf
 from tpcompile.frontend.hf_encoder import is_encoder

@@ -170,6 +170,11 @@ def _compile(
     m = result.manifest
     for w in m.warnings:
         click.echo(f"tpcompile: warning: {w}", err=True)
+    unsplit = result.plan.unsplit
+    if unsplit and not as_json:  # the whole list (with reasons) is in `tpcompile explain`
+        first, reason = next(iter(sorted(unsplit.items())))
+        more = f" (and {len(unsplit) - 1} more: tpcompile explain {out})" if len(unsplit) > 1 else ""
+        click.echo(f"tpcompile: note: {first} stays replicated: {reason}{more}", err=True)
     if as_json:
         summary = {
             "artifact": str(out.resolve()),
@@ -179,6 +184,7 @@ def _compile(
             "collectives": {
                 op: sum(1 for c in m.collectives if c.op == op) for op in ("all_reduce", "all_gather")
             },
+            "unsplit": dict(sorted(result.plan.unsplit.items())),
             "files": {
                 **{f"{r.dir}/{name}": digest for r in m.ranks for name, digest in r.files.items()},
                 **m.shared_files,

@@ -29,6 +29,10 @@ def explain(artifact: Path) -> str:
     lines.append(f"  {'name':<{width}}  {'shape':<16} {'plan':<10} placement")
     for p in m.parameters:
         lines.append(f"  {p.name:<{width}}  {str(p.shape):<16} {p.plan:<10} {p.placement}")
+    unsplit = m.extra.get("unsplit") or {}
+    if unsplit:  # weights a plan site could have split that the plan keeps whole (plan/auto.py)
+        lines += ["", "left replicated (a split was considered):"]
+        lines += [f"  {name}: {reason}" for name, reason in unsplit.items()]
     lines += ["", "collectives (forward pass):"]
     lines.append(f"  {'op':<11} {'scope':<24} {'value':<20} {'needed by':<24} bytes/call")
     for c in m.collectives:

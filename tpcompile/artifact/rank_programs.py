@@ -22,7 +22,8 @@ import torch.fx as fx
 from tpcompile.artifact.program import StoredTensor, export_rank_program, save_program
 from tpcompile.errors import TpCompileError, UnsupportedModelError
 from tpcompile.passes.lower_rank import build_rank_graph
-from tpcompile.passes.propagate import Propagation
+from tpcompile.passes.rule_api import Propagation
+from tpcompile.runtime.format import PROGRAM_FILE
 
 
 @dataclass
@@ -30,7 +31,7 @@ class RankProgramJob:
     gm: fx.GraphModule
     prop: Propagation
     names: dict[fx.Node, str]
-    stored: dict[int, list[StoredTensor]]
+    stored: list[list[StoredTensor]]  # rank r's at index r
     examples: list[torch.Tensor]
     dynamic: Any
     out: Path
@@ -38,7 +39,7 @@ class RankProgramJob:
     def run(self, rank: int) -> None:
         graph = build_rank_graph(self.gm, self.prop, rank, self.names)
         program = export_rank_program(graph, self.stored[rank], self.examples, self.dynamic)
-        save_program(program, self.out / f"rank{rank}" / "program.pt2")
+        save_program(program, self.out / f"rank{rank}" / PROGRAM_FILE)
 
 
 _JOB: RankProgramJob | None = None  # what forked workers inherit
