@@ -71,7 +71,7 @@ def _build() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], dict[str, dict[
 
 def main() -> None:
     from tpcompile.compiler import compile_model
-    from tpcompile.frontend.capture import _captured
+    from tpcompile.frontend.capture import captured_program
 
     model, args, dynamic = _build()
     program = torch.export.export(model, args, dynamic_shapes=dynamic)
@@ -80,7 +80,7 @@ def main() -> None:
         for tp in (1, 2):
             out = Path(tmp) / f"tp{tp}"
             start = time.perf_counter()
-            result = compile_model(_captured(program, "gpt-bench"), tp, out)
+            result = compile_model(captured_program(program, "gpt-bench"), tp, out)
             compile_s = time.perf_counter() - start
             results = mp.Manager().dict()
             mp.spawn(_rank_main, args=(tp, str(out), _free_port(), results), nprocs=tp, join=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +22,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from tpcompile.errors import UnsupportedModelError, UsageError
-from tpcompile.frontend.options import LanguageModelOptions
-
-KNOWN_FORMATS = (
-    "a Hugging Face checkpoint directory, a .gguf file, a .pt2/.pt file from torch.export.save, "
-    "a pickled (module, example_args) with --trust-pickle, or a factory pkg.module:function"
-)
+from tpcompile.runtime.errors import first_line
 
 
 @dataclass
@@ -135,24 +129,19 @@ def merge_tied_parameters(ep: ExportedProgram) -> None:
         ep.graph_module.recompile()
 
 
-def _is_pickle_archive(path: Path) -> bool:
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("data.pkl") for n in z.namelist())
-    with path.open("rb") as f:
-        return f.read(1) == b"\x80"
-
-
-def _export(module: torch.nn.Module, args: tuple[Any, ...], dynamic: Any, source: str) -> ExportedProgram:
+def export_module(
+    module: torch.nn.Module, args: tuple[Any, ...], dynamic: Any, source: str, strict: bool = True
+) -> ExportedProgram:
+    """``torch.export.export`` of ``module`` in eval mode; any failure is one ``UnsupportedModelError``."""
     try:
         with torch.no_grad():
-            return torch.export.export(module.eval(), tuple(args), dynamic_shapes=dynamic)
+            return torch.export.export(module.eval(), tuple(args), dynamic_shapes=dynamic, strict=strict)
     except Exception as err:  # torch.export raises many types; report the first line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UnsupportedModelError(f"torch.export could not capture {source}: {first}") from err
+        raise UnsupportedModelError(f"torch.export could not capture {source}: {first_line(err)}") from err
 
 
-def _from_factory(spec: str) -> CapturedModel:
+def capture_factory(spec: str) -> CapturedModel:
+    """Call ``pkg.module:function``; capture the ``(module, example_args[, dynamic_shapes])`` it returns."""
     module_name, _, attr = spec.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -171,62 +160,16 @@ def _from_factory(spec: str) -> CapturedModel:
         raise UsageError(f"factory {spec} must return (nn.Module, example_args[, dynamic_shapes])")
     module, args = result[0], result[1]
     dynamic = result[2] if len(result) == 3 else None
-    return captured_program(_export(module, tuple(args), dynamic, spec), spec)
+    return captured_program(export_module(module, tuple(args), dynamic, spec), spec)
 
 
-def _from_pickle(path: Path) -> CapturedModel:
+def capture_pickle(path: Path) -> CapturedModel:
+    """Unpickle ``(module, example_args[, dynamic_shapes])`` (runs the file's code) and capture it."""
     obj = torch.load(path, weights_only=False, map_location="cpu")
     if isinstance(obj, tuple) and len(obj) in (2, 3) and isinstance(obj[0], torch.nn.Module):
         dynamic = obj[2] if len(obj) == 3 else None
-        return captured_program(_export(obj[0], tuple(obj[1]), dynamic, str(path)), str(path))
+        return captured_program(export_module(obj[0], tuple(obj[1]), dynamic, str(path)), str(path))
     raise UsageError(
         f"{path} holds a {type(obj).__name__}; a pickled model must be (nn.Module, example_args), "
         "or export it with torch.export.save"
     )
-
-
-def load_model(
-    spec: str, trust_pickle: bool = False, lm: LanguageModelOptions | None = None
-) -> CapturedModel:
-    """Load ``spec`` (see the module docstring); every failure is a typed error with a one-line message."""
-    path = Path(spec)
-    if not path.exists():
-        if ":" in spec and not spec.endswith((".pt", ".pt2")) and "/" not in spec.split(":")[0]:
-            return _from_factory(spec)
-        raise UsageError(f"model file {spec} does not exist")
-    if (path.is_dir() and (path / "config.json").is_file()) or path.suffix == ".gguf":
-        from tpcompile.frontend.hf import load_hf  # noqa: PLC0415 (needs the optional transformers)
-
-        opts = lm or LanguageModelOptions()
-        return load_hf(path, opts.dtype, opts.max_seq_len, opts.max_batch_size)
-    if path.is_dir():
-        raise UsageError(f"{spec} is a directory; unknown model format (expected {KNOWN_FORMATS})")
-    if path.suffix not in (".pt2", ".pt"):
-        raise UsageError(f"unknown model format: {spec} (expected {KNOWN_FORMATS})")
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            is_export = any(
-                "serialized_exported_program" in n or n.endswith("models/model.json") for n in z.namelist()
-            )
-        if is_export:
-            from tpcompile.runtime.load.program_archive import unsafe_content
-
-            problem = None if trust_pickle else unsafe_content(path)
-            if problem is not None:
-                raise UsageError(
-                    f"{spec} contains {problem}; unpickling runs arbitrary code, so it is loaded only "
-                    "with --trust-pickle"
-                )
-            try:
-                ep = torch.export.load(str(path))
-            except Exception as err:
-                raise UsageError(f"{spec} is not a loadable torch.export archive: {err}") from None
-            return captured_program(ep, str(path))
-    if _is_pickle_archive(path):
-        if not trust_pickle:
-            raise UsageError(
-                f"{spec} is a pickled object; unpickling runs arbitrary code, so it is loaded only with "
-                "--trust-pickle (or save the model with torch.export.save instead)"
-            )
-        return _from_pickle(path)
-    raise UsageError(f"unknown model format: {spec} (expected {KNOWN_FORMATS})")

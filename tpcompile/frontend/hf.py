@@ -12,9 +12,8 @@ listed in ``zero_state`` (created as zeros by the runtime, never written to the 
 
 from __future__ import annotations
 
-import contextlib
+import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,33 +21,19 @@ import torch
 from torch import nn
 
 from tpcompile.errors import UnsupportedModelError, UsageError
-from tpcompile.frontend.capture import CapturedModel, LanguageModelInfo, captured_program
+from tpcompile.frontend.capture import CapturedModel, LanguageModelInfo, captured_program, export_module
 from tpcompile.frontend.hf_encoder import is_encoder, load_hf_encoder
 from tpcompile.frontend.hf_experts import prepare_experts
-from tpcompile.frontend.sources import TensorSource, read_slice
+from tpcompile.frontend.hf_model import (
+    CACHE_PREFIX,
+    DTYPES,
+    CheckpointReader,
+    build_without_weights,
+)
+from tpcompile.frontend.sources import TensorSource
+from tpcompile.runtime.errors import first_line
 
-PREFIX = "hf."
-CACHE_PREFIX = "kv_cache."
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MAX_SEQ_LEN = 4096
-
-
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Build modules with meta parameters but real buffers (rotary tables are computed in __init__)."""
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and not param.is_meta:
-            meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-            module._parameters[name] = meta
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 class _Cache(nn.Module):
@@ -139,9 +124,7 @@ class HFCheckpoint:
         try:
             self.config = AutoConfig.from_pretrained(str(path))
         except Exception as err:  # transformers raises ValueError/KeyError/OSError for bad configs
-            raise UnsupportedModelError(
-                f"cannot read {path}/config.json: {str(err).splitlines()[0]}"
-            ) from None
+            raise UnsupportedModelError(f"cannot read {path}/config.json: {first_line(err)}") from None
         self.tensors = SafetensorsCheckpoint(path)
 
     def generation_defaults(self) -> dict[str, Any]:
@@ -150,8 +133,6 @@ class HFCheckpoint:
         path = self.path / "generation_config.json"
         if not path.is_file():
             return {}
-        import json
-
         data = json.loads(path.read_text())
         return {k: v for k, v in data.items() if not k.startswith("_")}
 
@@ -190,16 +171,7 @@ def _eos_ids(generation: dict[str, Any], config: Any) -> list[int]:
 def build_model(config: Any, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    with _parameters_on_meta():
-        try:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        except ValueError as err:
-            raise UnsupportedModelError(
-                f"model type {getattr(config, 'model_type', '?')!r} is not a causal LM that transformers "
-                f"can build: {str(err).splitlines()[0]}"
-            ) from None
-    _unbacked_cpu_parameters(model)
-    return model.eval()
+    return build_without_weights(AutoModelForCausalLM, config, dtype, "a causal LM")
 
 
 def load_hf(
@@ -232,7 +204,7 @@ def load_hf(
     tensors = prepare_experts(model, ckpt.tensors)  # mixture of experts: see hf_experts
     wrapper = CausalLMWithStaticCache(model, max_batch_size, seq).eval()
     program = _export(wrapper, max_batch_size, seq, str(path))
-    reader = _CheckpointReader(tensors, model, torch_dtype)
+    reader = CheckpointReader(tensors, model, torch_dtype)
     reader.buffers.update({f"{CACHE_PREFIX}{k}": v for k, v in wrapper.kv_cache.named_buffers()})
     generation = ckpt.generation_defaults()
     info = LanguageModelInfo(
@@ -267,105 +239,4 @@ def _export(wrapper: nn.Module, batch: int, seq: int, source: str) -> torch.expo
     ids = torch.zeros(batch, 2, dtype=torch.long)
     pos = torch.arange(2)
     length = torch.export.Dim("seq_len", min=1, max=seq - 1)
-    try:
-        with torch.no_grad():
-            program = torch.export.export(
-                wrapper,
-                (ids, pos),
-                dynamic_shapes=({1: length}, {0: length}),
-                strict=False,
-            )
-    except Exception as err:  # torch.export raises many types; report the first line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UnsupportedModelError(f"torch.export could not capture {source}: {first}") from err
-    return program
-
-
-def _unbacked_cpu_parameters(model: nn.Module) -> None:
-    """Swap meta parameters for uninitialised CPU tensors (ties kept): tracing then sees one device, and
-    ``torch.empty`` reserves address space without touching pages, so no weight memory is used."""
-    replaced: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is None or not param.is_meta:
-                continue
-            if id(param) not in replaced:
-                replaced[id(param)] = nn.Parameter(torch.empty_like(param, device="cpu"), requires_grad=False)
-            module._parameters[name] = replaced[id(param)]
-
-
-def _renamed_keys(model: nn.Module, keys: list[str]) -> dict[str, str]:
-    """Model key -> checkpoint key: transformers renames some checkpoint keys when it loads them
-    (GPT-NeoX's ``embed_out`` is the model's ``lm_head``); plain renamings are applied, nothing else."""
-    renamings: list[Any] = []
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, apply_renamings
-
-        mapping = get_model_conversion_mapping(model)  # type: ignore[arg-type]
-        renamings = [t for t in mapping if type(t) is WeightRenaming]
-    except (ImportError, AttributeError, TypeError):  # an older transformers: no renamings
-        return {k: k for k in keys}
-    out: dict[str, str] = {}
-    for key in keys:
-        out.setdefault(apply_renamings(key, renamings) if renamings else key, key)
-    prefix = f"{getattr(model, 'base_model_prefix', '')}."
-    for key in keys:  # a task model's checkpoint read by its base model: bert.encoder... -> encoder...
-        if prefix != "." and key.startswith(prefix):
-            out.setdefault(key.removeprefix(prefix), key)
-    return out
-
-
-class _CheckpointReader:
-    """Stored tensors of the wrapper by fully-qualified name -> checkpoint tensors (ties resolved)."""
-
-    def __init__(self, source: TensorSource, model: nn.Module, dtype: torch.dtype) -> None:
-        self.source, self.model, self.dtype = source, model, dtype
-        self.renamed = _renamed_keys(model, source.names())
-        self.available = set(self.renamed)
-        groups: dict[int, list[str]] = {}
-        for name, param in model.named_parameters(remove_duplicate=False):
-            groups.setdefault(id(param), []).append(name)
-        self.aliases = {name: names for names in groups.values() for name in names}
-        self.buffers = dict(model.named_buffers(remove_duplicate=False))
-
-    def _resolve(self, name: str) -> str | None:
-        local = name.removeprefix(PREFIX)
-        for candidate in self.aliases.get(local, [local]):
-            if candidate in self.available:
-                return self.renamed[candidate]
-        return None
-
-    def _computed(self, local: str) -> torch.Tensor:
-        buf = self.buffers.get(local)
-        if local.startswith(CACHE_PREFIX) and buf is not None:
-            return torch.zeros_like(buf)
-        if buf is None or buf.is_meta:
-            raise UnsupportedModelError(
-                f"the checkpoint has no tensor {local} (and the model does not compute it)"
-            )
-        return buf.detach()
-
-    def check(self, name: str, expected: tuple[int, ...]) -> None:
-        """Fail before compiling when the checkpoint lacks a tensor or disagrees with the config."""
-        key = self._resolve(name)
-        if key is None:
-            self._computed(name.removeprefix(PREFIX))
-            return
-        got = tuple(self.source.shape(key))
-        if got != expected:
-            raise UnsupportedModelError(
-                f"checkpoint tensor {key} has shape {list(got)} but the config implies {list(expected)}"
-            )
-
-    def read(self, name: str) -> torch.Tensor:
-        key = self._resolve(name)
-        if key is None:
-            return self._computed(name.removeprefix(PREFIX))
-        return self.source.read(key).to(self.dtype)
-
-    def read_slice(self, name: str, dim: int, start: int, length: int) -> torch.Tensor:
-        key = self._resolve(name)
-        if key is None:
-            return self._computed(name.removeprefix(PREFIX)).narrow(dim, start, length)
-        return read_slice(self.source, key, dim, start, length).to(self.dtype)
+    return export_module(wrapper, (ids, pos), ({1: length}, {0: length}), source, strict=False)

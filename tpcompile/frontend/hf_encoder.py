@@ -19,7 +19,8 @@ from torch import nn
 from torch.export.graph_signature import InputKind
 
 from tpcompile.errors import UnsupportedModelError
-from tpcompile.frontend.capture import CapturedModel, captured_program
+from tpcompile.frontend.capture import CapturedModel, captured_program, export_module
+from tpcompile.frontend.hf_model import CheckpointReader, build_without_weights
 
 MIN_SEQ = 2
 
@@ -69,17 +70,7 @@ def load_hf_encoder(
 ) -> CapturedModel:
     from transformers import AutoModel
 
-    from tpcompile.frontend.hf import _CheckpointReader, _parameters_on_meta, _unbacked_cpu_parameters
-
-    with _parameters_on_meta():
-        try:
-            model = AutoModel.from_config(config, dtype=dtype)
-        except ValueError as err:
-            raise UnsupportedModelError(
-                f"model type {getattr(config, 'model_type', '?')!r} is neither a causal LM nor an encoder "
-                f"that transformers can build: {str(err).splitlines()[0]}"
-            ) from None
-    _unbacked_cpu_parameters(model)
+    model = build_without_weights(AutoModel, config, dtype, "a causal LM or an encoder")
     if "attention_mask" not in inspect.signature(model.forward).parameters:
         raise UnsupportedModelError(f"{type(model).__name__} takes no attention_mask; not an encoder")
     wrapper = EncoderOutput(model.eval()).eval()
@@ -88,16 +79,9 @@ def load_hf_encoder(
     ids = torch.zeros(batch, MIN_SEQ + 1, dtype=torch.long)
     mask = torch.ones(batch, MIN_SEQ + 1, dtype=torch.long)
     length = torch.export.Dim("seq_len", min=MIN_SEQ, max=seq)
-    try:
-        with torch.no_grad():
-            program = torch.export.export(
-                wrapper, (ids, mask), dynamic_shapes=({1: length}, {1: length}), strict=False
-            )
-    except Exception as err:  # torch.export raises many types; report the first line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UnsupportedModelError(f"torch.export could not capture {path}: {first}") from err
+    program = export_module(wrapper, (ids, mask), ({1: length}, {1: length}), str(path), strict=False)
     drop_unused_state(program)
-    reader = _CheckpointReader(tensors, model, dtype)
+    reader = CheckpointReader(tensors, model, dtype)
     captured = captured_program(program, path.name, reader.read, read_slice=reader.read_slice)
     for node, name in captured.state_names().items():
         reader.check(name, tuple(int(d) for d in node.meta["val"].shape))
