@@ -16,6 +16,7 @@ import click
 from tpcompile.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TpCompileError, UsageError
 from tpcompile.frontend.options import LanguageModelOptions
 from tpcompile.progress import ProgressBar
+from tpcompile.runtime.errors import first_line
 
 
 class DefaultGroup(click.Group):
@@ -45,7 +46,7 @@ def _run(debug: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
     except Exception as err:
         if debug:
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         click.echo(f"tpcompile: internal error: {type(err).__name__}: {first} (rerun with --debug)", err=True)
         sys.exit(EXIT_INTERNAL)
 

@@ -23,6 +23,7 @@ from torch.export import Dim, ExportedProgram
 from torch.utils._sympy.numbers import int_oo
 
 from tpcompile.errors import UnsupportedModelError
+from tpcompile.runtime.errors import first_line
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def export_rank_program(
                 gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False
             )
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UnsupportedModelError(f"re-capturing a rank's program failed: {first}") from err
     state = program.state_dict
     for name, value in list(state.items()):

@@ -23,6 +23,7 @@ from tpcompile.artifact.program import StoredTensor, export_rank_program, save_p
 from tpcompile.errors import TpCompileError, UnsupportedModelError
 from tpcompile.passes.lower_rank import build_rank_graph
 from tpcompile.passes.rule_api import Propagation
+from tpcompile.runtime.errors import first_line
 from tpcompile.runtime.format import PROGRAM_FILE
 
 
@@ -52,7 +53,7 @@ def _run_in_worker(rank: int) -> tuple[int, str | None]:
     except TpCompileError as err:
         return rank, str(err)
     except Exception as err:  # reported by the parent as an unsupported model, with the first line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         return rank, f"capturing rank {rank}'s program failed: {type(err).__name__}: {first}"
     return rank, None
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from tpcompile.errors import UnsupportedModelError, UsageError
+from tpcompile.runtime.errors import first_line
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -33,10 +34,6 @@ _GENERATION_KEYS = {
     "eos_token_id": "tokenizer.ggml.eos_token_id",
     "pad_token_id": "tokenizer.ggml.padding_token_id",
 }
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 @dataclass(frozen=True)
@@ -64,7 +61,7 @@ class GGUFCheckpoint:
         try:
             self._reader = gguf.GGUFReader(self.path)
         except Exception as e:  # the reader fails in many ways on a file that is not GGUF
-            raise UsageError(f"cannot read GGUF file {self.path}: {_one_line(e)}") from e
+            raise UsageError(f"cannot read GGUF file {self.path}: {first_line(e)}") from e
         arch = self._field("general.architecture")
         if not isinstance(arch, str):
             raise UsageError(
@@ -79,14 +76,14 @@ class GGUFCheckpoint:
                 )
         except (ValueError, KeyError, NotImplementedError, OSError) as e:
             raise UnsupportedModelError(
-                f"transformers cannot build a config from {self.path} (architecture {arch}): {_one_line(e)}"
+                f"transformers cannot build a config from {self.path} (architecture {arch}): {first_line(e)}"
             ) from e
         try:
             with torch.device("meta"):  # only the parameter names are needed: allocate nothing
                 skeleton = AutoModelForCausalLM.from_config(self.config)
         except (ValueError, KeyError) as e:
             raise UnsupportedModelError(
-                f"{self.path}: transformers has no causal-LM model for architecture {arch}: {_one_line(e)}"
+                f"{self.path}: transformers has no causal-LM model for architecture {arch}: {first_line(e)}"
             ) from e
 
         processor_class = hf_gguf.TENSOR_PROCESSORS.get(arch, hf_gguf.TensorProcessor)
@@ -99,7 +96,7 @@ class GGUFCheckpoint:
                 )
         except NotImplementedError as e:
             raise UnsupportedModelError(
-                f"{self.path}: no GGUF tensor-name map for {arch}: {_one_line(e)}"
+                f"{self.path}: no GGUF tensor-name map for {arch}: {first_line(e)}"
             ) from e
         self._entries = self._index(arch)
         self._check_quantizations()
@@ -137,7 +134,7 @@ class GGUFCheckpoint:
                 tokenizer = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
         except (ValueError, KeyError, NotImplementedError, OSError) as e:
             raise UnsupportedModelError(
-                f"transformers cannot build a tokenizer from {self.path}: {_one_line(e)}"
+                f"transformers cannot build a tokenizer from {self.path}: {first_line(e)}"
             ) from e
         template = self._field("tokenizer.chat_template")
         if getattr(tokenizer, "chat_template", None) is None and isinstance(template, str):
@@ -237,7 +234,7 @@ class GGUFCheckpoint:
             except (NotImplementedError, ValueError) as e:
                 raise UnsupportedModelError(
                     f"{self.path}: tensor {tensor.name} is quantized as {tensor.tensor_type.name}, which the "
-                    f"installed gguf package cannot dequantize ({_one_line(e)})"
+                    f"installed gguf package cannot dequantize ({first_line(e)})"
                 ) from e
 
     def _process(self, gguf_name: str, weights: np.ndarray) -> tuple[str, np.ndarray] | None:

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from tpcompile.errors import UsageError
+from tpcompile.runtime.errors import first_line
 
 
 class TensorSource(Protocol):
@@ -63,7 +64,7 @@ class SafetensorsCheckpoint:
                         self._where[key] = path
                         self._shapes[key] = tuple(f.get_slice(key).get_shape())
             except Exception as err:  # safetensors raises its own error types
-                raise UsageError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+                raise UsageError(f"cannot read {path}: {first_line(err)}") from None
 
     def names(self) -> list[str]:
         return sorted(self._where)

@@ -25,6 +25,7 @@ from tpcompile.onnx.aligned import align_safetensors
 from tpcompile.onnx.export import DOMAIN, OPSET, export_model
 from tpcompile.onnx.functional import stateful_module
 from tpcompile.onnx.segments import RankGraph, split_model
+from tpcompile.runtime.errors import first_line
 from tpcompile.runtime.format import Manifest
 
 FORMAT = "onnx"
@@ -52,7 +53,7 @@ def _convert_in_worker(job: Job) -> Result:
     except TpCompileError as err:
         return rank_dir, None, [], str(err)
     except Exception as err:  # reported by the parent as an unsupported model, with the first line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         return rank_dir, None, [], f"converting {rank_dir} to ONNX failed: {type(err).__name__}: {first}"
     return rank_dir, graph.to_json(), [f.name for f in files], None
 

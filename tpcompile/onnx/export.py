@@ -24,6 +24,7 @@ from onnx.defs import OpSchema
 
 from tpcompile.errors import UnsupportedModelError
 from tpcompile.onnx.functional import StatefulModule
+from tpcompile.runtime.errors import first_line
 
 DOMAIN = "tpcompile"
 ALL_REDUCE = "AllReduce"
@@ -127,7 +128,7 @@ def export_model(stateful: StatefulModule, weights: Path) -> ir.Model:
                 verbose=False,
             )
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UnsupportedModelError(f"exporting a rank's program to ONNX failed: {first}") from err
     assert program is not None
     model = program.model

@@ -159,70 +159,60 @@ def _lower_unflatten(
     return b.call(node.target, x, dim, sizes)
 
 
-def _permutation_rule(ctx: RuleContext, node: fx.Node, perm: list[int]) -> Strategy:
-    """Output dim i is input dim perm[i]."""
+def _dim_map_rule(ctx: RuleContext, node: fx.Node, sources: list[int | None]) -> Strategy:
+    """A view whose output dim ``i`` is input dim ``sources[i]`` (None: a new size-1 dim). Views as data:
+    permute, transpose, t, unsqueeze and squeeze are each just their ``sources``."""
     x = node.args[0]
     p = ctx.placement(x)
     if isinstance(p, FreeView):
-        return Strategy({}, p.with_dims(tuple(p.dims[i] for i in perm)))
+        return Strategy({}, p.with_dims(tuple(None if s is None else p.dims[s] for s in sources)))
     if isinstance(p, Shard):
-        return Strategy({x: p}, p.with_dim(perm.index(p.dim)))
+        if p.dim not in sources:
+            return Strategy({x: REPLICATE}, REPLICATE)
+        return Strategy({x: p}, p.with_dim(sources.index(p.dim)))
     return Strategy({x: p} if p is not None else {}, p)
 
 
 @register(aten.permute)
 def permute(ctx: RuleContext, node: fx.Node) -> Strategy:
     nd = len(shape_of(node))
-    return _permutation_rule(ctx, node, [norm_dim(d, nd) for d in node.args[1]])
+    return _dim_map_rule(ctx, node, [norm_dim(d, nd) for d in node.args[1]])
 
 
 @register(aten.transpose, aten.swapaxes, aten.swapdims)
 def transpose(ctx: RuleContext, node: fx.Node) -> Strategy:
     nd = len(shape_of(node))
     a, b = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
-    perm = list(range(nd))
+    perm: list[int | None] = list(range(nd))
     perm[a], perm[b] = perm[b], perm[a]
-    return _permutation_rule(ctx, node, perm)
+    return _dim_map_rule(ctx, node, perm)
 
 
 @register(aten.t, aten.numpy_T)
 def t(ctx: RuleContext, node: fx.Node) -> Strategy:
     nd = len(shape_of(node))
-    return _permutation_rule(ctx, node, list(reversed(range(nd))))
+    return _dim_map_rule(ctx, node, list(reversed(range(nd))))
 
 
 @register(aten.unsqueeze)
 def unsqueeze(ctx: RuleContext, node: fx.Node) -> Strategy:
-    x = node.args[0]
     nd = len(shape_of(node))
     dim = norm_dim(node.args[1], nd)
-    p = ctx.placement(x)
-    if isinstance(p, FreeView):
-        dims: list[ViewDim | None] = list(p.dims)
-        dims.insert(dim, None)
-        return Strategy({}, p.with_dims(tuple(dims)))
-    if isinstance(p, Shard):
-        return Strategy({x: p}, p.with_dim(p.dim + (1 if p.dim >= dim else 0)))
-    return Strategy({x: p} if p is not None else {}, p)
+    sources: list[int | None] = list(range(nd - 1))
+    sources.insert(dim, None)
+    return _dim_map_rule(ctx, node, sources)
 
 
 @register(aten.squeeze)
 def squeeze(ctx: RuleContext, node: fx.Node) -> Strategy:
-    x = node.args[0]
-    in_shape = shape_of(x)
+    in_shape = shape_of(node.args[0])
     if len(node.args) > 1:
         raw = node.args[1]
         dims = [raw] if isinstance(raw, int) else list(raw)
         removed = {norm_dim(d, len(in_shape)) for d in dims if in_shape[norm_dim(d, len(in_shape))] == 1}
     else:
         removed = {i for i, s in enumerate(in_shape) if s == 1}
-    keep = [i for i in range(len(in_shape)) if i not in removed]
-    p = ctx.placement(x)
-    if isinstance(p, FreeView):
-        return Strategy({}, p.with_dims(tuple(p.dims[i] for i in keep)))
-    if isinstance(p, Shard):
-        return Strategy({x: p}, p.with_dim(keep.index(p.dim)))
-    return Strategy({x: p} if p is not None else {}, p)
+    return _dim_map_rule(ctx, node, [i for i in range(len(in_shape)) if i not in removed])
 
 
 @register(aten.expand)
