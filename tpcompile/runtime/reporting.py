@@ -69,9 +69,9 @@ def report_exception(exc: BaseException, *, debug: bool = False) -> int:
         return EXIT_USER_ERROR
     if isinstance(exc, RuntimeArtifactError):
         print_error(first_line(exc))
-        return (
-            exc.exit_code if isinstance(exc, LaunchError) and exc.exit_code is not None else EXIT_USER_ERROR
-        )
+        if isinstance(exc, LaunchError) and exc.exit_code is not None:  # a rank failed: its exit code
+            return exc.exit_code
+        return EXIT_USER_ERROR
     if isinstance(exc, CollectiveError):  # a peer died or --timeout expired: the message says which
         print_error(first_line(exc))
         return EXIT_FAILURE
