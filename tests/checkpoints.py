@@ -5,7 +5,9 @@ families. Everything is built locally; nothing is downloaded."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,11 +66,39 @@ def save_smollm2_tokenizer(out: Path) -> Path:
     return out
 
 
-def tiny_checkpoint(family: str, out: Path, tokenizer: Path, seed: int = 0) -> Path:
-    """Write a random-weight checkpoint of ``family`` (see TINY_CONFIGS) with the given tokenizer files."""
-    import shutil
+def random_checkpoint(
+    config: Any,
+    out: Path,
+    tokenizer: Path | None = None,
+    *,
+    std: float = 0.2,
+    vector_std: float | None = None,
+    build: Any = None,
+) -> Path:
+    """Save a random-weight model of ``config`` (seed 0) as a Hugging Face checkpoint in ``out``, with the
+    tokenizer files of ``tokenizer`` beside it. Matrices (and expert stacks) are drawn with ``std``, larger
+    than the default init so that greedy tokens and expert routing vary; vectors with ``vector_std`` when
+    given (random biases and norms), else left as initialised. ``build(config)`` makes the model
+    (default: a causal LM)."""
+    from transformers import AutoModelForCausalLM
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = build(config) if build else AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, std)
+            elif vector_std is not None:
+                p.normal_(0, vector_std)
+    model.save_pretrained(str(out))
+    for f in tokenizer.iterdir() if tokenizer else ():
+        shutil.copyfile(f, out / f.name)
+    return out
+
+
+def tiny_checkpoint(family: str, out: Path, tokenizer: Path | None = None) -> Path:
+    """Write a random-weight checkpoint of ``family`` (see TINY_CONFIGS) with the given tokenizer files."""
+    from transformers import AutoConfig
 
     fields = dict(TINY_CONFIGS[family])
     model_type = str(fields.pop("model_type"))
@@ -76,13 +106,4 @@ def tiny_checkpoint(family: str, out: Path, tokenizer: Path, seed: int = 0) -> P
     config = AutoConfig.for_model(
         model_type, num_hidden_layers=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, **fields
     )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # larger than the default init, so that greedy tokens vary
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    model.save_pretrained(str(out))
-    for f in tokenizer.iterdir():
-        shutil.copyfile(f, out / f.name)
-    return out
+    return random_checkpoint(config, out, tokenizer)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.checkpoints import save_smollm2_tokenizer
+from tests.checkpoints import random_checkpoint, save_smollm2_tokenizer
 from tests.conftest import tpcompile, tprun
 from tests.simulate import Simulator
 from tpcompile.artifact.describe import collective_entries
@@ -59,6 +58,23 @@ FAMILIES: dict[str, dict[str, Any]] = {
         pad_token_id=0,
     ),
     "gpt2": dict(model_type="gpt2", n_embd=96, n_head=12, n_inner=160, n_positions=256),
+    # multi-query attention: one KV head serves every query head, so every rank holds it (and its cache)
+    "gemma_mqa": dict(
+        model_type="gemma",
+        hidden_size=64,
+        intermediate_size=160,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+    ),
+    "llama_mqa": dict(
+        model_type="llama",
+        hidden_size=96,
+        intermediate_size=160,
+        num_attention_heads=6,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    ),
     "gpt_neox": dict(
         model_type="gpt_neox",
         hidden_size=96,
@@ -73,7 +89,7 @@ ALL_REDUCES_PER_LAYER = {"gpt_neox": 1}  # the parallel residual sums both parti
 
 
 def write_checkpoint(family: str, out: Path, tokenizer: Path | None = None) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     fields = dict(FAMILIES[family])
     model_type = fields.pop("model_type")
@@ -82,15 +98,7 @@ def write_checkpoint(family: str, out: Path, tokenizer: Path | None = None) -> P
     config = AutoConfig.for_model(
         model_type, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **layers, **limits, **fields
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # larger than the default init (greedy tokens vary); random biases and norms
-        for p in model.parameters():
-            p.normal_(0, 0.2 if p.dim() == 2 else 0.1)
-    model.save_pretrained(str(out))
-    for f in tokenizer.iterdir() if tokenizer else ():
-        shutil.copyfile(f, out / f.name)
-    return out
+    return random_checkpoint(config, out, tokenizer, vector_std=0.1)  # random biases and norms too
 
 
 @dataclass
@@ -170,6 +178,23 @@ def test_logits_equal_transformers(family: str, tp: int, families: Any) -> None:
 def _stored(fam: Family, tp: int, suffix: str) -> Any:
     sim = fam.sim(tp)
     return next(pl for n, pl in sim.prop.roots.items() if fam.captured.state_names()[n].endswith(suffix))
+
+
+@pytest.mark.parametrize(
+    ("family", "tp", "query"), [("gemma_mqa", 3, (64, 32, 32)), ("llama_mqa", 2, (48, 48))]
+)
+def test_one_kv_head_is_held_by_every_rank(
+    family: str, tp: int, query: tuple[int, ...], families: Any
+) -> None:
+    """Multi-query attention: query heads split, the single KV head (its projections and its cache) on
+    every rank as an overlapping split, not cut and not gathered."""
+    fam = families(family)
+    head = 32 if family == "gemma_mqa" else 16
+    assert _stored(fam, tp, "layers.0.self_attn.q_proj.weight") == Shard(0, query)
+    kv = Shard(0, (head,) * tp, (0,) * tp)
+    assert _stored(fam, tp, "layers.0.self_attn.k_proj.weight") == kv
+    assert _stored(fam, tp, "layers.0.self_attn.v_proj.weight") == kv
+    assert _stored(fam, tp, "kv_cache.key_0") == Shard(1, (1,) * tp, (0,) * tp)
 
 
 def test_fused_projections_are_stored_as_per_rank_pieces(families: Any) -> None:

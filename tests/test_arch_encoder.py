@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.checkpoints import random_checkpoint
 from tests.conftest import tpcompile, tprun
 from tests.simulate import Simulator
 from tpcompile.artifact.describe import collective_entries
@@ -27,9 +28,9 @@ LAYERS = 2
 VOCAB = 1000
 
 
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, CapturedModel]:
-    from transformers import AutoModel, BertConfig, BertForMaskedLM
+def write_bert(out: Path) -> Path:
+    """A random-weight BertForMaskedLM checkpoint (read by tpcompile as its base encoder)."""
+    from transformers import BertConfig, BertForMaskedLM
 
     config = BertConfig(
         vocab_size=VOCAB,
@@ -39,13 +40,14 @@ def bert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, CapturedM
         intermediate_size=160,
         max_position_embeddings=64,
     )
-    torch.manual_seed(0)
-    model = BertForMaskedLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2 if p.dim() == 2 else 0.1)
-    path = tmp_path_factory.mktemp("bert")
-    model.save_pretrained(str(path))
+    return random_checkpoint(config, out, vector_std=0.1, build=BertForMaskedLM)
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, CapturedModel]:
+    from transformers import AutoModel
+
+    path = write_bert(tmp_path_factory.mktemp("bert"))
     reference = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
     return path, reference, load_hf(path, max_batch_size=2)
 

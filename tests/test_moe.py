@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 from tests import simulate
-from tests.checkpoints import save_smollm2_tokenizer
+from tests.checkpoints import random_checkpoint, save_smollm2_tokenizer
 from tests.conftest import tpcompile, tprun
 from tpcompile.compiler import plan_model
 from tpcompile.explain import explain
@@ -56,8 +55,8 @@ PROMPT_IDS = [1, 345, 2077, 19, 7, 860, 4211, 38, 12]
 NEW_TOKENS = 4
 
 
-def _checkpoint(family: str, out: Path, tokenizer: Path | None) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def write_checkpoint(family: str, out: Path, tokenizer: Path | None) -> Path:
+    from transformers import AutoConfig
 
     fields = dict(CONFIGS[family])
     config = AutoConfig.for_model(
@@ -69,17 +68,7 @@ def _checkpoint(family: str, out: Path, tokenizer: Path | None) -> Path:
         eos_token_id=2,
         **fields,
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # larger than the default init, so that routing and greedy tokens vary
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.2)
-    model.save_pretrained(str(out))
-    if tokenizer is not None:
-        for f in tokenizer.iterdir():
-            shutil.copyfile(f, out / f.name)
-    return out
+    return random_checkpoint(config, out, tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +79,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("moe")
-    return {family: _checkpoint(family, root / family, tokenizer_dir) for family in CONFIGS}
+    return {family: write_checkpoint(family, root / family, tokenizer_dir) for family in CONFIGS}
 
 
 @functools.cache

@@ -1,5 +1,6 @@
 """A streaming safetensors writer: tensors are written one at a time, so writing a rank's shard never holds
 more than one tensor in memory. The file is byte-identical for identical inputs (sorted keys, no timestamps).
+Any shape safetensors allows is written, 0-dim (shape ``[]``) included.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def write_safetensors(
             t = read(name)
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise ValueError(f"tensor {name}: expected {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
-            data = t.detach().contiguous().cpu()
+            data = t.detach().contiguous().cpu().reshape(-1)  # a 0-dim tensor is one element
             if data.numel():  # write the tensor's own bytes: no second copy of the largest tensor
                 raw_bytes = data.view(torch.uint8) if data.dtype != torch.bool else data
                 f.write(raw_bytes.numpy().data)

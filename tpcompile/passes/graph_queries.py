@@ -81,6 +81,30 @@ def same_data_root(node: Any) -> Any:
     return node
 
 
+_RESHAPES = (aten.view, aten.reshape, aten._unsafe_view)
+
+
+def feature_unit(product: fx.Node) -> int:
+    """The unit a reshape of ``product``'s output cuts its last (feature) dim into: ``[..., F] ->
+    [..., H, D]`` has unit D (a head), ``[..., F] -> [..., 1, F]`` has unit F; 1 when no reshape splits it.
+    Reshapes that keep the feature dim whole (``[B*T, F] -> [B, T, F]``) are looked through."""
+    pending, seen = [product], set()
+    while pending:
+        node = pending.pop()
+        for user in node.users:
+            if packet(user) not in _RESHAPES or user in seen:
+                continue
+            seen.add(user)
+            features, out = _shape(node)[-1], _shape(user)
+            if not isinstance(features, int) or not all(isinstance(s, int) for s in out[-2:]):
+                continue
+            if out[-1] == features:
+                pending.append(user)
+            elif features % out[-1] == 0 and len(out) >= 2 and out[-2] * out[-1] == features:
+                return int(out[-1]) if out[-2] != 1 else features
+    return 1
+
+
 def written_in_place(gm: fx.GraphModule) -> set[fx.Node]:
     """Placeholders that an op writes in place (a KV cache), directly or through a view."""
     written: set[fx.Node] = set()

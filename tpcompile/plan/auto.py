@@ -19,7 +19,7 @@ import math
 
 import torch.fx as fx
 
-from tpcompile.passes.graph_queries import kv_split, same_data_root, written_in_place
+from tpcompile.passes.graph_queries import feature_unit, kv_split, same_data_root, written_in_place
 from tpcompile.passes.placement import Replicate, Shard, balanced_split
 from tpcompile.passes.propagate import propagate
 from tpcompile.passes.rule_api import PlanSite, Propagation, SiteKind
@@ -189,6 +189,8 @@ class PlanSearch:
             else:
                 reason = f"splitting it would add {total - base_total} collectives (a chain may add one)"
             hints = [h for h in trial.unit_hints if h > 1]
+            if not hints:  # no reshape said which unit it needs: the one the outputs are viewed in
+                hints = [u for s in group if (u := feature_unit(s.node)) > 1 and units[s] % u]
             if not hints:
                 if forced:
                     return trial_plan, trial

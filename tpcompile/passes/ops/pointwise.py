@@ -154,7 +154,10 @@ def pointwise_strategy(ctx: RuleContext, node: fx.Node, kind: Linearity) -> Stra
     for a in ins:
         shape = shape_of(a)
         d = target.dim - (out_nd - len(shape))
-        demands[a] = REPLICATE if d < 0 or shape[d] == 1 else target.with_dim(d)
+        if d >= 0 and pls[a] == target.with_dim(d):
+            demands[a] = pls[a]  # already split this way (one KV head on every rank: a size-1 dim)
+        else:
+            demands[a] = REPLICATE if d < 0 or shape[d] == 1 else target.with_dim(d)
     return Strategy(demands, target)
 
 

@@ -57,16 +57,22 @@ def _same(a: Any, b: Any) -> bool:
 def map_shard_through_reshape(
     in_shape: tuple[Any, ...], out_shape: tuple[Any, ...], pl: Shard
 ) -> tuple[Shard | None, int | None]:
-    """The output placement of a reshape of an ``S(d)`` tensor, or (None, unit hint) when it cannot stay."""
+    """The output placement of a reshape of an ``S(d)`` tensor, or (None, unit hint) when it cannot stay.
+
+    A size-1 output dim takes the shard only when the shard overlaps and is whole units of it: one KV head
+    (``[B, T, 1 * D]`` viewed as ``[B, T, 1, D]``) replicated on every rank stays split by heads."""
     d = pl.dim
     left = _prod(in_shape[:d])
     inner = _prod(in_shape[d + 1 :])
     for j in range(len(out_shape)):
         if not _same(_prod(out_shape[:j]), left):
             continue
-        if out_shape[j] == 1 and j + 1 < len(out_shape):
-            continue
         out_inner = _prod(out_shape[j + 1 :])
+        if out_shape[j] == 1 and j + 1 < len(out_shape):
+            ints = isinstance(inner, int) and isinstance(out_inner, int)
+            values = (*pl.sizes, *(pl.starts or ()))
+            if not (ints and pl.overlapping and all((v * inner) % out_inner == 0 for v in values)):
+                continue
         if not (isinstance(inner, int) and isinstance(out_inner, int)):
             ratio = _integer_ratio(_expr(inner), _expr(out_inner))
             if ratio is None:
