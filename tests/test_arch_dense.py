@@ -30,7 +30,7 @@ from tests.simulate import Simulator
 from tpcompile.artifact.describe import collective_entries
 from tpcompile.frontend.capture import CapturedModel
 from tpcompile.frontend.hf import load_hf
-from tpcompile.passes.placement import Pieces, Replicate, Shard
+from tpcompile.runtime.format.placement import Pieces, Replicate, Shard
 
 VOCAB = 49155  # SmolLM2's tokenizer fits; uneven vocabulary shards at tp = 2 and 4
 LAYERS = 2

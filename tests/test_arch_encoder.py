@@ -22,7 +22,7 @@ from tpcompile.artifact.describe import collective_entries
 from tpcompile.frontend.capture import CapturedModel
 from tpcompile.frontend.hf import load_hf
 from tpcompile.frontend.hf_encoder import is_encoder
-from tpcompile.passes.placement import Replicate
+from tpcompile.runtime.format.placement import Replicate
 
 LAYERS = 2
 VOCAB = 1000

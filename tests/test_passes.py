@@ -14,8 +14,8 @@ from examples import gpt
 from tests.simulate import simulate
 from tpcompile.compiler import plan_model
 from tpcompile.frontend.capture import CapturedModel, captured_program
-from tpcompile.passes.placement import Shard, balanced_split
 from tpcompile.plan.spec import PlanFile
+from tpcompile.runtime.format.placement import Shard, balanced_split
 
 
 def capture(module: nn.Module, *args: torch.Tensor, dynamic: object = None) -> CapturedModel:
@@ -187,4 +187,3 @@ def test_einsum(tp: int) -> None:
     assert roots["w_in.weight"] == Shard(0, tuple(8 * h for h in heads))
     assert roots["w_out"] == Shard(0, heads)
     assert [red.collective for red, _ in prop.collectives()] == ["all_reduce"]
-

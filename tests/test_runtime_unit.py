@@ -27,6 +27,7 @@ from tpcompile.runtime import (
     verify_rank_files,
 )
 from tpcompile.runtime.launch.args import BACKEND_CHOICES, WorkerArgs
+from tpcompile.runtime.lm.sampling import SamplingConfig
 from tpcompile.runtime.lm.session import GenerationArgs
 from tpcompile.runtime.load.tensor_io import order_inputs
 from tpcompile.runtime.transport.distributed import BACKENDS, choose_backend
@@ -350,10 +351,7 @@ def test_worker_args_round_trip(tmp_path: Path) -> None:
         prompt_ids=((1, 2), (3,)),
         read_stdin=True,
         max_new_tokens=7,
-        temperature=0.5,
-        top_k=3,
-        top_p=0.9,
-        seed=4,
+        sampling=SamplingConfig(temperature=0.5, top_k=3, top_p=0.9, seed=4),
         chat_template=False,
         save_tokens=tmp_path / "t.json",
         results_json=tmp_path / "r.json",

@@ -20,8 +20,8 @@ from tpcompile.compiler import plan_model
 from tpcompile.frontend.capture import CapturedModel, captured_program
 from tpcompile.passes.ops import rule_table
 from tpcompile.passes.ops.registry import RegistryError, aten_ops, register
-from tpcompile.passes.placement import Shard
 from tpcompile.passes.slicing import local_shape
+from tpcompile.runtime.format.placement import Shard
 
 aten = torch.ops.aten
 

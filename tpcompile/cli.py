@@ -144,10 +144,10 @@ def _compile(
 ) -> None:
     import warnings
 
-    from tpcompile.artifact.writer import sha256_file
     from tpcompile.compiler import compile_model
     from tpcompile.frontend import load_model
     from tpcompile.plan.spec import load_plan_file
+    from tpcompile.runtime.format import sha256_file
 
     if tp < 1:
         raise UsageError(f"--tp must be at least 1 (got {tp})")

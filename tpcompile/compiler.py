@@ -24,12 +24,11 @@ from tpcompile.artifact.describe import build_manifest, describe_language_model
 from tpcompile.artifact.program import StoredTensor, input_signature
 from tpcompile.artifact.rank_programs import RankProgramJob, rank_program_pool
 from tpcompile.artifact.safetensors_writer import write_safetensors
-from tpcompile.artifact.writer import atomic_directory, sha256_file
+from tpcompile.artifact.writer import atomic_directory
 from tpcompile.errors import UnsupportedModelError, UsageError
 from tpcompile.frontend.capture import CapturedModel
 from tpcompile.passes.canonicalize import drop_no_op_conversions, fold_repeat_kv_into_sdpa
 from tpcompile.passes.fused import split_fused_projections
-from tpcompile.passes.placement import Pieces, Placement, RootPlacement, Shard
 from tpcompile.passes.rule_api import Propagation
 from tpcompile.passes.slicing import local_shape, local_tensor
 from tpcompile.plan.auto import choose_plan
@@ -43,7 +42,9 @@ from tpcompile.runtime.format import (
     WEIGHTS_FILE,
     Manifest,
     RankEntry,
+    sha256_file,
 )
+from tpcompile.runtime.format.placement import Pieces, Placement, RootPlacement, Shard
 
 Progress = Callable[[str], None]
 FORMATS = (FORMAT_TORCH, FORMAT_ONNX)

@@ -15,11 +15,9 @@ import torch
 import torch.fx as fx
 
 import tpcompile
-from tpcompile.artifact.writer import sha256_file
 from tpcompile.frontend.capture import CapturedModel, LanguageModelInfo
 from tpcompile.passes.collectives import GROUP_NAME
 from tpcompile.passes.lower_rank import tensor_bytes
-from tpcompile.passes.placement import Partial, Placement, Replicate, Shard
 from tpcompile.passes.rule_api import Propagation
 from tpcompile.plan.experts import describe_experts
 from tpcompile.plan.spec import ShardingPlan
@@ -32,7 +30,9 @@ from tpcompile.runtime.format import (
     ParameterEntry,
     RankEntry,
     TensorSpec,
+    sha256_file,
 )
+from tpcompile.runtime.format.placement import Partial, Placement, Replicate, Shard
 
 TOKENIZER_DIR = "tokenizer"
 

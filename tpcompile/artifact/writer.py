@@ -10,7 +10,6 @@ to load them, and the next compile of OUT removes those whose process is gone (e
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import shutil
 import sys
@@ -21,27 +20,10 @@ from pathlib import Path
 
 from tpcompile.errors import UsageError
 from tpcompile.runtime.format import WORK_DIR_PATTERN, work_dir_name
+from tpcompile.runtime.transport.shm import process_alive
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale_work_dirs(out: Path) -> list[Path]:
@@ -51,7 +33,7 @@ def remove_stale_work_dirs(out: Path) -> list[Path]:
         return removed
     for path in sorted(out.parent.iterdir()):
         m = WORK_DIR_PATTERN.match(path.name)
-        if m and m["out"] == out.name and path.is_dir() and not _alive(int(m["pid"])):
+        if m and m["out"] == out.name and path.is_dir() and not process_alive(int(m["pid"])):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

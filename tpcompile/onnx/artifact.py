@@ -19,21 +19,22 @@ from typing import Any
 
 import torch
 
-from tpcompile.artifact.writer import atomic_directory, sha256_file
+from tpcompile.artifact.writer import atomic_directory
 from tpcompile.errors import TpCompileError, UnsupportedModelError, UsageError
 from tpcompile.onnx.aligned import align_safetensors
 from tpcompile.onnx.export import DOMAIN, OPSET, export_model
 from tpcompile.onnx.functional import stateful_module
-from tpcompile.onnx.segments import RankGraph, split_model
+from tpcompile.onnx.segments import split_model
 from tpcompile.runtime.errors import first_line
-from tpcompile.runtime.format import Manifest
+from tpcompile.runtime.format import Manifest, sha256_file
+from tpcompile.runtime.format.onnx_section import OnnxRank
 
 FORMAT = "onnx"
 PROGRAM = "program.pt2"
 WEIGHTS = "weights.safetensors"
 
 
-def convert_rank(rank_dir: Path, zero_state: set[str]) -> tuple[RankGraph, list[Path]]:
+def convert_rank(rank_dir: Path, zero_state: set[str]) -> tuple[OnnxRank, list[Path]]:
     """Write ``rank_dir``'s segments; return the rank's steps and the segment files."""
     program = torch.export.load(str(rank_dir / PROGRAM))
     align_safetensors(rank_dir / WEIGHTS)

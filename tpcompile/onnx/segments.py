@@ -9,9 +9,7 @@ Initializers travel with the segments that read them (the weights stay in the ra
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import onnx
 import onnx_ir as ir
@@ -19,66 +17,18 @@ from onnx import helper
 
 from tpcompile.errors import UnsupportedModelError
 from tpcompile.onnx.export import ALL_GATHER, ALL_REDUCE, DOMAIN
+from tpcompile.runtime.format.onnx_section import Collective, OnnxRank, Segment, Step, ValueSpec
 
 
-@dataclass
-class SegmentStep:
-    file: str
-    inputs: list[str]
-    outputs: list[str]
-    nodes: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "kind": "segment",
-            "file": self.file,
-            "inputs": self.inputs,
-            "outputs": self.outputs,
-            "nodes": self.nodes,
-        }
-
-
-@dataclass
-class CollectiveStep:
-    op: str  # all_reduce | all_gather
-    input: str
-    output: str
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.op, "input": self.input, "output": self.output, **self.attrs}
-
-
-Step = SegmentStep | CollectiveStep
-
-
-@dataclass
-class RankGraph:
-    """What the manifest records for one rank: graph inputs/outputs (with ONNX shapes) and the steps."""
-
-    inputs: list[dict[str, Any]]
-    outputs: list[dict[str, Any]]
-    steps: list[Step]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"inputs": self.inputs, "outputs": self.outputs, "steps": [s.to_json() for s in self.steps]}
-
-
-def _spec(vi: onnx.ValueInfoProto) -> dict[str, Any]:
+def _spec(vi: onnx.ValueInfoProto) -> ValueSpec:
     t = vi.type.tensor_type
-    dims: list[int | str] = [
-        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim
-    ]
-    return {
-        "name": vi.name,
-        "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
-        if t.elem_type != onnx.TensorProto.BFLOAT16
-        else "bfloat16",
-        "shape": dims,
-    }
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim)
+    bf16 = t.elem_type == onnx.TensorProto.BFLOAT16
+    dtype = "bfloat16" if bf16 else onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+    return ValueSpec(vi.name, dtype, dims)
 
 
-def _collective(node: onnx.NodeProto) -> CollectiveStep:
+def _collective(node: onnx.NodeProto) -> Collective:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if node.op_type == ALL_REDUCE:
         op = str(
@@ -86,11 +36,9 @@ def _collective(node: onnx.NodeProto) -> CollectiveStep:
             if isinstance(attrs.get("reduce_op"), bytes)
             else attrs.get("reduce_op", "sum")
         )
-        return CollectiveStep("all_reduce", node.input[0], node.output[0], {"reduce_op": op})
+        return Collective("all_reduce", node.input[0], node.output[0], reduce_op=op)
     if node.op_type == ALL_GATHER:
-        return CollectiveStep(
-            "all_gather", node.input[0], node.output[0], {"group_size": int(attrs["group_size"])}
-        )
+        return Collective("all_gather", node.input[0], node.output[0], group_size=int(attrs["group_size"]))
     raise UnsupportedModelError(f"unknown collective {DOMAIN}.{node.op_type} in a rank program")
 
 
@@ -107,14 +55,14 @@ def _reads(node: onnx.NodeProto) -> list[str]:
     return names
 
 
-def split_model(model: ir.Model, rank_dir: Path, prefix: str = "segment") -> tuple[RankGraph, list[Path]]:
+def split_model(model: ir.Model, rank_dir: Path, prefix: str = "segment") -> tuple[OnnxRank, list[Path]]:
     """Write each segment of ``model`` to ``rank_dir/{prefix}{i}.onnx``; return the steps and the files."""
     proto = ir.serde.serialize_model(model)
     graph = proto.graph
     value_info = {vi.name: vi for vi in [*graph.input, *graph.output, *graph.value_info]}
     initializers = {t.name: t for t in graph.initializer}
     groups: list[list[onnx.NodeProto]] = [[]]
-    collectives: list[CollectiveStep] = []
+    collectives: list[Collective] = []
     for node in graph.node:
         if node.domain == DOMAIN:
             collectives.append(_collective(node))
@@ -160,13 +108,11 @@ def split_model(model: ir.Model, rank_dir: Path, prefix: str = "segment") -> tup
             onnx.save_model(m, str(path))
             onnx.checker.check_model(str(path), full_check=True)
             files.append(path)
-            steps.append(SegmentStep(path.name, inputs, outputs, len(nodes)))
+            steps.append(Segment(path.name, tuple(inputs), tuple(outputs), len(nodes)))
         if g < len(collectives):
             steps.append(collectives[g])
-    return (
-        RankGraph([_spec(vi) for vi in graph.input], [_spec(vi) for vi in graph.output], steps),
-        files,
-    )
+    specs = (tuple(_spec(vi) for vi in graph.input), tuple(_spec(vi) for vi in graph.output))
+    return OnnxRank(*specs, tuple(steps)), files
 
 
 def _info(value_info: dict[str, onnx.ValueInfoProto], name: str) -> onnx.ValueInfoProto:

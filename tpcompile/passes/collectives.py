@@ -15,7 +15,7 @@ import torch
 import torch.distributed._functional_collectives  # noqa: F401  (registers the ops' fake kernels)
 import torch.fx as fx
 
-from tpcompile.passes.placement import Partial, Placement, Replicate, Shard
+from tpcompile.runtime.format.placement import Partial, Placement, Replicate, Shard
 
 GROUP_NAME = "tp"
 aten = torch.ops.aten

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from tpcompile.passes.placement import Shard
+from tpcompile.runtime.format.placement import Shard
 
 aten = torch.ops.aten
 

@@ -14,8 +14,8 @@ import torch
 import torch.fx as fx
 
 from tpcompile.passes.collectives import redistribute
-from tpcompile.passes.placement import RootPlacement
 from tpcompile.passes.rule_api import NodeOut, Propagation, shape_of
+from tpcompile.runtime.format.placement import RootPlacement
 
 
 class RankBuilder:

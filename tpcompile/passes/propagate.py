@@ -24,7 +24,6 @@ import torch
 import torch.fx as fx
 
 from tpcompile.passes.ops import fallback_rule, find_rule
-from tpcompile.passes.placement import PARTIAL, REPLICATE, Partial, Pieces, Placement, Replicate, Shard
 from tpcompile.passes.rule_api import (
     FreeView,
     Propagation,
@@ -37,6 +36,15 @@ from tpcompile.passes.rule_api import (
     source_line,
 )
 from tpcompile.plan.spec import ShardingPlan, Style
+from tpcompile.runtime.format.placement import (
+    PARTIAL,
+    REPLICATE,
+    Partial,
+    Pieces,
+    Placement,
+    Replicate,
+    Shard,
+)
 
 
 def propagate(

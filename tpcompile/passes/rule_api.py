@@ -23,7 +23,8 @@ from typing import Any, NamedTuple, Protocol
 import torch
 import torch.fx as fx
 
-from tpcompile.passes.placement import (
+from tpcompile.plan.spec import ParamDecision, ShardingPlan, Style
+from tpcompile.runtime.format.placement import (
     REPLICATE,
     Partial,
     Pieces,
@@ -33,7 +34,6 @@ from tpcompile.passes.placement import (
     Shard,
     balanced_split,
 )
-from tpcompile.plan.spec import ParamDecision, ShardingPlan, Style
 
 
 class ViewDim(NamedTuple):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tpcompile.passes.placement import Partial, Pieces, RootPlacement, Shard
+from tpcompile.runtime.format.placement import Partial, Pieces, RootPlacement, Shard
 
 
 def local_shape(shape: tuple[int, ...], pl: RootPlacement, rank: int) -> tuple[int, ...]:

@@ -20,11 +20,11 @@ import math
 import torch.fx as fx
 
 from tpcompile.passes.graph_queries import feature_unit, kv_split, same_data_root, written_in_place
-from tpcompile.passes.placement import Replicate, Shard, balanced_split
 from tpcompile.passes.propagate import propagate
 from tpcompile.passes.rule_api import PlanSite, Propagation, SiteKind
 from tpcompile.plan.experts import DEFAULT_MOE, expert_decisions, feature_classes
 from tpcompile.plan.spec import ParamDecision, PlanFile, ShardingPlan, Style
+from tpcompile.runtime.format.placement import Replicate, Shard, balanced_split
 
 MAX_UNIT_RETRIES = 4
 

@@ -21,8 +21,8 @@ import torch
 import torch.fx as fx
 
 from tpcompile.errors import UsageError
-from tpcompile.passes.placement import Shard, balanced_split
 from tpcompile.plan.spec import ParamDecision, Style
+from tpcompile.runtime.format.placement import Shard, balanced_split
 
 MoeMode = Literal["tp", "ep"]
 MOE_MODES: tuple[MoeMode, ...] = ("tp", "ep")

@@ -30,6 +30,7 @@ from .errors import RuntimeArtifactError
 from .format import load_artifact_manifest, verify_shared_files
 from .launch.args import BACKEND_CHOICES, DEFAULT_TIMEOUT_S, WorkerArgs
 from .launch.launcher import run_ranks
+from .lm.sampling import SamplingConfig
 from .lm.session import DEFAULT_MAX_NEW_TOKENS, GenerationArgs, not_a_causal_lm, read_prompt_file
 from .load.loader import check_artifact
 from .load.tensor_io import order_inputs, read_inputs
@@ -196,10 +197,7 @@ def main(
             prompt_file=prompt_file,
             read_stdin=not prompts and prompt_file is None,
             max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
+            sampling=SamplingConfig(temperature, top_k, top_p, seed),
             chat_template=not no_chat_template,
             save_tokens=save_tokens,
             compile_decode=compile_decode,

@@ -15,8 +15,8 @@ import torch.fx as fx
 from tpcompile.passes.graph_queries import kv_split, query_split
 from tpcompile.passes.ops.common import concrete
 from tpcompile.passes.ops.registry import aten, register
-from tpcompile.passes.placement import REPLICATE, Partial, Placement, Shard
 from tpcompile.passes.rule_api import RuleContext, Strategy, shape_of
+from tpcompile.runtime.format.placement import REPLICATE, Partial, Placement, Shard
 
 
 @register(aten.scaled_dot_product_attention)

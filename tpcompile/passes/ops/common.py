@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from tpcompile.passes.placement import REPLICATE, Partial, Placement
 from tpcompile.passes.rule_api import FreeView, RuleContext, Strategy
+from tpcompile.runtime.format.placement import REPLICATE, Partial, Placement
 
 
 def tensor_inputs(ctx: RuleContext, node: fx.Node) -> list[fx.Node]:

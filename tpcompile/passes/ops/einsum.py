@@ -16,9 +16,9 @@ import torch.fx as fx
 
 from tpcompile.passes.ops.common import concrete, replicate_all
 from tpcompile.passes.ops.registry import aten, register
-from tpcompile.passes.placement import PARTIAL, REPLICATE, Partial, Placement, Replicate, Shard
 from tpcompile.passes.rule_api import FreeView, RuleContext, SiteKind, Strategy, shape_of
 from tpcompile.plan.spec import Style
+from tpcompile.runtime.format.placement import PARTIAL, REPLICATE, Partial, Placement, Replicate, Shard
 
 
 def _subscripts(equation: str, n_inputs: int) -> tuple[list[str], str] | None:

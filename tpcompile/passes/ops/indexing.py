@@ -16,7 +16,6 @@ import torch.fx as fx
 from tpcompile.passes.graph_queries import norm_dim, packet, slice_bounds
 from tpcompile.passes.ops.common import concrete, replicate_all, tensor_inputs, whole
 from tpcompile.passes.ops.registry import aten, register
-from tpcompile.passes.placement import PARTIAL, REPLICATE, Partial, Pieces, Placement, Shard
 from tpcompile.passes.rule_api import (
     FreeView,
     LoweringBuilder,
@@ -26,6 +25,7 @@ from tpcompile.passes.rule_api import (
     shape_of,
 )
 from tpcompile.plan.spec import Style
+from tpcompile.runtime.format.placement import PARTIAL, REPLICATE, Partial, Pieces, Placement, Shard
 
 
 def _whole(node: fx.Node, dim: int) -> bool:

@@ -14,9 +14,9 @@ import torch.fx as fx
 
 from tpcompile.passes.ops.common import concrete, whole
 from tpcompile.passes.ops.registry import aten, register
-from tpcompile.passes.placement import PARTIAL, REPLICATE, Partial, Placement, Replicate, Shard
 from tpcompile.passes.rule_api import AnyPlacement, FreeView, RuleContext, SiteKind, Strategy, shape_of
 from tpcompile.plan.spec import Style
+from tpcompile.runtime.format.placement import PARTIAL, REPLICATE, Partial, Placement, Replicate, Shard
 
 
 def _weight(ctx: RuleContext, raw: AnyPlacement | None, roles: dict[Style, int], planned: bool) -> Placement:

@@ -9,8 +9,8 @@ import torch
 import torch.fx as fx
 
 from tpcompile.passes.ops.registry import aten, aten_ops, register
-from tpcompile.passes.placement import REPLICATE, Shard
 from tpcompile.passes.rule_api import LoweringBuilder, RuleContext, Strategy
+from tpcompile.runtime.format.placement import REPLICATE, Shard
 
 FACTORIES = (
     "arange",

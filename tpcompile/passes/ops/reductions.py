@@ -15,8 +15,8 @@ from tpcompile.passes.graph_queries import norm_dim, packet
 from tpcompile.passes.ops.common import concrete, replicate_all
 from tpcompile.passes.ops.pointwise import Linearity, pointwise_strategy
 from tpcompile.passes.ops.registry import aten, register
-from tpcompile.passes.placement import PARTIAL, REPLICATE, Partial, Placement, Shard
 from tpcompile.passes.rule_api import LoweringBuilder, RuleContext, Strategy, shape_of
+from tpcompile.runtime.format.placement import PARTIAL, REPLICATE, Partial, Placement, Shard
 
 
 def _reduced_dims(node: fx.Node, nd: int) -> tuple[list[int], bool]:

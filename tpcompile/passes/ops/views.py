@@ -20,8 +20,8 @@ import torch.fx as fx
 
 from tpcompile.passes.graph_queries import norm_dim, packet
 from tpcompile.passes.ops.registry import aten, register
-from tpcompile.passes.placement import REPLICATE, Partial, Replicate, Shard
 from tpcompile.passes.rule_api import FreeView, LoweringBuilder, RuleContext, Strategy, ViewDim, shape_of
+from tpcompile.runtime.format.placement import REPLICATE, Partial, Replicate, Shard
 
 
 def _prod(xs: Any) -> Any:

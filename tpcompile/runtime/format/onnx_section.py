@@ -40,12 +40,25 @@ class ValueSpec:
     dtype: str
     shape: tuple[int | str, ...]
 
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
 
 @dataclass(frozen=True)
 class Segment:
     file: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    nodes: int = 0  # how many ONNX nodes it holds (informational)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": "segment",
+            "file": self.file,
+            "inputs": list(self.inputs),
+            "outputs": list(self.outputs),
+            "nodes": self.nodes,
+        }
 
 
 @dataclass(frozen=True)
@@ -56,15 +69,33 @@ class Collective:
     reduce_op: str = "sum"
     group_size: int = 1
 
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"kind": self.op, "input": self.input, "output": self.output}
+        if self.op == "all_reduce":
+            data["reduce_op"] = self.reduce_op
+        else:
+            data["group_size"] = self.group_size
+        return data
+
 
 Step = Segment | Collective
 
 
 @dataclass(frozen=True)
 class OnnxRank:
+    """Rank r's ONNX graph: its inputs and outputs, and its steps in execution order. ``to_json`` is what
+    the compiler writes under ``extra.onnx.ranks[r]``; ``onnx_rank`` reads it back."""
+
     inputs: tuple[ValueSpec, ...]
     outputs: tuple[ValueSpec, ...]
     steps: tuple[Step, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "inputs": [v.to_json() for v in self.inputs],
+            "outputs": [v.to_json() for v in self.outputs],
+            "steps": [step.to_json() for step in self.steps],
+        }
 
     @property
     def state(self) -> tuple[ValueSpec, ...]:
@@ -101,7 +132,9 @@ def _step(item: Any, where: str) -> Step:
     kind = item.get("kind")
     try:
         if kind == "segment":
-            return Segment(str(item["file"]), tuple(item["inputs"]), tuple(item["outputs"]))
+            return Segment(
+                str(item["file"]), tuple(item["inputs"]), tuple(item["outputs"]), int(item.get("nodes", 0))
+            )
         if kind in ("all_reduce", "all_gather"):
             return Collective(
                 str(kind),

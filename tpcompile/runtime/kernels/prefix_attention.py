@@ -102,15 +102,9 @@ def _prefix_attention_op(
 
 @_prefix_attention_op.register_fake
 def _prefix_attention_fake(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *options: object
 ) -> torch.Tensor:
+    """Shape of the result: the query's, with the value's feature size (the options do not change it)."""
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 

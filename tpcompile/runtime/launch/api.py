@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..format import load_artifact_manifest
+from ..lm.sampling import SamplingConfig
 from ..lm.session import Generation, GenerationArgs, not_a_causal_lm
 from ..load.tensor_io import order_inputs
 from .args import DEFAULT_TIMEOUT_S, WorkerArgs
@@ -109,10 +110,7 @@ def generate_text(
             prompts=(prompt,) if isinstance(prompt, str) else (),
             prompt_ids=() if isinstance(prompt, str) else (tuple(int(t) for t in prompt),),
             max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
+            sampling=SamplingConfig(temperature, top_k, top_p, seed),
             chat_template=chat_template,
             results_json=results,
             stream=False,

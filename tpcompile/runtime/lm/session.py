@@ -26,6 +26,7 @@ from ..load.program import RankProgram
 from ..reporting import ERROR_PREFIX, print_verbatim
 from ..transport.collectives import broadcast_object
 from .generate import CausalLM, GenerationStats, check_prompt_length
+from .sampling import SamplingConfig
 from .tokenization import StreamDecoder, encode_prompt, load_tokenizer
 
 __all__ = [
@@ -54,10 +55,7 @@ class GenerationArgs:
     prompt_ids: tuple[tuple[int, ...], ...] = ()
     read_stdin: bool = False
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 0
+    sampling: SamplingConfig = SamplingConfig()
     chat_template: bool = True
     save_tokens: Path | None = None
     results_json: Path | None = None
@@ -180,10 +178,7 @@ class GenerationSession:
         new_ids = model.generate(
             prompt_ids,
             max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
+            **asdict(args.sampling),
             on_token=emit,
         )
         if decoder is not None:
