@@ -1,7 +1,8 @@
 """The ``tpcompile`` command: compile (the default), ``verify`` and ``explain``.
 
 Exit codes (``tpcompile.errors.EXIT_*``): 0 ok, 1 internal error or failed verification, 2 usage / bad
-input, 3 unsupported model, 130 interrupted.
+input, 3 unsupported model, 130 interrupted.  Options are parsed before torch is imported (the modules
+imported at the top are torch-free), so a usage error is one line at once.
 """
 
 from __future__ import annotations
@@ -9,18 +10,23 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from tpcompile.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TpCompileError, UsageError
-from tpcompile.frontend.options import LanguageModelOptions
 from tpcompile.progress import ProgressBar
 from tpcompile.runtime.errors import first_line
+from tpcompile.runtime.usage import OneLineErrors
+
+if TYPE_CHECKING:
+    from tpcompile.frontend.options import LanguageModelOptions
 
 
-class DefaultGroup(click.Group):
-    """``tpcompile MODEL ...`` means ``tpcompile compile MODEL ...``."""
+class DefaultGroup(OneLineErrors, click.Group):
+    """``tpcompile MODEL ...`` means ``tpcompile compile MODEL ...``; usage errors are one line."""
+
+    prog = "tpcompile"
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
@@ -122,6 +128,8 @@ def compile_cmd(
     debug: bool,
 ) -> None:
     """Compile MODEL for TP ranks into OUT."""
+    from tpcompile.frontend.options import LanguageModelOptions
+
     lm = LanguageModelOptions(dtype, max_seq_len, max_batch_size)
     _run(
         debug, _compile, model, tp, out, plan_path, trust_pickle, lm, force, as_json, quiet, moe,

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     )
     from .launch.api import generate_text, run_artifact
     from .lm.generate import CausalLM, GenerationStats
-    from .lm.sampling import SamplingConfig
+    from .lm.options import SamplingConfig
     from .lm.session import Generation
     from .load.loader import load_rank
     from .load.program import RankProgram
@@ -85,7 +85,7 @@ _MODULES = {
     "RankProgram": ".load.program",
     "load_rank": ".load.loader",
     "run_artifact": ".launch.api",
-    "SamplingConfig": ".lm.sampling",
+    "SamplingConfig": ".lm.options",
 }
 
 __all__ = [

@@ -15,7 +15,9 @@ artifact; answers stream to stdout, one summary line per prompt goes to stderr.
 
 Invariant: everything that can be checked before spawning (manifest, file
 hashes, program trust, inputs, prompt file, output directories, backend) is
-checked once here, so a bad run is one error line and no rank starts.
+checked once here, so a bad run is one error line and no rank starts.  The
+options are parsed before torch is imported (the modules imported at the top
+are torch-free), so a usage error answers at once.
 """
 
 from __future__ import annotations
@@ -27,15 +29,10 @@ from pathlib import Path
 import click
 
 from .errors import RuntimeArtifactError
-from .format import load_artifact_manifest, verify_shared_files
 from .launch.args import BACKEND_CHOICES, DEFAULT_TIMEOUT_S, WorkerArgs
-from .launch.launcher import run_ranks
-from .lm.sampling import SamplingConfig
-from .lm.session import DEFAULT_MAX_NEW_TOKENS, GenerationArgs, not_a_causal_lm, read_prompt_file
-from .load.loader import check_artifact
-from .load.tensor_io import order_inputs, read_inputs
+from .lm.options import DEFAULT_MAX_NEW_TOKENS, GenerationArgs, SamplingConfig
 from .reporting import EXIT_OK, report_exception
-from .transport.distributed import choose_backend, in_torchrun
+from .usage import OneLineErrors
 
 __all__ = ["main"]
 
@@ -48,6 +45,12 @@ def _check_parent(path: Path) -> None:
 
 def _preflight(args: WorkerArgs) -> int:
     """Check manifest, inputs/prompts and output dirs before spawning; return the number of ranks."""
+    from .format import load_artifact_manifest, verify_shared_files
+    from .lm.session import not_a_causal_lm, read_prompt_file
+    from .load.loader import check_artifact
+    from .load.tensor_io import order_inputs, read_inputs
+    from .transport.distributed import choose_backend, in_torchrun
+
     manifest = load_artifact_manifest(args.artifact, verify=not args.skip_verify)
     gen = args.generation
     if gen is not None and not manifest.is_causal_lm:
@@ -74,6 +77,9 @@ def _preflight(args: WorkerArgs) -> int:
 def _run(args: WorkerArgs, port: int | None) -> int:
     """Launch the ranks (or run in-process under torchrun) and return the exit code; a failed launch
     raises (see :func:`~tpcompile.runtime.launch.launcher.run_ranks`)."""
+    from .launch.launcher import run_ranks
+    from .transport.distributed import in_torchrun
+
     nprocs = _preflight(args)
     stdin = args.generation is not None and args.generation.read_stdin
     if stdin and sys.stdin.isatty() and not in_torchrun():
@@ -87,7 +93,11 @@ def _run(args: WorkerArgs, port: int | None) -> int:
     return EXIT_OK
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+class _Tprun(OneLineErrors, click.Command):
+    prog = "tprun"
+
+
+@click.command(cls=_Tprun, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option(
     "--inputs",
@@ -222,4 +232,4 @@ def main(
 
 
 if __name__ == "__main__":
-    main(prog_name="tprun")
+    main()

@@ -17,6 +17,7 @@ __all__ = [
     "ArtifactCorrupt",
     "ArtifactLoadError",
     "BackendError",
+    "CollectiveError",
     "InputError",
     "LaunchError",
     "ManifestCorrupt",
@@ -34,6 +35,10 @@ def first_line(exc: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(exc).__name__
+
+
+class CollectiveError(RuntimeError):
+    """A collective cannot complete: a peer rank exited, or ``--timeout`` expired (exit code 1)."""
 
 
 class RuntimeArtifactError(Exception):

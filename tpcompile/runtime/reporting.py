@@ -17,8 +17,7 @@ import re
 import sys
 import traceback
 
-from .errors import LaunchError, PromptError, RuntimeArtifactError, first_line
-from .transport.distributed import CollectiveError
+from .errors import CollectiveError, LaunchError, PromptError, RuntimeArtifactError, first_line
 
 __all__ = [
     "ERROR_PREFIX",

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, first_line
-from ..lm.session import GenerationArgs
+from ..lm.options import GenerationArgs
 
 __all__ = ["BACKEND_CHOICES", "DEFAULT_TIMEOUT_S", "WorkerArgs"]
 

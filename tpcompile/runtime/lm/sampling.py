@@ -15,34 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..errors import InputError
 from ..format import Placement, Shard
 from ..transport.collectives import all_gather_small, broadcast_token, gather_sharded, world_size
+from .options import SamplingConfig
 
 __all__ = ["SamplingConfig", "VocabShard", "choose_token", "distributed_argmax", "warp_logits"]
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How to pick tokens: ``temperature == 0`` is greedy; otherwise sample with ``seed``."""
-
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise InputError(f"top-k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise InputError(f"top-p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        """True when tokens are chosen by argmax (temperature 0)."""
-        return self.temperature == 0.0
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from ..load.program import RankProgram
 from ..reporting import ERROR_PREFIX, print_verbatim
 from ..transport.collectives import broadcast_object
 from .generate import CausalLM, GenerationStats, check_prompt_length
-from .sampling import SamplingConfig
+from .options import DEFAULT_MAX_NEW_TOKENS, GenerationArgs
 from .tokenization import StreamDecoder, encode_prompt, load_tokenizer
 
 __all__ = [
@@ -37,31 +37,6 @@ __all__ = [
     "not_a_causal_lm",
     "read_prompt_file",
 ]
-
-DEFAULT_MAX_NEW_TOKENS = 256
-
-
-@dataclass(frozen=True)
-class GenerationArgs:
-    """Text generation: where prompts come from and how tokens are chosen.
-
-    Prompts are, in order: each of ``prompts``, the whole of ``prompt_file``,
-    each of ``prompt_ids`` (already tokenized; used by the Python API); when
-    ``read_stdin`` is set, rank 0 then reads one prompt per line of stdin.
-    """
-
-    prompts: tuple[str, ...] = ()
-    prompt_file: Path | None = None
-    prompt_ids: tuple[tuple[int, ...], ...] = ()
-    read_stdin: bool = False
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    sampling: SamplingConfig = SamplingConfig()
-    chat_template: bool = True
-    save_tokens: Path | None = None
-    results_json: Path | None = None
-    stream: bool = True
-    compile_decode: bool = False
-
 
 @dataclass(frozen=True)
 class Generation:

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
+from ..errors import CollectiveError
 from ..format import Placement, Shard
-from .distributed import CollectiveError
 from .shm import ShmCommunicator
 
 __all__ = [

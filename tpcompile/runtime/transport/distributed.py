@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
-from ..errors import BackendError, first_line
+from ..errors import BackendError, CollectiveError, first_line
 
 __all__ = [
     "BACKENDS",
@@ -37,10 +37,6 @@ BACKENDS = ("gloo", "nccl")
 _REQUIRED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
 #: Least time ranks wait for each other at start-up, whatever ``--timeout`` is.
 RENDEZVOUS_TIMEOUT_S = 600.0
-
-
-class CollectiveError(RuntimeError):
-    """A collective cannot complete: a peer rank exited, or ``--timeout`` expired (exit code 1)."""
 
 
 def in_torchrun(environ: Mapping[str, str] | None = None) -> bool:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .distributed import CollectiveError
+from ..errors import CollectiveError
 
 __all__ = ["SEGMENT_PREFIX", "ShmCommunicator", "remove_segments", "shm_supported"]
 
