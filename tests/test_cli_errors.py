@@ -10,7 +10,7 @@ from examples import gpt
 from tests.conftest import REPO, tpcompile
 from tpcompile import errors
 from tpcompile.runtime import reporting
-from tpcompile.runtime.errors import ArtifactCorrupt
+from tpcompile.runtime.errors import ArtifactCorrupt, Terminated
 
 
 def _error_line(proc) -> str:  # type: ignore[no-untyped-def]
@@ -101,12 +101,14 @@ def test_readme_exit_codes_match_the_code(capsys) -> None:  # type: ignore[no-un
         errors.EXIT_USAGE: "usage error",
         errors.EXIT_UNSUPPORTED: "unsupported model",
         errors.EXIT_INTERRUPTED: "interrupted",
+        errors.EXIT_TERMINATED: "terminated",
     }
     run_codes = {
         reporting.EXIT_OK: "every rank finished",
         reporting.EXIT_FAILURE: "internal error",
         reporting.EXIT_USER_ERROR: "bad input",
         reporting.EXIT_INTERRUPTED: "interrupted",
+        reporting.EXIT_TERMINATED: "terminated",
     }
     assert {code for code, (text, _) in rows.items() if text != "-"} == set(compile_codes)
     assert {code for code, (_, text) in rows.items() if text != "-"} == set(run_codes)
@@ -125,4 +127,5 @@ def test_readme_exit_codes_match_the_code(capsys) -> None:  # type: ignore[no-un
     assert reporting.report_exception(ArtifactCorrupt("artifact corrupt: f")) == reporting.EXIT_USER_ERROR
     assert reporting.report_exception(RuntimeError("boom")) == reporting.EXIT_FAILURE
     assert reporting.report_exception(KeyboardInterrupt()) == reporting.EXIT_INTERRUPTED
+    assert reporting.report_exception(Terminated()) == reporting.EXIT_TERMINATED
     assert capsys.readouterr().err.splitlines()[0] == "tprun: error: artifact corrupt: f"

@@ -1,6 +1,6 @@
 """Faults through real ``tprun`` processes on a hand-built tp=2 causal LM: a rank killed or stuck during
-generation, Ctrl-C, a busy ``--port``; and, in-process, how the shared-memory transport and the process
-group give up on a dead or silent peer."""
+generation, Ctrl-C, SIGTERM, a busy ``--port``; and, in-process, how the shared-memory transport and the
+process group give up on a dead or silent peer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -20,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
-from tests.conftest import REPO, cli_env, tprun
+from tests.conftest import tprun
+from tests.processes import alive, children, start
 from tests.test_lm_runtime_helpers import build_lm_artifact
 from tpcompile.runtime.launch.launcher import free_port
 from tpcompile.runtime.transport.distributed import (
@@ -43,29 +43,8 @@ def art(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _start(art: Path, *args: str) -> subprocess.Popen[str]:
-    """``tprun`` as a terminal would run it: leader of its own process group."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "tpcompile.runtime.cli", str(art), *GENERATE, *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-        cwd=REPO,
-        start_new_session=True,
-    )
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2 :].split()  # [state, ppid, ...]
-
-
-def _alive(pid: int) -> bool:
-    fields = _stat_fields(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
+    """``tprun`` as a terminal would run it: leader of its own process group, default SIGINT handling."""
+    return start("tpcompile.runtime.cli", art, *GENERATE, *args)
 
 
 def _rank_of(pid: int) -> int | None:
@@ -90,11 +69,7 @@ def _children(proc: subprocess.Popen[str], wait_for: Callable[[int], bool], npro
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[1]
-        kids = []
-        for entry in Path("/proc").iterdir():
-            fields = _stat_fields(int(entry.name)) if entry.name.isdigit() else None
-            if fields is not None and int(fields[1]) == proc.pid:
-                kids.append(int(entry.name))
+        kids = children(proc.pid)
         ranks = {_rank_of(pid): pid for pid in kids}
         if sorted(ranks, key=str) == list(range(nprocs)) and all(wait_for(pid) for pid in kids):
             return [ranks[r] for r in range(nprocs)]
@@ -120,9 +95,9 @@ def _finish(proc: subprocess.Popen[str], pids: list[int], since: float) -> str:
             os.killpg(proc.pid, signal.SIGKILL)
     assert time.monotonic() - since < 30
     deadline = time.monotonic() + 5  # the launcher waited for its ranks; this only absorbs /proc lag
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert [pid for pid in pids if _alive(pid)] == []
+    assert [pid for pid in pids if alive(pid)] == []
     assert list(Path("/dev/shm").glob(f"{SEGMENT_PREFIX}{pids[0]}-*")) == []
     assert "Traceback" not in stderr
     assert "prompt tokens:" not in stderr  # the fault did land during generation
@@ -169,6 +144,31 @@ def test_ctrl_c_during_generation_stops_all_ranks(art: Path) -> None:
 def test_sigint_to_launcher_while_ranks_start(art: Path) -> None:
     """``kill -INT`` of the launcher alone, while its ranks are still importing and loading."""
     proc = _start(art)
+    pids = _children(proc, wait_for=lambda pid: True)
+    os.kill(proc.pid, signal.SIGINT)
+    stderr = _finish(proc, pids, time.monotonic())
+    assert proc.returncode == 130
+    assert stderr == "tprun: error: interrupted\n"
+
+
+def test_sigterm_to_launcher_stops_all_ranks(art: Path) -> None:
+    """What ``timeout``, systemd and CI runners send: handled like Ctrl-C, reported as its own exit code."""
+    proc = _start(art)
+    pids = _generating_ranks(proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    stderr = _finish(proc, pids, time.monotonic())
+    assert proc.returncode == 143
+    assert stderr == "tprun: error: terminated\n"
+
+
+def test_ctrl_c_works_when_the_suite_runs_with_sigint_ignored(art: Path) -> None:
+    """``nohup make test &`` starts the suite with SIGINT ignored, which every child inherits (and Python
+    then installs no KeyboardInterrupt handler): the command under test still gets the default."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = _start(art)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     pids = _children(proc, wait_for=lambda pid: True)
     os.kill(proc.pid, signal.SIGINT)
     stderr = _finish(proc, pids, time.monotonic())

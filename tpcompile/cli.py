@@ -1,8 +1,9 @@
 """The ``tpcompile`` command: compile (the default), ``verify`` and ``explain``.
 
 Exit codes (``tpcompile.errors.EXIT_*``): 0 ok, 1 internal error or failed verification, 2 usage / bad
-input, 3 unsupported model, 130 interrupted.  Options are parsed before torch is imported (the modules
-imported at the top are torch-free), so a usage error is one line at once.
+input, 3 unsupported model, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); either way the compile's
+worker processes and working directory are gone when it exits.  Options are parsed before torch is
+imported (the modules imported at the top are torch-free), so a usage error is one line at once.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from tpcompile.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TpCompileError, UsageError
+from tpcompile.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, TpCompileError, UsageError
 from tpcompile.progress import ProgressBar
-from tpcompile.runtime.errors import first_line
+from tpcompile.runtime.errors import Terminated, first_line
 from tpcompile.runtime.usage import OneLineErrors
 
 if TYPE_CHECKING:
@@ -46,8 +47,11 @@ def _run(debug: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except TpCompileError as err:
         _fail(err, debug)
-    except KeyboardInterrupt:
-        click.echo("tpcompile: interrupted", err=True)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): OUT was left as it was
+        if isinstance(exc, Terminated):
+            click.echo("tpcompile: error: terminated", err=True)
+            sys.exit(EXIT_TERMINATED)
+        click.echo("tpcompile: error: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as err:
         if debug:

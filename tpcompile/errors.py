@@ -8,6 +8,7 @@ EXIT_INTERNAL = 1  # a bug, or ``verify`` found outputs that differ
 EXIT_USAGE = 2  # bad input the user can fix
 EXIT_UNSUPPORTED = 3  # the model is readable but cannot be captured or sharded
 EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15)
 
 
 class TpCompileError(Exception):

@@ -1,9 +1,10 @@
 """Capturing every rank's program (lowering + ``torch.export`` + save), in parallel with weight writing.
 
 Re-capturing a rank's graph is pure tracing (fake tensors, no weights) and takes most of a compile, so
-ranks are captured in forked worker processes (one per core the parent leaves free) while the parent
-streams the weight shards. Invariant: when the context exits without error, ``rankN/program.pt2`` exists
-for every rank, and the files are the same as a sequential capture would write.
+ranks are captured in forked worker processes (one per core the parent leaves free, see
+:mod:`tpcompile.artifact.workers`) while the parent streams the weight shards, and then by the parent as
+well. Invariant: when the context exits without error, ``rankN/program.pt2`` exists for every rank, and
+the files are the same as a sequential capture would write; when it exits, no worker is left.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from tpcompile.artifact.program import StoredTensor, export_rank_program, save_program
+from tpcompile.artifact.workers import worker_pool
 from tpcompile.errors import TpCompileError, UnsupportedModelError
 from tpcompile.passes.lower_rank import build_rank_graph
 from tpcompile.passes.rule_api import Propagation
@@ -43,19 +45,17 @@ class RankProgramJob:
         save_program(program, self.out / f"rank{rank}" / PROGRAM_FILE)
 
 
-_JOB: RankProgramJob | None = None  # what forked workers inherit
-
-
-def _run_in_worker(rank: int) -> tuple[int, str | None]:
-    assert _JOB is not None
-    try:
-        _JOB.run(rank)
-    except TpCompileError as err:
-        return rank, str(err)
-    except Exception as err:  # reported by the parent as an unsupported model, with the first line
-        first = first_line(err)
-        return rank, f"capturing rank {rank}'s program failed: {type(err).__name__}: {first}"
-    return rank, None
+    def capture(self, rank: int) -> BaseException | None:
+        """:meth:`run`, with its failure as the result (it crosses from a worker process to the compiler):
+        a typed compiler error or an ``OSError`` (a full disk) as it is, anything else as one line."""
+        try:
+            self.run(rank)
+        except (TpCompileError, OSError) as err:
+            return err
+        except Exception as err:  # reported by the compiler as an unsupported model, with the first line
+            what = f"{type(err).__name__}: {first_line(err)}"
+            return UnsupportedModelError(f"capturing rank {rank}'s program failed: {what}")
+        return None
 
 
 def _workers(tp: int) -> int:
@@ -65,43 +65,24 @@ def _workers(tp: int) -> int:
         or "fork" not in multiprocessing.get_all_start_methods()
     ):
         return 0
-    # the parent keeps one core busy streaming weights; workers cost memory (each traces a whole rank)
+    # the compiler keeps one core busy streaming weights (then it captures too); workers cost memory (each
+    # traces a whole rank)
     return max(1, min(tp, (os.cpu_count() or 1) - 1))
 
 
 @contextlib.contextmanager
 def rank_program_pool(job: RankProgramJob, tp: int) -> Iterator[Iterator[int]]:
     """Start capturing all ranks' programs; the body runs meanwhile and may iterate the ranks as they
-    finish. Leaving the context waits for all of them (and raises the first failure)."""
-    global _JOB
-    workers = _workers(tp)
-    if workers < 1:
-        yield _sequential(job, tp)
-        return
-    _JOB = job
-    pool = multiprocessing.get_context("fork").Pool(workers)
-    try:
-        results = pool.imap_unordered(_run_in_worker, range(tp))
-        done: list[int] = []
+    finish (the compiler then captures ranks too). Leaving the context waits for all of them (and raises
+    the first failure); the worker processes are gone when it is left, however it is left."""
+    with worker_pool(job.capture, range(tp), _workers(tp), "fork") as pool:
 
         def finished() -> Iterator[int]:
-            for rank, error in results:
+            for rank, error in pool.results():
                 if error is not None:
-                    raise UnsupportedModelError(error)
-                done.append(rank)
+                    raise error
                 yield rank
 
         yield finished()
         for _ in finished():
             pass
-        pool.close()
-    finally:
-        pool.terminate()
-        pool.join()
-        _JOB = None
-
-
-def _sequential(job: RankProgramJob, tp: int) -> Iterator[int]:
-    for rank in range(tp):
-        job.run(rank)
-        yield rank

@@ -10,15 +10,15 @@ says ``format: onnx`` and lists every rank's steps under ``extra.onnx``.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tpcompile.artifact.workers import worker_pool
 from tpcompile.artifact.writer import atomic_directory
 from tpcompile.errors import TpCompileError, UnsupportedModelError, UsageError
 from tpcompile.onnx.aligned import align_safetensors
@@ -64,24 +64,16 @@ def _convert_all(
 ) -> Iterator[tuple[str, dict[str, Any], list[str]]]:
     """Convert the rank directories, in worker processes (one per core) when there are several. They are
     spawned, not forked: a fork of the compiler (which has helper threads by now) can inherit a held lock
-    and hang."""
+    and hang. Like every worker of a compile (:mod:`tpcompile.artifact.workers`), they die with it."""
     jobs: list[Job] = [(out, sorted(zero_state), d) for d in dirs]
     workers = min(len(dirs), os.cpu_count() or 1)
-    pool = None
     if workers < 2 or os.environ.get("TPCOMPILE_JOBS") == "1":
-        results: Iterable[Result] = map(_convert_in_worker, jobs)
-    else:
-        pool = mp.get_context("spawn").Pool(workers)
-        results = pool.imap(_convert_in_worker, jobs)
-    try:
-        for rank_dir, graph, files, error in results:
+        workers = 0
+    with worker_pool(_convert_in_worker, jobs, workers, "spawn") as pool:
+        for _, (rank_dir, graph, files, error) in pool.results(share=False):
             if error is not None or graph is None:
                 raise UnsupportedModelError(error or f"converting {rank_dir} to ONNX failed")
             yield rank_dir, graph, files
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
 
 
 def to_onnx(out: Path, manifest: Manifest, progress: Callable[[str], None] | None = None) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "ManifestError",
     "PromptError",
     "RuntimeArtifactError",
+    "Terminated",
     "UntrustedContent",
     "first_line",
 ]
@@ -35,6 +36,11 @@ def first_line(exc: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(exc).__name__
+
+
+class Terminated(KeyboardInterrupt):
+    """The process got SIGTERM (``timeout``, systemd, a CI runner): handled exactly like Ctrl-C, so every
+    cleanup that Ctrl-C runs also runs, but reported as ``terminated`` with exit code 143 (128 + 15)."""
 
 
 class CollectiveError(RuntimeError):

@@ -7,7 +7,8 @@ marks it with :data:`VERBATIM_MARK` so that the launcher strips the mark and
 forwards the line without a prefix.
 
 Invariant: an exception reaches the user as one ``tprun: error:`` line (a
-traceback only with ``--debug``), and its type (or a failed rank's own code) decides the exit code.
+traceback only with ``--debug``), and its type (or a failed rank's own code) decides the exit code:
+Ctrl-C is 130, SIGTERM (:class:`~tpcompile.runtime.errors.Terminated`) 143.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import re
 import sys
 import traceback
 
-from .errors import CollectiveError, LaunchError, PromptError, RuntimeArtifactError, first_line
+from .errors import CollectiveError, LaunchError, PromptError, RuntimeArtifactError, Terminated, first_line
 
 __all__ = [
     "ERROR_PREFIX",
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "EXIT_TERMINATED",
     "EXIT_USER_ERROR",
     "LAUNCHER_PID_ENV",
     "VERBATIM_MARK",
@@ -38,6 +40,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1  # unexpected failure (a bug, or a crash inside torch)
 EXIT_USER_ERROR = 2  # RuntimeArtifactError: something the user can fix
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15)
 #: Set in spawned workers' environment to the launcher's pid.
 LAUNCHER_PID_ENV = "TPRUN_LAUNCHER_PID"
 #: First character of a worker's stderr line that the launcher forwards unprefixed.
@@ -61,6 +64,9 @@ def report_exception(exc: BaseException, *, debug: bool = False) -> int:
     """Print ``exc`` as one line (plus a traceback if ``debug``); return the exit code."""
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, Terminated):
+        print_error("terminated")
+        return EXIT_TERMINATED
     if isinstance(exc, KeyboardInterrupt):
         print_error("interrupted")
         return EXIT_INTERRUPTED

@@ -3,7 +3,9 @@
 click answers a bad option with a usage block, a "Try --help" line and the message; these commands print
 only the message (``--help`` still prints the help).  Invariant: an error found while parsing reaches the
 user as exactly one line on stderr and exit code 2 (click's own exit code for other click errors), and
-parsing runs before the command body imports anything heavy (torch), so it answers at once.
+parsing runs before the command body imports anything heavy (torch), so it answers at once.  SIGTERM
+raises :class:`~tpcompile.runtime.errors.Terminated` from the start (see
+:mod:`~tpcompile.runtime.launch.lifetime`), so both commands clean up after it as after Ctrl-C.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Any, NoReturn
 import click
 from click.exceptions import NoArgsIsHelpError
 
-from .errors import first_line
-from .reporting import EXIT_INTERRUPTED
+from .errors import Terminated, first_line
+from .launch.lifetime import stop_on_sigterm
+from .reporting import EXIT_INTERRUPTED, EXIT_TERMINATED
 
 __all__ = ["OneLineErrors", "fail"]
 
@@ -43,6 +46,7 @@ class OneLineErrors:
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
+        stop_on_sigterm()  # SIGTERM is cleaned up after like Ctrl-C (the bodies catch KeyboardInterrupt)
         try:
             result = super().main(  # type: ignore[misc]
                 args, prog_name or self.prog, complete_var, standalone_mode=False, **extra
@@ -52,7 +56,9 @@ class OneLineErrors:
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
             fail(self.prog, exc.format_message(), exc.exit_code)
-        except click.exceptions.Abort:  # Ctrl-C that the command body did not handle itself
+        except click.exceptions.Abort as exc:  # Ctrl-C or SIGTERM that the command body did not catch
+            if isinstance(exc.__context__, Terminated):
+                fail(self.prog, "terminated", EXIT_TERMINATED)
             fail(self.prog, "interrupted", EXIT_INTERRUPTED)
         if not standalone_mode:
             return result

@@ -6,9 +6,10 @@ Every rank runs :mod:`tpcompile.runtime.launch.worker` with the run's
 
 Faults: the ranks run in their own session, so a terminal's Ctrl-C reaches
 only the launcher, which then stops every rank (SIGTERM, then SIGKILL) and
-exits 130.  When one rank exits abnormally the launcher stops the others at
-once and reports that rank; a rank whose launcher dies is SIGKILLed by the
-kernel.  Shared-memory segments a killed rank 0 could leave are removed.
+exits 130 (143 after a SIGTERM of the launcher).  When one rank exits
+abnormally the launcher stops the others at once and reports that rank; a
+rank whose launcher dies is SIGKILLed by the kernel.  Shared-memory segments
+a killed rank 0 could leave are removed.
 
 Invariant: :func:`spawn_workers` returns only when every rank has exited.
 """
@@ -29,12 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final
 
-from ..errors import LaunchError, PromptError
+from ..errors import LaunchError, PromptError, Terminated
 from ..reporting import (
     ERROR_PREFIX,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_TERMINATED,
     LAUNCHER_PID_ENV,
     VERBATIM_MARK,
 )
@@ -53,19 +55,13 @@ __all__ = [
 ]
 
 WORKER_MODULE: Final = "tpcompile.runtime.launch.worker"
-_PR_SET_PDEATHSIG = 1
 #: What a spawned rank runs (``python -c``) before importing anything heavy: get SIGKILLed when the
-#: launcher dies (Linux ``PR_SET_PDEATHSIG``; set here rather than in a ``preexec_fn``, which is unsafe
-#: in a process with threads), exit at once if the launcher is already gone, then run the worker.
+#: launcher dies (:func:`~tpcompile.runtime.launch.lifetime.die_with_parent`; called here rather than in a
+#: ``preexec_fn``, which is unsafe in a process with threads), then run the worker.
 _BOOTSTRAP: Final = f"""\
-import ctypes, os, runpy, signal, sys
-if sys.platform.startswith("linux"):
-    try:
-        ctypes.CDLL(None).prctl({_PR_SET_PDEATHSIG}, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-    if str(os.getppid()) != os.environ[{LAUNCHER_PID_ENV!r}]:
-        os._exit({EXIT_FAILURE})
+import os, runpy
+from tpcompile.runtime.launch.lifetime import die_with_parent
+die_with_parent(int(os.environ[{LAUNCHER_PID_ENV!r}]))
 runpy.run_module({WORKER_MODULE!r}, run_name="__main__", alter_sys=True)
 """
 _POLL_S = 0.1
@@ -272,7 +268,8 @@ def spawn_workers(
     straight to ours.  Rank 0 inherits stdin when ``stdin_to_rank0``, the
     others read from /dev/null.  As soon as one rank exits non-zero the
     others are terminated (SIGTERM, then SIGKILL after ``grace_s``); so are
-    all of them on KeyboardInterrupt (Ctrl-C), which returns exit code 130.
+    all of them on KeyboardInterrupt (Ctrl-C), which returns exit code 130, and on
+    :class:`~tpcompile.runtime.errors.Terminated` (SIGTERM), which returns 143.
     Always spawns, even under torchrun.
 
     Raises:
@@ -306,8 +303,10 @@ def spawn_workers(
                 if failed.reported and rc is not None and rc > 0:
                     return LaunchOutcome(code, failed.error_line, rank, reported=True)
                 return LaunchOutcome(code, failed.describe_failure(), rank)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
         _terminate(ranks, grace_s)
+        if isinstance(exc, Terminated):
+            return LaunchOutcome(EXIT_TERMINATED, "terminated")
         return LaunchOutcome(EXIT_INTERRUPTED, "interrupted")
     except BaseException:
         _terminate(ranks, grace_s)
@@ -333,7 +332,8 @@ def run_ranks(
     Raises:
         PromptError: a rank rejected a prompt and already said so on stderr (``reported``).
         LaunchError: a rank failed (``exit_code`` is the job's: the rank's code, 130 after Ctrl-C; the
-            message names the rank and its error), ``port`` is in use, or rank 0 wrote no ``result``.
+            message names the rank and its error; 143 after SIGTERM), ``port`` is in use, or rank 0 wrote
+            no ``result``.
     """
     outcome = spawn_workers([args.to_json()], nprocs, port, env=env, stdin_to_rank0=stdin_to_rank0)
     if outcome.reported and outcome.message:

@@ -1,0 +1,78 @@
+"""Real processes for the fault tests: start a command as a terminal would, and watch processes in /proc.
+
+:func:`start` gives the command a default SIGINT disposition whatever the test run inherited: a suite
+started as a background job (``nohup make test &``) has SIGINT ignored, which every child would inherit,
+and Python then installs no KeyboardInterrupt handler at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import REPO, cli_env
+
+#: ``python -c _DEFAULT_SIGINT ARGS...`` execs ``python ARGS...`` (same pid) with SIGINT back to default.
+_DEFAULT_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
+def start(module: str, *args: str | Path) -> subprocess.Popen[str]:
+    """``python -m MODULE ARGS`` as a terminal runs it: the leader of its own process group, SIGINT at its
+    default disposition; stdout discarded, stderr captured."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _DEFAULT_SIGINT, "-m", module, *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+        cwd=REPO,
+        start_new_session=True,
+    )
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    """``/proc/PID/stat`` after the command name: ``[state, ppid, ...]``; None once the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def alive(pid: int) -> bool:
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def children(pid: int) -> list[int]:
+    """Pids of ``pid``'s live children."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        fields = stat_fields(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None and int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            kids.append(int(entry.name))
+    return sorted(kids)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` every 20 ms until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL what is left of the process group ``proc`` leads (cleanup after a failed test)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)

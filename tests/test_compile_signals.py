@@ -1,0 +1,118 @@
+"""Signals to a running ``tpcompile`` (issue 14, item 1): its worker processes never outlive it, SIGTERM is
+cleaned up after like Ctrl-C, and nothing is printed after the command has returned."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, cli_env
+from tests.processes import alive, children, kill_group, start, wait_for
+from tpcompile.artifact.writer import remove_stale_work_dirs
+
+#: The example GPT at tp=6 (all 6 heads split, so no warning): long enough to be caught while capturing.
+COMPILE = ("examples.gpt:build", "--tp", "6", "--quiet")
+
+
+def _compile_with_workers(out: Path) -> tuple[subprocess.Popen[str], list[int]]:
+    """Start a compile; return it and the pids of its capture workers once they run."""
+    proc = start("tpcompile.cli", *COMPILE, "-o", out)
+    try:
+        wait_for(lambda: proc.poll() is not None or bool(children(proc.pid)), 300, "the capture workers")
+    except BaseException:
+        kill_group(proc)
+        raise
+    workers = children(proc.pid)
+    if not workers:
+        kill_group(proc)
+        pytest.fail(f"the compile ended before its workers were seen: {proc.communicate()[1]}")
+    return proc, workers
+
+
+def _communicate(proc: subprocess.Popen[str]) -> str:
+    """stderr up to its end: every process holding it (the compile and its workers) has exited."""
+    try:
+        return proc.communicate(timeout=120)[1]
+    finally:
+        kill_group(proc)
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("target", "sig", "code", "message"),
+    [
+        ("compile", signal.SIGTERM, 143, "terminated"),  # kill PID, systemd's first signal
+        ("group", signal.SIGTERM, 143, "terminated"),  # timeout(1): the whole process group
+        ("group", signal.SIGINT, 130, "interrupted"),  # Ctrl-C in a terminal
+    ],
+)
+def test_signal_stops_compile_and_workers(
+    tmp_path: Path, target: str, sig: signal.Signals, code: int, message: str
+) -> None:
+    out = tmp_path / "out"
+    proc, workers = _compile_with_workers(out)
+    if target == "group":
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
+    stderr = _communicate(proc)
+    assert (proc.returncode, stderr) == (code, f"tpcompile: error: {message}\n")
+    assert [pid for pid in workers if alive(pid)] == []
+    assert _leftovers(out) == []  # no OUT, no working directory
+
+
+def test_sigkill_of_compile_takes_its_workers(tmp_path: Path) -> None:
+    """A SIGKILLed compile cannot clean up, but its workers die with it (and print nothing later); the
+    working directory it leaves never loads and goes with the next compile of OUT."""
+    out = tmp_path / "out"
+    proc, workers = _compile_with_workers(out)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert _communicate(proc) == ""
+    assert proc.returncode == -signal.SIGKILL
+    wait_for(lambda: not any(alive(pid) for pid in workers), 10, "the workers to die with the compile")
+    (stale,) = [out.parent / name for name in _leftovers(out)]
+    assert remove_stale_work_dirs(out) == [stale]
+
+
+_SPAWNED_POOL = """\
+import sys, time
+from tpcompile.artifact.workers import worker_pool
+with worker_pool(time.sleep, [600.0, 600.0], 2, "spawn") as pool:
+    print(*[p.pid for p in pool.processes], flush=True)
+    for _ in pool.results(share=False):
+        pass
+"""
+
+
+def test_spawned_workers_die_with_a_killed_parent() -> None:
+    """The ONNX conversion's workers are spawned (not forked): they die with a SIGKILLed compiler too."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SPAWNED_POOL],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+        cwd=REPO,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        workers = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(workers) == 2, proc.communicate(timeout=60)
+        wait_for(lambda: all(alive(pid) for pid in workers), 60, "the workers to start")
+        time.sleep(0.5)  # let them get to their 600 s job
+        os.kill(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=60)
+        assert stderr == ""
+        wait_for(lambda: not any(alive(pid) for pid in workers), 10, "the workers to die with their parent")
+    finally:
+        kill_group(proc)

@@ -1,0 +1,53 @@
+"""How long the processes of ``tprun`` and ``tpcompile`` live: no child outlives its parent, and SIGTERM
+stops a command the way Ctrl-C does.
+
+Invariants: after :func:`die_with_parent`, the kernel SIGKILLs the process as soon as the parent dies
+(Linux ``PR_SET_PDEATHSIG``; strictly, when the parent's thread that started it ends, so parents start
+their children from the main thread), and the process has already exited if the parent was gone before.
+After :func:`stop_on_sigterm`, the first SIGTERM raises :class:`~tpcompile.runtime.errors.Terminated` (a
+``KeyboardInterrupt``) in the main thread and later ones are ignored, so the cleanup runs once, undisturbed.
+Standard library only: a child calls this before importing anything heavy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+from types import FrameType
+
+from ..errors import Terminated
+
+__all__ = ["EXIT_PARENT_GONE", "die_with_parent", "stop_on_sigterm", "worker_signals"]
+
+_PR_SET_PDEATHSIG = 1
+#: Exit code of a child that finds its parent already gone.
+EXIT_PARENT_GONE = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have this process SIGKILLed when ``parent_pid`` (its parent) dies; exit now if it already did."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # reparented before the line above took effect
+        os._exit(EXIT_PARENT_GONE)
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one cleanup, not interrupted by a second SIGTERM
+    raise Terminated()
+
+
+def stop_on_sigterm() -> None:
+    """From now on SIGTERM raises :class:`Terminated` in the main thread (see the module invariant)."""
+    signal.signal(signal.SIGTERM, _terminated)
+
+
+def worker_signals() -> None:
+    """In a worker process: Ctrl-C is its parent's to handle (the parent stops it), SIGTERM kills at once
+    (also undoing a handler inherited through ``fork``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
