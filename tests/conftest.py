@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,6 +29,16 @@ def run(
     return subprocess.run(
         cmd, capture_output=True, text=True, env=cli_env(), cwd=cwd or REPO, timeout=timeout
     )
+
+
+def write_manifest(art: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as ``art/manifest.json`` with its digest, as tpcompile writes it (a hand-built or
+    edited manifest that the runtime verifies)."""
+    from tpcompile.runtime.format import MANIFEST_DIGEST_FIELD, manifest_digest
+
+    data = {k: v for k, v in data.items() if k != MANIFEST_DIGEST_FIELD}
+    data[MANIFEST_DIGEST_FIELD] = manifest_digest(data)
+    (art / "manifest.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def tpcompile(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, cli_env, tprun
+from tests.conftest import REPO, cli_env, tprun, write_manifest
 from tests.test_lm_runtime_helpers import EOS, build_lm_artifact, full_weights, reference_generate
 
 SUMMARY = re.compile(
@@ -74,7 +74,7 @@ def test_prompt_on_generic_artifact_is_refused(tp2: Path, tmp_path: Path) -> Non
     art = Path(shutil.copytree(tp2, tmp_path / "art"))
     manifest = json.loads((art / "manifest.json").read_text())
     manifest["kind"] = "generic"
-    (art / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(art, manifest)
     message = (
         f"tprun: error: {art} is a 'generic' artifact, not a causal LM: text prompts need an artifact "
         "compiled as a causal LM; run this one with --inputs IN.safetensors -o OUT.safetensors\n"

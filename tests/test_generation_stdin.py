@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO, cli_env
+from tests.conftest import REPO, cli_env, write_manifest
 from tests.test_generation_cli import SUMMARY
 from tests.test_lm_runtime_helpers import EOS, build_lm_artifact, full_weights, reference_generate
 
@@ -41,7 +41,7 @@ def test_stdin_prompts_tp3_padded_vocab_chat_template_and_eos(tmp_path: Path) ->
     stop = free[0][2]  # make the third token of the first answer an EOS id
     manifest = json.loads((art / "manifest.json").read_text())
     manifest["extra"]["lm"]["eos_token_ids"] = [EOS, stop]
-    (art / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(art, manifest)
     expected = [reference_generate(full_weights(261), p, 6, 40, {EOS, stop}) for p in ids]
     assert expected[0] == free[0][: free[0].index(stop) + 1]
 

@@ -15,15 +15,17 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from tests.checkpoints import save_smollm2_tokenizer, tiny_checkpoint
-from tests.conftest import REPO, cli_env, tpcompile, tprun
+from tests.conftest import REPO, cli_env, run, tpcompile, tprun, write_manifest
 from tpcompile.runtime import load_rank
-from tpcompile.runtime.errors import ManifestCorrupt, ManifestError
+from tpcompile.runtime.errors import ArtifactCorrupt, ManifestCorrupt, ManifestError
 from tpcompile.runtime.format import load_artifact_manifest, sha256_file, verify_artifact
 from tpcompile.runtime.load.program_archive import unsafe_content
 
@@ -122,6 +124,155 @@ def test_missing_rank_directory(lm_artifact: Path, tmp_path: Path) -> None:
     shutil.rmtree(art / "rank1")
     proc = _prompt(art, tmp_path)
     assert (proc.returncode, proc.stderr) == (2, f"tprun: error: rank directory {art / 'rank1'} is missing\n")
+
+
+# --------------------------------------------------------------------------- what a manifest may name
+
+
+def _edit(art: Path, edit: Callable[[dict[str, Any]], object]) -> None:
+    """A hostile but self-consistent manifest: edited, then given its digest again."""
+    data = json.loads((art / "manifest.json").read_text())
+    edit(data)
+    write_manifest(art, data)
+
+
+def _run(art: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``tprun`` with a short timeout: a reader that opened the FIFO below would hang until then."""
+    saved = tmp_path / "tokens.json"
+    args = ("--prompt", "hi", "--max-new-tokens", "2", "--save-tokens", saved, *extra)
+    return run("tpcompile.runtime.cli", art, *args, timeout=120)
+
+
+def _swap_for_link(path: Path, target: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    path.symlink_to(target)
+
+
+def _outside(where: str, rel: str) -> str:
+    return (
+        f"tprun: error: artifact corrupt: manifest.json: {where} names {rel!r}, which is not a plain "
+        "relative path inside the artifact\n"
+    )
+
+
+def _climbs_out(art: Path, fifo: Path) -> str:
+    _edit(art, lambda m: m["ranks"][0]["files"].update({"../../fifo": "0" * 64}))
+    return _outside("ranks[0].files", "../../fifo")
+
+
+def _absolute(art: Path, fifo: Path) -> str:
+    _edit(art, lambda m: m["ranks"][1]["files"].update({str(fifo): "0" * 64}))
+    return _outside("ranks[1].files", str(fifo))
+
+
+def _not_plain(art: Path, fifo: Path) -> str:
+    _edit(art, lambda m: m["ranks"][0].update(dir="./rank0"))
+    return _outside("ranks[0].dir", "./rank0")
+
+
+def _shared_file(art: Path, fifo: Path) -> str:
+    _edit(art, lambda m: m["shared_files"].update({"tokenizer/../../fifo": "0" * 64}))
+    return _outside("shared_files", "tokenizer/../../fifo")
+
+
+def _link_out(art: Path, fifo: Path) -> str:
+    """The manifest is the compiler's; the file it names is now a symlink leading out."""
+    _swap_for_link(art / "rank1" / "weights.safetensors", fifo)
+    return _outside("ranks[1].files", "weights.safetensors")
+
+
+def _linked_tokenizer(art: Path, fifo: Path) -> str:
+    """The tokenizer directory leads out (its files listed, they would be refused first: not listed)."""
+    _swap_for_link(art / "tokenizer", fifo.parent)
+    _edit(art, lambda m: m.update(shared_files={}))
+    return _outside("extra.lm.tokenizer", "tokenizer")
+
+
+@pytest.mark.parametrize("skip_verify", [False, True], ids=["verified", "skip-verify"])
+@pytest.mark.parametrize(
+    "tamper", [_climbs_out, _absolute, _not_plain, _shared_file, _link_out, _linked_tokenizer]
+)
+def test_paths_outside_the_artifact_are_refused_before_anything_is_opened(
+    lm_artifact: Path, tmp_path: Path, tamper: Callable[[Path, Path], str], skip_verify: bool
+) -> None:
+    """Every path a manifest names must stay inside OUT once symlinks are resolved. The paths lead to a
+    FIFO without a writer: opening it (to hash or load it) would block, so a refusal that comes back
+    proves nothing was opened. Path checks hold with ``--skip-verify`` too (only hashing is skipped)."""
+    art = _copy(lm_artifact, tmp_path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    message = tamper(art, fifo)
+    proc = _run(art, tmp_path, *(["--skip-verify"] if skip_verify else []))
+    assert (proc.returncode, proc.stderr, proc.stdout) == (2, message, "")
+    assert not (tmp_path / "tokens.json").exists()
+
+
+def test_a_listed_file_that_is_not_a_regular_file_is_never_opened(lm_artifact: Path, tmp_path: Path) -> None:
+    art = _copy(lm_artifact, tmp_path)
+    (art / "rank0" / "weights.safetensors").unlink()
+    os.mkfifo(art / "rank0" / "weights.safetensors")
+    proc = _run(art, tmp_path)
+    message = "tprun: error: artifact corrupt: rank0/weights.safetensors is not a regular file\n"
+    assert (proc.returncode, proc.stderr, proc.stdout) == (2, message, "")
+
+
+# --------------------------------------------------------------------------- a check the artifact cannot skip
+
+
+def test_manifest_without_digest_or_file_entries_runs_only_with_skip_verify(
+    lm_artifact: Path, tmp_path: Path
+) -> None:
+    """Dropping the manifest's digest and every file entry does not turn verification off; the user's
+    ``--skip-verify`` does."""
+    art = _copy(lm_artifact, tmp_path)
+    data = json.loads((art / "manifest.json").read_text())
+    del data["manifest_sha256"]
+    for rank in data["ranks"]:
+        rank["files"] = {}
+    data["shared_files"] = {}
+    (art / "manifest.json").write_text(json.dumps(data))
+    proc = _run(art, tmp_path)
+    message = (
+        "tprun: error: artifact corrupt: manifest.json has no manifest_sha256; recompile it (or run it "
+        "unchecked with --skip-verify)\n"
+    )
+    assert (proc.returncode, proc.stderr, proc.stdout) == (2, message, "")
+    proc = _run(art, tmp_path, "--skip-verify")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "tokens.json").read_text())[0]["new_ids"]  # it ran: unverified
+
+
+def _unlist_rank_files(art: Path) -> str:
+    _edit(art, lambda m: m["ranks"][0].update(files={}))
+    return "rank0/program.pt2"
+
+
+def _unlist_tokenizer_file(art: Path) -> str:
+    _edit(art, lambda m: m["shared_files"].pop("tokenizer/tokenizer.json"))
+    return "tokenizer/tokenizer.json"
+
+
+def _add_unlisted_segment(art: Path) -> str:
+    (art / "rank1" / "segment0.onnx").write_bytes(b"an ONNX segment nobody hashed")
+    return "rank1/segment0.onnx"
+
+
+@pytest.mark.parametrize("tamper", [_unlist_rank_files, _unlist_tokenizer_file, _add_unlisted_segment])
+def test_every_file_the_runtime_reads_needs_an_entry(
+    lm_artifact: Path, tmp_path: Path, tamper: Callable[[Path], str]
+) -> None:
+    """Programs, weights, tokenizer files, ONNX segments: a rank's directory and the tokenizer's hold only
+    files the manifest lists with a hash."""
+    art = _copy(lm_artifact, tmp_path)
+    rel = tamper(art)
+    proc = _run(art, tmp_path)
+    message = f"tprun: error: artifact corrupt: {rel} is not listed in the manifest\n"
+    assert (proc.returncode, proc.stderr, proc.stdout) == (2, message, "")
+    with pytest.raises(ArtifactCorrupt, match=f"^artifact corrupt: {rel} is not listed in the manifest$"):
+        load_rank(art, int(rel[4]) if rel.startswith("rank") else 0)  # what a rank under torchrun runs
 
 
 # --------------------------------------------------------------------------- pickles

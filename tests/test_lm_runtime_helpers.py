@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from tests.conftest import write_manifest
 from tpcompile.runtime import ArtifactCorrupt, ArtifactLoadError, CausalLM, load_artifact_manifest, load_rank
 from tpcompile.runtime.format import Shard
 
@@ -191,7 +192,7 @@ def build_lm_artifact(
         "ranks": ranks,
         "extra": {"lm": lm},
     }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    write_manifest(root, manifest)
     return root
 
 

@@ -16,6 +16,7 @@ import torch.distributed._functional_collectives  # noqa: F401  (registers _c10d
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tests.conftest import write_manifest
 from tpcompile.runtime import (
     ArtifactCorrupt,
     ArtifactLoadError,
@@ -94,7 +95,7 @@ def _build_artifact(root: Path) -> Path:
         "some_future_field": {"ignored": True},
         "ranks": ranks,
     }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_manifest(root, manifest)
     return root
 
 
@@ -258,7 +259,7 @@ def test_manifest_missing_field(artifact_copy: Path) -> None:
     path = artifact_copy / "manifest.json"
     data = json.loads(path.read_text())
     del data["group_name"]
-    path.write_text(json.dumps(data))
+    write_manifest(artifact_copy, data)
     with pytest.raises(ManifestError, match="missing field 'group_name'"):
         load_artifact_manifest(artifact_copy)
 

@@ -2,17 +2,19 @@
 
 Invariant: an :class:`LMInfo` has ``vocab_size``, ``max_seq_len`` and
 ``max_batch_size`` >= 1 and integer token ids; the tokenizer path, when set,
-is relative and stays inside the artifact.  Standard library only.
+is a plain relative path (that it stays inside the artifact once symlinks are
+resolved is checked where the artifact's directory is known).  Standard
+library only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Any
 
 from ..errors import ManifestError
+from .integrity import outside_artifact, plain_relative_path
 
 __all__ = ["CAUSAL_LM", "LMInfo", "parse_lm_info"]
 
@@ -62,13 +64,12 @@ def _eos_ids(data: Mapping[str, Any], where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _tokenizer_dir(data: Mapping[str, Any], where: str) -> str | None:
+def _tokenizer_dir(data: Mapping[str, Any]) -> str | None:
     value = data.get("tokenizer")
     if value is None:
         return None
-    pure = PurePosixPath(value) if isinstance(value, str) else None
-    if pure is None or pure.is_absolute() or ".." in pure.parts or not pure.parts:
-        raise ManifestError(f"{where}: 'tokenizer' must be a relative directory inside the artifact")
+    if not plain_relative_path(value):  # where it leads past symlinks: see load_artifact_manifest
+        raise outside_artifact(value, "extra.lm.tokenizer")
     return str(value)
 
 
@@ -76,7 +77,8 @@ def parse_lm_info(extra: object, where: str) -> LMInfo:
     """Parse ``manifest["extra"]["lm"]``.
 
     Raises:
-        ManifestError: the block is missing or a field has the wrong type.
+        ManifestError: the block is missing or a field has the wrong type (ManifestCorrupt: the
+            tokenizer path is not a plain relative path).
     """
     lm = extra.get("lm") if isinstance(extra, Mapping) else None
     loc = f"{where}: extra.lm"
@@ -92,7 +94,7 @@ def parse_lm_info(extra: object, where: str) -> LMInfo:
         eos_token_ids=_eos_ids(lm, loc),
         bos_token_id=_optional_id(lm, "bos_token_id", loc),
         pad_token_id=_optional_id(lm, "pad_token_id", loc),
-        tokenizer=_tokenizer_dir(lm, loc),
+        tokenizer=_tokenizer_dir(lm),
         chat_template=bool(lm.get("chat_template", False)),
         generation=dict(generation),
         model_type=lm["model_type"] if isinstance(lm.get("model_type"), str) else None,

@@ -9,7 +9,13 @@ ignored, so the compiler can add fields without breaking deployed runtimes.
 
 Invariants: reading what :meth:`Manifest.to_json` wrote gives back an equal :class:`Manifest`; a loaded
 manifest has ranks ``0..tp-1`` in order, each with an existing directory inside the artifact, and output
-placements that are ``R`` or an ``S(...)`` with one size per rank.  Standard library only.
+placements that are ``R`` or an ``S(...)`` with one size per rank.  Every path it holds (rank directories,
+rank files, shared files, the tokenizer directory) was checked by
+:func:`~tpcompile.runtime.format.integrity.artifact_path` before anything but manifest.json was opened, and
+when loaded with ``verify`` it carries its own digest, which matches.  Verifying its files
+(:func:`verify_artifact`) checks every listed file and that the directories the runtime reads hold nothing
+unlisted, so only ``--skip-verify`` (``verify=False``), never the artifact, turns checking off.  Standard
+library only.
 """
 
 from __future__ import annotations
@@ -17,11 +23,18 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from ..errors import ManifestCorrupt, ManifestError, first_line
-from .integrity import MANIFEST_DIGEST_FIELD, WORK_DIR_PATTERN, check_files, manifest_digest
+from .integrity import (
+    MANIFEST_DIGEST_FIELD,
+    WORK_DIR_PATTERN,
+    artifact_path,
+    check_files,
+    check_listed,
+    manifest_digest,
+)
 from .lm import CAUSAL_LM, LMInfo, parse_lm_info
 from .placement import REPLICATE, Partial, Pieces, Placement, Replicate, RootPlacement, Shard, parse_placement
 
@@ -306,19 +319,12 @@ def _parse_tensor_specs(items: list[Any], where: str, tp: int | None = None) -> 
     return specs
 
 
-def _relative_path(rel: object, where: str) -> str:
-    pure = PurePosixPath(rel) if isinstance(rel, str) else None
-    if pure is None or pure.is_absolute() or ".." in pure.parts or not pure.parts:
-        raise ManifestError(f"{where}: {rel!r} must be a relative path inside the artifact")
-    return str(rel)
-
-
-def _parse_shared_files(data: Mapping[str, Any], where: str) -> dict[str, str]:
+def _parse_shared_files(data: Mapping[str, Any], root: Path, where: str) -> dict[str, str]:
     files = data.get("shared_files", {})
     if not isinstance(files, Mapping):
         raise ManifestError(f"{where}: field 'shared_files' must be an object")
     for rel, digest in files.items():
-        _relative_path(rel, f"{where}: shared_files")
+        artifact_path(root, rel, "shared_files")
         if not isinstance(digest, str) or len(digest) != 64:
             raise ManifestError(f"{where}: shared file {rel!r} has invalid sha256 {digest!r}")
     return dict(files)
@@ -338,17 +344,16 @@ def _parse_rank(item: Any, artifact_dir: Path, index: int) -> RankEntry:
     rank = _field(item, "rank", int, loc)
     rdir = _field(item, "dir", str, loc)
     files = _field(item, "files", Mapping, loc)
-    pure = PurePosixPath(rdir)
-    if pure.is_absolute() or ".." in pure.parts or not pure.parts:
-        raise ManifestError(f"{loc}: rank directory {rdir!r} must be a relative path inside the artifact")
+    rank_dir = artifact_path(artifact_dir, rdir, f"ranks[{index}].dir")
     for name, digest in files.items():
+        artifact_path(artifact_dir, name, f"ranks[{index}].files", base=rdir)
         if not isinstance(digest, str) or len(digest) != 64:
             raise ManifestError(f"{loc}: file {name!r} has invalid sha256 {digest!r}")
     weight_bytes = item.get("weight_bytes", 0)
     if not isinstance(weight_bytes, int):
         raise ManifestError(f"{loc}: field 'weight_bytes' has unexpected value {weight_bytes!r}")
-    if not (artifact_dir / rdir).is_dir():
-        raise ManifestError(f"rank directory {artifact_dir / rdir} is missing")
+    if not rank_dir.is_dir():
+        raise ManifestError(f"rank directory {rank_dir} is missing")
     return RankEntry(rank=rank, dir=rdir, weight_bytes=weight_bytes, files=dict(files))
 
 
@@ -385,6 +390,7 @@ def _read_json(root: Path) -> Any:
         )
     if not path.is_file():
         raise ManifestError(f"no {MANIFEST_NAME} in {root}: not a tpcompile artifact")
+    artifact_path(root, MANIFEST_NAME, "the artifact")  # not a link to a file elsewhere
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -400,12 +406,13 @@ def _read_json(root: Path) -> Any:
 def load_artifact_manifest(artifact_dir: str | Path, verify: bool = True) -> Manifest:
     """Load and validate ``<artifact_dir>/manifest.json``.
 
-    With ``verify`` (the default) the manifest's own digest (:data:`MANIFEST_DIGEST_FIELD`), when
-    present, must match its content.
+    With ``verify`` (the default) the manifest's own digest (:data:`MANIFEST_DIGEST_FIELD`) must be
+    present and match its content.  Every path in it is checked either way (see the module invariant).
 
     Raises:
-        ManifestCorrupt: the file is not valid UTF-8 or JSON, or its digest differs
-            (``artifact corrupt: manifest.json``).
+        ManifestCorrupt: the file is not valid UTF-8 or JSON, its digest is missing or differs
+            (``artifact corrupt: manifest.json``), or it names a path that is not a plain relative path
+            inside the artifact.
         ManifestError: the file is missing, lacks required
             fields, was written by a newer format version, or references a
             rank directory that does not exist, or ``artifact_dir`` is one of
@@ -422,7 +429,12 @@ def load_artifact_manifest(artifact_dir: str | Path, verify: bool = True) -> Man
             f"manifest format version {version} is newer than this runtime supports "
             f"({FORMAT_VERSION}); upgrade tpcompile"
         )
-    if verify and MANIFEST_DIGEST_FIELD in data and data[MANIFEST_DIGEST_FIELD] != manifest_digest(data):
+    if verify and MANIFEST_DIGEST_FIELD not in data:
+        raise ManifestCorrupt(
+            f"artifact corrupt: {MANIFEST_NAME} has no {MANIFEST_DIGEST_FIELD}; recompile it (or run it "
+            "unchecked with --skip-verify)"
+        )
+    if verify and data[MANIFEST_DIGEST_FIELD] != manifest_digest(data):
         raise ManifestCorrupt(f"artifact corrupt: {MANIFEST_NAME}")
     if version < 1:
         raise ManifestError(f"{where}: invalid format_version {version}")
@@ -459,13 +471,15 @@ def load_artifact_manifest(artifact_dir: str | Path, verify: bool = True) -> Man
         source=_optional_str(data.get("source")) or "",
         warnings=[w for w in warnings if isinstance(w, str)] if isinstance(warnings, list) else [],
         zero_state=_parse_zero_state(data, where),
-        shared_files=_parse_shared_files(data, where),
+        shared_files=_parse_shared_files(data, root, where),
         extra=dict(extra) if isinstance(extra, Mapping) else {},
         format_version=version,
         format=fmt,
         path=root,
     )
-    _ = manifest.lm  # a causal LM's section is checked now, not when the first prompt arrives
+    lm = manifest.lm  # a causal LM's section is checked now, not when the first prompt arrives
+    if lm is not None and lm.tokenizer is not None:
+        artifact_path(root, lm.tokenizer, "extra.lm.tokenizer")
     return manifest
 
 
@@ -473,22 +487,29 @@ def load_artifact_manifest(artifact_dir: str | Path, verify: bool = True) -> Man
 
 
 def verify_rank_files(artifact_dir: str | Path, entry: RankEntry) -> None:
-    """Check every file listed for ``entry`` against its recorded sha256.
+    """Check that ``entry``'s directory holds only the files listed for it, and each against its sha256.
 
     Raises:
-        ArtifactCorrupt: a listed file is missing or its content differs,
-            e.g. ``artifact corrupt: rank1/weights.safetensors``.
+        ArtifactCorrupt: a file is not listed (``artifact corrupt: rank1/x is not listed in the
+            manifest``), a listed file is missing or its content differs, e.g.
+            ``artifact corrupt: rank1/weights.safetensors``.
     """
-    check_files(Path(artifact_dir) / entry.dir, entry.files, f"{entry.dir}/")
+    root = Path(artifact_dir)
+    check_listed(root, entry.dir, {f"{entry.dir}/{name}" for name in entry.files})
+    check_files(root / entry.dir, entry.files, f"{entry.dir}/")
 
 
 def verify_shared_files(manifest: Manifest) -> None:
-    """Check every artifact-level file (``shared_files``, e.g. the tokenizer) against its sha256.
+    """Check that the tokenizer directory holds only listed files, and every artifact-level file
+    (``shared_files``) against its sha256.
 
     Raises:
-        ArtifactCorrupt: a listed file is missing or differs,
+        ArtifactCorrupt: a file is not listed, or a listed file is missing or differs,
             e.g. ``artifact corrupt: tokenizer/tokenizer.json``.
     """
+    lm = manifest.lm
+    if lm is not None and lm.tokenizer is not None:
+        check_listed(manifest.path, lm.tokenizer, manifest.shared_files)
     check_files(manifest.path, dict(sorted(manifest.shared_files.items())))
 
 

@@ -5,8 +5,9 @@
 ``steps`` in execution order: ``segment`` (an ONNX file in the rank directory, the values it reads and
 writes) or a collective (``all_reduce`` / ``all_gather``: one value in, one out). The section is read
 when a rank is loaded (:func:`onnx_rank`), into the immutable values below. Invariant: a parsed
-:class:`OnnxRank` lists only known step kinds with all their fields, or reading fails with a
-ManifestError. Standard library only.
+:class:`OnnxRank` lists only known step kinds with all their fields, and segment files named by plain
+relative paths that stay inside the artifact, or reading fails with a ManifestError (ManifestCorrupt for
+a path). Standard library only.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ManifestError
+from .integrity import artifact_path
 from .manifest import FORMAT_ONNX, FORMAT_TORCH, Manifest
 
 __all__ = [
@@ -159,8 +161,13 @@ def onnx_rank(manifest: Manifest, rank: int) -> OnnxRank:
     steps = data.get("steps")
     if not isinstance(steps, list):
         raise ManifestError(f"{where}.steps must be a list")
+    parsed = tuple(_step(s, f"{where}.steps[{i}]") for i, s in enumerate(steps))
+    rank_dir = manifest.rank_entry(rank).dir
+    for i, step in enumerate(parsed):
+        if isinstance(step, Segment):
+            artifact_path(manifest.path, step.file, f"extra.onnx.ranks[{rank}].steps[{i}].file", rank_dir)
     return OnnxRank(
         _specs(data.get("inputs"), f"{where}.inputs"),
         _specs(data.get("outputs"), f"{where}.outputs"),
-        tuple(_step(s, f"{where}.steps[{i}]") for i, s in enumerate(steps)),
+        parsed,
     )
