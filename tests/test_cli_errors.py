@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from examples import gpt
-from tests.conftest import REPO, tpcompile
+from tests.conftest import REPO, tpcompile, tprun
 from tpcompile import errors
 from tpcompile.runtime import reporting
 from tpcompile.runtime.errors import ArtifactCorrupt, Terminated
@@ -129,3 +131,30 @@ def test_readme_exit_codes_match_the_code(capsys) -> None:  # type: ignore[no-un
     assert reporting.report_exception(KeyboardInterrupt()) == reporting.EXIT_INTERRUPTED
     assert reporting.report_exception(Terminated()) == reporting.EXIT_TERMINATED
     assert capsys.readouterr().err.splitlines()[0] == "tprun: error: artifact corrupt: f"
+
+
+def test_input_outside_a_dynamic_dims_range_is_refused_before_any_rank_starts(
+    gpt_pt2: Path, tmp_path: Path
+) -> None:
+    """The example GPT is exported with its sequence length in [2, 64]; the manifest records that range
+    and ``tprun`` checks inputs against it in the launcher (a rank would fail deep inside torch)."""
+    out = tmp_path / "out"
+    proc = tpcompile(gpt_pt2, "--tp", "2", "-o", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    (symbol,) = manifest["symbols"]
+    assert manifest["symbols"] == {symbol: {"min": 2, "max": 64}}
+    assert manifest["inputs"][0]["shape"] == [1, symbol]
+    inputs, result = tmp_path / "in.safetensors", tmp_path / "result.safetensors"
+    for seq in (100, 1):
+        save_file({"idx": torch.zeros(1, seq, dtype=torch.long)}, str(inputs))
+        proc = tprun(out, "--inputs", inputs, "-o", result)
+        assert (proc.returncode, proc.stderr) == (
+            2,
+            f"tprun: error: input 'idx' dim 1 is {seq} but the artifact was compiled for 2 to 64 there "
+            f"(symbol {symbol})\n",
+        )
+        assert not result.exists()
+    save_file({"idx": torch.zeros(1, 64, dtype=torch.long)}, str(inputs))
+    proc = tprun(out, "--inputs", inputs, "-o", result)
+    assert proc.returncode == 0, proc.stderr  # the largest length in range runs

@@ -27,6 +27,7 @@ from tpcompile.runtime import (
     run_artifact,
     verify_rank_files,
 )
+from tpcompile.runtime.format import SymbolRange
 from tpcompile.runtime.launch.args import BACKEND_CHOICES, WorkerArgs
 from tpcompile.runtime.lm.sampling import SamplingConfig
 from tpcompile.runtime.lm.session import GenerationArgs
@@ -330,6 +331,10 @@ def test_order_inputs_validation(artifact: Path) -> None:
         order_inputs(specs, {"x": x.long()})
     with pytest.raises(InputError, match="dim 1 must be 4"):
         order_inputs(specs, {"x": torch.randn(2, 5)})
+    ranges = {"s0": SymbolRange(1, 64)}
+    assert order_inputs(specs, {"x": torch.randn(64, 4)}, ranges)[0].shape == (64, 4)
+    with pytest.raises(InputError, match=r"^input 'x' dim 0 is 65 but the artifact was compiled for 1 to 64"):
+        order_inputs(specs, {"x": torch.randn(65, 4)}, ranges)
 
 
 def test_worker_args_round_trip(tmp_path: Path) -> None:

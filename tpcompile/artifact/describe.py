@@ -1,7 +1,8 @@
 """What the manifest says about a compiled plan: parameters, collectives, outputs, the LM and MoE sections.
 
 Invariant: every field is read off the plan and the propagation as they were decided (a parameter's
-``plan`` label is the role its rule split it in, ``Propagation.style``); nothing here searches the graph
+``plan`` label is the role its rule split it in, ``Propagation.style``), or off the captured program (each
+symbolic input dim's range, ``symbols``, as ``torch.export`` recorded it); nothing here searches the graph
 again or guesses from names.
 """
 
@@ -15,6 +16,7 @@ import torch
 import torch.fx as fx
 
 import tpcompile
+from tpcompile.artifact.program import input_symbols
 from tpcompile.frontend.capture import CapturedModel, LanguageModelInfo
 from tpcompile.passes.collectives import GROUP_NAME
 from tpcompile.passes.lower_rank import tensor_bytes
@@ -29,6 +31,7 @@ from tpcompile.runtime.format import (
     Manifest,
     ParameterEntry,
     RankEntry,
+    SymbolRange,
     TensorSpec,
     sha256_file,
 )
@@ -123,6 +126,10 @@ def build_manifest(
             for i, o in enumerate(outputs)
         ],
         zero_state=sorted(captured.zero_state),
+        symbols={
+            name: SymbolRange(low, high)
+            for name, (low, high) in sorted(input_symbols(captured.program, captured.user_inputs()).items())
+        },
         parameters=sorted(params, key=lambda p: p.name),
         collectives=collective_entries(prop),
         ranks=ranks,

@@ -44,6 +44,24 @@ def _hint(size: Any, lower: int, upper: int | None) -> int:
     return guess if upper is None else min(guess, upper)
 
 
+def symbol_range(program: ExportedProgram, expr: sympy.Expr) -> tuple[int, int | None]:
+    """The sizes the program was exported for in a symbolic dim: (min, max), max None when unbounded."""
+    rng = program.range_constraints.get(expr)
+    lower = int(rng.lower) if rng is not None and rng.lower not in (-int_oo,) else 0
+    upper = int(rng.upper) if rng is not None and rng.upper is not int_oo else None
+    return max(lower, 0), upper
+
+
+def input_symbols(program: ExportedProgram, inputs: list[fx.Node]) -> dict[str, tuple[int, int | None]]:
+    """Every symbol that is an input dim (named as in the manifest's shapes, e.g. ``"s0"``) and its range."""
+    return {
+        str(s.node.expr): symbol_range(program, s.node.expr)
+        for node in inputs
+        for s in node.meta["val"].shape
+        if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol)
+    }
+
+
 def input_signature(program: ExportedProgram, inputs: list[fx.Node]) -> tuple[list[torch.Tensor], Any]:
     """Example inputs and a dynamic_shapes spec reproducing the program's symbolic input dims."""
     dims: dict[str, Dim] = {}
@@ -56,15 +74,11 @@ def input_signature(program: ExportedProgram, inputs: list[fx.Node]) -> tuple[li
         for i, s in enumerate(val.shape):
             if isinstance(s, torch.SymInt) and not isinstance(s.node.expr, sympy.Integer):
                 expr = s.node.expr
-                rng = program.range_constraints.get(expr)
-                lower = int(rng.lower) if rng is not None and rng.lower not in (-int_oo,) else 0
-                upper = int(rng.upper) if rng is not None and rng.upper is not int_oo else None
+                lower, upper = symbol_range(program, expr)
                 key = str(expr)
                 if key not in dims:
                     name = "d_" + "".join(c if c.isalnum() else "_" for c in key)
-                    dims[key] = (
-                        Dim(name, min=max(lower, 0), max=upper) if upper else Dim(name, min=max(lower, 0))
-                    )
+                    dims[key] = Dim(name, min=lower, max=upper) if upper else Dim(name, min=lower)
                 per_input[i] = dims[key]
                 shape.append(_hint(s, lower, upper))
             else:

@@ -66,7 +66,7 @@ def _preflight(args: WorkerArgs) -> int:
             if path is not None:
                 _check_parent(path)
     elif args.inputs is not None and args.output is not None:
-        order_inputs(manifest.inputs, read_inputs(args.inputs))
+        order_inputs(manifest.inputs, read_inputs(args.inputs), manifest.symbols)
         _check_parent(args.output)
     if not in_torchrun():
         # All ranks are local: validate --backend/--device for the highest local rank.

@@ -51,6 +51,7 @@ __all__ = [
     "Manifest",
     "ParameterEntry",
     "RankEntry",
+    "SymbolRange",
     "TensorSpec",
     "load_artifact_manifest",
     "verify_artifact",
@@ -96,6 +97,21 @@ class TensorSpec:
         self.dtype = dtype
         self.shape = tuple(shape)
         self.placement = _placement(placement)
+
+
+@dataclass(frozen=True)
+class SymbolRange:
+    """The sizes a symbolic dimension (a name such as ``"s0"`` in an input's shape) takes: ``min`` to
+    ``max`` inclusive (``max`` None: no upper bound), as the program was exported for them."""
+
+    min: int
+    max: int | None = None
+
+    def __contains__(self, size: object) -> bool:
+        return isinstance(size, int) and self.min <= size and (self.max is None or size <= self.max)
+
+    def __str__(self) -> str:
+        return f"{self.min} to {self.max}" if self.max is not None else f"{self.min} or more"
 
 
 @dataclass(init=False)
@@ -164,6 +180,7 @@ class Manifest:
     source: str = ""
     warnings: list[str] = field(default_factory=list)
     zero_state: Sequence[str] = ()  # buffers created as zeros at load (KV caches)
+    symbols: dict[str, SymbolRange] = field(default_factory=dict)  # each symbolic input dim's sizes
     shared_files: dict[str, str] = field(default_factory=dict)  # artifact-root files -> sha256
     extra: dict[str, Any] = field(default_factory=dict)  # the LM section (lm), the ONNX section (onnx), ...
     format_version: int = FORMAT_VERSION
@@ -330,6 +347,22 @@ def _parse_shared_files(data: Mapping[str, Any], root: Path, where: str) -> dict
     return dict(files)
 
 
+def _parse_symbols(data: Mapping[str, Any], where: str) -> dict[str, SymbolRange]:
+    """``symbols``: each symbolic dimension's range (absent in manifests older than it: no range known)."""
+    raw = data.get("symbols", {})
+    if not isinstance(raw, Mapping):
+        raise ManifestError(f"{where}: field 'symbols' must be an object")
+    symbols = {}
+    for name, item in raw.items():
+        low = item.get("min") if isinstance(item, Mapping) else None
+        high = item.get("max") if isinstance(item, Mapping) else None
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high) if v is not None)
+        if low is None or not ints or low < 0 or (high is not None and high < low):
+            raise ManifestError(f"{where}: symbols[{name!r}] must be {{'min': int, 'max': int or null}}")
+        symbols[str(name)] = SymbolRange(low, high)
+    return symbols
+
+
 def _parse_zero_state(data: Mapping[str, Any], where: str) -> tuple[str, ...]:
     names = data.get("zero_state", [])
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
@@ -471,6 +504,7 @@ def load_artifact_manifest(artifact_dir: str | Path, verify: bool = True) -> Man
         source=_optional_str(data.get("source")) or "",
         warnings=[w for w in warnings if isinstance(w, str)] if isinstance(warnings, list) else [],
         zero_state=_parse_zero_state(data, where),
+        symbols=_parse_symbols(data, where),
         shared_files=_parse_shared_files(data, root, where),
         extra=dict(extra) if isinstance(extra, Mapping) else {},
         format_version=version,

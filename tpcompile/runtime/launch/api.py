@@ -48,8 +48,8 @@ def run_artifact(
         LaunchError: a rank failed; the message names the rank and its error.
     """
     root = Path(artifact_dir)
-    manifest = load_artifact_manifest(root)
-    ordered = order_inputs(manifest.inputs, inputs)
+    manifest = load_artifact_manifest(root, verify=verify)
+    ordered = order_inputs(manifest.inputs, inputs, manifest.symbols)
     with tempfile.TemporaryDirectory(prefix="tprun-") as tmp:
         in_path = Path(tmp) / "inputs.safetensors"
         out_path = Path(tmp) / "outputs.safetensors"
@@ -101,7 +101,7 @@ def generate_text(
         LaunchError: a rank failed.
     """
     root = Path(artifact_dir)
-    manifest = load_artifact_manifest(root)
+    manifest = load_artifact_manifest(root, verify=verify)
     if not manifest.is_causal_lm:
         raise not_a_causal_lm(manifest)
     with tempfile.TemporaryDirectory(prefix="tprun-gen-") as tmp:

@@ -62,7 +62,7 @@ def run_worker(args: WorkerArgs) -> int:
     )
     inputs = []
     if session is None and args.inputs is not None:
-        inputs = order_inputs(manifest.inputs, read_inputs(args.inputs, device))
+        inputs = order_inputs(manifest.inputs, read_inputs(args.inputs, device), manifest.symbols)
 
     group_name = init_group(backend, device, args.timeout_s, local_world_size=env.local_world_size)
     try:

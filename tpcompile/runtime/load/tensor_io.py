@@ -1,7 +1,8 @@
 """Reading, validating and writing the named tensors a program consumes/produces.
 
 Invariant: inputs reach a program only in manifest order, after every name, dtype, static
-dimension and shared symbol was checked against the manifest; outputs are written atomically.
+dimension and shared symbol was checked against the manifest, and every symbolic dimension against
+the range the program was exported for (when the manifest records it); outputs are written atomically.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import InputError, ManifestError, RuntimeArtifactError, first_line
-from ..format import TensorSpec
+from ..format import SymbolRange, TensorSpec
 
 __all__ = [
     "dtype_name",
@@ -38,7 +39,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _check_one(spec: TensorSpec, tensor: torch.Tensor, symbols: dict[str, tuple[int, str]]) -> None:
+def _check_one(
+    spec: TensorSpec,
+    tensor: torch.Tensor,
+    symbols: dict[str, tuple[int, str]],
+    ranges: Mapping[str, SymbolRange],
+) -> None:
     expected = torch_dtype(spec.dtype)
     if tensor.dtype != expected:
         raise InputError(
@@ -57,6 +63,11 @@ def _check_one(spec: TensorSpec, tensor: torch.Tensor, symbols: dict[str, tuple[
                     f"input {spec.name!r} has shape {list(shape)} but the artifact expects "
                     f"{list(spec.shape)} (dim {axis} must be {want})"
                 )
+        elif want in ranges and got not in ranges[want]:
+            raise InputError(
+                f"input {spec.name!r} dim {axis} is {got} but the artifact was compiled for "
+                f"{ranges[want]} there (symbol {want})"
+            )
         elif want in symbols and symbols[want][0] != got:
             size, owner = symbols[want]
             raise InputError(
@@ -67,11 +78,17 @@ def _check_one(spec: TensorSpec, tensor: torch.Tensor, symbols: dict[str, tuple[
             symbols.setdefault(want, (got, spec.name))
 
 
-def order_inputs(specs: Sequence[TensorSpec], tensors: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Validate ``tensors`` against ``specs`` and return them in positional order.
+def order_inputs(
+    specs: Sequence[TensorSpec],
+    tensors: Mapping[str, torch.Tensor],
+    ranges: Mapping[str, SymbolRange] | None = None,
+) -> list[torch.Tensor]:
+    """Validate ``tensors`` against ``specs`` (and symbolic dims against ``ranges``, the manifest's
+    ``symbols``) and return them in positional order.
 
     Raises:
-        InputError: an input is missing or unexpected, or has the wrong dtype or shape.
+        InputError: an input is missing or unexpected, or has the wrong dtype or shape, or a size outside
+            the range of its symbolic dimension.
     """
     expected = [s.name for s in specs]
     listing = ", ".join(expected) if expected else "(none)"
@@ -83,7 +100,7 @@ def order_inputs(specs: Sequence[TensorSpec], tensors: Mapping[str, torch.Tensor
         raise InputError(f"unexpected input(s) {', '.join(extra)}; the artifact expects: {listing}")
     symbols: dict[str, tuple[int, str]] = {}
     for spec in specs:
-        _check_one(spec, tensors[spec.name], symbols)
+        _check_one(spec, tensors[spec.name], symbols, ranges or {})
     return [tensors[s.name] for s in specs]
 
 
