@@ -22,9 +22,13 @@ are torch-free), so a usage error answers at once.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import IO, Any
 
 import click
 
@@ -46,7 +50,8 @@ def _check_parent(path: Path) -> None:
 def _preflight(args: WorkerArgs) -> int:
     """Check manifest, inputs/prompts and output dirs before spawning; return the number of ranks."""
     from .format import load_artifact_manifest, verify_shared_files
-    from .lm.session import not_a_causal_lm, read_prompt_file
+    from .lm.prompts import read_prompt_file
+    from .lm.session import not_a_causal_lm
     from .load.loader import check_artifact
     from .load.tensor_io import order_inputs, read_inputs
     from .transport.distributed import choose_backend, in_torchrun
@@ -81,16 +86,35 @@ def _run(args: WorkerArgs, port: int | None) -> int:
     from .transport.distributed import in_torchrun
 
     nprocs = _preflight(args)
-    stdin = args.generation is not None and args.generation.read_stdin
-    if stdin and sys.stdin.isatty() and not in_torchrun():
-        print("tprun: reading prompts from stdin, one per line (end with Ctrl-D)", file=sys.stderr)
     if in_torchrun():  # torchrun started the ranks: this process is one of them
         from .launch.worker import execute  # imported lazily: only needed under torchrun
 
         return execute(args)
     spawned = args if args.skip_verify else replace(args, skip_verify=True)  # hashes checked in _preflight
-    run_ranks(spawned, nprocs, port, stdin_to_rank0=stdin, result=args.output)
+    with contextlib.ExitStack() as stack:
+        stdin = None
+        if args.generation is not None and args.generation.read_stdin:
+            stdin = stack.enter_context(_stdin_for_rank0())
+        run_ranks(spawned, nprocs, port, rank0_stdin=stdin, result=args.output)
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _stdin_for_rank0() -> Iterator[IO[Any]]:
+    """What rank 0 reads prompts from: a terminal as it is (each line is answered once typed; rank 0
+    checks it), anything else (a pipe, a file) read to its end and checked now, before any rank starts,
+    then handed over in a temporary file."""
+    from .lm.prompts import spool_stdin
+
+    if sys.stdin is not None and sys.stdin.isatty():
+        print("tprun: reading prompts from stdin, one per line (end with Ctrl-D)", file=sys.stderr)
+        yield sys.stdin
+        return
+    with tempfile.TemporaryFile() as spool:
+        if sys.stdin is not None:
+            spool_stdin(sys.stdin.buffer, spool)
+        spool.seek(0)
+        yield spool
 
 
 class _Tprun(OneLineErrors, click.Command):

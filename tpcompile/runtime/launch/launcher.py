@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Any, Final
 
 from ..errors import LaunchError, PromptError, Terminated
 from ..reporting import (
@@ -225,7 +225,7 @@ def _terminate(ranks: Sequence[_Rank], grace_s: float) -> None:
 
 
 def _spawn(
-    argv: Sequence[str], nprocs: int, port: int, env: Mapping[str, str] | None, stdin_to_rank0: bool
+    argv: Sequence[str], nprocs: int, port: int, env: Mapping[str, str] | None, rank0_stdin: IO[Any] | None
 ) -> list[_Rank]:
     cmd = [sys.executable, "-c", _BOOTSTRAP, *argv]
     ranks: list[_Rank] = []
@@ -234,7 +234,7 @@ def _spawn(
             proc = subprocess.Popen(
                 cmd,
                 env=worker_env(rank, nprocs, port, env),
-                stdin=None if stdin_to_rank0 and rank == 0 else subprocess.DEVNULL,
+                stdin=rank0_stdin if rank0_stdin is not None and rank == 0 else subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # Ctrl-C reaches the launcher only; it stops the ranks
                 text=True,
@@ -258,17 +258,18 @@ def spawn_workers(
     *,
     env: Mapping[str, str] | None = None,
     grace_s: float = 5.0,
-    stdin_to_rank0: bool = False,
+    rank0_stdin: IO[Any] | None = None,
 ) -> LaunchOutcome:
     """Run ``python -m tpcompile.runtime.launch.worker *argv`` as ``nprocs`` local ranks (via a bootstrap
     that ties each rank's lifetime to this process).
 
     Each rank's stderr is forwarded (prefixed ``[rank N]`` unless the line is
     marked verbatim); stdout is inherited, so rank 0's streamed text goes
-    straight to ours.  Rank 0 inherits stdin when ``stdin_to_rank0``, the
-    others read from /dev/null.  As soon as one rank exits non-zero the
-    others are terminated (SIGTERM, then SIGKILL after ``grace_s``); so are
-    all of them on KeyboardInterrupt (Ctrl-C), which returns exit code 130, and on
+    straight to ours.  Rank 0 reads ``rank0_stdin`` (a file, or our own
+    stdin) when given; the others, and rank 0 otherwise, read from /dev/null.
+    As soon as one rank exits non-zero the others are terminated (SIGTERM,
+    then SIGKILL after ``grace_s``); so are all of them on KeyboardInterrupt
+    (Ctrl-C), which returns exit code 130, and on
     :class:`~tpcompile.runtime.errors.Terminated` (SIGTERM), which returns 143.
     Always spawns, even under torchrun.
 
@@ -281,7 +282,7 @@ def spawn_workers(
         port = free_port()
     else:
         check_port_free(port)
-    ranks = _spawn(argv, nprocs, port, env, stdin_to_rank0)
+    ranks = _spawn(argv, nprocs, port, env, rank0_stdin)
     done: queue.Queue[int] = queue.Queue()
     for r in ranks:
         threading.Thread(
@@ -320,7 +321,7 @@ def run_ranks(
     port: int | None = None,
     *,
     env: Mapping[str, str] | None = None,
-    stdin_to_rank0: bool = False,
+    rank0_stdin: IO[Any] | None = None,
     result: Path | None = None,
 ) -> None:
     """Run ``args`` as ``nprocs`` spawned local ranks (:func:`spawn_workers`); return once every rank
@@ -335,7 +336,7 @@ def run_ranks(
             message names the rank and its error; 143 after SIGTERM), ``port`` is in use, or rank 0 wrote
             no ``result``.
     """
-    outcome = spawn_workers([args.to_json()], nprocs, port, env=env, stdin_to_rank0=stdin_to_rank0)
+    outcome = spawn_workers([args.to_json()], nprocs, port, env=env, rank0_stdin=rank0_stdin)
     if outcome.reported and outcome.message:
         raise PromptError(outcome.message, reported=True)  # every rank rejected the prompt the same way
     if outcome.returncode != 0:

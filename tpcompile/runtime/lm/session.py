@@ -6,7 +6,8 @@ broadcasts it.  Rank 0 alone writes to stdout (the streamed answer), prints
 the summary line and writes the token files and the results file
 (:class:`Generation` records, read back by ``generate_text``).  Invariant:
 all ranks walk through the same prompts in the same order and reject the
-same ones.
+same ones (a stdin line that is not text never leaves rank 0, which reports
+and skips it; see :mod:`.prompts`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..reporting import ERROR_PREFIX, print_verbatim
 from ..transport.collectives import broadcast_object
 from .generate import CausalLM, GenerationStats, check_prompt_length
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationArgs
+from .prompts import prompt_text, read_prompt_file
 from .tokenization import StreamDecoder, encode_prompt, load_tokenizer
 
 __all__ = [
@@ -73,15 +75,6 @@ def not_a_causal_lm(manifest: Manifest) -> ManifestError:
     )
 
 
-def read_prompt_file(path: Path) -> str:
-    """The whole file as one prompt, without its final newline."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read prompt file {path}: {first_line(exc)}") from exc
-    return text.removesuffix("\n").removesuffix("\r")
-
-
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -106,6 +99,7 @@ class GenerationSession:
         self.use_template = args.chat_template and self.lm_info.chat_template
         self.answers: list[Generation] = []
         self.rejected = 0
+        self.lines_read = 0
 
     def encode(self, text: str) -> list[int]:
         """Token ids of one text prompt (chat template applied when the artifact has one)."""
@@ -125,15 +119,25 @@ class GenerationSession:
             check_prompt_length(self.lm_info, len(ids))
         return prompts
 
+    def _read_line(self) -> str | None:
+        """Rank 0's next non-blank stdin line that is text (a line that is not is reported once, counted
+        as rejected and skipped); None at the end of stdin."""
+        while raw := sys.stdin.buffer.readline():
+            self.lines_read += 1
+            try:
+                line = prompt_text(raw, f"stdin line {self.lines_read}")
+            except InputError as exc:
+                self.rejected += 1
+                print_verbatim(f"{ERROR_PREFIX}{first_line(exc)}")
+                continue
+            if line.strip():
+                return line
+        return None
+
     def stdin_prompts(self) -> Iterator[str]:
         """One prompt per non-blank stdin line (read by rank 0, broadcast to all ranks)."""
         while True:
-            line: str | None = None
-            if self.rank == 0:
-                line = sys.stdin.readline()
-                while line and not line.strip():
-                    line = sys.stdin.readline()
-            got = broadcast_object(line or None)
+            got = broadcast_object(self._read_line() if self.rank == 0 else None)
             if not isinstance(got, str):
                 return
             yield got.rstrip("\r\n")
