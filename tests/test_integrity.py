@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -299,10 +300,14 @@ class _Payload:
         return (eval, (f"__import__('pathlib').Path({self.marker!r}).touch() or {inputs}",))
 
 
-def _poison(program: Path, marker: Path) -> None:
-    """Replace the archive's (empty) example inputs by a pickle that runs code when loaded."""
+def _poison(program: Path, marker: Path, raw: bool = False) -> None:
+    """Replace the archive's (empty) example inputs by a pickle that runs code when loaded: saved by
+    ``torch.save``, or (``raw``) a plain protocol-4 pickle."""
     buf = io.BytesIO()
-    torch.save(_Payload(marker), buf)
+    if raw:
+        pickle.dump(_Payload(marker), buf, protocol=4)
+    else:
+        torch.save(_Payload(marker), buf)
     with zipfile.ZipFile(program) as archive:
         entries = [(info, archive.read(info)) for info in archive.infolist()]
     samples = "data/sample_inputs/model.pt"
@@ -312,6 +317,13 @@ def _poison(program: Path, marker: Path) -> None:
             archive.writestr(info, body)
 
 
+UNTRUSTED_SAMPLES = (
+    "tprun: error: rank0/program.pt2 contains pickled example inputs (data/sample_inputs/model.pt) that "
+    "are not plain tensors, which runs code when loaded; pass --trust-pickle only if you trust where the "
+    "artifact comes from (or recompile it with tpcompile)\n"
+)
+
+
 def test_program_that_unpickles_needs_trust_pickle(
     lm_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -319,17 +331,23 @@ def test_program_that_unpickles_needs_trust_pickle(
     marker = tmp_path / "code-ran"
     _poison(art / "rank0" / "program.pt2", marker)
     proc = _prompt(art, tmp_path, "--skip-verify")  # hashes skipped: the trust check still applies
-    message = (
-        "tprun: error: rank0/program.pt2 contains pickled example inputs (data/sample_inputs/model.pt) that "
-        "are not plain tensors, which runs code when loaded; pass --trust-pickle only if you trust where the "
-        "artifact comes from (or recompile it with tpcompile)\n"
-    )
-    assert (proc.returncode, proc.stderr, proc.stdout) == (2, message, "")
+    assert (proc.returncode, proc.stderr, proc.stdout) == (2, UNTRUSTED_SAMPLES, "")
     assert not marker.exists()
     # torch logs the fallback with a malformed format string, which pytest's log capture turns into an error
     monkeypatch.setattr(logging.getLogger("torch._export.serde.serialize"), "disabled", True)
     program = load_rank(art, 0, verify=False, trust_pickle=True)  # what --trust-pickle lets through
     assert marker.exists() and program.rank == 0
+
+
+def test_refusing_a_plain_pickle_prints_nothing_but_the_refusal(lm_artifact: Path, tmp_path: Path) -> None:
+    """torch's restricted unpickler warns about a protocol-4 pickle while refusing it; that warning is
+    not the user's business: the refusal is the only line."""
+    art = _copy(lm_artifact, tmp_path)
+    marker = tmp_path / "code-ran"
+    _poison(art / "rank0" / "program.pt2", marker, raw=True)
+    proc = _prompt(art, tmp_path, "--skip-verify")
+    assert (proc.returncode, proc.stderr, proc.stdout) == (2, UNTRUSTED_SAMPLES, "")
+    assert not marker.exists()
 
 
 def test_tpcompile_refuses_a_pt2_that_unpickles(gpt_pt2: Path, tmp_path: Path) -> None:

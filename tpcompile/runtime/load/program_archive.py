@@ -7,13 +7,14 @@ entries load a compiled shared library.  :func:`unsafe_content` inspects the arc
 and an allowlist of entries, without loading anything, and names the first entry that would run code.
 tpcompile writes programs without any such entry (its example inputs are empty).
 
-Invariant: inspecting an archive never unpickles or executes anything from it.
+Invariant: inspecting an archive never unpickles or executes anything from it, and prints nothing.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import warnings
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -36,11 +37,16 @@ def _relative(name: str) -> str:
 
 
 def _plain_tensors(data: bytes) -> bool:
-    """True when ``data`` unpickles under ``torch.load(weights_only=True)``, the restricted unpickler."""
+    """True when ``data`` unpickles under ``torch.load(weights_only=True)``, the restricted unpickler.
+
+    Whatever torch warns about while reading (a pickle protocol it does not expect, ...) is dropped: the
+    verdict is reported, once, by the caller."""
     import torch
 
     try:
-        torch.load(io.BytesIO(data), weights_only=True)  # exactly torch.export.load's first attempt
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.load(io.BytesIO(data), weights_only=True)  # exactly torch.export.load's first attempt
     except Exception:
         return False
     return True
