@@ -158,3 +158,32 @@ def test_input_outside_a_dynamic_dims_range_is_refused_before_any_rank_starts(
     save_file({"idx": torch.zeros(1, 64, dtype=torch.long)}, str(inputs))
     proc = tprun(out, "--inputs", inputs, "-o", result)
     assert proc.returncode == 0, proc.stderr  # the largest length in range runs
+
+
+def test_plan_patterns_that_decide_no_parameter_are_named(gpt_pt2: Path, tmp_path: Path) -> None:
+    """A typo in a --plan pattern (or a pattern an earlier one shadows) is a warning, or with
+    --strict-plan an error before anything is written."""
+    plan = tmp_path / "plan.json"
+    rules = {"*.mlp.fcx.weight": "replicate", "blocks.*.mlp.fc.weight": "replicate", "*.fc.weight": "colwise"}
+    plan.write_text(json.dumps(rules))
+    out = tmp_path / "out"
+    proc = tpcompile(gpt_pt2, "--tp", "2", "-o", out, "--plan", plan, "--strict-plan", "--quiet")
+    assert (proc.returncode, proc.stderr) == (
+        2,
+        f"tpcompile: error: plan file {plan}: pattern '*.mlp.fcx.weight' matches no parameter (and 1 more); "
+        "fix the plan or drop --strict-plan\n",
+    )
+    assert not out.exists()
+    proc = tpcompile(gpt_pt2, "--tp", "2", "-o", out, "--plan", plan, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("tpcompile: warning: ")]
+    ignored = "it is ignored (--strict-plan makes this an error)"
+    assert warnings == [
+        f"tpcompile: warning: plan file {plan}: pattern {pattern}; {ignored}"
+        for pattern in (
+            "'*.mlp.fcx.weight' matches no parameter",
+            "'*.fc.weight' only matches parameters an earlier pattern decides",
+        )
+    ]
+    placements = {p["name"]: p["plan"] for p in json.loads((out / "manifest.json").read_text())["parameters"]}
+    assert placements["blocks.0.mlp.fc.weight"] == placements["blocks.1.mlp.fc.weight"] == "replicate"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from tpcompile.runtime.usage import OneLineErrors
 
 if TYPE_CHECKING:
     from tpcompile.frontend.options import LanguageModelOptions
+    from tpcompile.plan.spec import PlanFile
 
 
 class DefaultGroup(OneLineErrors, click.Group):
@@ -84,6 +86,11 @@ def main() -> None:
     type=click.Path(path_type=Path),
     help="JSON plan: parameter glob -> colwise | rowwise | replicate.",
 )
+@click.option(
+    "--strict-plan",
+    is_flag=True,
+    help="A --plan pattern that decides no parameter (a typo) is an error, not a warning.",
+)
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled model (runs its code).")
 @click.option(
     "--dtype",
@@ -120,6 +127,7 @@ def compile_cmd(
     tp: int,
     out: Path,
     plan_path: Path | None,
+    strict_plan: bool,
     trust_pickle: bool,
     dtype: str,
     max_seq_len: int | None,
@@ -137,7 +145,7 @@ def compile_cmd(
     lm = LanguageModelOptions(dtype, max_seq_len, max_batch_size)
     _run(
         debug, _compile, model, tp, out, plan_path, trust_pickle, lm, force, as_json, quiet, moe,
-        artifact_format,
+        artifact_format, strict_plan,
     )
 
 
@@ -153,6 +161,7 @@ def _compile(
     quiet: bool,
     moe: str = "tp",
     artifact_format: str = "torch",
+    strict_plan: bool = False,
 ) -> None:
     import warnings
 
@@ -173,6 +182,8 @@ def _compile(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             captured = load_model(model, trust_pickle=trust_pickle, lm=lm)
+            if plan_file is not None:
+                _check_plan(plan_file, captured.state_names().values(), strict_plan, bar)
             result = compile_model(
                 captured, tp, out, plan_file=plan_file, force=force, progress=bar, moe=moe,
                 format=artifact_format,
@@ -213,6 +224,16 @@ def _compile(
             f"{max(r.weight_bytes for r in m.ranks) / 2**20:.1f} MiB of weights per rank, "
             f"{m.total_weight_bytes / 2**20:.1f} MiB in all)"
         )
+
+
+def _check_plan(plan_file: PlanFile, names: Iterable[str], strict: bool, bar: ProgressBar) -> None:
+    """Warn about (with ``strict``: refuse) every --plan pattern that decides no parameter."""
+    problems = plan_file.unused(names)
+    if problems and strict:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UsageError(f"{problems[0]}{more}; fix the plan or drop --strict-plan")
+    for problem in problems:
+        bar.echo(f"tpcompile: warning: {problem}; it is ignored (--strict-plan makes this an error)")
 
 
 @main.command("explain")

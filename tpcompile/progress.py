@@ -35,6 +35,13 @@ class ProgressBar:
             self.bar.update(1)
         self.bar.set_description_str(message)
 
+    def echo(self, line: str) -> None:
+        """Print ``line`` on stderr now (enabled or not), without breaking the bar: it is redrawn below."""
+        if self.bar is not None:
+            tqdm.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     def close(self, complete: bool = False) -> None:
         """End the bar (filled when the compile completed); the next stderr line starts on its own line."""
         if self.bar is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import fnmatch
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,9 +60,11 @@ class ShardingPlan:
 
 @dataclass(frozen=True)
 class PlanFile:
-    """An explicit plan: glob on the parameter name -> style. The first matching pattern wins."""
+    """An explicit plan: glob on the parameter name -> style. The first matching pattern wins.
+    ``source`` (the file) only names it in messages."""
 
     rules: tuple[tuple[str, Style], ...]
+    source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple((p, Style(s)) for p, s in self.rules))
@@ -71,6 +74,20 @@ class PlanFile:
             if fnmatch.fnmatchcase(name, pattern):
                 return style
         return None
+
+    def unused(self, names: Iterable[str]) -> list[str]:
+        """One line for each pattern that decides no parameter among ``names`` (a typo would otherwise go
+        unnoticed): it matches none, or only ones an earlier pattern decides. In the file's order."""
+        names = list(names)
+        matches = {p: [n for n in names if fnmatch.fnmatchcase(n, p)] for p, _ in self.rules}
+        deciding = {next((p for p, _ in self.rules if n in matches[p]), None) for n in names}
+        where = f"plan file {self.source}: " if self.source else ""
+        why = {True: "only matches parameters an earlier pattern decides", False: "matches no parameter"}
+        return [
+            f"{where}pattern {pattern!r} {why[bool(matches[pattern])]}"
+            for pattern, _ in self.rules
+            if pattern not in deciding
+        ]
 
 
 def load_plan_file(path: str | Path) -> PlanFile:
@@ -92,4 +109,4 @@ def load_plan_file(path: str | Path) -> PlanFile:
                 f"plan file {p}: {pattern!r} has style {style!r}; use one of {', '.join(allowed)}"
             )
         rules.append((str(pattern), Style(style)))
-    return PlanFile(tuple(rules))
+    return PlanFile(tuple(rules), str(p))
