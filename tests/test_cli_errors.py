@@ -187,3 +187,34 @@ def test_plan_patterns_that_decide_no_parameter_are_named(gpt_pt2: Path, tmp_pat
     ]
     placements = {p["name"]: p["plan"] for p in json.loads((out / "manifest.json").read_text())["parameters"]}
     assert placements["blocks.0.mlp.fc.weight"] == placements["blocks.1.mlp.fc.weight"] == "replicate"
+
+
+def test_more_ranks_than_heads_is_a_warning_naming_how_many_ranks_hold_them(tmp_path: Path) -> None:
+    """tp=64 for 2 heads: the MLP still gives every rank one column, the heads fit 2 ranks at most, which
+    the warning says (instead of a note per weight); the compile captures 64 small programs."""
+    out = tmp_path / "out"
+    proc = tpcompile("tests.factories:two_heads_wide_mlp", "--tp", "64", "-o", out, "--quiet")
+    warning = (
+        "only 2 of the 64 ranks can hold a share of k.weight (and 3 more weights): at tp=64 they are "
+        "replicated on every rank; tp <= 2 splits them"
+    )
+    assert (proc.returncode, proc.stderr) == (0, f"tpcompile: warning: {warning}\n")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["warnings"] == [warning]
+    plans = {p["name"]: (p["plan"], p["placement"]) for p in manifest["parameters"]}
+    assert plans["fc.weight"] == ("colwise", f"S(0;{','.join(['1'] * 64)})")
+    assert plans["q.weight"] == ("replicate", "R")
+    expected = ["manifest.json", *(f"rank{r}" for r in range(64))]
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
+
+
+def test_more_ranks_than_any_weight_splits_over_is_refused(tmp_path: Path) -> None:
+    """The example GPT's widest weight (the MLP, 384 columns) fits 384 ranks: beyond, no rank holds work."""
+    out = tmp_path / "out"
+    proc = tpcompile("examples.gpt:build", "--tp", "400", "-o", out, "--quiet")
+    assert (proc.returncode, proc.stderr) == (
+        2,
+        "tpcompile: error: --tp 400 is more ranks than any weight of the model can be split over: at most "
+        "384 ranks can hold work (blocks.0.mlp.fc.weight, in 384 whole units); use --tp 384 or less\n",
+    )
+    assert not out.exists()

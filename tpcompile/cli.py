@@ -194,7 +194,8 @@ def _compile(
     m = result.manifest
     for w in m.warnings:
         click.echo(f"tpcompile: warning: {w}", err=True)
-    unsplit = result.plan.unsplit
+    limited = result.plan.rank_limits  # a warning above already names these
+    unsplit = {name: why for name, why in result.plan.unsplit.items() if name not in limited}
     if unsplit and not as_json:  # the whole list (with reasons) is in `tpcompile explain`
         first, reason = next(iter(sorted(unsplit.items())))
         more = f" (and {len(unsplit) - 1} more: tpcompile explain {out})" if len(unsplit) > 1 else ""

@@ -10,7 +10,9 @@ activation: q/k/v, gate/up). Propagation is the judge: the trial is kept when it
 and no all-gather inside the program (the chain ends in a row-parallel product whose partial sum is reduced
 once). The split unit comes from the graph: when a reshape downstream needs shard sizes that are multiples
 of a head size, the trial is repeated with that unit, so heads (and grouped-query KV groups) are never cut.
-A weight a site could have split that stays whole gets a reason (``ShardingPlan.unsplit``).
+A weight a site could have split that stays whole gets a reason (``ShardingPlan.unsplit``); when the reason
+is only that tp exceeds its whole units, the most ranks it could be split over (``ShardingPlan.rank_limits``)
+and a warning saying so. A tp at which no weight can be split at all is refused: no rank would hold work.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import math
 
 import torch.fx as fx
 
+from tpcompile.errors import UsageError
 from tpcompile.passes.graph_queries import feature_unit, kv_split, same_data_root, written_in_place
 from tpcompile.passes.propagate import propagate
 from tpcompile.passes.rule_api import PlanSite, Propagation, SiteKind
 from tpcompile.plan.experts import DEFAULT_MOE, expert_decisions, feature_classes
 from tpcompile.plan.spec import ParamDecision, PlanFile, ShardingPlan, Style
-from tpcompile.runtime.format.placement import Replicate, Shard, balanced_split
+from tpcompile.runtime.format.placement import Pieces, Replicate, Shard, balanced_split
 
 MAX_UNIT_RETRIES = 4
 
@@ -82,6 +85,17 @@ def _shared_unit_split(counts: set[int], tp: int) -> tuple[Shard, Shard] | None:
     return None
 
 
+def _most_ranks(group: list[PlanSite], units: dict[PlanSite, int], tp: int) -> int:
+    """The most ranks (below ``tp``) the group splits over in whole ``units``; 1 when none."""
+    return next((t for t in range(tp - 1, 1, -1) if _group_splits(group, units, t) is not None), 1)
+
+
+def _viewed_unit(site: PlanSite, unit: int) -> int:
+    """``unit`` combined with the unit the site's outputs are viewed in (a head), when that divides it."""
+    combined = math.lcm(unit, feature_unit(site.node))
+    return combined if site.features % combined == 0 else unit
+
+
 def _site_style(site: PlanSite) -> Style:
     return Style.VOCAB if site.kind is SiteKind.LOOKUP else Style.COLWISE
 
@@ -103,6 +117,7 @@ class PlanSearch:
         self.weights = set(names) - written_in_place(gm)
         self.trials = 0
         self.reasons: dict[str, str] = {}
+        self.rank_limits: dict[str, int] = {}
 
     def run(self, plan: ShardingPlan) -> Propagation:
         self.trials += 1
@@ -154,7 +169,29 @@ class PlanSearch:
                     kept, prop = self._try_group(kept, prop, part, forced)
             plan = kept
         plan.unsplit = self._unsplit(sites, prop, fixed)
+        plan.rank_limits = {k: n for k, n in self.rank_limits.items() if k in plan.unsplit}
+        self._check_rank_count(plan, prop)
         return plan, prop
+
+    def _check_rank_count(self, plan: ShardingPlan, prop: Propagation) -> None:
+        """Refuse a tp at which no weight is split while some would split with fewer ranks; warn (in the
+        manifest's warnings) when some weights stay whole only because tp exceeds their units."""
+        if not plan.rank_limits:
+            return
+        most = max(plan.rank_limits.values())
+        widest = min(k for k, n in plan.rank_limits.items() if n == most)
+        if not any(isinstance(pl, Shard | Pieces) for pl in prop.roots.values()):
+            raise UsageError(
+                f"--tp {self.tp} is more ranks than any weight of the model can be split over: at most "
+                f"{most} ranks can hold work ({widest}, in {most} whole units); use --tp {most} or less"
+            )
+        fewest = min(plan.rank_limits.values())
+        first = min(k for k, n in plan.rank_limits.items() if n == fewest)
+        more = f" (and {len(plan.rank_limits) - 1} more weights)" if len(plan.rank_limits) > 1 else ""
+        prop.warnings.append(
+            f"only {fewest} of the {self.tp} ranks can hold a share of {first}{more}: at tp={self.tp} they "
+            f"are replicated on every rank; tp <= {fewest} splits them"
+        )
 
     def _try_group(
         self, plan: ShardingPlan, prop: Propagation, group: list[PlanSite], forced: bool
@@ -167,6 +204,13 @@ class PlanSearch:
             if splits is None:
                 unit = max(units.values())
                 reason = f"its features do not split into whole units of {unit} over {self.tp} ranks"
+                viewed = {s: _viewed_unit(s, units[s]) for s in group}  # no trial may have said it yet
+                most = _most_ranks(group, viewed, self.tp)
+                if most > 1:  # it would split with fewer ranks
+                    unit = max(viewed.values())
+                    reason = f"its whole units of {unit} features split over at most {most} ranks"
+                    for s in group:
+                        self.rank_limits.setdefault(s.key, most)
                 break
             trial_plan = plan.with_decisions(
                 {

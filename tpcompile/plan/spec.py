@@ -53,6 +53,9 @@ class ShardingPlan:
     decisions: dict[str, ParamDecision] = field(default_factory=dict)
     #: weights a plan site could have split that stay replicated, with the reason (compile summary, explain)
     unsplit: dict[str, str] = field(default_factory=dict)
+    #: those of them replicated only because tp is larger than their whole units allow: the most ranks each
+    #: could be split over
+    rank_limits: dict[str, int] = field(default_factory=dict)
 
     def with_decisions(self, extra: dict[str, ParamDecision]) -> ShardingPlan:
         return ShardingPlan(self.tp, {**self.decisions, **extra}, dict(self.unsplit))
