@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 from examples import gpt
-from tests.conftest import REPO, tpcompile, tprun
+from tests.conftest import REPO, cli_env, tpcompile, tprun
 from tpcompile import errors
 from tpcompile.runtime import reporting
 from tpcompile.runtime.errors import ArtifactCorrupt, Terminated
@@ -218,3 +222,64 @@ def test_more_ranks_than_any_weight_splits_over_is_refused(tmp_path: Path) -> No
         "384 ranks can hold work (blocks.0.mlp.fc.weight, in 384 whole units); use --tp 384 or less\n",
     )
     assert not out.exists()
+
+
+_SMALL_DISK = (
+    'mount -t tmpfs -o size=100k tmpfs "$1" || exit 97; disk=$1; shift; "$@"; rc=$?; ls -A "$disk"; exit $rc'
+)
+
+
+def _can_mount_a_small_disk() -> bool:
+    try:
+        probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_a_small_disk(), reason="needs unshare -rm (user and mount namespaces)")
+def test_full_disk_is_an_environment_error_naming_the_path_and_leaving_nothing(tmp_path: Path) -> None:
+    """A real full disk: a 100 KiB tmpfs (in a private mount namespace) cannot hold the example GPT's 1.1 MiB
+    of tp=2 weights. The listing printed after the compile, inside the namespace, shows what was left. The
+    compile fails while its capture worker is starting: that one prints nothing either."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = disk / "out"
+    compile_cmd = [
+        sys.executable,
+        "-m",
+        "tpcompile.cli",
+        "examples.gpt:build",
+        "--tp",
+        "2",
+        "-o",
+        out,
+        "--quiet",
+    ]
+    proc = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", _SMALL_DISK, "sh", disk, *map(str, compile_cmd)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert re.fullmatch(
+        f"tpcompile: error: no space left on device writing {re.escape(str(out))} "
+        r"\(rank[01]/(weights\.safetensors|program\.pt2)\); nothing was left behind\n",
+        proc.stderr,
+    ), proc.stderr
+    assert proc.stdout == ""  # the listing of the full disk after the compile: empty
+    assert [pid for pid in _pids_mentioning(str(disk))] == []  # no worker survived
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found

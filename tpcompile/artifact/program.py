@@ -8,6 +8,7 @@ keep the ranges of the original program.
 from __future__ import annotations
 
 import hashlib
+import io
 import struct
 import zipfile
 import zlib
@@ -22,6 +23,7 @@ import torch.fx as fx
 from torch.export import Dim, ExportedProgram
 from torch.utils._sympy.numbers import int_oo
 
+from tpcompile.artifact.writer import writing
 from tpcompile.errors import UnsupportedModelError
 from tpcompile.runtime.errors import first_line
 
@@ -120,11 +122,17 @@ def save_program(program: ExportedProgram, path: Path) -> None:
     are dropped, and the archive's random serialization id is replaced by a digest of its contents.
 
     The example inputs are dropped too: ``torch.export.save`` pickles them, and the runtime loads nothing
-    that needs unpickling (without them the archive is JSON plus raw tensor bytes)."""
+    that needs unpickling (without them the archive is JSON plus raw tensor bytes).
+
+    The archive is built in memory (it holds no weights) and written by Python, so that a full disk is an
+    ``OSError`` naming the file, not torch's zip writer failing (and aborting the process)."""
     for node in program.graph.nodes:
         node.meta.pop("from_node", None)
     program.example_inputs = None
-    torch.export.save(program, str(path))
+    archive = io.BytesIO()
+    torch.export.save(program, archive)
+    with writing(path):
+        path.write_bytes(archive.getbuffer())
     _fix_serialization_id(path)
 
 

@@ -21,11 +21,9 @@ import torch
 import torch.fx as fx
 
 from tpcompile.artifact.program import StoredTensor, export_rank_program, save_program
-from tpcompile.artifact.workers import worker_pool
-from tpcompile.errors import TpCompileError, UnsupportedModelError
+from tpcompile.artifact.workers import job_failure, worker_pool
 from tpcompile.passes.lower_rank import build_rank_graph
 from tpcompile.passes.rule_api import Propagation
-from tpcompile.runtime.errors import first_line
 from tpcompile.runtime.format import PROGRAM_FILE
 
 
@@ -50,11 +48,8 @@ class RankProgramJob:
         a typed compiler error or an ``OSError`` (a full disk) as it is, anything else as one line."""
         try:
             self.run(rank)
-        except (TpCompileError, OSError) as err:
-            return err
-        except Exception as err:  # reported by the compiler as an unsupported model, with the first line
-            what = f"{type(err).__name__}: {first_line(err)}"
-            return UnsupportedModelError(f"capturing rank {rank}'s program failed: {what}")
+        except Exception as err:
+            return job_failure(err, f"capturing rank {rank}'s program")
         return None
 
 

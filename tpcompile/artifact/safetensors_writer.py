@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from tpcompile.artifact.writer import writing
+
 DTYPE_CODES = {
     torch.float64: "F64",
     torch.float32: "F32",
@@ -51,7 +53,7 @@ def write_safetensors(
         offset += size
     raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     raw += b" " * (-len(raw) % 8)
-    with path.open("wb") as f:
+    with writing(path), path.open("wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, dtype, shape in entries:

@@ -24,10 +24,11 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any, Generic, TypeVar
 
+from tpcompile.errors import TpCompileError, UnsupportedModelError
 from tpcompile.runtime.errors import first_line
-from tpcompile.runtime.launch.lifetime import die_with_parent, worker_signals
+from tpcompile.runtime.launch.lifetime import die_with_parent, stop_signals_held, worker_signals
 
-__all__ = ["MAX_JOBS", "WorkerFailed", "WorkerPool", "worker_pool"]
+__all__ = ["MAX_JOBS", "WorkerFailed", "WorkerPool", "job_failure", "worker_pool"]
 
 J = TypeVar("J")
 R = TypeVar("R")
@@ -40,6 +41,15 @@ _GRACE_S = 5.0
 
 class WorkerFailed(RuntimeError):
     """A worker process died, or its job raised: the message says which and how."""
+
+
+def job_failure(err: Exception, what: str) -> Exception:
+    """How a job's failure crosses from a worker to the compiler, as a result: a typed compiler error or
+    an ``OSError`` (a full disk) as it is, anything else as one line (``WHAT failed: Type: first line``),
+    reported as an unsupported model."""
+    if isinstance(err, TpCompileError | OSError):
+        return err
+    return UnsupportedModelError(f"{what} failed: {type(err).__name__}: {first_line(err)}")
 
 
 def _serve(
@@ -77,7 +87,8 @@ class WorkerPool(Generic[J, R]):
             process = context.Process(  # type: ignore[attr-defined]
                 target=_serve, args=(fn, jobs, self.tickets, send, os.getpid()), daemon=True
             )
-            process.start()
+            with stop_signals_held():
+                process.start()
             send.close()  # the worker holds the only writing end: its exit is an end-of-file here
             self.processes.append(process)
             self.pipes[receive] = process

@@ -2,7 +2,9 @@
 only when complete, so an interrupted compile never leaves a directory that loads as an artifact.
 
 Invariants: OUT is at every moment absent, the previous artifact, or the new complete one (with
-``--force`` the two are swapped in one ``renameat2(RENAME_EXCHANGE)`` on Linux). Working directories are
+``--force`` the two are swapped in one ``renameat2(RENAME_EXCHANGE)`` on Linux). A full disk is an
+:class:`~tpcompile.errors.OutputError` naming OUT and the file being written, raised after the working
+directory is gone (writers name their file in the ``OSError``: :func:`writing`). Working directories are
 named ``.OUT.tmp-PID-XXXX`` / ``.OUT.old-PID-XXXX`` (see :data:`WORK_DIR_PATTERN`); the runtime refuses
 to load them, and the next compile of OUT removes those whose process is gone (e.g. after a SIGKILL).
 """
@@ -10,6 +12,7 @@ to load them, and the next compile of OUT removes those whose process is gone (e
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 import sys
@@ -18,12 +21,45 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tpcompile.errors import UsageError
+from tpcompile.errors import OutputError, UsageError
 from tpcompile.runtime.format import WORK_DIR_PATTERN, work_dir_name
 from tpcompile.runtime.transport.shm import process_alive
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Name ``path`` in an ``OSError`` raised while writing it (a failed ``write`` names no file)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+
+
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The ``OSError`` saying the disk (or the quota) is full behind ``exc``, if there is one."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _DISK_FULL:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _output_error(full: OSError, out: Path, tmp: Path | None, existed: bool) -> OutputError:
+    where = ""
+    if full.filename is not None:
+        name = Path(os.fsdecode(full.filename))
+        where = f" ({name.relative_to(tmp) if tmp is not None and name.is_relative_to(tmp) else name})"
+    left = f"{out} still holds the previous artifact" if existed else "nothing was left behind"
+    return OutputError(f"no space left on device writing {out}{where}; {left}")
 
 
 def remove_stale_work_dirs(out: Path) -> list[Path]:
@@ -82,13 +118,19 @@ def atomic_directory(out: Path, force: bool) -> Iterator[Path]:
         raise UsageError(f"{out} exists and is not a directory; refusing to replace it")
     if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
         raise UsageError(f"{out} exists and is not a tpcompile artifact; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_work_dirs(out)
-    tmp = Path(tempfile.mkdtemp(prefix=work_dir_name(out.name, "tmp", os.getpid()), dir=out.parent))
+    existed = out.exists()
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_work_dirs(out)
+        tmp = Path(tempfile.mkdtemp(prefix=work_dir_name(out.name, "tmp", os.getpid()), dir=out.parent))
         tmp.chmod(_default_dir_mode())  # mkdtemp makes it 0700; OUT gets the usual permissions
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        full = _disk_full(exc)
+        if full is not None:
+            raise _output_error(full, out, tmp, existed) from exc
         raise
     _replace(tmp, out)

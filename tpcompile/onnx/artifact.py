@@ -18,14 +18,13 @@ from typing import Any
 
 import torch
 
-from tpcompile.artifact.workers import worker_pool
+from tpcompile.artifact.workers import job_failure, worker_pool
 from tpcompile.artifact.writer import atomic_directory
-from tpcompile.errors import TpCompileError, UnsupportedModelError, UsageError
+from tpcompile.errors import UsageError
 from tpcompile.onnx.aligned import align_safetensors
 from tpcompile.onnx.export import DOMAIN, OPSET, export_model
 from tpcompile.onnx.functional import stateful_module
 from tpcompile.onnx.segments import split_model
-from tpcompile.runtime.errors import first_line
 from tpcompile.runtime.format import Manifest, sha256_file
 from tpcompile.runtime.format.onnx_section import OnnxRank
 
@@ -44,19 +43,18 @@ def convert_rank(rank_dir: Path, zero_state: set[str]) -> tuple[OnnxRank, list[P
 
 
 Job = tuple[Path, list[str], str]  # (artifact dir, zero_state, rank dir)
-Result = tuple[str, dict[str, Any] | None, list[str], str | None]
+#: (rank dir, its steps, its segment files) or the failure, as it crosses from a worker to the compiler: a
+#: typed compiler error or an ``OSError`` (a full disk) as it is, anything else as one line
+Result = tuple[str, dict[str, Any], list[str]] | BaseException
 
 
 def _convert_in_worker(job: Job) -> Result:
     out, zero_state, rank_dir = job
     try:
         graph, files = convert_rank(out / rank_dir, set(zero_state))
-    except TpCompileError as err:
-        return rank_dir, None, [], str(err)
-    except Exception as err:  # reported by the parent as an unsupported model, with the first line
-        first = first_line(err)
-        return rank_dir, None, [], f"converting {rank_dir} to ONNX failed: {type(err).__name__}: {first}"
-    return rank_dir, graph.to_json(), [f.name for f in files], None
+    except Exception as err:
+        return job_failure(err, f"converting {rank_dir} to ONNX")
+    return rank_dir, graph.to_json(), [f.name for f in files]
 
 
 def _convert_all(
@@ -70,10 +68,10 @@ def _convert_all(
     if workers < 2 or os.environ.get("TPCOMPILE_JOBS") == "1":
         workers = 0
     with worker_pool(_convert_in_worker, jobs, workers, "spawn") as pool:
-        for _, (rank_dir, graph, files, error) in pool.results(share=False):
-            if error is not None or graph is None:
-                raise UnsupportedModelError(error or f"converting {rank_dir} to ONNX failed")
-            yield rank_dir, graph, files
+        for _, result in pool.results(share=False):
+            if isinstance(result, BaseException):
+                raise result
+            yield result
 
 
 def to_onnx(out: Path, manifest: Manifest, progress: Callable[[str], None] | None = None) -> None:

@@ -16,11 +16,12 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from types import FrameType
 
 from ..errors import Terminated
 
-__all__ = ["EXIT_PARENT_GONE", "die_with_parent", "stop_on_sigterm", "worker_signals"]
+__all__ = ["EXIT_PARENT_GONE", "die_with_parent", "stop_on_sigterm", "stop_signals_held", "worker_signals"]
 
 _PR_SET_PDEATHSIG = 1
 #: Exit code of a child that finds its parent already gone.
@@ -46,8 +47,25 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _terminated)
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Hold back Ctrl-C and SIGTERM while starting a worker: the worker starts with them blocked (a
+    forked one would otherwise run the parent's handlers until :func:`worker_signals`); here they arrive
+    when the block ends."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
 def worker_signals() -> None:
-    """In a worker process: Ctrl-C is its parent's to handle (the parent stops it), SIGTERM kills at once
-    (also undoing a handler inherited through ``fork``)."""
+    """In a worker process started under :func:`stop_signals_held`: Ctrl-C is its parent's to handle (the
+    parent stops it), SIGTERM kills at once (undoing a handler inherited through ``fork``); then the two
+    signals are let through."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
