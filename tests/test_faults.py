@@ -110,10 +110,9 @@ def test_killed_rank_stops_every_process_and_is_named(art: Path) -> None:
     os.kill(pids[1], signal.SIGKILL)
     stderr = _finish(proc, pids, time.monotonic())
     assert proc.returncode == 1
-    launcher = "tprun: error: rank 1 failed (killed by SIGKILL, e.g. by the out-of-memory killer)"
-    # rank 0 notices its dead peer itself only if the launcher has not stopped it within a quarter second
-    rank0 = f"[rank 0] tprun: error: rank 1 (pid {pids[1]}) exited during a collective"
-    assert stderr.splitlines() in ([launcher], [rank0, launcher])
+    # rank 0's own error (its peer exited during a collective), if it noticed before being stopped, is not
+    # repeated: the launcher names the rank that failed first
+    assert stderr == "tprun: error: rank 1 failed (killed by SIGKILL, e.g. by the out-of-memory killer)\n"
 
 
 def test_stuck_rank_hits_timeout_in_its_peer(art: Path) -> None:
@@ -125,10 +124,7 @@ def test_stuck_rank_hits_timeout_in_its_peer(art: Path) -> None:
     stderr = _finish(proc, pids, time.monotonic())
     assert proc.returncode == 1
     reason = f"collective timed out after 2 s waiting for rank 1 {HINT}"
-    assert stderr.splitlines() == [
-        f"[rank 0] tprun: error: {reason}",
-        f"tprun: error: rank 0 failed (exit 1): {reason}",
-    ]
+    assert stderr == f"tprun: error: rank 0 failed (exit 1): {reason}\n"  # once, not once per rank too
 
 
 def test_ctrl_c_during_generation_stops_all_ranks(art: Path) -> None:

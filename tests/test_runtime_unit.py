@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -383,3 +384,18 @@ def test_choose_backend_cpu_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         choose_backend(2, "nccl")
     with pytest.raises(BackendError, match="nccl cannot run on device cpu"):
         choose_backend(2, "nccl", "cpu")
+
+
+def test_an_error_every_rank_hits_is_printed_once(artifact_copy: Path, tmp_path: Path) -> None:
+    """Unchecked (--skip-verify) truncated weights fail in every rank: the launcher's line names the rank
+    that failed first and its error; the ranks' own copies of it are not printed as well."""
+    for rank in range(TP):
+        weights = artifact_copy / f"rank{rank}" / "weights.safetensors"
+        weights.write_bytes(weights.read_bytes()[:20])
+    inputs = _write_inputs(tmp_path / "in.safetensors", torch.randn(2, IN_FEATURES))
+    proc = _tprun(artifact_copy, "--inputs", inputs, "-o", tmp_path / "out.safetensors", "--skip-verify")
+    assert proc.returncode == 2
+    assert re.fullmatch(
+        r"tprun: error: rank ([01]) failed \(exit 2\): cannot read rank\1/weights\.safetensors: [^\n]+\n",
+        proc.stderr,
+    ), proc.stderr

@@ -151,7 +151,11 @@ def worker_env(rank: int, nprocs: int, port: int, base: Mapping[str, str] | None
 
 
 class _Rank:
-    """A spawned rank: its process, a thread forwarding stderr, and its last words."""
+    """A spawned rank: its process, a thread forwarding stderr, and its last words.
+
+    A rank's own ``tprun: error:`` line is held back, not forwarded: the launcher reports the failed rank
+    with that error in one line (an error is printed once, not once per rank and again by the launcher).
+    """
 
     def __init__(self, rank: int, proc: subprocess.Popen[str], prefix: str) -> None:
         self.rank = rank
@@ -160,6 +164,7 @@ class _Rank:
         self.last_line = ""
         self.error_line = ""
         self.reported = False
+        self.held: list[str] = []  # error lines not forwarded (printed only if no failure reports them)
         self.reader = threading.Thread(target=self._pump, name=f"rank{rank}-stderr", daemon=True)
 
     def _pump(self) -> None:
@@ -170,9 +175,10 @@ class _Rank:
             verbatim = line.startswith(VERBATIM_MARK)
             if verbatim:
                 line = line.removeprefix(VERBATIM_MARK)
-            with _STDERR_LOCK:
-                sys.stderr.write(line if verbatim else self.prefix + line)
-                sys.stderr.flush()
+            if not verbatim and line.startswith(ERROR_PREFIX):
+                self.held.append(self.prefix + line)
+            else:
+                _write(line if verbatim else self.prefix + line)
             text = line.strip()
             if text:
                 self.last_line = text
@@ -202,6 +208,12 @@ class _Rank:
             status = f"exit {rc}"
             detail = self.error_line or self.last_line or "no error output"
         return f"rank {self.rank} failed ({status})" + (f": {detail}" if detail else "")
+
+
+def _write(text: str) -> None:
+    with _STDERR_LOCK:
+        sys.stderr.write(text)
+        sys.stderr.flush()
 
 
 def _terminate(ranks: Sequence[_Rank], grace_s: float) -> None:
@@ -264,7 +276,8 @@ def spawn_workers(
     that ties each rank's lifetime to this process).
 
     Each rank's stderr is forwarded (prefixed ``[rank N]`` unless the line is
-    marked verbatim); stdout is inherited, so rank 0's streamed text goes
+    marked verbatim) except its own error line, which the outcome's message
+    carries (so an error is printed once); stdout is inherited, so rank 0's streamed text goes
     straight to ours.  Rank 0 reads ``rank0_stdin`` (a file, or our own
     stdin) when given; the others, and rank 0 otherwise, read from /dev/null.
     As soon as one rank exits non-zero the others are terminated (SIGTERM,
@@ -312,6 +325,8 @@ def spawn_workers(
     except BaseException:
         _terminate(ranks, grace_s)
         raise
+    for r in ranks:  # error lines of ranks that then exited 0: nothing else reported them
+        _write("".join(r.held))
     return LaunchOutcome(EXIT_OK)
 
 
