@@ -28,9 +28,14 @@ _DEFAULT_SIGINT = (
 def start(module: str, *args: str | Path) -> subprocess.Popen[str]:
     """``python -m MODULE ARGS`` as a terminal runs it: the leader of its own process group, SIGINT at its
     default disposition; stdout discarded, stderr captured."""
+    return start_python("-m", module, *args)
+
+
+def start_python(*args: str | Path, stdout: int = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    """``python ARGS`` as :func:`start` runs it (``stdout``: ``subprocess.PIPE`` to read it)."""
     return subprocess.Popen(
-        [sys.executable, "-c", _DEFAULT_SIGINT, "-m", module, *map(str, args)],
-        stdout=subprocess.DEVNULL,
+        [sys.executable, "-c", _DEFAULT_SIGINT, *map(str, args)],
+        stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
         env=cli_env(),

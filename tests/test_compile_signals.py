@@ -6,14 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, cli_env
-from tests.processes import alive, children, kill_group, start, wait_for
+from tests.processes import alive, children, kill_group, start, start_python, wait_for
 from tpcompile.artifact.writer import remove_stale_work_dirs
 
 #: The example GPT at tp=6 (all 6 heads split, so no warning): long enough to be caught while capturing.
@@ -84,7 +82,7 @@ def test_sigkill_of_compile_takes_its_workers(tmp_path: Path) -> None:
 
 
 _SPAWNED_POOL = """\
-import sys, time
+import time
 from tpcompile.artifact.workers import worker_pool
 with worker_pool(time.sleep, [600.0, 600.0], 2, "spawn") as pool:
     print(*[p.pid for p in pool.processes], flush=True)
@@ -95,15 +93,7 @@ with worker_pool(time.sleep, [600.0, 600.0], 2, "spawn") as pool:
 
 def test_spawned_workers_die_with_a_killed_parent() -> None:
     """The ONNX conversion's workers are spawned (not forked): they die with a SIGKILLed compiler too."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SPAWNED_POOL],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-        cwd=REPO,
-        start_new_session=True,
-    )
+    proc = start_python("-c", _SPAWNED_POOL, stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None
         workers = [int(pid) for pid in proc.stdout.readline().split()]

@@ -127,34 +127,33 @@ def test_stuck_rank_hits_timeout_in_its_peer(art: Path) -> None:
     assert stderr == f"tprun: error: rank 0 failed (exit 1): {reason}\n"  # once, not once per rank too
 
 
+def _stops_every_rank(
+    proc: subprocess.Popen[str], pids: list[int], send: Callable[[int, int], None], sig: int
+) -> None:
+    """``send`` (``os.kill`` or ``os.killpg``) the launcher ``sig``: it stops every rank and says so in one
+    line."""
+    send(proc.pid, sig)
+    stderr = _finish(proc, pids, time.monotonic())
+    code, what = (143, "terminated") if sig == signal.SIGTERM else (130, "interrupted")
+    assert (proc.returncode, stderr) == (code, f"tprun: error: {what}\n")
+
+
 def test_ctrl_c_during_generation_stops_all_ranks(art: Path) -> None:
     """Ctrl-C in a terminal signals the whole foreground process group."""
     proc = _start(art)
-    pids = _generating_ranks(proc)
-    os.killpg(proc.pid, signal.SIGINT)
-    stderr = _finish(proc, pids, time.monotonic())
-    assert proc.returncode == 130
-    assert stderr == "tprun: error: interrupted\n"
+    _stops_every_rank(proc, _generating_ranks(proc), os.killpg, signal.SIGINT)
 
 
 def test_sigint_to_launcher_while_ranks_start(art: Path) -> None:
     """``kill -INT`` of the launcher alone, while its ranks are still importing and loading."""
     proc = _start(art)
-    pids = _children(proc, wait_for=lambda pid: True)
-    os.kill(proc.pid, signal.SIGINT)
-    stderr = _finish(proc, pids, time.monotonic())
-    assert proc.returncode == 130
-    assert stderr == "tprun: error: interrupted\n"
+    _stops_every_rank(proc, _children(proc, wait_for=lambda pid: True), os.kill, signal.SIGINT)
 
 
 def test_sigterm_to_launcher_stops_all_ranks(art: Path) -> None:
     """What ``timeout``, systemd and CI runners send: handled like Ctrl-C, reported as its own exit code."""
     proc = _start(art)
-    pids = _generating_ranks(proc)
-    os.kill(proc.pid, signal.SIGTERM)
-    stderr = _finish(proc, pids, time.monotonic())
-    assert proc.returncode == 143
-    assert stderr == "tprun: error: terminated\n"
+    _stops_every_rank(proc, _generating_ranks(proc), os.kill, signal.SIGTERM)
 
 
 def test_ctrl_c_works_when_the_suite_runs_with_sigint_ignored(art: Path) -> None:
@@ -165,11 +164,7 @@ def test_ctrl_c_works_when_the_suite_runs_with_sigint_ignored(art: Path) -> None
         proc = _start(art)
     finally:
         signal.signal(signal.SIGINT, previous)
-    pids = _children(proc, wait_for=lambda pid: True)
-    os.kill(proc.pid, signal.SIGINT)
-    stderr = _finish(proc, pids, time.monotonic())
-    assert proc.returncode == 130
-    assert stderr == "tprun: error: interrupted\n"
+    _stops_every_rank(proc, _children(proc, wait_for=lambda pid: True), os.kill, signal.SIGINT)
 
 
 def test_busy_port_is_a_one_line_error(art: Path) -> None:
