@@ -93,17 +93,19 @@ def _transport() -> Transport:
 
 @torch.library.custom_op("tpcompile::all_reduce_sum", mutates_args=())
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    return _transport().all_reduce(t)
+    """The sum over ranks, as a new contiguous tensor (the layout compiled code assumes, see the fake)."""
+    return _transport().all_reduce(t).contiguous()
 
 
 @all_reduce_sum.register_fake
 def _all_reduce_sum_fake(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(t)
+    return t.new_empty(t.shape)
 
 
 @torch.library.custom_op("tpcompile::all_gather", mutates_args=())
 def all_gather(t: torch.Tensor, world: int) -> torch.Tensor:
-    return _transport().all_gather(t)
+    """Every rank's ``t`` concatenated on dim 0, as a new contiguous tensor."""
+    return _transport().all_gather(t).contiguous()
 
 
 @all_gather.register_fake

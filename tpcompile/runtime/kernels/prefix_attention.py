@@ -94,10 +94,13 @@ def _prefix_attention_op(
     scale: float | None,
     enable_gqa: bool,
 ) -> torch.Tensor:
-    """:func:`prefix_attention` as an opaque op for compiled graphs (the cut length depends on data)."""
+    """:func:`prefix_attention` as an opaque op for compiled graphs (the cut length depends on data).
+
+    The result is contiguous, as its fake says: compiled code reads it with the fake's strides, and SDPA
+    may return a transposed layout (prefill), which would be read as garbage."""
     return prefix_attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
-    )
+    ).contiguous()
 
 
 @_prefix_attention_op.register_fake
