@@ -1,5 +1,6 @@
-"""Signals to a running ``tpcompile`` (issue 14, item 1): its worker processes never outlive it, SIGTERM is
-cleaned up after like Ctrl-C, and nothing is printed after the command has returned."""
+"""Signals to a running ``tpcompile`` (issue 14, item 1): its worker processes (and the ranks ``verify``
+runs) never outlive it, SIGTERM is cleaned up after like Ctrl-C, and nothing is printed after the command
+has returned."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import tpcompile
 from tests.processes import alive, children, kill_group, start, start_python, wait_for
 from tpcompile.artifact.writer import remove_stale_work_dirs
 
@@ -79,6 +81,24 @@ def test_sigkill_of_compile_takes_its_workers(tmp_path: Path) -> None:
     wait_for(lambda: not any(alive(pid) for pid in workers), 10, "the workers to die with the compile")
     (stale,) = [out.parent / name for name in _leftovers(out)]
     assert remove_stale_work_dirs(out) == [stale]
+
+
+def test_sigterm_stops_verify_and_the_ranks_it_runs(tmp_path: Path) -> None:
+    """``tpcompile verify`` runs the artifact on rank processes: SIGTERM stops them too (one line, 143)."""
+    out = tmp_path / "gpt"
+    compiled = tpcompile("examples.gpt:build", "--tp", "2", "-o", out, "--quiet")
+    assert compiled.returncode == 0, compiled.stderr
+    proc = start("tpcompile.cli", "verify", out, "--reference", "examples.gpt:build")
+    try:
+        wait_for(lambda: proc.poll() is not None or len(children(proc.pid)) == 2, 300, "the verify's ranks")
+    except BaseException:
+        kill_group(proc)
+        raise
+    ranks = children(proc.pid)
+    os.kill(proc.pid, signal.SIGTERM)
+    stderr = _communicate(proc)
+    assert (proc.returncode, stderr) == (143, "tpcompile: error: terminated\n")
+    assert len(ranks) == 2 and [pid for pid in ranks if alive(pid)] == []
 
 
 _SPAWNED_POOL = """\

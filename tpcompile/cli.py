@@ -16,9 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from tpcompile.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, TpCompileError, UsageError
+from tpcompile.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    TpCompileError,
+    UsageError,
+)
 from tpcompile.progress import ProgressBar
-from tpcompile.runtime.errors import Terminated, first_line
+from tpcompile.runtime.errors import LaunchError, RuntimeArtifactError, Terminated, first_line
 from tpcompile.runtime.usage import OneLineErrors
 
 if TYPE_CHECKING:
@@ -55,6 +62,12 @@ def _run(debug: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
             sys.exit(EXIT_TERMINATED)
         click.echo("tpcompile: error: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except RuntimeArtifactError as err:  # `verify` runs the artifact: the runtime's one-line errors
+        if debug:
+            raise
+        click.echo(f"tpcompile: error: {first_line(err)}", err=True)
+        code = err.exit_code if isinstance(err, LaunchError) else None  # a rank's, 130, 143: the job's
+        sys.exit(code or EXIT_USAGE)
     except Exception as err:
         if debug:
             raise
