@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import tpcompile
 from tests.processes import alive, children, kill_group, start, start_python, wait_for
+from tpcompile.artifact.workers import WorkerFailed, worker_pool
 from tpcompile.artifact.writer import remove_stale_work_dirs
 
 #: The example GPT at tp=6 (all 6 heads split, so no warning): long enough to be caught while capturing.
@@ -126,3 +127,19 @@ def test_spawned_workers_die_with_a_killed_parent() -> None:
         wait_for(lambda: not any(alive(pid) for pid in workers), 10, "the workers to die with their parent")
     finally:
         kill_group(proc)
+
+
+def _square_or_die(x: int) -> int:
+    if x == 5:  # a worker killed mid-job (the out-of-memory killer, say)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * x
+
+
+def test_worker_pool_runs_every_job_once_or_says_which_worker_died() -> None:
+    with worker_pool(_square_or_die, [x for x in range(12) if x != 5], 2, "fork") as pool:
+        assert sorted(pool.results()) == [(i, x * x) for i, x in enumerate(x for x in range(12) if x != 5)]
+    with worker_pool(_square_or_die, list(range(12)), 1, "fork") as pool:
+        with pytest.raises(WorkerFailed, match="^a worker process was killed by SIGKILL$"):
+            list(pool.results(share=False))
+        workers = [p.pid for p in pool.processes]
+    assert not any(alive(pid) for pid in workers)

@@ -110,11 +110,11 @@ class WorkerPool(Generic[J, R]):
             if index is not None:
                 self.collected += 1
                 yield index, self.fn(self.jobs[index])
+            elif not self.pipes:  # every job is taken, and no worker is left to finish one
+                raise WorkerFailed(f"{len(self.jobs) - self.collected} jobs were lost by worker processes")
             timeout = 0.0 if index is not None else None
             for conn in wait(list(self.pipes), timeout):
                 yield from self._receive(conn)  # type: ignore[arg-type]
-            if index is None and not self.pipes and self.collected < len(self.jobs):
-                raise WorkerFailed(f"{len(self.jobs) - self.collected} jobs were lost by worker processes")
 
     def _receive(self, conn: Connection) -> Iterator[tuple[int, R]]:
         try:
