@@ -14,6 +14,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Native programs (AOTInductor) take 10-60 s per rank to compile: every `tpcompile` the suite starts
+# compiles eager programs only, unless a test asks for native ones with --native (tests/test_native.py).
+os.environ["TPCOMPILE_NATIVE"] = "0"
 
 
 def cli_env() -> dict[str, str]:

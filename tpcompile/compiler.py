@@ -7,7 +7,9 @@
 2. ``rank_tensors``: every stored tensor's local shape on every rank;
 3. ``write_ranks``: each rank's weight shard (streamed from the source, one slice at a time) while forked
    workers capture each rank's program (``artifact/rank_programs.py``);
-4. ``build_manifest`` (``artifact/describe.py``), the tokenizer of a language model, the ONNX segments
+4. ``compile_native``: each rank's program compiled to native code by AOTInductor (``artifact/native.py``;
+   skipped with ``native=False`` and for ``--format onnx``);
+5. ``build_manifest`` (``artifact/describe.py``), the tokenizer of a language model, the ONNX segments
    (``--format onnx``), and ``manifest.json`` last, in a directory renamed into place (atomic).
 """
 
@@ -16,11 +18,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
 
 from tpcompile.artifact.describe import build_manifest, describe_language_model
+from tpcompile.artifact.native import compile_native
 from tpcompile.artifact.program import StoredTensor, input_signature
 from tpcompile.artifact.rank_programs import RankProgramJob, rank_program_pool
 from tpcompile.artifact.safetensors_writer import write_safetensors
@@ -88,6 +92,7 @@ def compile_model(
     progress: Progress | None = None,
     moe: str = DEFAULT_MOE,
     format: str = FORMAT_TORCH,
+    native: bool = False,
 ) -> CompileResult:
     if tp < 1:
         raise UsageError(f"--tp must be at least 1 (got {tp})")
@@ -98,9 +103,18 @@ def compile_model(
     say("planning")
     plan, prop = plan_model(captured, tp, plan_file, moe)
     stored = rank_tensors(captured, prop)
+    examples, dynamic = input_signature(captured.program, captured.user_inputs())
     with atomic_directory(out, force) as tmp:
-        ranks = write_ranks(captured, prop, stored, tmp, say)
+        ranks = write_ranks(captured, prop, stored, examples, dynamic, tmp, say)
+        section = None
+        if native and format == FORMAT_TORCH:
+            section = compile_native(tmp, tp, captured.zero_state, examples, dynamic, say)
+            for entry in ranks:
+                package = tmp / entry.dir / section.files[entry.rank]
+                entry.files[package.name] = sha256_file(package)
         manifest = build_manifest(captured, plan, prop, ranks, moe)
+        if section is not None:
+            manifest.extra["native"] = section.to_json()
         if captured.lm is not None:
             say("writing tokenizer")
             describe_language_model(manifest, captured.lm, tmp)
@@ -147,13 +161,14 @@ def write_ranks(
     captured: CapturedModel,
     prop: Propagation,
     stored: list[list[StoredTensor]],
+    examples: list[torch.Tensor],
+    dynamic: Any,
     tmp: Path,
     say: Progress,
 ) -> list[RankEntry]:
     """Write every rank's weight shard while forked workers capture the rank programs; hash both."""
     names = captured.state_names()
     roots = {names[n]: prop.roots[n] for n in names}
-    examples, dynamic = input_signature(captured.program, captured.user_inputs())
     ranks: list[RankEntry] = []
     for rank in range(prop.tp):
         (tmp / f"rank{rank}").mkdir()

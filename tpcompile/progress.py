@@ -8,15 +8,17 @@ import sys
 
 from tqdm import tqdm
 
-STEPS_PER_RANK = 2  # weights written, program captured
+STEPS_PER_RANK = 2  # weights written, program captured (+ native program compiled)
 
 
 class ProgressBar:
-    def __init__(self, tp: int, enabled: bool = True, terminal: bool | None = None) -> None:
+    def __init__(
+        self, tp: int, enabled: bool = True, terminal: bool | None = None, native: bool = False
+    ) -> None:
         self.enabled = enabled
         self.terminal = sys.stderr.isatty() if terminal is None else terminal
         self.bar: tqdm | None = None
-        self.total = 2 + STEPS_PER_RANK * tp  # loading + planning + per-rank steps
+        self.total = 2 + (STEPS_PER_RANK + native) * tp  # loading + planning + per-rank steps
 
     def __call__(self, message: str) -> None:
         if not self.enabled:

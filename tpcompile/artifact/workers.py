@@ -18,11 +18,14 @@ import multiprocessing
 import os
 import signal
 import struct
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any, Generic, TypeVar
+
+from tqdm import tqdm
 
 from tpcompile.errors import TpCompileError, UnsupportedModelError
 from tpcompile.runtime.errors import first_line
@@ -58,6 +61,9 @@ def _serve(
     """A worker's life: take job numbers until none is left, send back ``(number, fn(job))`` for each."""
     die_with_parent(parent)
     worker_signals()
+    # tqdm (torch.fx's interpreter makes a disabled bar) would create a multiprocessing lock: a named
+    # semaphore that a worker's exit leaves behind ("leaked semaphore objects" on the terminal)
+    tqdm.set_lock(threading.RLock())
     while record := os.read(tickets.fileno(), _RECORD.size):
         (index,) = _RECORD.unpack(record)
         try:

@@ -186,6 +186,16 @@ class _Tprun(OneLineErrors, click.Command):
     help="compile the decode step with TorchInductor (faster tokens; the first run compiles for ~1 min).",
 )
 @click.option(
+    "--no-native",
+    is_flag=True,
+    help="run the eager programs even where the artifact has native ones this host can run.",
+)
+@click.option(
+    "--profile",
+    is_flag=True,
+    help="each rank prints, per prompt, where a decode step goes (weights, kernels, collectives, host).",
+)
+@click.option(
     "--save-tokens",
     type=click.Path(path_type=Path, dir_okay=False),
     help="write [{prompt_ids, new_ids}, ...] as JSON.",
@@ -210,6 +220,8 @@ def main(
     seed: int,
     no_chat_template: bool,
     compile_decode: bool,
+    no_native: bool,
+    profile: bool,
     save_tokens: Path | None,
 ) -> None:
     """Run the tensor-parallel artifact ARTIFACT on the tensors in --inputs, or generate text.
@@ -223,8 +235,8 @@ def main(
             raise click.UsageError("--inputs and -o/--output are required")
         if prompts or prompt_file is not None:
             raise click.UsageError("--prompt/--prompt-file cannot be combined with --inputs")
-        if compile_decode:
-            raise click.UsageError("--compile applies to text generation, not to --inputs")
+        if compile_decode or profile:
+            raise click.UsageError("--compile and --profile apply to text generation, not to --inputs")
     else:
         generation = GenerationArgs(
             prompts=prompts,
@@ -235,6 +247,7 @@ def main(
             chat_template=not no_chat_template,
             save_tokens=save_tokens,
             compile_decode=compile_decode,
+            profile=profile,
         )
     args = WorkerArgs(
         artifact=artifact,
@@ -247,6 +260,7 @@ def main(
         debug=debug,
         generation=generation,
         trust_pickle=trust_pickle,
+        native=not no_native,
     )
     try:
         rc = _run(args, port)

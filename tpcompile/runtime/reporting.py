@@ -22,6 +22,7 @@ from .errors import CollectiveError, LaunchError, PromptError, RuntimeArtifactEr
 
 __all__ = [
     "ERROR_PREFIX",
+    "WARNING_PREFIX",
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
@@ -36,6 +37,7 @@ __all__ = [
 
 PROG = "tprun"
 ERROR_PREFIX = f"{PROG}: error: "
+WARNING_PREFIX = f"{PROG}: warning: "
 EXIT_OK = 0
 EXIT_FAILURE = 1  # unexpected failure (a bug, or a crash inside torch)
 EXIT_USER_ERROR = 2  # RuntimeArtifactError: something the user can fix

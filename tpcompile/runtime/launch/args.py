@@ -40,6 +40,7 @@ class WorkerArgs:
     debug: bool = False
     generation: GenerationArgs | None = None
     trust_pickle: bool = False
+    native: bool = True  # run the artifact's native programs where this host can
 
     def to_json(self) -> str:
         """One-line JSON of every field (paths absolute), as the worker's single argument."""

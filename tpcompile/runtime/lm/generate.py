@@ -27,6 +27,7 @@ from ..kernels.streaming_linear import use_streaming_linear
 from ..kernels.weight_layout import prefer_column_major_wide_weights
 from ..load.loader import load_rank
 from ..load.program import RankProgram
+from .profile import StepProfiler
 from .sampling import SamplingConfig, VocabShard, choose_token
 
 __all__ = ["CausalLM", "GenerationStats", "TokenCallback", "check_prompt_length"]
@@ -130,6 +131,9 @@ class CausalLM:
         placement = manifest.outputs[self._logits].placement
         self.shard = VocabShard(placement, program.rank, self.lm.vocab_size)
         self.last_stats: GenerationStats | None = None
+        self._decode_step = None
+        if program.native is not None:
+            return  # the native program is the fast path; its package holds the tensors as they are
         # decode streams every weight once per token: read them as fast as this host can
         if not use_streaming_linear(program.module, custom_op=compile_decode):
             prefer_column_major_wide_weights(program.module)
@@ -151,7 +155,8 @@ class CausalLM:
         The process group must be initialised (e.g. by torchrun + ``init_process_group``).
         ``compile_decode`` compiles the decode step with TorchInductor (see
         :mod:`tpcompile.runtime.kernels.compiled`); the first call of :meth:`warm_up` or
-        :meth:`generate` then takes a while.
+        :meth:`generate` then takes a while. An artifact compiled with native programs runs them
+        (when this host can) and needs neither.
         """
         if not (dist.is_available() and dist.is_initialized()):
             raise BackendError("CausalLM.load needs an initialised process group (torch.distributed)")
@@ -165,7 +170,7 @@ class CausalLM:
                 f"artifact was compiled for tp={program.manifest.tp} but the group has "
                 f"{dist.get_world_size(live)} ranks"
             )
-        if compile_decode:
+        if compile_decode or program.native is not None:  # both run the collectives as transport ops
             use_transport_ops(program.module)
             bind_transport(live.group_name, dist.get_world_size(live))
         return cls(program, group, compile_decode=compile_decode)
@@ -214,6 +219,7 @@ class CausalLM:
         top_p: float | None = None,
         seed: int = 0,
         on_token: TokenCallback | None = None,
+        profiler: StepProfiler | None = None,
     ) -> list[int]:
         """Generate up to ``max_new_tokens`` ids after ``prompt_ids``; return them (EOS included).
 
@@ -222,7 +228,8 @@ class CausalLM:
         ``temperature == 0`` is greedy; otherwise tokens are sampled with a
         generator seeded by ``seed`` after top-k / top-p filtering.  Timing is
         left in :attr:`last_stats`.  When the artifact's batch size is above 1
-        the prompt fills every row and row 0 is used.
+        the prompt fills every row and row 0 is used.  ``profiler`` (``tprun --profile``) times
+        every decode step and profiles a few of them (those run slower).
 
         Raises:
             PromptError: empty prompt, or no room for a new token in the cache.
@@ -249,7 +256,11 @@ class CausalLM:
         while len(new) < limit and token not in eos:
             step_ids = torch.full((batch, 1), token, dtype=torch.int64, device=device)
             step_pos = torch.tensor([n_prompt + len(new) - 1], dtype=torch.int64, device=device)
-            token = self._choose(self._forward(step_ids, step_pos), sampling, generator)
+
+            def step(ids: torch.Tensor = step_ids, pos: torch.Tensor = step_pos) -> int:
+                return self._choose(self._forward(ids, pos), sampling, generator)
+
+            token = step() if profiler is None else profiler.run(step)
             last = time.perf_counter()
             new.append(token)
             if on_token is not None:

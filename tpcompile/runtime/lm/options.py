@@ -60,3 +60,4 @@ class GenerationArgs:
     results_json: Path | None = None
     stream: bool = True
     compile_decode: bool = False
+    profile: bool = False  # tprun --profile: each rank prints where its decode steps go

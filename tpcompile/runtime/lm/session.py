@@ -28,6 +28,7 @@ from ..reporting import ERROR_PREFIX, print_verbatim
 from ..transport.collectives import broadcast_object
 from .generate import CausalLM, GenerationStats, check_prompt_length
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationArgs
+from .profile import StepProfiler
 from .prompts import prompt_text, read_prompt_file
 from .tokenization import StreamDecoder, encode_prompt, load_tokenizer
 
@@ -154,12 +155,20 @@ class GenerationSession:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
 
+        profiler = None
+        if args.profile:
+            weight_bytes = self.manifest.rank_entry(self.rank).weight_bytes
+            profiler = StepProfiler(self.rank, weight_bytes)
         new_ids = model.generate(
             prompt_ids,
             max_new_tokens=args.max_new_tokens,
             **asdict(args.sampling),
             on_token=emit,
+            profiler=profiler,
         )
+        profile = profiler.result() if profiler is not None else None
+        if profile is not None:  # every rank says where its own steps go
+            print_verbatim(profile.line())
         if decoder is not None:
             sys.stdout.write(decoder.finish() + "\n")
             sys.stdout.flush()
@@ -173,6 +182,7 @@ class GenerationSession:
     def load_model(self, program: RankProgram, compile_decode: bool) -> CausalLM:
         """The rank's :class:`CausalLM`; with ``compile_decode``, its decode step is compiled right away
         (rank 0 says so on stderr) so that no prompt's timing includes the compilation."""
+        compile_decode = compile_decode and program.native is None  # a native program needs no compile
         model = CausalLM(program, compile_decode=compile_decode)
         if compile_decode:
             if self.rank == 0:

@@ -8,6 +8,8 @@ failure is one typed, one-line error.  ONNX-format ranks are handed to :mod:`tpc
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from ..errors import ArtifactCorrupt, ArtifactLoadError, BackendError, Untrusted
 from ..format import (
     FORMAT_ONNX,
     FORMAT_TORCH,
+    MANIFEST_NAME,
     PROGRAM_FILE,
     WEIGHTS_FILE,
     Manifest,
@@ -28,6 +31,8 @@ from ..format import (
     verify_rank_files,
     verify_shared_files,
 )
+from ..format.native_section import native_section
+from ..kernels.native import load_native
 from .graph_rewrite import rewrite_devices
 from .program import RankProgram
 from .program_archive import unsafe_content
@@ -101,6 +106,10 @@ def _load_weights(path: Path, rel: str, device: torch.device) -> dict[str, torch
         raise ArtifactLoadError(f"cannot read {rel}: {first_line(exc)}") from exc
 
 
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def _default_group_name() -> str | None:
     if dist.is_available() and dist.is_initialized() and dist.group.WORLD is not None:
         return dist.group.WORLD.group_name
@@ -116,6 +125,8 @@ def load_rank(
     *,
     manifest: Manifest | None = None,
     trust_pickle: bool = False,
+    native: bool = True,
+    warn: Callable[[str], None] | None = None,
 ) -> RankProgram:
     """Load rank ``rank`` of the artifact in ``artifact_dir`` onto ``device``.
 
@@ -130,6 +141,9 @@ def load_rank(
         manifest: an already-loaded manifest for ``artifact_dir`` (optional).
         trust_pickle: load a program archive even if it holds pickled data or compiled code
             (by default such an archive is refused with :class:`UntrustedContent`).
+        native: bind the rank's native program when the artifact has one this host can run
+            (``extra.native``); its collectives then need ``kernels.compiled.bind_transport``.
+        warn: told in one line why a native program is not used (default: ``warnings.warn``).
 
     Buffers listed in the manifest's ``zero_state`` (KV caches) are not read
     from the weights file but created as zeros on ``device``.
@@ -166,6 +180,12 @@ def load_rank(
     rewrite_devices(module, dev)
 
     program = RankProgram(man, rank, dev, module, man.group_name)
+    section = native_section(man.extra, str(root / MANIFEST_NAME))
+    if native and section is not None and rank in section.files:
+        package = rank_dir / section.files[rank]
+        if section.files[rank] not in entry.files:
+            raise ArtifactCorrupt(f"artifact corrupt: {entry.relpath(section.files[rank])} is not listed")
+        program.native = load_native(package, module, section, dev, warn or _warn)
     live = group_name if group_name is not None else _default_group_name()
     if live is not None:
         program.bind_group(live)

@@ -1,14 +1,16 @@
 """A loaded rank: :class:`RankProgram`, the program every artifact format loads into.
 
 Invariant: calling a rank program runs one forward pass and returns the flat outputs in manifest order;
-every rank of the artifact calls it collectively (the program contains collectives).  The torch format
+every rank of the artifact calls it collectively (the program contains collectives). A rank program with
+a native program bound (``native``: the rank's AOTInductor package, bound to the same tensors) runs that
+instead of its eager module; both compute the same outputs and write the same KV cache.  The torch format
 (:mod:`~tpcompile.runtime.load.loader`) and the ONNX format (:mod:`tpcompile.runtime.onnx.program`) both
 produce one, so this module imports neither.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -44,6 +46,8 @@ class RankProgram:
         self.device = device
         self.module = module
         self.group_name = group_name
+        #: the rank's native program (``tpcompile.runtime.kernels.native``), when one is bound
+        self.native: Callable[..., list[torch.Tensor]] | None = None
 
     @property
     def input_specs(self) -> Sequence[TensorSpec]:
@@ -72,9 +76,12 @@ class RankProgram:
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         """Run the forward pass on positional ``inputs``; return the flat outputs."""
         moved = [t.to(self.device) for t in inputs]
-        with torch.inference_mode():
-            result = self.module(*moved)
-        leaves, _ = tree_flatten(result)
+        if self.native is not None:
+            leaves = self.native(*moved)
+        else:
+            with torch.inference_mode():
+                result = self.module(*moved)
+            leaves, _ = tree_flatten(result)
         expected = len(self.manifest.outputs)
         if len(leaves) != expected:
             raise ArtifactLoadError(

@@ -25,6 +25,7 @@ __all__ = [
     "all_gather_small",
     "broadcast_object",
     "broadcast_token",
+    "collective_clock",
     "gather_outputs",
     "gather_sharded",
     "use_shared_memory",
@@ -40,6 +41,12 @@ def use_shared_memory(comm: ShmCommunicator | None) -> None:
     """Route small collectives on the default group through ``comm`` (None: back to torch.distributed)."""
     global _SHARED
     _SHARED = comm
+
+
+def collective_clock() -> tuple[float, int] | None:
+    """(seconds spent in collectives, calls) of the same-host transport so far, or None when the ranks do
+    not use it (their collectives then show only in a profiler)."""
+    return None if _SHARED is None else (_SHARED.seconds, _SHARED.calls)
 
 
 def all_gather_small(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> list[torch.Tensor]:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from ..errors import CollectiveError
 
@@ -100,6 +101,9 @@ class ShmCommunicator:
         self._header = np.frombuffer(self._map, dtype=np.int64, count=world * _HEADER // 8)
         self._header[self._index(rank) + 1] = os.getpid()
         self.seq = 0
+        #: time spent in collectives (waiting for peers included) and how many, for ``tprun --profile``
+        self.seconds = 0.0
+        self.calls = 0
         # one byte view per (rank, parity) slot, made once: a decode step makes ~60 collectives
         self._slots = [[self._slot_view(r, q) for q in (0, 1)] for r in range(world)]
 
@@ -191,18 +195,39 @@ class ShmCommunicator:
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in rank order, as a new tensor."""
+        if torch.autograd._profiler_enabled():  # tprun --profile: show the call (free otherwise)
+            with record_function("tpcompile::shm_all_reduce"):
+                return self._all_reduce(t)
+        return self._all_reduce(t)
+
+    def _timed(self, started: float) -> None:
+        self.seconds += time.perf_counter() - started
+        self.calls += 1
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
         parity, nbytes = self._exchange(t)
         if self.world == 1:
             return self._peer(0, parity, nbytes, t).clone()
         acc = torch.add(self._peer(0, parity, nbytes, t), self._peer(1, parity, nbytes, t))
         for r in range(2, self.world):
             acc += self._peer(r, parity, nbytes, t)
+        self._timed(started)
         return acc
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's ``t`` along dim 0 (all ranks pass the same shape)."""
+        if torch.autograd._profiler_enabled():
+            with record_function("tpcompile::shm_all_gather"):
+                return self._all_gather(t)
+        return self._all_gather(t)
+
+    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
         parity, nbytes = self._exchange(t)
-        return torch.cat([self._peer(r, parity, nbytes, t) for r in range(self.world)], 0)
+        gathered = torch.cat([self._peer(r, parity, nbytes, t) for r in range(self.world)], 0)
+        self._timed(started)
+        return gathered
 
     def close(self) -> None:
         """Unmap the segment; collectives return new tensors, so only this object's views hold it."""

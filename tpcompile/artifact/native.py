@@ -1,0 +1,130 @@
+"""Native rank programs: each rank's program compiled ahead of time by AOTInductor into a package of
+native code (``rank{r}/native.pt2``), so that ``tprun`` runs a step without a Python call per op and
+without compiling anything on the first run.
+
+Invariants:
+- a package computes exactly its rank's program: the same graph, re-captured with the same dynamic input
+  dims (one package serves prefill and decode), with the collectives replaced by the runtime's transport
+  ops (``tpcompile::all_reduce_sum`` / ``tpcompile::all_gather``: the same transport the eager program
+  uses, shared memory or the process group) and masked attention by ``tpcompile::prefix_attention``
+  (attention over the written part of the KV cache only);
+- a package holds no weights: the runtime binds the rank's own tensors to it (no copy, and the KV cache
+  stays in place, shared with the eager program);
+- it is built for the target recorded in the manifest (``extra.native``): the CPU architecture, the vector
+  ISA its kernels use (AVX2 on x86-64, so one artifact runs on every x86-64 host with AVX2, AVX-512 or not)
+  and the torch version it links against. A host that cannot run it falls back to the eager program.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tpcompile.artifact.workers import job_failure, worker_pool
+from tpcompile.runtime.format import PROGRAM_FILE, WEIGHTS_FILE
+from tpcompile.runtime.format.native_section import NATIVE_FILE, NativeSection, NativeTarget
+from tpcompile.runtime.kernels.compiled import use_transport_ops
+from tpcompile.runtime.kernels.prefix_attention import use_prefix_attention
+from tpcompile.runtime.load.mapped import map_safetensors
+from tpcompile.runtime.load.weights import assign_tensors, create_zero_state
+
+Progress = Callable[[str], None]
+
+#: Vector width of the generated kernels per architecture (bits); None: the compiler's default.
+_SIMD_BITS = {"x86_64": 256}  # AVX2 (+FMA): every x86-64 host of the kind has it, AVX-512 or not
+_ISA_FLAGS = {"x86_64": ("avx2", "fma")}
+
+
+def native_target() -> NativeTarget:
+    """What this compiler builds packages for: this machine's architecture, the portable ISA of it."""
+    arch = platform.machine().lower()
+    arch = "x86_64" if arch in ("amd64", "x86_64") else arch
+    return NativeTarget("cpu", arch, _ISA_FLAGS.get(arch, ()), torch.__version__)
+
+
+def _inductor_configs(arch: str, threads: int) -> dict[str, Any]:
+    configs: dict[str, Any] = {
+        "aot_inductor.package_constants_in_so": False,  # the rank's weights stay in its safetensors
+        "compile_threads": threads,
+        "cpp.enable_kernel_profile": True,  # kernels show in a profiler (tprun --profile); free otherwise
+    }
+    bits = _SIMD_BITS.get(arch)
+    if bits is not None:
+        configs["cpp.simdlen"] = bits
+    return configs
+
+
+@dataclass(frozen=True)
+class NativeJob:
+    """Everything a worker needs to compile one rank: the artifact being written and the program's inputs."""
+
+    out: Path
+    zero_state: tuple[str, ...]
+    examples: tuple[torch.Tensor, ...]
+    dynamic: Any
+    target: NativeTarget
+    threads: int
+
+    def run(self, rank: int) -> None:
+        with warnings.catch_warnings():  # torch's deprecation chatter is not the user's business
+            warnings.simplefilter("ignore")
+            self._compile(rank)
+
+    def _compile(self, rank: int) -> None:
+        rank_dir = self.out / f"rank{rank}"
+        program = torch.export.load(str(rank_dir / PROGRAM_FILE))
+        module = program.module()
+        assign_tensors(module, map_safetensors(rank_dir / WEIGHTS_FILE), f"rank{rank}/{WEIGHTS_FILE}")
+        create_zero_state(module, self.zero_state, torch.device("cpu"))
+        use_transport_ops(module)
+        use_prefix_attention(module, custom_op=True)
+        with torch.no_grad():
+            native = torch.export.export(module, self.examples, dynamic_shapes=self.dynamic, strict=False)
+        torch._inductor.aoti_compile_and_package(
+            native,
+            package_path=str(rank_dir / NATIVE_FILE),
+            inductor_configs=_inductor_configs(self.target.arch, self.threads),
+        )
+
+
+def _compile_in_worker(task: tuple[NativeJob, int]) -> int | BaseException:
+    job, rank = task
+    try:
+        job.run(rank)
+    except Exception as err:  # crosses to the compiler as a value (see artifact/workers.py)
+        return job_failure(err, f"compiling rank {rank}'s native program (--no-native skips it)")
+    return rank
+
+
+def compile_native(
+    out: Path,
+    tp: int,
+    zero_state: set[str],
+    examples: list[torch.Tensor],
+    dynamic: Any,
+    say: Progress,
+) -> NativeSection:
+    """Compile every rank of the artifact being written in ``out``; return the manifest's native section.
+    Each package is ``rank{r}/native.pt2``. Ranks compile in spawned workers, one per core (a fork of the
+    compiler, which runs threads by now, can deadlock in the C++ compiler's startup); like every worker
+    of a compile they die with it."""
+    cores = os.cpu_count() or 1
+    workers = min(tp, cores)
+    if workers < 2 or os.environ.get("TPCOMPILE_JOBS") == "1":
+        workers = 0
+    target = native_target()
+    threads = max(1, cores // max(1, workers))
+    job = NativeJob(out, tuple(sorted(zero_state)), tuple(examples), dynamic, target, threads)
+    with worker_pool(_compile_in_worker, [(job, r) for r in range(tp)], workers, "spawn") as pool:
+        for _, result in pool.results(share=workers == 0):
+            if isinstance(result, BaseException):
+                raise result
+            say(f"rank {result}: native program compiled")
+    return NativeSection(target, {r: NATIVE_FILE for r in range(tp)})

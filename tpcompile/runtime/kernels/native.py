@@ -1,0 +1,82 @@
+"""Running a rank's native program (an AOTInductor package, see ``tpcompile/artifact/native.py``).
+
+Invariants:
+- the package is bound to the rank's own tensors (``user_managed``: no copy of any weight, and the KV
+  cache it writes is the one the eager program reads), so the two can be used in turn;
+- its collectives are the transport ops of :mod:`.compiled`, which must be bound (``bind_transport``)
+  before the first call, exactly as for ``tprun --compile``;
+- a package this host cannot run (another architecture, a missing CPU feature, another torch, a file
+  that does not load) is never called: :func:`load_native` says why in one line and returns None, and
+  the rank runs its eager program.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import first_line
+from ..format.native_section import NativeSection, host_cpu_flags
+from . import compiled as _transport_ops  # noqa: F401  (registers the ops the packages call)
+from . import prefix_attention as _attention_ops  # noqa: F401
+
+__all__ = ["NativeProgram", "load_native", "native_unavailable"]
+
+Warn = Callable[[str], None]
+
+
+class NativeProgram:
+    """A rank's package with the rank's tensors bound to it: ``program(*inputs) -> flat outputs``."""
+
+    def __init__(self, path: Path, module: nn.Module) -> None:
+        self.path = path
+        # the package records the compile host's ISA; load_native has already checked the one it needs
+        package_log = logging.getLogger("torch.export.pt2_archive._package")
+        level = package_log.level
+        package_log.setLevel(logging.ERROR)
+        try:
+            self.runner = torch._inductor.aoti_load_package(str(path))
+        finally:
+            package_log.setLevel(level)
+        state: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
+        state.update(module.named_buffers(remove_duplicate=False))
+        needed = self.runner.get_constant_fqns()
+        missing = [name for name in needed if name not in state]
+        if missing:
+            raise ValueError(f"the package needs tensor {missing[0]}, which the program does not hold")
+        self.runner.load_constants(
+            {name: state[name] for name in needed}, check_full_update=True, user_managed=True
+        )
+
+    def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            result = self.runner(*inputs)
+        return list(result) if isinstance(result, list | tuple) else [result]
+
+
+def native_unavailable(section: NativeSection, device: torch.device) -> str | None:
+    """Why this host (and run device) cannot run the artifact's packages, or None when it can."""
+    if device.type != section.target.device:
+        return f"it was built for {section.target.device}, this run is on {device.type}"
+    arch = platform.machine().lower()
+    arch = "x86_64" if arch in ("amd64", "x86_64") else arch
+    return section.target.mismatch(arch, host_cpu_flags(), torch.__version__)
+
+
+def load_native(
+    path: Path, module: nn.Module, section: NativeSection, device: torch.device, warn: Warn
+) -> NativeProgram | None:
+    """The rank's native program, or None (after one ``warn`` line saying why) when it cannot run here."""
+    reason = native_unavailable(section, device)
+    if reason is None:
+        try:
+            return NativeProgram(path, module)
+        except Exception as exc:  # a package that does not load: the eager program still runs
+            reason = f"{path.name} does not load ({first_line(exc)})"
+    warn(f"native program not used: {reason}; running the eager program (recompile on this host for speed)")
+    return None

@@ -1,0 +1,170 @@
+"""``tprun --profile``: where a decode step of one rank goes.
+
+A step is split into
+- **weights**: the rank's weight bytes over the read bandwidth this host measured for the rank's threads
+  (the floor: a decode step reads every weight once),
+- **kernels**: time inside compute kernels beyond that floor,
+- **collectives**: time inside all-reduces / all-gathers, waiting for the other ranks included,
+- **host**: the rest of the step: Python, dispatch and launch overhead between kernels.
+
+Invariants: step and collective times are measured on plain steps, without the profiler (its own cost
+never counts as overhead; the same-host transport keeps a cheap clock); only the kernel time comes from
+a few profiled steps of the same prompt (and the collective time too when the ranks talk through a
+process group, which has no clock); the four parts add up to the step time (a part measurement puts
+below zero is reported as 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from ..transport.collectives import collective_clock
+
+__all__ = ["DecodeProfile", "StepProfiler", "read_bandwidth"]
+
+T = TypeVar("T")
+_COLLECTIVE_MARKS = ("all_reduce", "all_gather", "wait_tensor", "broadcast")
+_BANDWIDTH: dict[int, float] = {}
+
+
+def read_bandwidth(nbytes: int = 256 * 2**20) -> float:
+    """Bytes per second this process reads from memory with its torch threads (measured once per thread
+    count: the best of three sums over a buffer larger than any cache)."""
+    threads = torch.get_num_threads()
+    if threads not in _BANDWIDTH:
+        buf = torch.ones(nbytes // 4, dtype=torch.float32)
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            buf.sum()
+            best = min(best, time.perf_counter() - start)
+        _BANDWIDTH[threads] = nbytes / best
+    return _BANDWIDTH[threads]
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """The profiler's native side prints a line on every start and stop: keep them off the user's stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+@dataclass
+class DecodeProfile:
+    """One rank's decode step, averaged over the measured steps of a prompt."""
+
+    rank: int
+    step_s: float
+    weight_bytes: int
+    bandwidth: float
+    kernels_s: float
+    collectives_s: float
+    collective_calls: float
+
+    @property
+    def weights_s(self) -> float:
+        return min(self.weight_bytes / self.bandwidth, self.kernels_s) if self.bandwidth else 0.0
+
+    @property
+    def beyond_s(self) -> float:
+        """Kernel time beyond streaming the weights."""
+        return max(0.0, self.kernels_s - self.weights_s)
+
+    @property
+    def host_s(self) -> float:
+        return max(0.0, self.step_s - self.kernels_s - self.collectives_s)
+
+    def line(self) -> str:
+        """The one line ``tprun --profile`` prints for this rank."""
+        ms = 1e3
+        return (
+            f"profile rank {self.rank}: decode step {self.step_s * ms:.2f} ms = "
+            f"weights {self.weights_s * ms:.2f} ms ({self.weight_bytes / 2**20:.0f} MiB at "
+            f"{self.bandwidth / 1e9:.1f} GB/s) + kernels {self.beyond_s * ms:.2f} ms + collectives "
+            f"{self.collectives_s * ms:.2f} ms ({self.collective_calls:.0f} calls) + host "
+            f"{self.host_s * ms:.2f} ms ({self.host_s / (self.step_s or 1.0):.0%} of the step)"
+        )
+
+
+@dataclass
+class StepProfiler:
+    """Runs the decode steps of one prompt: plain ones (timed) and every other one of the first few
+    profiled (kernel times)."""
+
+    rank: int
+    weight_bytes: int
+    profiled_steps: int = 4
+    plain: list[float] = field(default_factory=list)
+    plain_collectives: list[tuple[float, int]] = field(default_factory=list)
+    kernels: list[float] = field(default_factory=list)
+    profiled_collectives: list[tuple[float, int]] = field(default_factory=list)
+
+    def run(self, step: Callable[[], T]) -> T:
+        """Run one decode step, plain or profiled (the first step, which warms caches up, is plain)."""
+        if self.plain and len(self.kernels) < self.profiled_steps and len(self.plain) % 2 == 1:
+            return self._profiled(step)
+        before = collective_clock()
+        started = time.perf_counter()
+        result = step()
+        self.plain.append(time.perf_counter() - started)
+        after = collective_clock()
+        if before is not None and after is not None:
+            self.plain_collectives.append((after[0] - before[0], after[1] - before[1]))
+        return result
+
+    def _profiled(self, step: Callable[[], T]) -> T:
+        prof = profile(activities=[ProfilerActivity.CPU])
+        with _stderr_silenced():
+            prof.start()
+        try:
+            result = step()
+        finally:
+            with _stderr_silenced():
+                prof.stop()
+        kernels = collectives = 0.0
+        calls = 0
+        for event in prof.events():
+            if event.cpu_parent is not None:
+                continue  # only top-level events: nested ones are inside them
+            seconds = event.cpu_time_total / 1e6
+            if any(mark in event.name for mark in _COLLECTIVE_MARKS):
+                collectives += seconds
+                calls += 1
+            else:
+                kernels += seconds
+        self.kernels.append(kernels)
+        self.profiled_collectives.append((collectives, calls))
+        return result
+
+    def result(self) -> DecodeProfile | None:
+        """The averaged profile, or None when the prompt had too few decode steps to measure."""
+        plain = self.plain[1:] or self.plain
+        if not plain or not self.kernels:
+            return None
+        measured = self.plain_collectives[1:] or self.plain_collectives or self.profiled_collectives
+        return DecodeProfile(
+            self.rank,
+            sum(plain) / len(plain),
+            self.weight_bytes,
+            read_bandwidth(),
+            sum(self.kernels) / len(self.kernels),
+            sum(s for s, _ in measured) / len(measured),
+            sum(n for _, n in measured) / len(measured),
+        )
