@@ -9,6 +9,7 @@ SmolLM2-135M-Instruct (9 query heads over 3 KV heads) at tp=1..4 from its GGUF f
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,25 @@ def test_smollm2_greedy_equals_transformers(
             p for p in manifest["parameters"] if p["name"].endswith("layers.0.self_attn.k_proj.weight")
         )
         assert "@" in k_proj["placement"]
+
+
+@pytest.mark.slow
+def test_smollm2_native_greedy_equals_transformers(
+    smollm2_reference: _CachedReference, tmp_path: Path
+) -> None:
+    """SmolLM2 at tp=2 on its native programs (AOTInductor packages): the same greedy answer, and every
+    rank says (``--profile``) that it ran the native program."""
+    out = tmp_path / "native-tp2"
+    args = ("--tp", "2", "-o", out, "--max-seq-len", "128", "--native", "--quiet")
+    compiled = tpcompile(smollm2_gguf(), *args)
+    assert compiled.returncode == 0, compiled.stderr
+    saved = tmp_path / "tokens.json"
+    ran = tprun(out, "--prompt", PROMPT, "--max-new-tokens", NEW_TOKENS, "--save-tokens", saved, "--profile")
+    assert ran.returncode == 0, ran.stderr
+    result = json.loads(saved.read_text())[0]
+    assert result["new_ids"] == smollm2_reference.greedy(result["prompt_ids"])
+    assert sorted(re.findall(r"^profile rank (\d) \(native program\)", ran.stderr, re.M)) == ["0", "1"]
+    assert "warning" not in ran.stderr
 
 
 def test_checkpoint_that_disagrees_with_its_config_is_refused(

@@ -6,28 +6,27 @@ Invariants:
 - its collectives are the transport ops of :mod:`.compiled`, which must be bound (``bind_transport``)
   before the first call, exactly as for ``tprun --compile``;
 - a package this host cannot run (another architecture, a missing CPU feature, another torch, a file
-  that does not load) is never called: :func:`load_native` says why in one line and returns None, and
-  the rank runs its eager program.
+  that does not load) is never called: :func:`load_native` returns why, and :func:`settle_native` makes
+  every rank run its eager program then (ranks never mix the two kinds), with one line for the user.
 """
 
 from __future__ import annotations
 
 import logging
 import platform
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..errors import first_line
 from ..format.native_section import NativeSection, host_cpu_flags
+from ..load.program import RankProgram
 from . import compiled as _transport_ops  # noqa: F401  (registers the ops the packages call)
 from . import prefix_attention as _attention_ops  # noqa: F401
 
-__all__ = ["NativeProgram", "load_native", "native_unavailable"]
-
-Warn = Callable[[str], None]
+__all__ = ["NativeProgram", "load_native", "native_unavailable", "settle_native"]
 
 
 class NativeProgram:
@@ -69,14 +68,32 @@ def native_unavailable(section: NativeSection, device: torch.device) -> str | No
 
 
 def load_native(
-    path: Path, module: nn.Module, section: NativeSection, device: torch.device, warn: Warn
-) -> NativeProgram | None:
-    """The rank's native program, or None (after one ``warn`` line saying why) when it cannot run here."""
+    path: Path, module: nn.Module, section: NativeSection, device: torch.device
+) -> tuple[NativeProgram | None, str | None]:
+    """(the rank's native program, None), or (None, why it cannot run here)."""
     reason = native_unavailable(section, device)
     if reason is None:
         try:
-            return NativeProgram(path, module)
+            return NativeProgram(path, module), None
         except Exception as exc:  # a package that does not load: the eager program still runs
             reason = f"{path.name} does not load ({first_line(exc)})"
-    warn(f"native program not used: {reason}; running the eager program (recompile on this host for speed)")
-    return None
+    return None, reason
+
+
+def settle_native(program: RankProgram, group: dist.ProcessGroup | None = None) -> str | None:
+    """Make every rank of ``group`` run the same kind of program: when one rank cannot run its native
+    program, all run their eager ones. Collective (when the group has several ranks). Returns the one
+    line to tell the user (the same on every rank), or None when there is nothing to say."""
+    reason = program.native_unused
+    reasons = [reason]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        reasons = [None] * dist.get_world_size(group)
+        dist.all_gather_object(reasons, reason, group=group)
+    failed = [(rank, why) for rank, why in enumerate(reasons) if why is not None]
+    if not failed:
+        return None
+    program.native = None
+    rank, why = failed[0]
+    where = "" if len({w for _, w in failed}) == 1 and len(failed) == len(reasons) else f" on rank {rank}"
+    advice = "running the eager programs (recompile on this host for speed)"
+    return f"native program not used{where}: {why}; {advice}"

@@ -14,11 +14,12 @@ process group, and a rank ends with an exit code and at most one error line.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from ..errors import BackendError, InputError, PromptError, first_line
 from ..format import load_artifact_manifest
 from ..kernels.compiled import bind_transport, prepare_compiled_decode
+from ..kernels.native import settle_native
 from ..lm.session import GenerationSession
 from ..load.loader import load_rank
 from ..load.tensor_io import order_inputs, read_inputs, write_outputs
@@ -67,7 +68,6 @@ def run_worker(args: WorkerArgs) -> int:
         manifest=manifest,
         trust_pickle=args.trust_pickle,
         native=args.native,
-        warn=_warn_once(env.rank),  # every rank of a host decides alike: rank 0 says it
     )
     inputs = []
     if session is None and args.inputs is not None:
@@ -80,6 +80,9 @@ def run_worker(args: WorkerArgs) -> int:
         if env.world_size > 1 and env.local_world_size == env.world_size and shm_supported(device):
             comm = ShmCommunicator.create(env.rank, env.world_size, args.timeout_s)
         compile_decode = args.generation is not None and args.generation.compile_decode
+        message = settle_native(program)  # every rank runs the same kind of program
+        if message is not None and env.rank == 0:
+            print_verbatim(f"{WARNING_PREFIX}{message}")
         if program.native is not None:  # its collectives are transport ops: the same transport
             bind_transport(group_name, env.world_size, comm)
         elif compile_decode:  # before the rebinding below: the compiled graph keeps opaque collective ops
@@ -97,14 +100,6 @@ def run_worker(args: WorkerArgs) -> int:
     finally:
         destroy_group()
     return EXIT_OK
-
-
-def _warn_once(rank: int) -> Callable[[str], None]:
-    def warn(message: str) -> None:
-        if rank == 0:
-            print_verbatim(f"{WARNING_PREFIX}{message}")
-
-    return warn
 
 
 def _report_prompt_error(exc: PromptError) -> int:

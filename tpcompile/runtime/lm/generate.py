@@ -12,6 +12,7 @@ the current one, so what an earlier prompt left in the cache is harmless.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from ..errors import BackendError, ManifestError, PromptError
 from ..format import LMInfo, Manifest, Shard, TensorSpec
 from ..kernels.compiled import bind_transport, compile_decode_step, use_transport_ops
+from ..kernels.native import settle_native
 from ..kernels.prefix_attention import use_prefix_attention
 from ..kernels.streaming_linear import use_streaming_linear
 from ..kernels.weight_layout import prefer_column_major_wide_weights
@@ -170,6 +172,9 @@ class CausalLM:
                 f"artifact was compiled for tp={program.manifest.tp} but the group has "
                 f"{dist.get_world_size(live)} ranks"
             )
+        message = settle_native(program, live)  # every rank runs the same kind of program
+        if message is not None:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
         if compile_decode or program.native is not None:  # both run the collectives as transport ops
             use_transport_ops(program.module)
             bind_transport(live.group_name, dist.get_world_size(live))

@@ -71,6 +71,7 @@ class DecodeProfile:
     """One rank's decode step, averaged over the measured steps of a prompt."""
 
     rank: int
+    program: str  # "native" or "eager": what ran the steps
     step_s: float
     weight_bytes: int
     bandwidth: float
@@ -95,7 +96,7 @@ class DecodeProfile:
         """The one line ``tprun --profile`` prints for this rank."""
         ms = 1e3
         return (
-            f"profile rank {self.rank}: decode step {self.step_s * ms:.2f} ms = "
+            f"profile rank {self.rank} ({self.program} program): decode step {self.step_s * ms:.2f} ms = "
             f"weights {self.weights_s * ms:.2f} ms ({self.weight_bytes / 2**20:.0f} MiB at "
             f"{self.bandwidth / 1e9:.1f} GB/s) + kernels {self.beyond_s * ms:.2f} ms + collectives "
             f"{self.collectives_s * ms:.2f} ms ({self.collective_calls:.0f} calls) + host "
@@ -109,6 +110,7 @@ class StepProfiler:
     profiled (kernel times)."""
 
     rank: int
+    program: str
     weight_bytes: int
     profiled_steps: int = 4
     plain: list[float] = field(default_factory=list)
@@ -161,6 +163,7 @@ class StepProfiler:
         measured = self.plain_collectives[1:] or self.plain_collectives or self.profiled_collectives
         return DecodeProfile(
             self.rank,
+            self.program,
             sum(plain) / len(plain),
             self.weight_bytes,
             read_bandwidth(),

@@ -158,7 +158,8 @@ class GenerationSession:
         profiler = None
         if args.profile:
             weight_bytes = self.manifest.rank_entry(self.rank).weight_bytes
-            profiler = StepProfiler(self.rank, weight_bytes)
+            kind = "native" if model.program.native is not None else "eager"
+            profiler = StepProfiler(self.rank, kind, weight_bytes)
         new_ids = model.generate(
             prompt_ids,
             max_new_tokens=args.max_new_tokens,

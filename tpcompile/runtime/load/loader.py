@@ -8,8 +8,6 @@ failure is one typed, one-line error.  ONNX-format ranks are handed to :mod:`tpc
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -106,10 +104,6 @@ def _load_weights(path: Path, rel: str, device: torch.device) -> dict[str, torch
         raise ArtifactLoadError(f"cannot read {rel}: {first_line(exc)}") from exc
 
 
-def _warn(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
 def _default_group_name() -> str | None:
     if dist.is_available() and dist.is_initialized() and dist.group.WORLD is not None:
         return dist.group.WORLD.group_name
@@ -126,7 +120,6 @@ def load_rank(
     manifest: Manifest | None = None,
     trust_pickle: bool = False,
     native: bool = True,
-    warn: Callable[[str], None] | None = None,
 ) -> RankProgram:
     """Load rank ``rank`` of the artifact in ``artifact_dir`` onto ``device``.
 
@@ -142,8 +135,8 @@ def load_rank(
         trust_pickle: load a program archive even if it holds pickled data or compiled code
             (by default such an archive is refused with :class:`UntrustedContent`).
         native: bind the rank's native program when the artifact has one this host can run
-            (``extra.native``); its collectives then need ``kernels.compiled.bind_transport``.
-        warn: told in one line why a native program is not used (default: ``warnings.warn``).
+            (``extra.native``; why not is left in ``native_unused``, see ``kernels.native.settle_native``);
+            its collectives then need ``kernels.compiled.bind_transport``.
 
     Buffers listed in the manifest's ``zero_state`` (KV caches) are not read
     from the weights file but created as zeros on ``device``.
@@ -185,7 +178,7 @@ def load_rank(
         package = rank_dir / section.files[rank]
         if section.files[rank] not in entry.files:
             raise ArtifactCorrupt(f"artifact corrupt: {entry.relpath(section.files[rank])} is not listed")
-        program.native = load_native(package, module, section, dev, warn or _warn)
+        program.native, program.native_unused = load_native(package, module, section, dev)
     live = group_name if group_name is not None else _default_group_name()
     if live is not None:
         program.bind_group(live)

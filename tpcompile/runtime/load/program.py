@@ -48,6 +48,8 @@ class RankProgram:
         self.group_name = group_name
         #: the rank's native program (``tpcompile.runtime.kernels.native``), when one is bound
         self.native: Callable[..., list[torch.Tensor]] | None = None
+        #: why the artifact's native program is not bound on this host (None: bound, or there is none)
+        self.native_unused: str | None = None
 
     @property
     def input_specs(self) -> Sequence[TensorSpec]:
