@@ -5,7 +5,9 @@ A step is split into
   (the floor: a decode step reads every weight once),
 - **kernels**: time inside compute kernels beyond that floor,
 - **collectives**: time inside all-reduces / all-gathers, waiting for the other ranks included,
-- **host**: the rest of the step: Python, dispatch and launch overhead between kernels.
+- **host**: the rest of the step: Python, dispatch and launch overhead between kernels (for a native
+  program this includes Inductor's fused elementwise kernels, which a profiler sees only when they are
+  compiled with a mark around each, at a cost to every step; its matrix products and attention are seen).
 
 Invariants: step and collective times are measured on plain steps, without the profiler (its own cost
 never counts as overhead; the same-host transport keeps a cheap clock); only the kernel time comes from
