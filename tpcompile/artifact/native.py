@@ -6,8 +6,10 @@ Invariants:
 - a package computes exactly its rank's program: the same graph, re-captured with the same dynamic input
   dims (one package serves prefill and decode), with the collectives replaced by the runtime's transport
   ops (``tpcompile::all_reduce_sum`` / ``tpcompile::all_gather``: the same transport the eager program
-  uses, shared memory or the process group) and masked attention by ``tpcompile::prefix_attention``
-  (attention over the written part of the KV cache only);
+  uses, shared memory or the process group), masked attention by ``tpcompile::prefix_attention``
+  (attention over the written part of the KV cache only) and linears by ``tpcompile::streaming_linear``
+  (the decode matrix-vector kernel; more rows go to ``aten.linear``): all three run the runtime's C++
+  kernels (``runtime/kernels/cpu_ops.cpp``) without a Python call;
 - a package holds no weights: the runtime binds the rank's own tensors to it (no copy, and the KV cache
   stays in place, shared with the eager program);
 - it is built for the target recorded in the manifest (``extra.native``): the CPU architecture, the vector
@@ -32,6 +34,8 @@ from tpcompile.runtime.format import PROGRAM_FILE, WEIGHTS_FILE
 from tpcompile.runtime.format.native_section import NATIVE_FILE, NativeSection, NativeTarget
 from tpcompile.runtime.kernels.compiled import use_transport_ops
 from tpcompile.runtime.kernels.prefix_attention import use_prefix_attention
+from tpcompile.runtime.kernels.streaming_linear import streaming_linear as _linear_op  # noqa: F401
+from tpcompile.runtime.load.graph_rewrite import retarget_calls
 from tpcompile.runtime.load.mapped import map_safetensors
 from tpcompile.runtime.load.weights import assign_tensors, create_zero_state
 
@@ -40,6 +44,15 @@ Progress = Callable[[str], None]
 #: Vector width of the generated kernels per architecture (bits); None: the compiler's default.
 _SIMD_BITS = {"x86_64": 256}  # AVX2 (+FMA): every x86-64 host of the kind has it, AVX-512 or not
 _ISA_FLAGS = {"x86_64": ("avx2", "fma")}
+
+
+_LINEAR = torch.ops.aten.linear.default
+
+
+def _linear_args(node: torch.fx.Node) -> tuple[tuple[object, ...], dict[str, object]]:
+    """``linear(x, w[, b])`` as ``tpcompile::streaming_linear(x, w, b)`` takes it (the bias explicit)."""
+    x, weight, *rest = node.args
+    return (x, weight, rest[0] if rest else node.kwargs.get("bias")), {}
 
 
 def native_target() -> NativeTarget:
@@ -85,6 +98,7 @@ class NativeJob:
         create_zero_state(module, self.zero_state, torch.device("cpu"))
         use_transport_ops(module)
         use_prefix_attention(module, custom_op=True)
+        retarget_calls(module, _LINEAR, torch.ops.tpcompile.streaming_linear.default, _linear_args)
         with torch.no_grad():
             native = torch.export.export(module, self.examples, dynamic_shapes=self.dynamic, strict=False)
         torch._inductor.aoti_compile_and_package(

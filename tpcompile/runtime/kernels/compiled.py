@@ -77,12 +77,25 @@ class _SharedMemoryTransport:
 _TRANSPORT: Transport | None = None
 
 
+#: Called with every binding (``cpu_ops`` registers the binding of its C++ kernels here).
+BIND_HOOKS: list[Callable[[str, int, ShmCommunicator | None], None]] = []
+_BINDING: tuple[str, int, ShmCommunicator | None] | None = None
+
+
 def bind_transport(group_name: str, world: int, shared_memory: ShmCommunicator | None = None) -> None:
     """Make the custom ops use process group ``group_name`` of ``world`` ranks, through
     ``shared_memory`` when the ranks share a host and it was set up."""
-    global _TRANSPORT
+    global _TRANSPORT, _BINDING
     group = _GroupTransport(group_name, world)
     _TRANSPORT = group if shared_memory is None else _SharedMemoryTransport(shared_memory, group)
+    _BINDING = (group_name, world, shared_memory)
+    for hook in BIND_HOOKS:
+        hook(group_name, world, shared_memory)
+
+
+def current_binding() -> tuple[str, int, ShmCommunicator | None] | None:
+    """The arguments of the last :func:`bind_transport`, or None before the first."""
+    return _BINDING
 
 
 def _transport() -> Transport:

@@ -23,8 +23,7 @@ from torch import nn
 from ..errors import first_line
 from ..format.native_section import NativeSection, host_cpu_flags
 from ..load.program import RankProgram
-from . import compiled as _transport_ops  # noqa: F401  (registers the ops the packages call)
-from . import prefix_attention as _attention_ops  # noqa: F401
+from .cpu_ops import load_cpu_ops
 
 __all__ = ["NativeProgram", "load_native", "native_unavailable", "settle_native"]
 
@@ -34,6 +33,7 @@ class NativeProgram:
 
     def __init__(self, path: Path, module: nn.Module) -> None:
         self.path = path
+        load_cpu_ops()  # the ops the package calls run their C++ kernels (Python ones if it cannot build)
         # the package records the compile host's ISA; load_native has already checked the one it needs
         package_log = logging.getLogger("torch.export.pt2_archive._package")
         level = package_log.level

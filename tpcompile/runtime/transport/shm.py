@@ -175,12 +175,17 @@ class ShmCommunicator:
         start = self.world * _HEADER + (rank * 2 + parity) * SLOT_BYTES
         return torch.frombuffer(self._map, dtype=torch.uint8, count=SLOT_BYTES, offset=start)
 
+    def layout(self) -> tuple[int, int, int]:
+        """(address of the mapped segment, header bytes per rank, slot bytes): what the C++ transport of
+        ``kernels/cpu_ops.cpp`` needs to speak this protocol on the same mapping."""
+        return int(self._header.ctypes.data), _HEADER, SLOT_BYTES
+
     def fits(self, t: torch.Tensor) -> bool:
         return t.numel() * t.element_size() <= SLOT_BYTES
 
     def _exchange(self, t: torch.Tensor) -> tuple[int, int]:
         """Publish ``t`` in this rank's slot; return (parity, nbytes) once every rank has published."""
-        self.seq += 1
+        self.seq = self._published(self.rank) + 1  # the header's count: C++ calls (cpu_ops) advance it too
         seq, parity = self.seq, self.seq % 2
         self._wait_all(seq - 1)  # peers are done reading the slot this call overwrites
         src = t.detach().contiguous().reshape(-1).view(torch.uint8)

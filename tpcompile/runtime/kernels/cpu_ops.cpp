@@ -1,0 +1,346 @@
+// CPU kernels of tpcompile's custom ops, so that compiled code (an AOTInductor package, an Inductor graph)
+// calls them without a Python call: the decode matrix-vector product, the same-host shared-memory
+// collectives and attention over the written part of the KV cache.
+//
+// Built by cpu_ops.py with the host's C++ compiler against the running torch, cached per source, CPU and
+// torch version. The ops' schemas (and fake kernels) are defined in Python; this file only implements
+// them for the CPU. Invariants:
+// - streaming_linear: every output element is one dot product of a weight row with an activation row,
+//   accumulated in float32 in a fixed order (bit-identical on every call and every rank);
+// - the collectives speak exactly the protocol of transport/shm.py (sequence numbers in the header,
+//   two slots per rank used in turn, sums in rank order with the same ATen additions), so Python and C++
+//   calls can alternate on one communicator;
+// - a rank waiting for peers throws (message starting "tpcompile collective:") once a peer's process is
+//   gone or the timeout passed, never waits forever.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <signal.h>
+#include <sched.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------- linear
+typedef float v16 __attribute__((vector_size(64)));
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float hsum(v16 a) {
+  float s = 0.0f;
+  for (int i = 0; i < 16; i++) s += a[i];
+  return s;
+}
+
+// out[o] = dot(w[o], x) for 4 consecutive weight rows read side by side (4 streams, 4 accumulators).
+inline void dot4(const float* w, long k_total, const float* x, float* out) {
+  const float* w0 = w;
+  const float* w1 = w + k_total;
+  const float* w2 = w + 2 * k_total;
+  const float* w3 = w + 3 * k_total;
+  v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+  long k = 0;
+  for (; k + 16 <= k_total; k += 16) {
+    v16 xv = load16(x + k);
+    a0 += load16(w0 + k) * xv;
+    a1 += load16(w1 + k) * xv;
+    a2 += load16(w2 + k) * xv;
+    a3 += load16(w3 + k) * xv;
+  }
+  float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+  for (; k < k_total; k++) {
+    s0 += w0[k] * x[k];
+    s1 += w1[k] * x[k];
+    s2 += w2[k] * x[k];
+    s3 += w3[k] * x[k];
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+}
+
+inline float dot1(const float* w, long k_total, const float* x) {
+  v16 a = {0};
+  long k = 0;
+  for (; k + 16 <= k_total; k += 16) a += load16(w + k) * load16(x + k);
+  float s = hsum(a);
+  for (; k < k_total; k++) s += w[k] * x[k];
+  return s;
+}
+
+constexpr long kMaxRows = 8;
+
+bool streamable(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  if (x.device().type() != at::kCPU || w.device().type() != at::kCPU) return false;
+  if (x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat) return false;
+  if (w.dim() != 2 || !w.is_contiguous() || x.dim() < 1 || x.size(-1) != w.size(1)) return false;
+  if (x.numel() / std::max<int64_t>(1, w.size(1)) > kMaxRows) return false;
+  if (bias.has_value() && bias->defined()) {
+    const at::Tensor& b = *bias;
+    if (b.device().type() != at::kCPU || b.scalar_type() != at::kFloat || b.dim() != 1 ||
+        b.size(0) != w.size(0) || !b.is_contiguous())
+      return false;
+  }
+  return true;
+}
+
+at::Tensor streaming_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  if (!streamable(x, weight, bias)) return at::linear(x, weight, bias);
+  const long n_out = weight.size(0), k_total = weight.size(1);
+  const long rows = k_total ? x.numel() / k_total : 0;
+  at::Tensor xc = x.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n_out;
+  at::Tensor out = at::empty(shape, x.options());
+  const float* w = weight.data_ptr<float>();
+  const float* xp = xc.data_ptr<float>();
+  const float* b = (bias.has_value() && bias->defined()) ? bias->data_ptr<float>() : nullptr;
+  float* y = out.data_ptr<float>();
+  const long blocks = (n_out + 3) / 4;
+  // a grain of 64 blocks (256 rows, >= 150 KB of weights): small products stay on one thread
+  at::parallel_for(0, blocks, 64, [&](int64_t lo, int64_t hi) {
+    float acc[4];
+    for (int64_t blk = lo; blk < hi; blk++) {
+      const long o = blk * 4;
+      for (long m = 0; m < rows; m++) {
+        const float* xr = xp + m * k_total;
+        if (o + 4 <= n_out) {
+          dot4(w + o * k_total, k_total, xr, acc);
+          for (int i = 0; i < 4; i++) y[m * n_out + o + i] = b ? acc[i] + b[o + i] : acc[i];
+        } else {
+          for (long oo = o; oo < n_out; oo++) {
+            float s = dot1(w + oo * k_total, k_total, xr);
+            y[m * n_out + oo] = b ? s + b[oo] : s;
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------- shared memory
+struct Communicator {
+  char* base = nullptr;  // the mapped segment (owned by Python's ShmCommunicator)
+  int64_t rank = 0, world = 0, header = 64, slot_bytes = 0;
+  double timeout_s = 300.0;
+  std::string group;  // the process group for what does not fit a slot ("" : none)
+  bool attached = false;
+};
+
+Communicator comm;
+
+inline std::atomic<int64_t>* seq_of(int64_t rank) {
+  return reinterpret_cast<std::atomic<int64_t>*>(comm.base + rank * comm.header);
+}
+
+inline int64_t pid_of(int64_t rank) {
+  return reinterpret_cast<std::atomic<int64_t>*>(comm.base + rank * comm.header + 8)->load();
+}
+
+inline char* slot(int64_t rank, int64_t parity) {
+  return comm.base + comm.world * comm.header + (rank * 2 + parity) * comm.slot_bytes;
+}
+
+bool alive(int64_t pid) {
+  if (pid <= 0) return true;
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/%lld/stat", static_cast<long long>(pid));
+  FILE* f = std::fopen(path, "r");
+  if (f == nullptr) return errno != ENOENT;
+  char buf[512];
+  size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+  std::fclose(f);
+  buf[n] = 0;
+  const char* close = std::strrchr(buf, ')');
+  return !(close && close[1] == ' ' && (close[2] == 'Z' || close[2] == 'X'));
+}
+
+void wait_all(int64_t seq) {
+  using clock = std::chrono::steady_clock;
+  auto started = clock::now(), checked = started;
+  for (;;) {
+    int64_t waiting = -1;
+    for (int64_t r = 0; r < comm.world; r++) {
+      if (r != comm.rank && seq_of(r)->load(std::memory_order_acquire) < seq) {
+        waiting = r;
+        break;
+      }
+    }
+    if (waiting < 0) return;
+    auto now = clock::now();
+    double spent = std::chrono::duration<double>(now - started).count();
+    if (std::chrono::duration<double>(now - checked).count() > 0.25) {
+      checked = now;
+      int64_t pid = pid_of(waiting);
+      if (!alive(pid)) {
+        std::ostringstream msg;
+        msg << "tpcompile collective: rank " << waiting << " (pid " << pid << ") exited during a collective";
+        throw std::runtime_error(msg.str());
+      }
+      if (spent > comm.timeout_s) {
+        std::ostringstream msg;
+        msg << "tpcompile collective: collective timed out after " << comm.timeout_s << " s waiting for rank "
+            << waiting << " (raise --timeout if a rank is legitimately this slow)";
+        throw std::runtime_error(msg.str());
+      }
+    }
+    if (spent > 0.05) {
+      struct timespec pause = {0, 200000};
+      nanosleep(&pause, nullptr);
+    } else {
+      sched_yield();
+    }
+  }
+}
+
+// Publish t in this rank's slot; return (parity, bytes) once every rank has published it.
+std::pair<int64_t, int64_t> exchange(const at::Tensor& t) {
+  const int64_t seq = seq_of(comm.rank)->load(std::memory_order_relaxed) + 1;
+  const int64_t parity = seq % 2;
+  wait_all(seq - 1);  // peers are done reading the slot this call overwrites
+  at::Tensor src = t.contiguous();
+  const int64_t nbytes = src.numel() * src.element_size();
+  std::memcpy(slot(comm.rank, parity), src.data_ptr(), nbytes);
+  seq_of(comm.rank)->store(seq, std::memory_order_release);
+  wait_all(seq);
+  return {parity, nbytes};
+}
+
+at::Tensor peer(int64_t rank, int64_t parity, const at::Tensor& like) {
+  return at::from_blob(slot(rank, parity), like.sizes(), like.options().device(at::kCPU));
+}
+
+bool fits(const at::Tensor& t) {
+  return comm.attached && t.device().type() == at::kCPU && t.numel() * t.element_size() <= comm.slot_bytes;
+}
+
+// The functional collectives, called boxed: their group argument is typed Any (an IValue).
+at::Tensor call_collective(const char* name, std::vector<c10::IValue> args) {
+  const auto& op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+  const auto& wait = c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::wait_tensor", "");
+  torch::jit::Stack stack(args.begin(), args.end());
+  op.callBoxed(&stack);
+  torch::jit::Stack waited{stack.back()};
+  wait.callBoxed(&waited);
+  return waited.back().toTensor().contiguous();
+}
+
+at::Tensor group_all_reduce(const at::Tensor& t) {
+  return call_collective("_c10d_functional::all_reduce", {t, std::string("sum"), comm.group});
+}
+
+at::Tensor group_all_gather(const at::Tensor& t, int64_t world) {
+  return call_collective("_c10d_functional::all_gather_into_tensor", {t.contiguous(), world, comm.group});
+}
+
+at::Tensor all_reduce_sum(const at::Tensor& t) {
+  if (!fits(t)) {
+    TORCH_CHECK(!comm.group.empty(), "tpcompile collective: no transport bound (bind_transport first)");
+    return group_all_reduce(t);
+  }
+  auto [parity, nbytes] = exchange(t);
+  (void)nbytes;
+  if (comm.world == 1) return peer(0, parity, t).clone();
+  at::Tensor like = t.contiguous();
+  at::Tensor acc = at::add(peer(0, parity, like), peer(1, parity, like));
+  for (int64_t r = 2; r < comm.world; r++) acc.add_(peer(r, parity, like));
+  return acc;
+}
+
+at::Tensor all_gather(const at::Tensor& t, int64_t world) {
+  if (!fits(t)) {
+    TORCH_CHECK(!comm.group.empty(), "tpcompile collective: no transport bound (bind_transport first)");
+    return group_all_gather(t, world);
+  }
+  auto [parity, nbytes] = exchange(t);
+  (void)nbytes;
+  at::Tensor like = t.contiguous();
+  std::vector<at::Tensor> parts;
+  for (int64_t r = 0; r < comm.world; r++) parts.push_back(peer(r, parity, like));
+  return at::cat(parts, 0);
+}
+
+void attach(int64_t address, int64_t rank, int64_t world, int64_t header, int64_t slot_bytes, double timeout_s,
+            std::string group) {
+  comm.base = reinterpret_cast<char*>(address);
+  comm.rank = rank;
+  comm.world = world;
+  comm.header = header;
+  comm.slot_bytes = slot_bytes;
+  comm.timeout_s = timeout_s;
+  comm.group = std::move(group);
+  comm.attached = address != 0;
+}
+
+// ---------------------------------------------------------------------------------------- attention
+bool closed(const at::Tensor& mask, int64_t row, int64_t col, int64_t keys) {
+  if (mask.scalar_type() == at::kBool) return !mask.data_ptr<bool>()[row * keys + col];
+  if (mask.scalar_type() == at::kFloat) {
+    float v = mask.data_ptr<float>()[row * keys + col];
+    return v == -std::numeric_limits<float>::infinity() || v == std::numeric_limits<float>::lowest();
+  }
+  return false;  // other dtypes: keep every column
+}
+
+int64_t attended_prefix(const at::Tensor& mask) {
+  const int64_t keys = mask.size(-1);
+  at::Tensor m = mask.contiguous().reshape({-1, keys});
+  const int64_t rows = m.size(0);
+  for (int64_t col = keys - 1; col >= 0; col--)
+    for (int64_t row = 0; row < rows; row++)
+      if (!closed(m, row, col, keys)) return col + 1;
+  return keys;
+}
+
+at::Tensor prefix_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            const c10::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
+                            c10::optional<double> scale, bool enable_gqa) {
+  at::Tensor k = key, v = value;
+  c10::optional<at::Tensor> mask = attn_mask;
+  const int64_t keys = key.size(-2);
+  if (mask.has_value() && mask->defined() && !is_causal && mask->dim() >= 2 && mask->size(-1) == keys &&
+      keys > 1 && mask->device().type() == at::kCPU) {
+    const int64_t length = attended_prefix(*mask);
+    k = key.narrow(-2, 0, length);
+    v = value.narrow(-2, 0, length);
+    at::Tensor cut = mask->narrow(-1, 0, length);
+    if (cut.scalar_type() == at::kBool)
+      cut = at::zeros(cut.sizes(), query.options()).masked_fill_(cut.logical_not(), -std::numeric_limits<float>::infinity());
+    mask = cut;
+  }
+  return at::scaled_dot_product_attention(query, k, v, mask, dropout_p, is_causal, scale, enable_gqa).contiguous();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tpcompile, CPU, m) {
+  m.impl("streaming_linear", &streaming_linear);
+  m.impl("all_reduce_sum", &all_reduce_sum);
+  m.impl("all_gather", &all_gather);
+  m.impl("prefix_attention", &prefix_attention);
+}
+
+TORCH_LIBRARY_FRAGMENT(tpcompile_cpu, m) {
+  m.def("attach(int address, int rank, int world, int header, int slot_bytes, float timeout_s, str group) -> ()",
+        &attach);
+}

@@ -1,0 +1,116 @@
+"""C++ CPU kernels for tpcompile's custom ops (``cpu_ops.cpp``), so that compiled code calls them without a
+Python call: ``tpcompile::streaming_linear`` (the decode matrix-vector product), ``tpcompile::all_reduce_sum``
+/ ``tpcompile::all_gather`` (the same-host shared-memory transport, or the bound process group) and
+``tpcompile::prefix_attention``.
+
+The ops are defined (schema, fake kernel, a Python kernel for every device) where they live in Python
+(:mod:`.streaming_linear`, :mod:`.compiled`, :mod:`.prefix_attention`); loading this library adds a CPU kernel
+to each, which the dispatcher prefers for CPU tensors. It is built on first use with the host's C++ compiler
+against the running torch (about a minute), cached per source, CPU and torch version in
+``$TPCOMPILE_CACHE`` (default ``~/.cache/tpcompile``).
+
+Invariants:
+- results equal the Python kernels' (the same additions in the same order for the collectives; fp32
+  round-off for the matrix-vector product, whose summation order is fixed per output element);
+- once loaded, the CPU collectives are bound by every ``compiled.bind_transport`` (and by the one before
+  the load), exactly as the Python ones;
+- a failed build is not an error: the Python kernels keep running (``TPCOMPILE_CPU_KERNELS=0`` skips it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.utils.cpp_extension as cpp_extension
+
+from ..transport.shm import ShmCommunicator
+from . import compiled as _collective_ops  # defines the collective ops this library implements
+from . import prefix_attention as _attention_ops  # noqa: F401
+from . import streaming_linear as _linear_ops  # noqa: F401
+
+__all__ = ["attach", "cpu_ops_loaded", "load_cpu_ops"]
+
+_SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+_LOADED: bool | None = None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("TPCOMPILE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tpcompile"
+    )
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
+    return "\n".join([platform.machine(), *keep])
+
+
+def _build(compiler: str, target: Path) -> None:
+    include = [f"-I{p}" for p in cpp_extension.include_paths()]
+    libdirs = cpp_extension.library_paths()
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [
+            compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", abi, *include, str(_SOURCE),
+            "-o", str(out), *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs],
+            "-lc10", "-ltorch_cpu", "-ltorch",
+        ]  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+        os.replace(out, target)  # atomic: ranks building at once each install a complete file
+
+
+def load_cpu_ops() -> bool:
+    """Build (once per host and torch) and load the CPU kernels; False where they cannot be had."""
+    global _LOADED
+    if _LOADED is None:
+        _LOADED = False
+        if os.environ.get("TPCOMPILE_CPU_KERNELS", "1") != "0" and sys.platform.startswith("linux"):
+            compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+            if compiler is not None:
+                key = f"\n{_cpu_signature()}\n{torch.__version__}\n{compiler}".encode()
+                digest = hashlib.sha256(_SOURCE.read_bytes() + key).hexdigest()[:16]
+                target = _cache_dir() / f"cpu-ops-{digest}.so"
+                try:
+                    if not target.exists():
+                        _build(compiler, target)
+                    torch.ops.load_library(str(target))
+                    _LOADED = True
+                    _collective_ops.BIND_HOOKS.append(attach)
+                    bound = _collective_ops.current_binding()
+                    if bound is not None:
+                        attach(*bound)
+                except (OSError, RuntimeError, subprocess.SubprocessError):
+                    _LOADED = False
+    return _LOADED
+
+
+def cpu_ops_loaded() -> bool:
+    """True once :func:`load_cpu_ops` has loaded the library in this process."""
+    return bool(_LOADED)
+
+
+def attach(group_name: str, world: int, comm: ShmCommunicator | None) -> None:
+    """Bind the CPU collectives: the shared-memory segment of ``comm`` (same-host ranks), else only the
+    process group ``group_name`` of ``world`` ranks. Does nothing while the library is not loaded."""
+    if not _LOADED:
+        return
+    if comm is None:
+        torch.ops.tpcompile_cpu.attach(0, 0, world, 0, 0, 0.0, group_name)
+        return
+    address, header, slot = comm.layout()
+    torch.ops.tpcompile_cpu.attach(address, comm.rank, world, header, slot, comm.timeout_s, group_name)
