@@ -171,5 +171,6 @@ def describe_language_model(manifest: Manifest, lm: LanguageModelInfo, out: Path
         chat_template=chat_template,
         generation=lm.generation,
         model_type=lm.model_type,
+        independent_rows=lm.independent_rows,
     )
     manifest.extra["lm"] = {**dataclasses.asdict(info), "eos_token_ids": list(info.eos_token_ids)}

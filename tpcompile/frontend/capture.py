@@ -37,6 +37,7 @@ class LanguageModelInfo:
     pad_token_id: int | None
     generation: dict[str, Any]
     model_type: str
+    independent_rows: bool  # the program serves unrelated rows (frontend/hf_rows.py)
     save_tokenizer: Callable[[Path], bool]  # writes the tokenizer into a directory; False if there is none
 
 

@@ -30,20 +30,11 @@ from tpcompile.frontend.hf_model import (
     CheckpointReader,
     build_without_weights,
 )
+from tpcompile.frontend.hf_rows import IndependentRowsLM, KVCacheBuffers, cache_shape, export_rows
 from tpcompile.frontend.sources import TensorSource
 from tpcompile.runtime.errors import first_line
 
 DEFAULT_MAX_SEQ_LEN = 4096
-
-
-class _Cache(nn.Module):
-    """Per-layer key/value buffers ``[B, Hkv, max_seq_len, D]``."""
-
-    def __init__(self, layers: int, shape: tuple[int, int, int, int], dtype: torch.dtype) -> None:
-        super().__init__()
-        for i in range(layers):
-            self.register_buffer(f"key_{i}", torch.empty(shape, dtype=dtype))
-            self.register_buffer(f"value_{i}", torch.empty(shape, dtype=dtype))
 
 
 class CausalLMWithStaticCache(nn.Module):
@@ -55,12 +46,9 @@ class CausalLMWithStaticCache(nn.Module):
         text = model.config.get_text_config(decoder=True)  # type: ignore[union-attr,operator]
         self.text_config = text
         self.max_seq_len = max_seq_len
-        heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         self.layers = text.num_hidden_layers
         dtype = next(model.parameters()).dtype
-        self.kv_cache = _Cache(self.layers, (batch, kv_heads, max_seq_len, head_dim), dtype)
+        self.kv_cache = KVCacheBuffers(self.layers, cache_shape(text, batch, max_seq_len), dtype)
 
     def _cache(self, start: torch.Tensor) -> Any:
         from transformers.cache_utils import StaticCache, StaticLayer
@@ -202,8 +190,13 @@ def load_hf(
     torch_dtype = DTYPES[dtype]
     model = build_model(config, torch_dtype)
     tensors = prepare_experts(model, ckpt.tensors)  # mixture of experts: see hf_experts
-    wrapper = CausalLMWithStaticCache(model, max_batch_size, seq).eval()
-    program = _export(wrapper, max_batch_size, seq, str(path))
+    wrapper: CausalLMWithStaticCache | IndependentRowsLM
+    if max_batch_size > 1:  # independent rows for continuous batching (see hf_rows)
+        wrapper = IndependentRowsLM(model, max_batch_size, seq).eval()
+        program = export_rows(wrapper, str(path), _export_module)
+    else:
+        wrapper = CausalLMWithStaticCache(model, max_batch_size, seq).eval()
+        program = _export(wrapper, max_batch_size, seq, str(path))
     reader = CheckpointReader(tensors, model, torch_dtype)
     reader.buffers.update({f"{CACHE_PREFIX}{k}": v for k, v in wrapper.kv_cache.named_buffers()})
     generation = ckpt.generation_defaults()
@@ -218,6 +211,7 @@ def load_hf(
             k: generation[k] for k in ("do_sample", "temperature", "top_k", "top_p") if k in generation
         },
         model_type=str(getattr(config, "model_type", "")),
+        independent_rows=max_batch_size > 1,
         save_tokenizer=ckpt.save_tokenizer,
     )
     zero = {f"{CACHE_PREFIX}{kind}_{i}" for i in range(wrapper.layers) for kind in ("key", "value")}
@@ -233,6 +227,10 @@ def load_hf(
         if name not in zero:
             reader.check(name, tuple(int(d) for d in node.meta["val"].shape))
     return captured
+
+
+def _export_module(module: nn.Module, args: tuple[Any, ...], dynamic: Any, source: str) -> Any:
+    return export_module(module, args, dynamic, source, strict=False)
 
 
 def _export(wrapper: nn.Module, batch: int, seq: int, source: str) -> torch.export.ExportedProgram:

@@ -104,6 +104,24 @@ def select(ctx: RuleContext, node: fx.Node) -> Strategy:
     return Strategy({x: p}, p)
 
 
+@register(aten.narrow)
+def narrow(ctx: RuleContext, node: fx.Node) -> Strategy:
+    """``narrow(x, dim, start, length)`` (a window whose start may be known only at run time): like a
+    slice that is never whole, it keeps a shard on any other dim and a free tensor stays free."""
+    x = node.args[0]
+    dim = norm_dim(node.args[1], len(shape_of(x)))
+    p = ctx.placement(x)
+    if isinstance(p, FreeView):
+        vd = p.dims[dim]
+        if vd is not None:
+            ctx.forbid(p.root, vd.root)
+        return Strategy({}, p)
+    p = concrete(p)
+    if isinstance(p, Shard) and p.dim == dim:
+        return Strategy({x: REPLICATE}, REPLICATE)
+    return Strategy({x: p}, p)
+
+
 @register(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.tensor_split)
 def split(ctx: RuleContext, node: fx.Node) -> Strategy:
     x = node.args[0]
@@ -272,6 +290,22 @@ def copy(ctx: RuleContext, node: fx.Node) -> Strategy:
 def index_copy(ctx: RuleContext, node: fx.Node) -> Strategy:
     dst, dim, _, src = node.args[:4]
     return _write_into(ctx, node, dst, src, {norm_dim(dim, len(shape_of(dst)))})
+
+
+@register(aten.scatter_, aten.scatter)
+def scatter(ctx: RuleContext, node: fx.Node) -> Strategy:
+    """``dst.scatter_(dim, index, src)`` with an index of ``src``'s shape (a KV cache written at each row's
+    own positions): a write like ``index_copy_``, and each index element goes with its ``src`` element, so
+    the index is split like the values (an index broadcast over KV heads is sliced to the rank's heads)."""
+    dst, dim, index = node.args[:3]
+    src = node.args[3] if len(node.args) > 3 else node.kwargs.get("src")
+    if not (isinstance(src, fx.Node) and isinstance(index, fx.Node) and ctx.is_tensor(src)):
+        return replicate_all(ctx, node)
+    if shape_of(index) != shape_of(src):
+        return replicate_all(ctx, node)
+    strategy = _write_into(ctx, node, dst, src, {norm_dim(dim, len(shape_of(dst)))})
+    strategy.demands[index] = strategy.demands[src]
+    return strategy
 
 
 @register(aten.index_put_, aten.index_put)

@@ -13,7 +13,7 @@ cheaply; everything here is plain data and checks on it.
 from __future__ import annotations
 
 from .integrity import MANIFEST_DIGEST_FIELD, WORK_DIR_PATTERN, manifest_digest, sha256_file, work_dir_name
-from .lm import CAUSAL_LM, LMInfo, parse_lm_info
+from .lm import CAUSAL_LM, ROW_INPUT_NAMES, SHARED_INPUT_NAMES, LMInfo, parse_lm_info
 from .manifest import (
     FORMAT_ONNX,
     FORMAT_TORCH,
@@ -61,6 +61,8 @@ __all__ = [
     "Collective",
     "CollectiveEntry",
     "LMInfo",
+    "ROW_INPUT_NAMES",
+    "SHARED_INPUT_NAMES",
     "Manifest",
     "OnnxRank",
     "ParameterEntry",

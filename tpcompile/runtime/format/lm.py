@@ -16,9 +16,14 @@ from typing import Any
 from ..errors import ManifestError
 from .integrity import outside_artifact, plain_relative_path
 
-__all__ = ["CAUSAL_LM", "LMInfo", "parse_lm_info"]
+__all__ = ["CAUSAL_LM", "ROW_INPUT_NAMES", "SHARED_INPUT_NAMES", "LMInfo", "parse_lm_info"]
 
 CAUSAL_LM = "causal_lm"
+#: Inputs of a causal-LM program whose rows share one position vector (``max_batch_size`` 1, and
+#: artifacts compiled before independent rows existed).
+SHARED_INPUT_NAMES = ("input_ids", "cache_position")
+#: Inputs of a program with independent rows (``LMInfo.independent_rows``), in this order.
+ROW_INPUT_NAMES = ("input_ids", "position_ids", "first_slot")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,10 @@ class LMInfo:
     chat_template: bool = False
     generation: Mapping[str, Any] = field(default_factory=dict)
     model_type: str | None = None
+    #: the program takes ``(input_ids, position_ids, first_slot)`` and serves ``max_batch_size`` unrelated
+    #: rows, each with its own KV-cache slot and positions; otherwise ``(input_ids, cache_position)`` with
+    #: one position vector shared by every row
+    independent_rows: bool = False
 
 
 def _is_int(value: object) -> bool:
@@ -62,6 +71,13 @@ def _eos_ids(data: Mapping[str, Any], where: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(_is_int(v) for v in value):
         raise ManifestError(f"{where}: 'eos_token_ids' must be a list of integers, got {value!r}")
     return tuple(value)
+
+
+def _flag(data: Mapping[str, Any], key: str, where: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise ManifestError(f"{where}: '{key}' must be true or false, got {value!r}")
+    return value
 
 
 def _tokenizer_dir(data: Mapping[str, Any]) -> str | None:
@@ -98,4 +114,5 @@ def parse_lm_info(extra: object, where: str) -> LMInfo:
         chat_template=bool(lm.get("chat_template", False)),
         generation=dict(generation),
         model_type=lm["model_type"] if isinstance(lm.get("model_type"), str) else None,
+        independent_rows=_flag(lm, "independent_rows", loc),
     )

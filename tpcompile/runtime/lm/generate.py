@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..errors import BackendError, ManifestError, PromptError
-from ..format import LMInfo, Manifest, Shard, TensorSpec
+from ..errors import BackendError, ManifestError
+from ..format import ROW_INPUT_NAMES, SHARED_INPUT_NAMES, LMInfo, Manifest, Shard, TensorSpec
 from ..kernels.compiled import bind_transport, compile_decode_step, use_transport_ops
 from ..kernels.native import settle_native
 from ..kernels.prefix_attention import use_prefix_attention
@@ -29,16 +29,17 @@ from ..kernels.streaming_linear import use_streaming_linear
 from ..kernels.weight_layout import prefer_column_major_wide_weights
 from ..load.loader import load_rank
 from ..load.program import RankProgram
+from .batch import BatchEngine, check_prompt_length
 from .profile import StepProfiler
-from .sampling import SamplingConfig, VocabShard, choose_token
+from .sampling import SamplingConfig, VocabShard, choose_tokens
+from .scheduler import Request, Scheduler, TokenEvent, run_to_completion
 
 __all__ = ["CausalLM", "GenerationStats", "TokenCallback", "check_prompt_length"]
 
 #: Called with each new token id as soon as every rank agreed on it.
 TokenCallback = Callable[[int], None]
-INPUT_IDS = "input_ids"
-CACHE_POSITION = "cache_position"
 LOGITS = "logits"
+GREEDY = SamplingConfig()
 
 
 @dataclass(frozen=True)
@@ -63,17 +64,6 @@ class GenerationStats:
             f"prompt tokens: {self.prompt_tokens} | new tokens: {self.new_tokens} | "
             f"time to first token: {self.time_to_first_token_s:.3f} s | "
             f"decode: {self.decode_tokens_per_s:.1f} tokens/s"
-        )
-
-
-def check_prompt_length(lm: LMInfo, n_tokens: int) -> None:
-    """Raise :class:`PromptError` unless a prompt of ``n_tokens`` leaves room for one new token."""
-    if n_tokens < 1:
-        raise PromptError("the prompt is empty (0 tokens)")
-    if n_tokens >= lm.max_seq_len:
-        raise PromptError(
-            f"prompt has {n_tokens} tokens but the artifact's KV cache holds {lm.max_seq_len} "
-            "(compile with a larger --max-seq-len)"
         )
 
 
@@ -121,14 +111,13 @@ class CausalLM:
         if not manifest.is_causal_lm or manifest.lm is None:
             raise ManifestError(f"{manifest.path} is a '{manifest.kind}' artifact, not a causal LM")
         names = manifest.input_names
-        if sorted(names) != sorted([INPUT_IDS, CACHE_POSITION]):
-            raise ManifestError(
-                f"causal_lm artifact takes inputs {names}; expected {INPUT_IDS} and {CACHE_POSITION}"
-            )
+        expected = ROW_INPUT_NAMES if manifest.lm.independent_rows else SHARED_INPUT_NAMES
+        if sorted(names) != sorted(expected):
+            raise ManifestError(f"causal_lm artifact takes inputs {names}; expected {', '.join(expected)}")
         self.program = program
         self.group = group
         self.lm: LMInfo = manifest.lm
-        self._order = [names.index(INPUT_IDS), names.index(CACHE_POSITION)]
+        self._order = [names.index(name) for name in expected]
         self._logits = _logits_spec(manifest, self.lm)
         placement = manifest.outputs[self._logits].placement
         self.shard = VocabShard(placement, program.rank, self.lm.vocab_size)
@@ -189,18 +178,46 @@ class CausalLM:
         """Raise :class:`PromptError` unless a prompt of ``n_tokens`` leaves room for one new token."""
         check_prompt_length(self.lm, n_tokens)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Last-position local logits ``[B, V_local]`` for ``ids`` written at ``positions``."""
-        ordered = [ids, positions]
-        ordered[self._order[0]], ordered[self._order[1]] = ids, positions
-        run = self._decode_step if self._decode_step is not None and ids.shape[1] == 1 else self.program
+    @property
+    def device(self) -> torch.device:
+        """Where the program's inputs and outputs live."""
+        return self.program.device
+
+    def _run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Last-position local logits ``[B, V_local]`` of the program on ``inputs`` (in input-name order)."""
+        ordered = list(inputs)
+        for i, t in zip(self._order, inputs, strict=True):
+            ordered[i] = t
+        run = self._decode_step if self._decode_step is not None and inputs[0].shape[1] == 1 else self.program
         logits = run(*ordered)[self._logits]
         return logits[:, -1, :]
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Last-position local logits ``[B, V_local]`` for ``ids`` written at ``positions`` (``[T]``, shared
+        by every row; an artifact with independent rows runs them in slot 0)."""
+        if self.lm.independent_rows:
+            return self.forward_rows(ids, positions.expand(ids.shape[0], -1), 0)
+        return self._run(ids, positions)
+
+    def forward_rows(self, ids: torch.Tensor, positions: torch.Tensor, first_slot: int) -> torch.Tensor:
+        """Last-position local logits ``[B, V_local]`` of an artifact with independent rows: row ``b`` of
+        ``ids`` (``[B, T]``) written at its ``positions[b]`` in KV-cache slot ``first_slot + b``."""
+        slot = torch.tensor([first_slot], dtype=torch.int64, device=ids.device)
+        return self._run(ids, positions, slot)
+
+    def choose(
+        self,
+        logits: torch.Tensor,
+        configs: Sequence[SamplingConfig],
+        generators: Sequence[torch.Generator | None],
+    ) -> list[int]:
+        """One token per row of local ``logits``, chosen by ``configs`` (the same on every rank)."""
+        return choose_tokens(logits, self.shard, configs, generators, self.group)
 
     def _choose(
         self, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
     ) -> int:
-        return choose_token(logits, self.shard, sampling, generator, self.group)
+        return self.choose(logits[:1], [sampling], [generator])[0]
 
     def warm_up(self) -> None:
         """Run one decode step (compiling it if asked), so that the first prompt's timing is the real one.
@@ -208,7 +225,7 @@ class CausalLM:
         Writes position 0 of the KV cache, which every prompt overwrites before reading it.
         """
         device = self.program.device
-        batch = self.lm.max_batch_size
+        batch = 1 if self.lm.independent_rows else self.lm.max_batch_size
         self._forward(
             torch.zeros((batch, 1), dtype=torch.int64, device=device),
             torch.zeros(1, dtype=torch.int64, device=device),
@@ -247,7 +264,7 @@ class CausalLM:
         limit = min(max_new_tokens, self.lm.max_seq_len - n_prompt)
         device = self.program.device
         generator = None if sampling.greedy else torch.Generator(device=device).manual_seed(seed)
-        batch = self.lm.max_batch_size
+        batch = 1 if self.lm.independent_rows else self.lm.max_batch_size
         eos = set(self.lm.eos_token_ids)
 
         start = time.perf_counter()
@@ -272,3 +289,33 @@ class CausalLM:
                 on_token(token)
         self.last_stats = GenerationStats(n_prompt, len(new), first - start, last - first)
         return new
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int = 256,
+        sampling: SamplingConfig | Sequence[SamplingConfig] = GREEDY,
+        ignore_eos: bool = False,
+        on_event: Callable[[TokenEvent], None] | None = None,
+    ) -> list[list[int]]:
+        """Generate for every prompt at once (continuous batching over the artifact's ``max_batch_size``
+        slots; more prompts wait for a free slot); return each prompt's new ids (EOS included).
+
+        Each prompt's tokens are those :meth:`generate` gives it alone (up to floating-point summation
+        order). ``sampling`` is one config for all prompts or one per prompt; every rank must call this
+        with the same arguments. ``on_event`` sees every token as the ranks agree on it
+        (``TokenEvent.request`` is the prompt's index).
+
+        Raises:
+            PromptError: an empty prompt, a prompt with no room for a new token in a slot, or an artifact
+                compiled with ``--max-batch-size 1`` (one sequence at a time).
+        """
+        configs = [sampling] * len(prompts) if isinstance(sampling, SamplingConfig) else list(sampling)
+        if len(configs) != len(prompts):
+            raise ValueError(f"{len(configs)} sampling configs for {len(prompts)} prompts")
+        scheduler = Scheduler(BatchEngine(self), frozenset(self.lm.eos_token_ids))
+        requests = [
+            Request(tuple(p), max_new_tokens, c, ignore_eos) for p, c in zip(prompts, configs, strict=True)
+        ]
+        return run_to_completion(scheduler, requests, on_event)

@@ -10,16 +10,24 @@ warpers (in that order), and lets rank 0 draw the token, which it broadcasts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..format import Placement, Shard
-from ..transport.collectives import all_gather_small, broadcast_token, gather_sharded, world_size
+from ..transport.collectives import all_gather_small, broadcast_tokens, gather_sharded, world_size
 from .options import SamplingConfig
 
-__all__ = ["SamplingConfig", "VocabShard", "choose_token", "distributed_argmax", "warp_logits"]
+__all__ = [
+    "SamplingConfig",
+    "VocabShard",
+    "choose_token",
+    "choose_tokens",
+    "distributed_argmax",
+    "warp_logits",
+]
 
 
 @dataclass(frozen=True)
@@ -101,11 +109,39 @@ def choose_token(
 
     ``generator`` is only used for sampling, and only on rank 0 of ``group``.
     """
-    if config.greedy:
-        return int(distributed_argmax(local[:1], shard, group)[0].item())
-    full = gather_sharded(local[:1], shard.placement, group)[:, : shard.vocab_size].float()
-    token = 0
+    return choose_tokens(local[:1], shard, [config], [generator], group)[0]
+
+
+def choose_tokens(
+    local: torch.Tensor,
+    shard: VocabShard,
+    configs: Sequence[SamplingConfig],
+    generators: Sequence[torch.Generator | None],
+    group: dist.ProcessGroup | None = None,
+) -> list[int]:
+    """The next token of every row of ``local`` (``[B, V_local]``), row ``b`` chosen by ``configs[b]``
+    (with ``generators[b]`` on rank 0 when it samples); the same list on all ranks.
+
+    Greedy rows take one distributed argmax together; sampled rows gather their full logits, rank 0
+    draws each row's token and broadcasts them.  Every rank must pass the same configs (which rows
+    sample decides which collectives run).
+    """
+    rows = local.shape[0]
+    greedy = [b for b in range(rows) if configs[b].greedy]
+    sampled = [b for b in range(rows) if not configs[b].greedy]
+    tokens = [0] * rows
+    if greedy:
+        picked = distributed_argmax(local if not sampled else local[greedy], shard, group).tolist()
+        for b, token in zip(greedy, picked, strict=True):
+            tokens[b] = int(token)
+    if not sampled:
+        return tokens
+    full = gather_sharded(local[sampled], shard.placement, group)[:, : shard.vocab_size].float()
+    drawn = torch.zeros(len(sampled), dtype=torch.int64, device=local.device)
     if not dist.is_initialized() or dist.get_rank(group) == 0:
-        probs = warp_logits(full, config).softmax(dim=-1)
-        token = int(torch.multinomial(probs, num_samples=1, generator=generator)[0, 0].item())
-    return broadcast_token(token, local.device, 0, group)
+        for i, b in enumerate(sampled):
+            probs = warp_logits(full[i : i + 1], configs[b]).softmax(dim=-1)
+            drawn[i] = torch.multinomial(probs, num_samples=1, generator=generators[b])[0, 0]
+    for b, token in zip(sampled, broadcast_tokens(drawn, 0, group), strict=True):
+        tokens[b] = token
+    return tokens

@@ -24,7 +24,7 @@ from .shm import ShmCommunicator
 __all__ = [
     "all_gather_small",
     "broadcast_object",
-    "broadcast_token",
+    "broadcast_tokens",
     "collective_clock",
     "gather_outputs",
     "gather_sharded",
@@ -98,15 +98,15 @@ def gather_outputs(
     return [gather_sharded(t, p, group) for t, p in zip(outputs, placements, strict=True)]
 
 
-def broadcast_token(
-    token: int, device: torch.device, src: int = 0, group: dist.ProcessGroup | None = None
-) -> int:
-    """Return the ``token`` of rank ``src`` (group-relative) on every rank."""
+def broadcast_tokens(
+    tokens: torch.Tensor, src: int = 0, group: dist.ProcessGroup | None = None
+) -> list[int]:
+    """Return the int64 ``tokens`` (1-d) of rank ``src`` (group-relative) on every rank, as a list."""
     if world_size(group) == 1:
-        return token
-    buf = torch.tensor([token], dtype=torch.int64, device=device)
+        return [int(t) for t in tokens.tolist()]
+    buf = tokens.contiguous()
     dist.broadcast(buf, group=group, group_src=src)
-    return int(buf.item())
+    return [int(t) for t in buf.tolist()]
 
 
 def broadcast_object(obj: object, src: int = 0, group: dist.ProcessGroup | None = None) -> object:
