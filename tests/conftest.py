@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,29 @@ def gpt_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("gpt") / "gpt.pt2"
     gpt.export(path=str(path))
     return path
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="device of the tests marked device_generic (cpu or cuda; examples/gpu_check.py passes cuda)",
+    )
+
+
+@pytest.fixture
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The run device of a ``device_generic`` test: ``--device`` (cpu in the normal suite)."""
+    return torch.device(request.config.getoption("--device"))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch runs one intra-op thread, as a rank per core does (the CPU decode kernel needs that)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

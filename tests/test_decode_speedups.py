@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -75,15 +74,6 @@ def test_tprun_compile_gives_the_eager_tokens(tmp_path: Path) -> None:
 
 
 # --- streaming matrix-vector kernel -------------------------------------------------------------
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """The kernel runs only while torch uses one thread (a rank per core)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _kernel() -> None:

@@ -278,19 +278,36 @@ def test_verify_rank_files(artifact_copy: Path) -> None:
 # --------------------------------------------------------------------------- loader (single process)
 
 
-def test_load_rank_assigns_weights_and_rewrites_devices(artifact: Path) -> None:
-    program = load_rank(artifact, 1)
+def _device_constants(module: nn.Module) -> list[torch.device]:
+    return [
+        value
+        for gm in module.modules()
+        if isinstance(gm, torch.fx.GraphModule)
+        for node in gm.graph.nodes
+        for value in (*node.args, *node.kwargs.values())
+        if isinstance(value, torch.device)
+    ]
+
+
+@pytest.mark.device_generic
+def test_load_rank_assigns_weights_and_rewrites_devices(artifact: Path, device: torch.device) -> None:
+    """The program was exported on the meta device (its ``zeros`` says ``device=meta``): loaded onto the run
+    device, weights and that constant are on it; rewriting again for another device (a ``cuda:1``
+    constant needs no GPU) moves the constant there."""
+    from tpcompile.runtime.load.graph_rewrite import rewrite_devices
+
+    program = load_rank(artifact, 1, device)
     module = program.module
     expected = _rank_weights(1)
     assert isinstance(module.get_parameter("w"), nn.Parameter)
     assert not module.get_parameter("w").requires_grad
-    torch.testing.assert_close(module.get_parameter("w").data, expected["w"])
-    torch.testing.assert_close(module.get_buffer("scale"), expected["scale"])
+    assert module.get_parameter("w").device.type == module.get_buffer("scale").device.type == device.type
+    torch.testing.assert_close(module.get_parameter("w").data.cpu(), expected["w"])
+    torch.testing.assert_close(module.get_buffer("scale").cpu(), expected["scale"])
     assert "scale" not in module.state_dict()  # stays non-persistent
-    for gm in module.modules():
-        if isinstance(gm, torch.fx.GraphModule):
-            for node in gm.graph.nodes:
-                assert node.kwargs.get("device") in (None, torch.device("cpu"))
+    assert _device_constants(module) == [program.device]
+    other = torch.device("cuda", 1) if device.type == "cpu" else torch.device("cpu")
+    assert rewrite_devices(module, other) == 1 and _device_constants(module) == [other]
     # No process group here: collectives stay bound to the manifest name.
     assert program.group_name == "tp"
     assert program.bind_group("custom") == 1

@@ -13,15 +13,21 @@ Invariants:
 - both paths run the same collectives in the same order on every rank (the custom ops are the same
   calls the eager program makes), so ranks cannot diverge;
 - numerics: Inductor may fuse and reorder floating-point work, so logits can differ from the eager
-  program by round-off; greedy tokens are compared in the tests.
+  program by round-off; greedy tokens are compared in the tests;
+- on CUDA the compiled step is also replayed as a CUDA graph (Inductor's cudagraph trees: one launch per
+  step instead of one per kernel) when its collectives can be captured (NCCL, or a single rank; not gloo,
+  which stages through the host) and ``TPCOMPILE_CUDA_GRAPHS`` is not ``0``; a replay overwrites the
+  previous step's outputs, which the caller has consumed by then (the token is chosen at once).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch.fx.node import Argument
 from torch.utils._pytree import tree_flatten
 
@@ -34,6 +40,7 @@ __all__ = [
     "bind_transport",
     "compile_decode_step",
     "prepare_compiled_decode",
+    "use_cuda_graphs",
     "use_transport_ops",
 ]
 
@@ -178,6 +185,14 @@ def prepare_compiled_decode(
     bind_transport(group_name, world, shared_memory)
 
 
+def use_cuda_graphs(program: RankProgram) -> bool:
+    """Whether ``program``'s compiled decode step is replayed as a CUDA graph (see the module invariants)."""
+    if program.device.type != "cuda" or os.environ.get("TPCOMPILE_CUDA_GRAPHS", "1") == "0":
+        return False
+    binding = current_binding()
+    return binding is None or binding[1] == 1 or "nccl" in str(dist.get_backend())
+
+
 def compile_decode_step(program: RankProgram) -> Callable[..., list[torch.Tensor]]:
     """``program``'s forward pass compiled by Inductor for static shapes, returning the flat outputs.
 
@@ -196,11 +211,16 @@ def compile_decode_step(program: RankProgram) -> Callable[..., list[torch.Tensor
     # the module's parameters never change after loading: guarding every one of them on every call cost
     # ~0.8 ms per decode step; inputs and buffers (the KV cache) keep their guards
     keep = getattr(torch.compiler, "keep_tensor_guards_unsafe", None)
-    options = {"guard_filter_fn": keep} if keep is not None else None
-    compiled = torch.compile(program.module, dynamic=False, options=options)
+    options: dict[str, str | int | bool | Callable[..., Any]] = {"guard_filter_fn": keep} if keep else {}
+    graphs = use_cuda_graphs(program)
+    if graphs:
+        options["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
+    compiled = torch.compile(program.module, dynamic=False, options=options or None)
 
     def step(*inputs: torch.Tensor) -> list[torch.Tensor]:
         moved = [t.to(program.device) for t in inputs]
+        if graphs:  # the previous step's outputs are consumed: the next replay may overwrite them
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.inference_mode():
             result = compiled(*moved)
         leaves, _ = tree_flatten(result)

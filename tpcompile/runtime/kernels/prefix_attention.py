@@ -14,7 +14,11 @@ Invariants:
   passed through unchanged;
 - the cut length is computed once per mask tensor (every layer of a step shares one mask) and cached
   while that tensor object is alive; so only calls whose mask is computed inside the graph and used by
-  nothing but attention are rewritten (a fresh, never-mutated tensor on every run of the program).
+  nothing but attention are rewritten (a fresh, never-mutated tensor on every run of the program);
+- CPU only: the cut length is a host integer (``nonzero`` + ``int``), which on a GPU would stop the host
+  at every layer of every step and break CUDA graphs.  A program on any other device is not rewritten and
+  attends over the whole cache (same result, one fixed shape), and a mask on another device passes
+  through :func:`prefix_attention` uncut.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ..load.graph_rewrite import retarget_calls
+from ..load.graph_rewrite import retarget_calls, tensors_on_cpu
 
 __all__ = ["attended_prefix", "prefix_attention", "use_prefix_attention"]
 
@@ -74,7 +78,13 @@ def prefix_attention(
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` over the keys the mask leaves open (see the module doc)."""
     keys = key.shape[-2]
-    if attn_mask is not None and not is_causal and attn_mask.dim() >= 2 and attn_mask.shape[-1] == keys > 1:
+    if (
+        attn_mask is not None
+        and not is_causal
+        and attn_mask.device.type == "cpu"
+        and attn_mask.dim() >= 2
+        and attn_mask.shape[-1] == keys > 1
+    ):
         length, attn_mask = _window(attn_mask, query.dtype)
         key, value = key[..., :length, :], value[..., :length, :]
     kwargs = {"enable_gqa": True} if enable_gqa else {}
@@ -145,7 +155,10 @@ _ATTENTION_TARGETS = (_SDPA, prefix_attention, torch.ops.tpcompile.prefix_attent
 
 def use_prefix_attention(module: torch.nn.Module, *, custom_op: bool = False) -> int:
     """Point every ``aten.scaled_dot_product_attention`` of ``module``'s graphs at :func:`prefix_attention`
-    (or its custom op, for a graph that will be compiled); return how many."""
+    (or its custom op, for a graph that will be compiled); return how many.  A module whose tensors are
+    not all on the CPU is left as it is (returns 0; see the module invariants)."""
+    if not tensors_on_cpu(module):
+        return 0
     if custom_op:
         op = torch.ops.tpcompile.prefix_attention.default
         return retarget_calls(module, _SDPA, op, _op_args, where=_rewritable)

@@ -14,7 +14,8 @@ Invariants:
 - only the rewrite target changes speed, never results beyond fp32 round-off: every output element is one
   dot product of a weight row with an activation row, accumulated in float32 in a fixed order, plus the
   bias; the same inputs give bit-identical outputs on every call and every rank;
-- anything the kernel does not handle (not CPU, not float32, a non-contiguous weight, more than
+- a program on any other device than the CPU is never rewritten (:func:`use_streaming_linear`); at run
+  time anything the kernel does not handle (not CPU, not float32, a non-contiguous weight, more than
   :data:`MAX_ROWS` activation rows, more than one torch thread, no compiler, ``TPCOMPILE_CPU_KERNELS=0``)
   goes to ``F.linear``;
 - a failed build is not an error: the library is simply unavailable and ``F.linear`` is used.
@@ -35,7 +36,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from ..load.graph_rewrite import retarget_calls
+from ..load.graph_rewrite import retarget_calls, tensors_on_cpu
 
 __all__ = ["MAX_ROWS", "decode_linear", "kernel_available", "use_streaming_linear"]
 
@@ -199,9 +200,11 @@ def use_streaming_linear(module: torch.nn.Module, *, custom_op: bool = False) ->
     """Point every ``aten.linear`` of ``module``'s graphs at the kernel (:func:`decode_linear`, or the
     ``tpcompile::streaming_linear`` op when the graph is to be compiled); return how many.
 
-    Does nothing (returns 0) when torch runs more than one thread or the kernel cannot be built here.
+    Does nothing (returns 0) for a module whose tensors are not all on the CPU (a GPU rank never builds
+    the kernel, and Inductor keeps fusing its linears), when torch runs more than one thread, or when the
+    kernel cannot be built here.
     """
-    if torch.get_num_threads() != 1 or not kernel_available():
+    if not tensors_on_cpu(module) or torch.get_num_threads() != 1 or not kernel_available():
         return 0
     if custom_op:
         return retarget_calls(module, _LINEAR, torch.ops.tpcompile.streaming_linear.default, _op_args)

@@ -29,6 +29,7 @@ from ..kernels.streaming_linear import use_streaming_linear
 from ..kernels.weight_layout import prefer_column_major_wide_weights
 from ..load.loader import load_rank
 from ..load.program import RankProgram
+from ..transport.distributed import group_device
 from .batch import BatchEngine, check_prompt_length
 from .profile import StepProfiler
 from .sampling import SamplingConfig, VocabShard, choose_tokens
@@ -125,7 +126,8 @@ class CausalLM:
         self._decode_step = None
         if program.native is not None:
             return  # the native program is the fast path; its package holds the tensors as they are
-        # decode streams every weight once per token: read them as fast as this host can
+        # decode streams every weight once per token: read them as fast as this host can (CPU-only
+        # rewrites: each leaves a program on any other device as it is)
         if not use_streaming_linear(program.module, custom_op=compile_decode):
             prefer_column_major_wide_weights(program.module)
         use_prefix_attention(program.module, custom_op=compile_decode)  # skip the unwritten cache
@@ -143,7 +145,8 @@ class CausalLM:
     ) -> CausalLM:
         """Load this process's rank (``dist.get_rank(group)``) of the artifact.
 
-        The process group must be initialised (e.g. by torchrun + ``init_process_group``).
+        The process group must be initialised (e.g. by torchrun + ``init_process_group``).  ``device``
+        defaults to the group's: ``cuda:LOCAL_RANK`` (made the current CUDA device) for NCCL, else CPU.
         ``compile_decode`` compiles the decode step with TorchInductor (see
         :mod:`tpcompile.runtime.kernels.compiled`); the first call of :meth:`warm_up` or
         :meth:`generate` then takes a while. An artifact compiled with native programs runs them
@@ -154,7 +157,9 @@ class CausalLM:
         live = group if group is not None else dist.group.WORLD
         if live is None:  # pragma: no cover - is_initialized guarantees WORLD
             raise BackendError("process group initialised but WORLD group is missing")
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = torch.device(device) if device is not None else group_device(live)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
         program = load_rank(artifact_dir, dist.get_rank(live), dev, live.group_name, verify)
         if program.manifest.tp != dist.get_world_size(live):
             raise BackendError(

@@ -29,6 +29,7 @@ __all__ = [
     "retarget_calls",
     "rewrite_collective_groups",
     "rewrite_devices",
+    "tensors_on_cpu",
 ]
 
 #: Maps a node to the (args, kwargs) its new target takes.
@@ -156,3 +157,10 @@ def retarget_calls(
         if changed:
             gm.recompile()
     return count
+
+
+def tensors_on_cpu(module: torch.nn.Module) -> bool:
+    """True when every parameter and buffer of ``module`` is a CPU tensor: the CPU-only decode rewrites
+    (a C kernel, host-side cuts) ask this first and leave a program on any other device as it is."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return all(t.device.type == "cpu" for t in tensors)

@@ -4,8 +4,9 @@ Rendezvous is ``env://``: ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``,
 ``WORLD_SIZE`` and ``LOCAL_RANK`` (plus optional ``LOCAL_WORLD_SIZE``) are
 set by :mod:`tpcompile.runtime.launch.launcher` or by ``torchrun``.
 
-Invariant: ranks wait for each other at start-up at least :data:`RENDEZVOUS_TIMEOUT_S`,
-then every collective on the group fails after ``--timeout``.
+Invariants: ranks wait for each other at start-up at least :data:`RENDEZVOUS_TIMEOUT_S`,
+then every collective on the group fails after ``--timeout``.  A CUDA rank selects ``cuda:LOCAL_RANK``
+before the process group exists.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "choose_backend",
     "configure_device",
     "destroy_group",
+    "group_device",
     "in_torchrun",
     "init_group",
 ]
@@ -79,23 +81,24 @@ class DistEnv:
         return cls(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world)
 
 
-def _local_world_size(default: int) -> int:
-    raw = os.environ.get("LOCAL_WORLD_SIZE")
-    return int(raw) if raw and raw.isdigit() else default
-
-
-def _cuda_device(device: str | None, local_rank: int) -> torch.device:
+def _cuda_device(device: str | None, local_rank: int, local_world_size: int, share: bool) -> torch.device:
+    """``cuda:LOCAL_RANK`` among the visible GPUs (``CUDA_VISIBLE_DEVICES`` renumbers them from 0), or the
+    index ``device`` names; with ``share`` (an explicit ``--device cuda``), ranks beyond the visible GPUs
+    share them round-robin (``LOCAL_RANK % count``: one GPU per node, or one visible GPU per rank)."""
     if not torch.cuda.is_available():
         raise BackendError("CUDA was requested but is not available; use --backend gloo --device cpu")
-    if device is None or device == "cuda":
+    count = torch.cuda.device_count()
+    parsed = torch.device(device) if device is not None else None
+    if parsed is not None and parsed.index is not None:
+        index = parsed.index
+    elif local_rank < count or not share:
         index = local_rank
     else:
-        parsed = torch.device(device)
-        index = parsed.index if parsed.index is not None else local_rank
-    if index >= torch.cuda.device_count():
+        index = local_rank % count
+    if index >= count:
         raise BackendError(
-            f"rank needs cuda:{index} but only {torch.cuda.device_count()} GPU(s) are visible; "
-            "lower the tp degree or use --device cpu"
+            f"rank needs cuda:{index} but only {count} GPU(s) are visible for {local_world_size} local "
+            "ranks; lower the tp degree, pass --device cuda to let ranks share GPUs, or use --device cpu"
         )
     return torch.device("cuda", index)
 
@@ -106,37 +109,52 @@ def choose_backend(
     device: str | None = None,
     *,
     local_rank: int | None = None,
+    local_world_size: int | None = None,
 ) -> tuple[str, torch.device]:
     """Pick the collective backend and run device for this process.
 
-    Default: NCCL on ``cuda:LOCAL_RANK`` when CUDA is available and there are
-    at least as many GPUs as local ranks, else gloo on CPU.  ``requested``
-    (``"gloo"``/``"nccl"``) and ``device`` (``"cpu"``, ``"cuda"``,
-    ``"cuda:N"``) override the choice.
+    Default: NCCL on ``cuda:LOCAL_RANK`` when CUDA is available and every local rank has a GPU of its
+    own, else gloo on CPU.  ``requested`` (``"gloo"``/``"nccl"``) and ``device`` (``"cpu"``, ``"cuda"``,
+    ``"cuda:N"``) override the choice; an explicit CUDA device lets more local ranks than GPUs share
+    them.  ``local_rank`` / ``local_world_size`` default to ``LOCAL_RANK`` (0) / ``LOCAL_WORLD_SIZE``
+    (``tp``) from the environment.
 
     Raises:
         BackendError: unknown backend, or a combination that cannot work.
     """
     if requested is not None and requested not in BACKENDS:
         raise BackendError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
-    lrank = local_rank if local_rank is not None else int(os.environ.get("LOCAL_RANK", "0"))
+    lrank = local_rank if local_rank is not None else _env_int(os.environ, "LOCAL_RANK", 0)
+    lws = local_world_size if local_world_size is not None else _env_int(os.environ, "LOCAL_WORLD_SIZE", tp)
     dev_type = torch.device(device).type if device is not None else None
     if dev_type not in (None, "cpu", "cuda"):
         raise BackendError(f"unsupported device {device!r}; use cpu or cuda")
 
     if requested is None and dev_type is None:
-        enough_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= _local_world_size(tp)
-        if enough_gpus:
-            return "nccl", _cuda_device(None, lrank)
+        if torch.cuda.is_available() and torch.cuda.device_count() >= lws:
+            return "nccl", _cuda_device(None, lrank, lws, share=False)
         return "gloo", torch.device("cpu")
     if requested == "nccl" or (requested is None and dev_type == "cuda"):
         if dev_type == "cpu":
             raise BackendError("backend nccl cannot run on device cpu; use --backend gloo or --device cuda")
-        return "nccl", _cuda_device(device, lrank)
+        return "nccl", _cuda_device(device, lrank, lws, share=dev_type == "cuda")
     # gloo, explicitly requested or implied by --device cpu
     if dev_type == "cuda":
-        return "gloo", _cuda_device(device, lrank)
+        return "gloo", _cuda_device(device, lrank, lws, share=True)
     return "gloo", torch.device("cpu")
+
+
+def group_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """The device a rank of the initialised ``group`` runs on when its caller names none (``CausalLM.load``
+    under torchrun): ``cuda:LOCAL_RANK`` when the group runs NCCL, else CPU.
+
+    Raises:
+        BackendError: the group runs NCCL but this rank has no visible GPU.
+    """
+    if "nccl" not in str(dist.get_backend(group)):
+        return torch.device("cpu")
+    _, device = choose_backend(dist.get_world_size(group), "nccl", "cuda")
+    return device
 
 
 def configure_device(device: torch.device, local_world_size: int) -> None:
@@ -165,7 +183,9 @@ def init_group(
         raise BackendError(
             f"environment variable(s) {', '.join(missing)} not set; launch with tprun or torchrun"
         )
-    lws = local_world_size if local_world_size is not None else _local_world_size(int(env["WORLD_SIZE"]))
+    lws = local_world_size
+    if lws is None:
+        lws = _env_int(env, "LOCAL_WORLD_SIZE", int(env["WORLD_SIZE"]))
     configure_device(device, lws)
     # Ranks may finish loading their shards far apart: only the collectives get the short timeout.
     rendezvous = timedelta(seconds=max(timeout_s, RENDEZVOUS_TIMEOUT_S))

@@ -1,0 +1,227 @@
+"""Where a rank runs: its device from the environment, the CPU-only decode rewrites left out on any other
+device (and CUDA graphs only where they can be captured).
+
+There is no GPU here.  Where only the *choice* of a CUDA device is tested, ``torch.cuda.is_available`` /
+``device_count`` (and ``set_device``) are mocked; where tensors must live on a device that is not the CPU,
+the ``meta`` device stands in for it (it holds shapes but no data, so any host read of a value, like the
+cut attention's ``nonzero``, raises).  The tests marked ``device_generic`` run on ``--device`` (cpu in this
+suite, cuda under ``examples/gpu_check.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from tests.test_lm_runtime_helpers import BOS, EOS, VOCAB, build_lm_artifact, full_weights, reference_generate
+from tpcompile.runtime import BackendError, CausalLM, generate_text, load_rank
+from tpcompile.runtime.kernels import streaming_linear
+from tpcompile.runtime.kernels.prefix_attention import prefix_attention, use_prefix_attention
+from tpcompile.runtime.kernels.streaming_linear import use_streaming_linear
+from tpcompile.runtime.kernels.weight_layout import prefer_column_major_wide_weights
+from tpcompile.runtime.launch.launcher import free_port
+from tpcompile.runtime.transport.distributed import (
+    choose_backend,
+    destroy_group,
+    init_group,
+)
+
+CPU = torch.device("cpu")
+HINT = "(raise --timeout if a rank is legitimately this slow)"
+
+
+def _fake_gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> list[torch.device]:
+    """Pretend ``count`` GPUs are visible (mocked ``torch.cuda``); returns the devices ``set_device`` got."""
+    selected: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: selected.append(torch.device(d)))
+    return selected
+
+
+def _local(monkeypatch: pytest.MonkeyPatch, rank: int, world: int) -> None:
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(world))
+
+
+# --------------------------------------------------------------------------- device per rank
+
+
+def test_rank_device_comes_from_local_rank_and_the_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mocked torch.cuda: ``device_count`` is what ``CUDA_VISIBLE_DEVICES`` leaves visible, from 0."""
+    cuda = [torch.device("cuda", i) for i in range(8)]
+    _fake_gpus(monkeypatch, 8)
+    _local(monkeypatch, 3, 4)
+    assert choose_backend(4) == ("nccl", cuda[3])
+    _fake_gpus(monkeypatch, 2)  # e.g. CUDA_VISIBLE_DEVICES=4,5: local rank 1 runs on the second, cuda:1
+    _local(monkeypatch, 1, 2)
+    assert choose_backend(2) == ("nccl", cuda[1])
+    _local(monkeypatch, 3, 4)  # fewer GPUs than local ranks: the default stays on CPU
+    assert choose_backend(4) == ("gloo", CPU)
+    with pytest.raises(BackendError, match="^rank needs cuda:3 but only 2 GPU.s. are visible for 4 local"):
+        choose_backend(4, "nccl")
+    # an explicit --device cuda lets ranks share GPUs round-robin (gloo, or NCCL if it accepts that)
+    assert choose_backend(4, None, "cuda") == ("nccl", cuda[1])
+    assert choose_backend(4, "gloo", "cuda") == ("gloo", cuda[1])
+    assert choose_backend(4, None, "cuda:0") == ("nccl", cuda[0])
+    _fake_gpus(monkeypatch, 1)  # a scheduler gave each rank one GPU of its own, visible as cuda:0
+    _local(monkeypatch, 1, 2)
+    assert choose_backend(2, None, "cuda") == ("nccl", cuda[0])
+    _fake_gpus(monkeypatch, 0)
+    assert choose_backend(2) == ("gloo", CPU)
+    with pytest.raises(BackendError, match="CUDA was requested but is not available"):
+        choose_backend(2, None, "cuda")
+
+
+@pytest.fixture
+def world_of_one(monkeypatch: pytest.MonkeyPatch) -> object:
+    """A real one-rank gloo process group (torchrun's environment, as a user's script would have it)."""
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    init_group("gloo", CPU, 60.0)
+    yield dist.group.WORLD
+    destroy_group()
+
+
+def test_causal_lm_load_runs_an_nccl_rank_on_cuda_local_rank(
+    world_of_one: object, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Under torchrun ``CausalLM.load`` takes the group's device: CPU for gloo (real), and for NCCL
+    (mocked backend name and GPUs) ``cuda:LOCAL_RANK``, selected with ``set_device`` before loading."""
+    art = build_lm_artifact(tmp_path / "art", [VOCAB], max_seq_len=16, with_tokenizer=False)
+    assert CausalLM.load(art).program.device == CPU
+
+    import tpcompile.runtime.lm.generate as generate
+
+    selected = _fake_gpus(monkeypatch, 2)
+    _local(monkeypatch, 1, 2)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    loaded_on: list[torch.device] = []
+
+    def load_rank_spy(artifact: Path, rank: int, device: torch.device, *args: object) -> None:
+        loaded_on.append(device)
+        raise RuntimeError("stop here: no GPU to load onto")
+
+    monkeypatch.setattr(generate, "load_rank", load_rank_spy)
+    with pytest.raises(RuntimeError, match="stop here"):
+        CausalLM.load(art)
+    assert loaded_on == selected == [torch.device("cuda", 1)]
+
+
+# --------------------------------------------------------------------------- CPU-only rewrites
+
+
+class _Attention(nn.Module):
+    """A cached attention read with a mask made in the graph, then a wide projection (8 -> 32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 32)
+        self.register_buffer("keys", torch.randn(1, 2, 16, 8))
+
+    def forward(self, q: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        mask = torch.arange(16, device=q.device)[None, :] < length[:, None]
+        return self.proj(F.scaled_dot_product_attention(q, self.keys, self.keys, attn_mask=mask))
+
+
+def _attention_program() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    inputs = (torch.randn(1, 2, 1, 8), torch.tensor([5]))
+    return torch.export.export(_Attention(), inputs).module(), inputs
+
+
+def _targets(module: nn.Module) -> set[object]:
+    return {n.target for g in module.modules() if isinstance(g, torch.fx.GraphModule) for n in g.graph.nodes}
+
+
+def test_cpu_rewrites_leave_a_program_on_another_device_alone(
+    one_thread: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A program on the meta device (standing in for a GPU) keeps ``aten.linear`` and SDPA, no C kernel is
+    built for it even with one torch thread (torchrun's OMP_NUM_THREADS=1), no weight is re-laid out, and
+    attention over a non-CPU mask never reads it on the host (meta cannot answer ``nonzero``)."""
+    module, (q, length) = _attention_program()
+    module.to("meta")
+
+    def no_build() -> bool:
+        raise AssertionError("built the CPU kernel for a program that is not on the CPU")
+
+    monkeypatch.setattr(streaming_linear, "kernel_available", no_build)
+    before = _targets(module)
+    for custom_op in (False, True):
+        assert use_streaming_linear(module, custom_op=custom_op) == 0
+        assert use_prefix_attention(module, custom_op=custom_op) == 0
+    assert prefer_column_major_wide_weights(module) == []
+    assert _targets(module) == before
+    assert {torch.ops.aten.linear.default, torch.ops.aten.scaled_dot_product_attention.default} <= before
+    keys = torch.empty(1, 2, 16, 8, device="meta")
+    mask = torch.ones(1, 16, dtype=torch.bool, device="meta")
+    out = prefix_attention(q.to("meta"), keys, keys, mask)
+    assert out.shape == (1, 2, 1, 8) and out.device.type == "meta"
+
+
+@pytest.mark.device_generic
+def test_cpu_rewrites_follow_the_device(one_thread: None, device: torch.device) -> None:
+    """On the CPU the kernel and the cut attention are swapped in; on any other device nothing is. The
+    outputs are those of the unrewritten program either way."""
+    module, inputs = _attention_program()
+    module.to(device)
+    args = [t.to(device) for t in inputs]
+    with torch.no_grad():
+        want = module(*args)
+    on_cpu = device.type == "cpu"
+    kernel = on_cpu and streaming_linear.kernel_available()
+    assert use_streaming_linear(module) == int(kernel)
+    assert use_prefix_attention(module) == int(on_cpu)
+    with torch.no_grad():
+        torch.testing.assert_close(module(*args), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.device_generic
+def test_tp1_generation_on_the_device(device: torch.device, tmp_path: Path) -> None:
+    """A tp=1 causal LM loaded onto the device (weights, a zero KV cache, factory ops) generates the
+    tokens of a CPU reference that recomputes the whole sequence every step."""
+    art = build_lm_artifact(tmp_path / "art", [VOCAB], max_seq_len=16, with_tokenizer=False)
+    program = load_rank(art, 0, device)
+    assert program.module.get_buffer("cache.key_0").device.type == device.type
+    prompt = [BOS, 72, 105, 33]
+    got = CausalLM(program).generate(prompt, max_new_tokens=8)
+    assert got == reference_generate(full_weights(VOCAB), prompt, 8, 16, {EOS})
+
+
+@pytest.mark.device_generic
+def test_two_spawned_ranks_on_the_device(device: torch.device, tmp_path: Path) -> None:
+    """Two spawned ranks on the device (NCCL with a GPU each, gloo on CUDA tensors when they share one)
+    generate the CPU reference's tokens."""
+    art = build_lm_artifact(tmp_path / "art", [130, 129], max_seq_len=24, with_tokenizer=False)
+    backend = "gloo" if device.type == "cuda" and torch.cuda.device_count() < 2 else None
+    prompt = [BOS, 1, 2, 3]
+    result = generate_text(art, prompt, max_new_tokens=10, device=device.type, backend=backend)
+    assert result.new_ids == reference_generate(full_weights(VOCAB), prompt, 10, 24, {EOS})
+
+
+def test_compiled_decode_uses_cuda_graphs_only_where_they_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decided from the program's device and the bound transport (a stand-in program: only ``.device`` is
+    read; the backend name is mocked), never from a GPU."""
+    from tpcompile.runtime.kernels import compiled
+
+    class _Program:
+        def __init__(self, device: str) -> None:
+            self.device = torch.device(device)
+
+    cuda = _Program("cuda:0")
+    assert not compiled.use_cuda_graphs(_Program("cpu"))  # type: ignore[arg-type]
+    monkeypatch.setattr(compiled, "current_binding", lambda: None)
+    assert compiled.use_cuda_graphs(cuda)  # type: ignore[arg-type]
+    monkeypatch.setattr(compiled, "current_binding", lambda: ("tp", 2, None))
+    for backend, captured in (("nccl", True), ("gloo", False)):  # gloo stages CUDA tensors through the host
+        monkeypatch.setattr(dist, "get_backend", lambda group=None, b=backend: b)
+        assert compiled.use_cuda_graphs(cuda) is captured  # type: ignore[arg-type]
+    monkeypatch.setenv("TPCOMPILE_CUDA_GRAPHS", "0")
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    assert not compiled.use_cuda_graphs(cuda)  # type: ignore[arg-type]
