@@ -1,5 +1,5 @@
 """Where a rank runs: its device from the environment, the CPU-only decode rewrites left out on any other
-device (and CUDA graphs only where they can be captured).
+device, and stalled or failing NCCL ranks ending in one line.
 
 There is no GPU here.  Where only the *choice* of a CUDA device is tested, ``torch.cuda.is_available`` /
 ``device_count`` (and ``set_device``) are mocked; where tensors must live on a device that is not the CPU,
@@ -10,6 +10,12 @@ suite, cuda under ``examples/gpu_check.py``).
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -18,18 +24,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tests.conftest import REPO, cli_env
+from tests.processes import wait_for
 from tests.test_lm_runtime_helpers import BOS, EOS, VOCAB, build_lm_artifact, full_weights, reference_generate
 from tpcompile.runtime import BackendError, CausalLM, generate_text, load_rank
+from tpcompile.runtime.errors import CollectiveError
 from tpcompile.runtime.kernels import streaming_linear
 from tpcompile.runtime.kernels.prefix_attention import prefix_attention, use_prefix_attention
 from tpcompile.runtime.kernels.streaming_linear import use_streaming_linear
 from tpcompile.runtime.kernels.weight_layout import prefer_column_major_wide_weights
 from tpcompile.runtime.launch.launcher import free_port
+from tpcompile.runtime.reporting import report_exception
 from tpcompile.runtime.transport.distributed import (
+    backend_failure,
     choose_backend,
     destroy_group,
     init_group,
 )
+from tpcompile.runtime.transport.watchdog import ProgressWatchdog, same_host_peers
 
 CPU = torch.device("cpu")
 HINT = "(raise --timeout if a rank is legitimately this slow)"
@@ -225,3 +237,112 @@ def test_compiled_decode_uses_cuda_graphs_only_where_they_capture(monkeypatch: p
     monkeypatch.setenv("TPCOMPILE_CUDA_GRAPHS", "0")
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
     assert not compiled.use_cuda_graphs(cuda)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- NCCL faults
+
+
+def test_watchdog_fires_only_when_armed_and_stalled() -> None:
+    fired: list[str] = []
+    watchdog = ProgressWatchdog(0.3, on_fire=fired.append, poll_s=0.02)
+    try:
+        with watchdog.watching():
+            for _ in range(8):  # beating: alive for 0.8 s, well past the timeout
+                time.sleep(0.1)
+                watchdog.beat()
+        time.sleep(0.5)  # disarmed (waiting for a prompt): never fires
+        assert fired == []
+        with watchdog.watching():
+            wait_for(lambda: bool(fired), 5, "the watchdog to fire")
+        assert fired == [f"collective timed out after 0.3 s without progress {HINT}"]
+    finally:
+        watchdog.close()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    fired.clear()
+    watchdog = ProgressWatchdog(60, {1: os.getpid(), 2: gone.pid}, on_fire=fired.append, poll_s=0.02)
+    try:
+        with watchdog.watching():
+            wait_for(lambda: bool(fired), 5, "the watchdog to notice the dead peer")
+    finally:
+        watchdog.close()
+    assert fired == [f"rank 2 (pid {gone.pid}) exited during a collective"]
+
+
+def test_a_stalled_rank_exits_1_with_one_line() -> None:
+    """The real thing: a rank whose main thread is stuck (here in ``sleep``; on a GPU, in a CUDA sync
+    waiting for NCCL) is ended by the watchdog thread: one line, exit code 1, within the timeout."""
+    code = (
+        "import time\n"
+        "from tpcompile.runtime.transport.watchdog import ProgressWatchdog\n"
+        "with ProgressWatchdog(1.0).watching():\n"
+        "    time.sleep(60)\n"
+    )
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=60
+    )
+    assert time.monotonic() - started < 30
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        f"tprun: error: collective timed out after 1 s without progress {HINT}\n",
+    )
+
+
+def test_same_host_peers_come_from_the_store() -> None:
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True, timeout=timedelta(seconds=10))
+    store.set("tpcompile/peer/1", "some-other-host 4242")
+    store.set("tpcompile/peer/2", f"{socket.gethostname()} 4343")
+    assert same_host_peers(0, 3, store) == {2: 4343}
+    assert store.get("tpcompile/peer/0").decode() == f"{socket.gethostname()} {os.getpid()}"
+    assert same_host_peers(0, 1, store) == {}
+
+
+def test_nccl_errors_are_one_collective_line(capsys: pytest.CaptureFixture[str]) -> None:
+    remote = dist.DistBackendError(
+        "NCCL error in: /pytorch/torch/csrc/distributed/c10d/NCCLUtils.cpp:77, remote process exited or "
+        "there was a network error, NCCL version 2.21.5\nncclRemoteError: A call failed possibly due to a "
+        "network error or a remote process exiting prematurely."
+    )
+    timeout = dist.DistBackendError(
+        "[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=5, OpType=ALLREDUCE) ran "
+        "for 330012 milliseconds before timing out.\nmore lines"
+    )
+    assert report_exception(backend_failure(remote)) == 1
+    assert report_exception(backend_failure(timeout)) == 1
+    assert capsys.readouterr().err == (
+        "tprun: error: collective failed: NCCL error: remote process exited or there was a network error, "
+        "NCCL version 2.21.5\n"
+        "tprun: error: collective failed: [Rank 0] Watchdog caught collective operation timeout: "
+        f"WorkNCCL(SeqNum=5, OpType=ALLREDUCE) ran for 330012 milliseconds before timing out. {HINT}\n"
+    )
+    other = ValueError("not a backend's")
+    assert backend_failure(other) is other
+    assert isinstance(backend_failure(remote), CollectiveError)
+
+
+def test_nccl_is_set_up_before_the_process_group_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mocked GPUs and ``init_process_group``: by the time the group is created, the rank's GPU is selected
+    and NCCL errors are set to be raised rather than abort the process (overriding torchrun's 1); a
+    refusal (two ranks on one GPU) is one line that says what to do."""
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="1", RANK="1", WORLD_SIZE="2").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    selected = _fake_gpus(monkeypatch, 1)
+    _local(monkeypatch, 1, 2)
+    seen: list[tuple[str | None, list[torch.device]]] = []
+    refusal = "ncclInvalidUsage: Duplicate GPU detected : rank 1 and rank 0 both on CUDA device 1000"
+
+    def init_process_group(**kwargs: object) -> None:
+        seen.append((os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING"), list(selected)))
+        raise RuntimeError(f"{refusal}\nmore lines")
+
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    backend, device = choose_backend(2, None, "cuda")  # two local ranks, one GPU: both on cuda:0
+    with pytest.raises(BackendError) as caught:
+        init_group(backend, device, 30.0)
+    assert seen == [("2", [torch.device("cuda", 0)])]
+    assert str(caught.value) == (
+        f"cannot initialise nccl process group: {refusal} "
+        "(2 local ranks share 1 GPU(s); NCCL needs a GPU per rank: use --backend gloo)"
+    )

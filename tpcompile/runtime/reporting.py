@@ -47,6 +47,8 @@ EXIT_TERMINATED = 143  # SIGTERM (128 + 15)
 LAUNCHER_PID_ENV = "TPRUN_LAUNCHER_PID"
 #: First character of a worker's stderr line that the launcher forwards unprefixed.
 VERBATIM_MARK = "\x1e"
+#: How the C++ transport (``kernels/cpu_ops.cpp``) opens the message of a failed collective.
+NATIVE_COLLECTIVE_MARK = "tpcompile collective: "
 #: ``[.../gloo/transport/tcp/pair.cc:589] `` opening a message raised by a collective backend.
 _BACKEND_SOURCE = re.compile(r"^\[[^\]\s]+/(?:gloo|nccl|c10d)/[^\]\s]+:\d+\]\s*")
 
@@ -81,6 +83,9 @@ def report_exception(exc: BaseException, *, debug: bool = False) -> int:
         return EXIT_USER_ERROR
     if isinstance(exc, CollectiveError):  # a peer died or --timeout expired: the message says which
         print_error(first_line(exc))
+        return EXIT_FAILURE
+    if first_line(exc).startswith(NATIVE_COLLECTIVE_MARK):  # the same, from the C++ transport (cpu_ops)
+        print_error(first_line(exc).removeprefix(NATIVE_COLLECTIVE_MARK))
         return EXIT_FAILURE
     backend_failure = _BACKEND_SOURCE.sub("", first_line(exc), count=1)
     if backend_failure != first_line(exc):  # e.g. gloo: "Timed out waiting 300000ms for recv ..."

@@ -145,6 +145,8 @@ struct Communicator {
   double timeout_s = 300.0;
   std::string group;  // the process group for what does not fit a slot ("" : none)
   bool attached = false;
+  double seconds = 0.0;  // time in shared-memory collectives (waits included), for tprun --profile
+  int64_t calls = 0;
 };
 
 Communicator comm;
@@ -215,6 +217,14 @@ void wait_all(int64_t seq) {
 
 // Publish t in this rank's slot; return (parity, bytes) once every rank has published it.
 std::pair<int64_t, int64_t> exchange(const at::Tensor& t) {
+  const auto started = std::chrono::steady_clock::now();
+  struct Clock {  // counts the call however it ends
+    std::chrono::steady_clock::time_point started;
+    ~Clock() {
+      comm.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+      comm.calls += 1;
+    }
+  } clock{started};
   const int64_t seq = seq_of(comm.rank)->load(std::memory_order_relaxed) + 1;
   const int64_t parity = seq % 2;
   wait_all(seq - 1);  // peers are done reading the slot this call overwrites
@@ -331,6 +341,8 @@ at::Tensor prefix_attention(const at::Tensor& query, const at::Tensor& key, cons
   return at::scaled_dot_product_attention(query, k, v, mask, dropout_p, is_causal, scale, enable_gqa).contiguous();
 }
 
+std::tuple<double, int64_t> collective_clock() { return {comm.seconds, comm.calls}; }
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tpcompile, CPU, m) {
@@ -343,4 +355,5 @@ TORCH_LIBRARY_IMPL(tpcompile, CPU, m) {
 TORCH_LIBRARY_FRAGMENT(tpcompile_cpu, m) {
   m.def("attach(int address, int rank, int world, int header, int slot_bytes, float timeout_s, str group) -> ()",
         &attach);
+  m.def("clock() -> (float seconds, int calls)", &collective_clock);
 }

@@ -36,7 +36,7 @@ from . import compiled as _collective_ops  # defines the collective ops this lib
 from . import prefix_attention as _attention_ops  # noqa: F401
 from . import streaming_linear as _linear_ops  # noqa: F401
 
-__all__ = ["attach", "cpu_ops_loaded", "load_cpu_ops"]
+__all__ = ["attach", "collective_seconds", "cpu_ops_loaded", "load_cpu_ops"]
 
 _SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 _LOADED: bool | None = None
@@ -114,3 +114,11 @@ def attach(group_name: str, world: int, comm: ShmCommunicator | None) -> None:
         return
     address, header, slot = comm.layout()
     torch.ops.tpcompile_cpu.attach(address, comm.rank, world, header, slot, comm.timeout_s, group_name)
+
+
+def collective_seconds() -> tuple[float, int]:
+    """(seconds, calls) the C++ shared-memory collectives have taken in this process (zeros if not loaded)."""
+    if not _LOADED:
+        return 0.0, 0
+    seconds, calls = torch.ops.tpcompile_cpu.clock()
+    return float(seconds), int(calls)

@@ -13,6 +13,7 @@ process group, and a rank ends with an exit code and at most one error line.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Sequence
 
@@ -32,8 +33,16 @@ from ..reporting import (
     report_exception,
 )
 from ..transport.collectives import gather_outputs, use_shared_memory
-from ..transport.distributed import DistEnv, choose_backend, configure_device, destroy_group, init_group
+from ..transport.distributed import (
+    DistEnv,
+    backend_failure,
+    choose_backend,
+    configure_device,
+    destroy_group,
+    init_group,
+)
 from ..transport.shm import ShmCommunicator, shm_supported
+from ..transport.watchdog import ProgressWatchdog, same_host_peers
 from .args import WorkerArgs
 
 __all__ = ["execute", "main", "run_worker"]
@@ -75,6 +84,10 @@ def run_worker(args: WorkerArgs) -> int:
 
     group_name = init_group(backend, device, args.timeout_s, local_world_size=env.local_world_size)
     try:
+        # NCCL waits inside CUDA calls and only aborts: a stalled rank ends itself in one line instead
+        watchdog = None
+        if backend == "nccl":
+            watchdog = ProgressWatchdog(args.timeout_s, same_host_peers(env.rank, env.world_size))
         program.bind_group(group_name)
         comm = None
         if env.world_size > 1 and env.local_world_size == env.world_size and shm_supported(device):
@@ -91,12 +104,14 @@ def run_worker(args: WorkerArgs) -> int:
             program.use_shared_memory(comm)
             use_shared_memory(comm)
         if session is not None:
+            session.progress = watchdog
             session.run(session.load_model(program, compile_decode), prompts)
             session.save()
             return EXIT_USER_ERROR if session.rejected and env.rank == 0 else EXIT_OK
-        outputs = gather_outputs(program(*inputs), [s.placement for s in manifest.outputs])
-        if env.rank == 0 and args.output is not None:
-            write_outputs(args.output, manifest.outputs, outputs)
+        with watchdog.watching() if watchdog is not None else contextlib.nullcontext():
+            outputs = gather_outputs(program(*inputs), [s.placement for s in manifest.outputs])
+            if env.rank == 0 and args.output is not None:
+                write_outputs(args.output, manifest.outputs, outputs)
     finally:
         destroy_group()
     return EXIT_OK
@@ -117,7 +132,7 @@ def execute(args: WorkerArgs) -> int:
     except PromptError as exc:
         return _report_prompt_error(exc)
     except (Exception, KeyboardInterrupt) as exc:
-        return report_exception(exc, debug=args.debug)
+        return report_exception(backend_failure(exc), debug=args.debug)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from typing import TypeVar
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from ..kernels.cpu_ops import collective_seconds
 from ..transport.collectives import collective_clock
 
 __all__ = ["DecodeProfile", "StepProfiler", "read_bandwidth"]
@@ -36,6 +37,16 @@ __all__ = ["DecodeProfile", "StepProfiler", "read_bandwidth"]
 T = TypeVar("T")
 _COLLECTIVE_MARKS = ("all_reduce", "all_gather", "wait_tensor", "broadcast")
 _BANDWIDTH: dict[int, float] = {}
+
+
+def _clock() -> tuple[float, int] | None:
+    """(seconds, calls) in same-host collectives so far, Python and C++ kernels together; None when the
+    ranks do not use the same-host transport."""
+    python = collective_clock()
+    if python is None:
+        return None
+    native = collective_seconds()
+    return python[0] + native[0], python[1] + native[1]
 
 
 def read_bandwidth(nbytes: int = 256 * 2**20) -> float:
@@ -124,11 +135,11 @@ class StepProfiler:
         """Run one decode step, plain or profiled (the first step, which warms caches up, is plain)."""
         if self.plain and len(self.kernels) < self.profiled_steps and len(self.plain) % 2 == 1:
             return self._profiled(step)
-        before = collective_clock()
+        before = _clock()
         started = time.perf_counter()
         result = step()
         self.plain.append(time.perf_counter() - started)
-        after = collective_clock()
+        after = _clock()
         if before is not None and after is not None:
             self.plain_collectives.append((after[0] - before[0], after[1] - before[1]))
         return result

@@ -12,6 +12,7 @@ and skips it; see :mod:`.prompts`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -26,6 +27,7 @@ from ..format import Manifest
 from ..load.program import RankProgram
 from ..reporting import ERROR_PREFIX, print_verbatim
 from ..transport.collectives import broadcast_object
+from ..transport.watchdog import ProgressWatchdog
 from .generate import CausalLM, GenerationStats, check_prompt_length
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationArgs
 from .profile import StepProfiler
@@ -101,6 +103,8 @@ class GenerationSession:
         self.answers: list[Generation] = []
         self.rejected = 0
         self.lines_read = 0
+        #: armed while a prompt is answered and beaten at every token (NCCL ranks; see transport.watchdog)
+        self.progress: ProgressWatchdog | None = None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of one text prompt (chat template applied when the artifact has one)."""
@@ -150,6 +154,8 @@ class GenerationSession:
         decoder = StreamDecoder(self.tokenizer) if stream else None
 
         def emit(token: int) -> None:
+            if self.progress is not None:
+                self.progress.beat()
             piece = decoder.feed(token) if decoder is not None else ""
             if piece:
                 sys.stdout.write(piece)
@@ -160,13 +166,14 @@ class GenerationSession:
             weight_bytes = self.manifest.rank_entry(self.rank).weight_bytes
             kind = "native" if model.program.native is not None else "eager"
             profiler = StepProfiler(self.rank, kind, weight_bytes)
-        new_ids = model.generate(
-            prompt_ids,
-            max_new_tokens=args.max_new_tokens,
-            **asdict(args.sampling),
-            on_token=emit,
-            profiler=profiler,
-        )
+        with self.progress.watching() if self.progress is not None else contextlib.nullcontext():
+            new_ids = model.generate(
+                prompt_ids,
+                max_new_tokens=args.max_new_tokens,
+                **asdict(args.sampling),
+                on_token=emit,
+                profiler=profiler,
+            )
         profile = profiler.result() if profiler is not None else None
         if profile is not None:  # every rank says where its own steps go
             print_verbatim(profile.line())

@@ -5,13 +5,17 @@ Rendezvous is ``env://``: ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``,
 set by :mod:`tpcompile.runtime.launch.launcher` or by ``torchrun``.
 
 Invariants: ranks wait for each other at start-up at least :data:`RENDEZVOUS_TIMEOUT_S`,
-then every collective on the group fails after ``--timeout``.  A CUDA rank selects ``cuda:LOCAL_RANK``
-before the process group exists.
+then every collective on the group fails after ``--timeout`` (NCCL: :data:`~.watchdog.NCCL_TIMEOUT_GRACE_S`
+later, so that the rank's :class:`~.watchdog.ProgressWatchdog` reports the timeout in one line first).  A
+CUDA rank selects ``cuda:LOCAL_RANK`` and the NCCL error handling (:data:`NCCL_ENV`) before the process
+group exists; a backend's failure reaches the user as one :class:`CollectiveError` line
+(:func:`backend_failure`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,12 +25,15 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
 from ..errors import BackendError, CollectiveError, first_line
+from .watchdog import NCCL_TIMEOUT_GRACE_S
 
 __all__ = [
     "BACKENDS",
     "CollectiveError",
     "DistEnv",
+    "NCCL_ENV",
     "RENDEZVOUS_TIMEOUT_S",
+    "backend_failure",
     "choose_backend",
     "configure_device",
     "destroy_group",
@@ -39,6 +46,12 @@ BACKENDS = ("gloo", "nccl")
 _REQUIRED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
 #: Least time ranks wait for each other at start-up, whatever ``--timeout`` is.
 RENDEZVOUS_TIMEOUT_S = 600.0
+#: Set before an NCCL process group is created (torchrun's own ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` is
+#: overridden): on an error NCCL's watchdog aborts the communicators but not the process (2, CleanUpOnly), so
+#: the error is raised in the rank's main thread and reported in one line instead of a SIGABRT.
+NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+#: ``NCCL error in: /path/NCCLUtils.cpp:77, `` opening an NCCL exception: where, not what.
+_NCCL_SOURCE = re.compile(r"^NCCL error in: \S+:\d+,\s*")
 
 
 def in_torchrun(environ: Mapping[str, str] | None = None) -> bool:
@@ -187,6 +200,10 @@ def init_group(
     if lws is None:
         lws = _env_int(env, "LOCAL_WORLD_SIZE", int(env["WORLD_SIZE"]))
     configure_device(device, lws)
+    collective_timeout = timeout_s
+    if backend == "nccl":
+        os.environ.update(NCCL_ENV)
+        collective_timeout += NCCL_TIMEOUT_GRACE_S
     # Ranks may finish loading their shards far apart: only the collectives get the short timeout.
     rendezvous = timedelta(seconds=max(timeout_s, RENDEZVOUS_TIMEOUT_S))
     try:
@@ -195,12 +212,26 @@ def init_group(
         else:
             dist.init_process_group(backend=backend, timeout=rendezvous)
     except Exception as exc:
-        raise BackendError(f"cannot initialise {backend} process group: {first_line(exc)}") from exc
+        hint, gpus = "", torch.cuda.device_count() if backend == "nccl" else lws
+        if gpus < lws:
+            hint = f" ({lws} local ranks share {gpus} GPU(s); NCCL needs a GPU per rank: use --backend gloo)"
+        raise BackendError(f"cannot initialise {backend} process group: {first_line(exc)}{hint}") from exc
     world = dist.group.WORLD
     if world is None:  # pragma: no cover - init_process_group guarantees it
         raise BackendError("process group initialised but WORLD group is missing")
-    distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s), world)
+    distributed_c10d._set_pg_timeout(timedelta(seconds=collective_timeout), world)
     return world.group_name
+
+
+def backend_failure(exc: BaseException) -> BaseException:
+    """``exc`` itself, or, for a collective backend's error (``torch.distributed.DistError``: NCCL aborted
+    its communicator, a peer's connection is gone), the one-line :class:`CollectiveError` (exit 1) for it."""
+    if not isinstance(exc, dist.DistError):
+        return exc
+    line = _NCCL_SOURCE.sub("NCCL error: ", first_line(exc), count=1)
+    if "timeout" in line.lower() or "timed out" in line.lower():
+        line += " (raise --timeout if a rank is legitimately this slow)"
+    return CollectiveError(f"collective failed: {line}")
 
 
 def destroy_group() -> None:

@@ -1,0 +1,136 @@
+"""The C++ CPU kernels of the custom ops (tpcompile/runtime/kernels/cpu_ops.cpp): equal to the Python ones,
+interoperating with the Python shared-memory transport on one segment, and failing in one line when a
+peer dies or times out."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from tpcompile.runtime.kernels.cpu_ops import load_cpu_ops
+from tpcompile.runtime.launch.launcher import free_port
+from tpcompile.runtime.reporting import report_exception
+
+if not load_cpu_ops():  # the C++ compiler is part of this machine kind: a failed build is a test failure
+    raise RuntimeError("the C++ kernels did not build here; rerun with TPCOMPILE_CPU_KERNELS unset")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("out", "inp"), [(576, 576), (1537, 576), (7, 33), (4099, 100)])
+def test_streaming_linear_equals_f_linear(threads: int, out: int, inp: int) -> None:
+    torch.set_num_threads(threads)
+    try:
+        weight, bias = torch.randn(out, inp), torch.randn(out)
+        for rows in (1, 3, 8):
+            x = torch.randn(2, rows, inp)[1]
+            for b in (None, bias):
+                got = torch.ops.tpcompile.streaming_linear(x, weight, b)
+                torch.testing.assert_close(got, F.linear(x, weight, b), atol=1e-4, rtol=1e-4)
+        many = torch.randn(9, inp)  # a prompt: BLAS's result, exactly
+        assert torch.equal(
+            torch.ops.tpcompile.streaming_linear(many, weight, bias), F.linear(many, weight, bias)
+        )
+    finally:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+
+
+def test_streaming_linear_rounds_differently_from_blas() -> None:
+    """The kernel really runs (a fallback to BLAS would be bit-identical to it)."""
+    x, weight = torch.randn(1, 1000), torch.randn(512, 1000)
+    assert not torch.equal(torch.ops.tpcompile.streaming_linear(x, weight, None), F.linear(x, weight))
+
+
+@pytest.mark.parametrize("queries", [1, 5])
+def test_prefix_attention_equals_full_attention(queries: int) -> None:
+    q, k, v = torch.randn(1, 4, queries, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    open_ = torch.zeros(1, 1, queries, 40, dtype=torch.bool)
+    open_[..., :9] = True
+    k[..., 9:, :] = float("nan")  # stale cache slots past the written ones are never read
+    additive = torch.zeros(1, 1, queries, 40).masked_fill(~open_, float("-inf"))
+    for mask in (open_, additive):
+        got = torch.ops.tpcompile.prefix_attention(q, k, v, mask, 0.0, False, None, True)
+        want = F.scaled_dot_product_attention(q, k[..., :9, :], v[..., :9, :], mask[..., :9], enable_gqa=True)
+        assert got.is_contiguous()  # what compiled code reads it as
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _rank(rank: int, world: int, port: int, scenario: str, result: Any) -> None:
+    import torch.distributed as dist
+
+    from tpcompile.runtime.kernels.compiled import bind_transport
+    from tpcompile.runtime.transport.shm import ShmCommunicator
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo")
+    assert load_cpu_ops()
+    comm = ShmCommunicator.create(rank, world, timeout_s=2.0)
+    bind_transport(dist.group.WORLD.group_name, world, comm)
+    if scenario == "mix":
+        for i in range(60):  # C++ and Python calls alternate on one segment; sums in rank order
+            t = torch.randn(5, 7, generator=torch.Generator().manual_seed(rank * 1000 + i))
+            parts = [
+                torch.randn(5, 7, generator=torch.Generator().manual_seed(r * 1000 + i)) for r in range(world)
+            ]
+            want = parts[0] + parts[1]
+            for p in parts[2:]:
+                want += p
+            got = torch.ops.tpcompile.all_reduce_sum(t) if i % 3 else comm.all_reduce(t)
+            assert torch.equal(got, want), i
+            gathered = torch.ops.tpcompile.all_gather(t, world) if i % 2 else comm.all_gather(t)
+            assert torch.equal(gathered, torch.cat(parts, 0)), i
+        big = torch.ones(3 * 2**20)  # larger than a slot: through the process group
+        assert torch.equal(torch.ops.tpcompile.all_reduce_sum(big), big * world)
+        result[rank] = "ok"
+    elif rank == 0:  # "dead": rank 1 dies without joining; "stuck": rank 1 never calls
+        try:
+            torch.ops.tpcompile.all_reduce_sum(torch.ones(4))
+            result[0] = "returned"
+        except RuntimeError as exc:
+            result[0] = str(exc).splitlines()[0]
+    elif scenario == "dead":
+        os.kill(os.getpid(), signal.SIGKILL)
+    else:
+        time.sleep(6)
+    if scenario != "mix":
+        os._exit(0)  # the peer is gone: nothing to tear down with it
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_cpp_collectives_interoperate_with_the_python_transport(world: int) -> None:
+    result = mp.Manager().dict()
+    mp.spawn(_rank, args=(world, free_port(), "mix", result), nprocs=world)
+    assert dict(result) == dict.fromkeys(range(world), "ok")
+
+
+@pytest.mark.parametrize("scenario", ["dead", "stuck"])
+def test_a_cpp_collective_fails_in_one_line_when_a_peer_is_gone_or_stuck(scenario: str, capsys: Any) -> None:
+    result = mp.Manager().dict()
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, scenario, result)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    message = result.get(0, "")
+    if scenario == "dead":
+        assert message.startswith("tpcompile collective: rank 1 (pid ") and message.endswith(
+            "exited during a collective"
+        ), message
+    else:
+        assert message == (
+            "tpcompile collective: collective timed out after 2 s waiting for rank 1 "
+            "(raise --timeout if a rank is legitimately this slow)"
+        )
+    assert report_exception(RuntimeError(message)) == 1  # printed as the transport's own one line
+    assert capsys.readouterr().err == f"tprun: error: {message.removeprefix('tpcompile collective: ')}\n"
+    assert not list(Path("/dev/shm").glob(f"tpcompile-{procs[0].pid}-*"))
