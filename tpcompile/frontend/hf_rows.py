@@ -160,7 +160,12 @@ def export_rows(
     rows = torch.export.Dim("batch", min=1, max=batch)
     length = torch.export.Dim("seq_len", min=1, max=seq - 1)
     dynamic = ({0: rows, 1: length}, {0: rows, 1: length}, None)
-    program: torch.export.ExportedProgram = export(
-        wrapper, (ids, positions, torch.zeros(1, dtype=torch.long)), dynamic, source
-    )
+    # Sizes are traced as "at least 2" by default, which would bound first_slot by max_batch_size - 2 (from
+    # first_slot + rows <= max_batch_size): trace them size-obliviously (>= 0) so every slot stays reachable.
+    import torch.fx.experimental._config as fx_config
+
+    with fx_config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
+        program: torch.export.ExportedProgram = export(
+            wrapper, (ids, positions, torch.zeros(1, dtype=torch.long)), dynamic, source
+        )
     return program

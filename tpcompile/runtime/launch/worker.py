@@ -32,6 +32,7 @@ from ..reporting import (
     print_verbatim,
     report_exception,
 )
+from ..serve.ranks import serve_ranks
 from ..transport.collectives import gather_outputs, use_shared_memory
 from ..transport.distributed import (
     DistEnv,
@@ -67,7 +68,7 @@ def run_worker(args: WorkerArgs) -> int:
     if args.generation is not None:
         session = GenerationSession(manifest, args.generation, env.rank)
         prompts = session.fixed_prompts()
-    elif args.inputs is None or args.output is None:
+    elif args.serve is None and (args.inputs is None or args.output is None):
         raise InputError("--inputs and -o/--output are required")
     program = load_rank(
         args.artifact,
@@ -108,6 +109,8 @@ def run_worker(args: WorkerArgs) -> int:
             session.run(session.load_model(program, compile_decode), prompts)
             session.save()
             return EXIT_USER_ERROR if session.rejected and env.rank == 0 else EXIT_OK
+        if args.serve is not None:  # tprun serve: every rank runs the serving loop
+            return serve_ranks(program, args.serve, env.rank)
         with watchdog.watching() if watchdog is not None else contextlib.nullcontext():
             outputs = gather_outputs(program(*inputs), [s.placement for s in manifest.outputs])
             if env.rank == 0 and args.output is not None:

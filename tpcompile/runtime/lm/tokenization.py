@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import ArtifactLoadError, InputError, first_line
 from ..format import Manifest
 
-__all__ = ["StreamDecoder", "encode_prompt", "load_tokenizer"]
+__all__ = ["StreamDecoder", "encode_chat", "encode_prompt", "load_tokenizer"]
 
 _REPLACEMENT = "\ufffd"
 
@@ -60,15 +60,23 @@ def encode_prompt(tokenizer: Any, text: str, chat_template: bool) -> list[int]:
     exactly when the tokenizer adds it.
     """
     if chat_template:
-        messages = [{"role": "user", "content": text}]
-        try:
-            encoded = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        except Exception as exc:
-            raise InputError(f"cannot apply the chat template: {first_line(exc)}") from exc
-        return _as_ids(encoded)
+        return encode_chat(tokenizer, [{"role": "user", "content": text}])
     return _as_ids(tokenizer(text))
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """Token ids of a conversation through the chat template, with the assistant's generation prompt.
+
+    Raises:
+        InputError: the template rejects the conversation (e.g. roles it does not know).
+    """
+    try:
+        encoded = tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    except Exception as exc:
+        raise InputError(f"cannot apply the chat template: {first_line(exc)}") from exc
+    return _as_ids(encoded)
 
 
 class StreamDecoder:

@@ -1,0 +1,107 @@
+"""``tprun serve OUT``: the command line of the OpenAI-compatible server (``tprun`` hands ``serve ...`` here).
+
+Invariant: options are parsed before torch or the web stack is imported, so a usage error is one line at
+once (exit 2), like every ``tprun`` option error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ..launch.args import BACKEND_CHOICES, DEFAULT_TIMEOUT_S
+from ..reporting import report_exception
+from ..usage import OneLineErrors
+
+__all__ = ["serve_command"]
+
+
+class _TprunServe(OneLineErrors, click.Command):
+    prog = "tprun serve"
+
+
+@click.command(cls=_TprunServe, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="HTTP port.")
+@click.option("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 request.")
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=0),
+    default=64,
+    show_default=True,
+    help="requests that may wait for a free slot; beyond them requests get 429.",
+)
+@click.option("--served-model-name", help="the model's name in the API (default: OUT's directory name).")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=1.0),
+    default=DEFAULT_TIMEOUT_S,
+    show_default=True,
+    help="seconds before a stuck collective fails (a stuck rank ends the server).",
+)
+@click.option(
+    "--shutdown-timeout",
+    "shutdown_timeout_s",
+    type=click.FloatRange(min=0.0),
+    default=30.0,
+    show_default=True,
+    help="on SIGTERM / Ctrl-C: seconds the running requests get to finish before they are cancelled.",
+)
+@click.option(
+    "--backend", type=click.Choice(BACKEND_CHOICES), help="default: nccl if GPUs suffice, else gloo."
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="default: follows the backend.")
+@click.option("--skip-verify", is_flag=True, help="do not check file hashes against the manifest.")
+@click.option("--trust-pickle", is_flag=True, help="load programs that hold pickled data (runs their code).")
+@click.option("--no-native", is_flag=True, help="run the eager programs even where native ones could run.")
+@click.option("--debug", is_flag=True, help="print full tracebacks.")
+def serve_command(
+    artifact: Path,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_queue: int,
+    served_model_name: str | None,
+    timeout_s: float,
+    shutdown_timeout_s: float,
+    backend: str | None,
+    device: str | None,
+    skip_verify: bool,
+    trust_pickle: bool,
+    no_native: bool,
+    debug: bool,
+) -> None:
+    """Serve the causal-LM artifact ARTIFACT (compiled with --max-batch-size B > 1) over OpenAI's HTTP API,
+    answering up to B requests at once."""
+    from .server import ServeOptions, serve
+
+    options = ServeOptions(
+        artifact=artifact,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_queue=max_queue,
+        timeout_s=timeout_s,
+        shutdown_timeout_s=shutdown_timeout_s,
+        served_model_name=served_model_name,
+        backend=backend,
+        device=device,
+        skip_verify=skip_verify,
+        trust_pickle=trust_pickle,
+        native=not no_native,
+        debug=debug,
+    )
+    try:
+        rc = serve(options)
+    except (Exception, KeyboardInterrupt) as exc:
+        rc = report_exception(exc, debug=debug)
+    # everything is cleaned up by now (ranks reaped, socket directory removed): skip the interpreter's
+    # teardown of torch and transformers, which takes seconds and would delay a supervisor's restart
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
