@@ -1,5 +1,5 @@
 """Where a rank runs: its device from the environment, the CPU-only decode rewrites left out on any other
-device, and stalled or failing NCCL ranks ending in one line.
+device, stalled or failing NCCL ranks ending in one line, and ranks pinned to cores of their own.
 
 There is no GPU here.  Where only the *choice* of a CUDA device is tested, ``torch.cuda.is_available`` /
 ``device_count`` (and ``set_device``) are mocked; where tensors must live on a device that is not the CPU,
@@ -11,6 +11,7 @@ suite, cuda under ``examples/gpu_check.py``).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -25,15 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.conftest import REPO, cli_env
-from tests.processes import wait_for
+from tests.processes import children, start, wait_for
 from tests.test_lm_runtime_helpers import BOS, EOS, VOCAB, build_lm_artifact, full_weights, reference_generate
 from tpcompile.runtime import BackendError, CausalLM, generate_text, load_rank
+from tpcompile.runtime.cpu_bind import CPUS_ENV, Topology, plan_cpu_sets, rank_cpu_sets, read_topology
 from tpcompile.runtime.errors import CollectiveError
 from tpcompile.runtime.kernels import streaming_linear
 from tpcompile.runtime.kernels.prefix_attention import prefix_attention, use_prefix_attention
 from tpcompile.runtime.kernels.streaming_linear import use_streaming_linear
 from tpcompile.runtime.kernels.weight_layout import prefer_column_major_wide_weights
-from tpcompile.runtime.launch.launcher import free_port
+from tpcompile.runtime.launch.launcher import free_port, worker_env
 from tpcompile.runtime.reporting import report_exception
 from tpcompile.runtime.transport.distributed import (
     backend_failure,
@@ -346,3 +348,99 @@ def test_nccl_is_set_up_before_the_process_group_exists(monkeypatch: pytest.Monk
         f"cannot initialise nccl process group: {refusal} "
         "(2 local ranks share 1 GPU(s); NCCL needs a GPU per rank: use --backend gloo)"
     )
+
+
+# --------------------------------------------------------------------------- CPU pinning
+
+
+def _cores(node: int, first: int, count: int, smt: int) -> tuple[tuple[int, ...], ...]:
+    """``count`` cores from CPU ``first`` with ``smt`` hardware threads each (siblings 16 CPUs apart)."""
+    return tuple(tuple(first + c + 16 * t for t in range(smt)) for c in range(count))
+
+
+def test_cpu_sets_give_each_rank_its_own_cores() -> None:
+    one_node = Topology((_cores(0, 0, 4, 2),))  # 4 cores x 2 threads: (0,16) (1,17) (2,18) (3,19)
+    assert plan_cpu_sets(one_node, 2) == [(0, 16, 1, 17), (2, 18, 3, 19)]  # whole cores, never split
+    assert plan_cpu_sets(one_node, 3) == [(0, 16), (1, 17), (2, 18)]  # equal shares; core 3 stays idle
+    assert plan_cpu_sets(one_node, 8) == [(0,), (16,), (1,), (17,), (2,), (18,), (3,), (19,)]
+    assert plan_cpu_sets(one_node, 9) is None  # more ranks than CPUs: left to the scheduler
+    assert plan_cpu_sets(one_node, 2, threads=4) is not None
+    assert plan_cpu_sets(one_node, 2, threads=5) is None  # OMP_NUM_THREADS=5 does not fit 4 CPUs
+    two_nodes = Topology((_cores(0, 0, 4, 1), _cores(1, 4, 4, 1)))
+    assert plan_cpu_sets(two_nodes, 2) == [(0, 1, 2, 3), (4, 5, 6, 7)]  # one rank per NUMA node
+    assert plan_cpu_sets(two_nodes, 4) == [(0, 1), (2, 3), (4, 5), (6, 7)]  # never across nodes
+    assert plan_cpu_sets(two_nodes, 1) == [(0, 1, 2, 3)]
+
+
+def test_topology_is_read_from_sys_within_the_allowed_cpus(tmp_path: Path) -> None:
+    for node, cpus in (("node0", "0-1,4-5"), ("node1", "2-3,6-7")):
+        (tmp_path / "node" / node).mkdir(parents=True)
+        (tmp_path / "node" / node / "cpulist").write_text(cpus + "\n")
+    for cpu in range(8):
+        (tmp_path / f"cpu/cpu{cpu}/topology").mkdir(parents=True)
+        (tmp_path / f"cpu/cpu{cpu}/topology/thread_siblings_list").write_text(f"{cpu % 4},{cpu % 4 + 4}\n")
+    # a taskset -c 0,1,2,4,5 around tprun: CPU 2's sibling 6 and CPUs 3, 7 are not ours
+    topology = read_topology([0, 1, 2, 4, 5], tmp_path)
+    assert topology.nodes == (((0, 4), (1, 5)), ((2,),))
+    assert plan_cpu_sets(topology, 2) == [(0, 4), (2,)]  # equal shares: one core each
+
+
+def test_launcher_environment_carries_the_pinning() -> None:
+    pinned = worker_env(1, 2, 1234, {CPUS_ENV: "stale", "PATH": "/bin"}, (3, 4))
+    assert (pinned[CPUS_ENV], pinned["OMP_NUM_THREADS"]) == ("3,4", "2")
+    plain = worker_env(1, 2, 1234, {CPUS_ENV: "stale", "PATH": "/bin"})
+    assert CPUS_ENV not in plain
+    assert rank_cpu_sets("none", 2) is None
+
+
+def _cpus_allowed(pid: int) -> str | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^Cpus_allowed_list:\s*(\S+)$", status, re.MULTILINE)
+    return found.group(1) if found else None
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_spawned_ranks_run_on_cores_of_their_own(tmp_path: Path) -> None:
+    """tprun at tp=2 on this machine's first two CPUs: each rank's /proc status allows exactly one, and not
+    the same one (the plan's first CPUs are 0 and 1 when those are two cores on one node)."""
+    art = build_lm_artifact(tmp_path / "art", [130, 129], max_seq_len=4096, eos=[], with_tokenizer=False)
+    plan = rank_cpu_sets("auto", 2)
+    assert plan is not None
+    proc = start(
+        "tpcompile.runtime.cli", art, "--prompt", "abc", "--no-chat-template", "--max-new-tokens", "4000"
+    )
+    try:
+        wait_for(lambda: len(children(proc.pid)) == 2 and all(_ranks_pinned(proc.pid)), 120, "pinned ranks")
+        allowed = sorted(_cpus_allowed(pid) or "" for pid in children(proc.pid))
+        assert allowed == sorted(",".join(map(str, s)) if len(s) > 1 else str(s[0]) for s in plan)
+        assert len(set(allowed)) == 2
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+
+
+def _ranks_pinned(launcher: int) -> list[bool]:
+    everything = _cpus_allowed(os.getpid())
+    return [_cpus_allowed(pid) not in (None, everything) for pid in children(launcher)]
+
+
+def test_a_torchrun_rank_pins_itself_from_local_rank() -> None:
+    code = (
+        "import sys\n"
+        "from tpcompile.runtime.cpu_bind import bind_local_rank\n"
+        "print(bind_local_rank(sys.argv[1]), sorted(__import__('os').sched_getaffinity(0)))\n"
+    )
+    env = {**cli_env(), "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    runs = {
+        mode: subprocess.run(
+            [sys.executable, "-c", code, mode], capture_output=True, text=True, env=env, check=True
+        ).stdout
+        for mode in ("auto", "none")
+    }
+    plan = rank_cpu_sets("auto", 2)
+    everything = sorted(os.sched_getaffinity(0))
+    assert runs["none"] == f"False {everything}\n"
+    assert runs["auto"] == (f"True {sorted(plan[1])}\n" if plan is not None else f"False {everything}\n")

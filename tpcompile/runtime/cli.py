@@ -5,9 +5,8 @@
     tprun OUT --inputs IN.safetensors -o RESULT.safetensors [common options]
     tprun OUT --prompt TEXT [--prompt TEXT ...] [--prompt-file F] [generation options] [common options]
     tprun OUT [generation options] < prompts.txt          # one prompt per line
-    tprun serve OUT [--host H] [--port N] [--api-key KEY] [--max-queue N]   # OpenAI-compatible server
     common: [--backend gloo|nccl] [--device cpu|cuda] [--port N] [--timeout S] [--skip-verify] [--debug]
-            [--trust-pickle]
+            [--trust-pickle] [--cpu-bind auto|none]
 
 Without torchrun, ``tprun`` spawns one worker process per rank (``tp`` from
 the manifest).  Under torchrun (``RANK``/``WORLD_SIZE`` set), each torchrun
@@ -26,13 +25,14 @@ from __future__ import annotations
 import contextlib
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
 import click
 
+from .cpu_bind import CPU_BIND_MODES, bind_local_rank
 from .errors import RuntimeArtifactError
 from .launch.args import BACKEND_CHOICES, DEFAULT_TIMEOUT_S, WorkerArgs
 from .lm.options import DEFAULT_MAX_NEW_TOKENS, GenerationArgs, SamplingConfig
@@ -121,14 +121,6 @@ def _stdin_for_rank0() -> Iterator[IO[Any]]:
 class _Tprun(OneLineErrors, click.Command):
     prog = "tprun"
 
-    def main(self, args: Sequence[str] | None = None, *rest: Any, **extra: Any) -> Any:
-        argv = list(sys.argv[1:] if args is None else args)
-        if argv[:1] == ["serve"]:  # `tprun serve OUT`: the OpenAI-compatible server (runtime/serve)
-            from .serve.command import serve_command
-
-            return serve_command.main(argv[1:], *rest, **extra)
-        return super().main(argv, *rest, **extra)
-
 
 @click.command(cls=_Tprun, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("artifact", type=click.Path(path_type=Path))
@@ -156,6 +148,13 @@ class _Tprun(OneLineErrors, click.Command):
     default=DEFAULT_TIMEOUT_S,
     show_default=True,
     help="seconds before a stuck collective fails.",
+)
+@click.option(
+    "--cpu-bind",
+    type=click.Choice(CPU_BIND_MODES),
+    default="auto",
+    show_default=True,
+    help="pin each rank to cores of its own (one NUMA node each when there are several), if they fit.",
 )
 @click.option("--skip-verify", is_flag=True, help="do not check file hashes against the manifest.")
 @click.option("--debug", is_flag=True, help="print full tracebacks.")
@@ -217,6 +216,7 @@ def main(
     device: str | None,
     port: int | None,
     timeout_s: float,
+    cpu_bind: str,
     skip_verify: bool,
     debug: bool,
     trust_pickle: bool,
@@ -270,8 +270,10 @@ def main(
         generation=generation,
         trust_pickle=trust_pickle,
         native=not no_native,
+        cpu_bind=cpu_bind,
     )
     try:
+        bind_local_rank(cpu_bind)  # under torchrun: this rank's cores, before torch starts a thread
         rc = _run(args, port)
     except (Exception, KeyboardInterrupt) as exc:
         rc = report_exception(exc, debug=debug)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
+from ..cpu_bind import CPUS_ENV, rank_cpu_sets
 from ..errors import LaunchError, PromptError, Terminated
 from ..reporting import (
     ERROR_PREFIX,
@@ -57,11 +58,14 @@ __all__ = [
 WORKER_MODULE: Final = "tpcompile.runtime.launch.worker"
 #: What a spawned rank runs (``python -c``) before importing anything heavy: get SIGKILLed when the
 #: launcher dies (:func:`~tpcompile.runtime.launch.lifetime.die_with_parent`; called here rather than in a
-#: ``preexec_fn``, which is unsafe in a process with threads), then run the worker.
+#: ``preexec_fn``, which is unsafe in a process with threads), pin itself to its CPUs (``--cpu-bind``) before
+#: torch starts any thread, then run the worker.
 _BOOTSTRAP: Final = f"""\
 import os, runpy
 from tpcompile.runtime.launch.lifetime import die_with_parent
+from tpcompile.runtime.cpu_bind import bind_from_env
 die_with_parent(int(os.environ[{LAUNCHER_PID_ENV!r}]))
+bind_from_env()
 runpy.run_module({WORKER_MODULE!r}, run_name="__main__", alter_sys=True)
 """
 _POLL_S = 0.1
@@ -130,9 +134,20 @@ def _package_root() -> Path | None:
     return root
 
 
-def worker_env(rank: int, nprocs: int, port: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for local rank ``rank`` of ``nprocs`` (env:// rendezvous on 127.0.0.1)."""
+def worker_env(
+    rank: int,
+    nprocs: int,
+    port: int,
+    base: Mapping[str, str] | None = None,
+    cpus: Sequence[int] | None = None,
+) -> dict[str, str]:
+    """Environment for local rank ``rank`` of ``nprocs`` (env:// rendezvous on 127.0.0.1), pinned to
+    ``cpus`` when given (one thread per CPU unless ``OMP_NUM_THREADS`` says otherwise)."""
     env = dict(os.environ if base is None else base)
+    env.pop(CPUS_ENV, None)
+    if cpus:
+        env[CPUS_ENV] = ",".join(map(str, cpus))
+        env.setdefault("OMP_NUM_THREADS", str(len(cpus)))
     env.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -142,7 +157,7 @@ def worker_env(rank: int, nprocs: int, port: int, base: Mapping[str, str] | None
         LOCAL_WORLD_SIZE=str(nprocs),
     )
     env[LAUNCHER_PID_ENV] = str(os.getpid())
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nprocs)))
     root = _package_root()
     if root is not None:
         paths = [str(root), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
@@ -237,7 +252,12 @@ def _terminate(ranks: Sequence[_Rank], grace_s: float) -> None:
 
 
 def _spawn(
-    argv: Sequence[str], nprocs: int, port: int, env: Mapping[str, str] | None, rank0_stdin: IO[Any] | None
+    argv: Sequence[str],
+    nprocs: int,
+    port: int,
+    env: Mapping[str, str] | None,
+    rank0_stdin: IO[Any] | None,
+    cpu_sets: Sequence[Sequence[int]] | None,
 ) -> list[_Rank]:
     cmd = [sys.executable, "-c", _BOOTSTRAP, *argv]
     ranks: list[_Rank] = []
@@ -245,7 +265,7 @@ def _spawn(
         for rank in range(nprocs):
             proc = subprocess.Popen(
                 cmd,
-                env=worker_env(rank, nprocs, port, env),
+                env=worker_env(rank, nprocs, port, env, cpu_sets[rank] if cpu_sets else None),
                 stdin=rank0_stdin if rank0_stdin is not None and rank == 0 else subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # Ctrl-C reaches the launcher only; it stops the ranks
@@ -271,6 +291,7 @@ def spawn_workers(
     env: Mapping[str, str] | None = None,
     grace_s: float = 5.0,
     rank0_stdin: IO[Any] | None = None,
+    cpu_sets: Sequence[Sequence[int]] | None = None,
 ) -> LaunchOutcome:
     """Run ``python -m tpcompile.runtime.launch.worker *argv`` as ``nprocs`` local ranks (via a bootstrap
     that ties each rank's lifetime to this process).
@@ -279,7 +300,8 @@ def spawn_workers(
     marked verbatim) except its own error line, which the outcome's message
     carries (so an error is printed once); stdout is inherited, so rank 0's streamed text goes
     straight to ours.  Rank 0 reads ``rank0_stdin`` (a file, or our own
-    stdin) when given; the others, and rank 0 otherwise, read from /dev/null.
+    stdin) when given; the others, and rank 0 otherwise, read from /dev/null.  Rank r is pinned to
+    ``cpu_sets[r]`` when given (:mod:`tpcompile.runtime.cpu_bind`).
     As soon as one rank exits non-zero the others are terminated (SIGTERM,
     then SIGKILL after ``grace_s``); so are all of them on KeyboardInterrupt
     (Ctrl-C), which returns exit code 130, and on
@@ -295,7 +317,7 @@ def spawn_workers(
         port = free_port()
     else:
         check_port_free(port)
-    ranks = _spawn(argv, nprocs, port, env, rank0_stdin)
+    ranks = _spawn(argv, nprocs, port, env, rank0_stdin, cpu_sets)
     done: queue.Queue[int] = queue.Queue()
     for r in ranks:
         threading.Thread(
@@ -351,7 +373,10 @@ def run_ranks(
             message names the rank and its error; 143 after SIGTERM), ``port`` is in use, or rank 0 wrote
             no ``result``.
     """
-    outcome = spawn_workers([args.to_json()], nprocs, port, env=env, rank0_stdin=rank0_stdin)
+    cpu_sets = rank_cpu_sets(args.cpu_bind, nprocs, os.environ if env is None else env)
+    outcome = spawn_workers(
+        [args.to_json()], nprocs, port, env=env, rank0_stdin=rank0_stdin, cpu_sets=cpu_sets
+    )
     if outcome.reported and outcome.message:
         raise PromptError(outcome.message, reported=True)  # every rank rejected the prompt the same way
     if outcome.returncode != 0:

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
+from ..cpu_bind import rank_threads
 from ..errors import BackendError, CollectiveError, first_line
 from .watchdog import NCCL_TIMEOUT_GRACE_S
 
@@ -171,12 +172,12 @@ def group_device(group: dist.ProcessGroup | None = None) -> torch.device:
 
 
 def configure_device(device: torch.device, local_world_size: int) -> None:
-    """Select the CUDA device, or split CPU threads evenly between local ranks."""
+    """Select the CUDA device, or split this process's CPUs evenly between local ranks (a rank pinned to
+    its own cores by ``--cpu-bind`` runs one thread per core it was given)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        cores = os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // max(1, local_world_size)))
+        torch.set_num_threads(rank_threads(local_world_size))
 
 
 def init_group(
