@@ -5,6 +5,7 @@
     tprun OUT --inputs IN.safetensors -o RESULT.safetensors [common options]
     tprun OUT --prompt TEXT [--prompt TEXT ...] [--prompt-file F] [generation options] [common options]
     tprun OUT [generation options] < prompts.txt          # one prompt per line
+    tprun serve OUT [--host H] [--port N] [--api-key KEY] [--max-queue N]   # OpenAI-compatible server
     common: [--backend gloo|nccl] [--device cpu|cuda] [--port N] [--timeout S] [--skip-verify] [--debug]
             [--trust-pickle] [--cpu-bind auto|none]
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
@@ -120,6 +121,14 @@ def _stdin_for_rank0() -> Iterator[IO[Any]]:
 
 class _Tprun(OneLineErrors, click.Command):
     prog = "tprun"
+
+    def main(self, args: Sequence[str] | None = None, *rest: Any, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        if argv[:1] == ["serve"]:  # `tprun serve OUT`: the OpenAI-compatible server (runtime/serve)
+            from .serve.command import serve_command
+
+            return serve_command.main(argv[1:], *rest, **extra)
+        return super().main(argv, *rest, **extra)
 
 
 @click.command(cls=_Tprun, context_settings={"help_option_names": ["-h", "--help"]})

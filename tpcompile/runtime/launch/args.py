@@ -5,7 +5,7 @@ the worker directly (under torchrun) or sends it to every spawned rank as one JS
 (:meth:`WorkerArgs.to_json`, read back by :meth:`WorkerArgs.from_json`).  Invariant:
 ``WorkerArgs.from_json(args.to_json()) == args`` up to paths being made absolute; the dataclass fields
 alone define the JSON form, so nothing mirrors them by hand.  A run either maps tensors
-(``inputs``/``output`` set) or generates text (``generation`` set).
+(``inputs``/``output`` set), generates text (``generation`` set) or serves requests (``serve`` set).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import InputError, first_line
 from ..lm.options import GenerationArgs
+from ..serve.options import ServeArgs
 
 __all__ = ["BACKEND_CHOICES", "DEFAULT_TIMEOUT_S", "WorkerArgs"]
 
@@ -41,6 +42,7 @@ class WorkerArgs:
     generation: GenerationArgs | None = None
     trust_pickle: bool = False
     native: bool = True  # run the artifact's native programs where this host can
+    serve: ServeArgs | None = None  # tprun serve: the ranks answer requests (tpcompile.runtime.serve)
     cpu_bind: str = "auto"  # pin each local rank to its own cores (tpcompile.runtime.cpu_bind)
 
     def to_json(self) -> str:
