@@ -1,5 +1,6 @@
 """Where a rank runs: its device from the environment, the CPU-only decode rewrites left out on any other
-device, stalled or failing NCCL ranks ending in one line, and ranks pinned to cores of their own.
+device, stalled or failing NCCL ranks ending in one line, ranks pinned to cores of their own, and ONNX
+segment sessions sharing one arena.
 
 There is no GPU here.  Where only the *choice* of a CUDA device is tested, ``torch.cuda.is_available`` /
 ``device_count`` (and ``set_device``) are mocked; where tensors must live on a device that is not the CPU,
@@ -444,3 +445,44 @@ def test_a_torchrun_rank_pins_itself_from_local_rank() -> None:
     everything = sorted(os.sched_getaffinity(0))
     assert runs["none"] == f"False {everything}\n"
     assert runs["auto"] == (f"True {sorted(plan[1])}\n" if plan is not None else f"False {everything}\n")
+
+
+# --------------------------------------------------------------------------- ONNX sessions
+
+
+def test_onnx_segment_sessions_share_one_arena(tmp_path: Path) -> None:
+    """Every segment session of a rank allocates from the one arena registered for its device (onnxruntime
+    says so in its verbose log, read here from a fresh process), instead of one arena per session."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from onnx import TensorProto, helper
+
+    for i in range(2):
+        graph = helper.make_graph(
+            [helper.make_node("Add", ["x", "x"], ["y"])],
+            f"segment{i}",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+        onnx.save(model, tmp_path / f"s{i}.onnx")
+    code = (
+        "import sys, torch, onnxruntime as ort\n"
+        "from tpcompile.runtime.onnx import session\n"
+        "from tpcompile.runtime.onnx.session import SegmentSession\n"
+        "quiet = session.session_options\n"
+        "def verbose(*args):\n"
+        "    so = quiet(*args)\n"
+        "    so.log_severity_level = 0  # the sessions' own log, where onnxruntime says which arena\n"
+        "    return so\n"
+        "session.session_options = verbose\n"
+        "for i in range(2):\n"
+        "    s = SegmentSession.open(f'{sys.argv[1]}/s{i}.onnx', 's', ('x',), ('y',), torch.device('cpu'))\n"
+        "    [y] = s.run({'x': torch.ones(2)}, {})\n"
+        "    assert torch.from_dlpack(y).tolist() == [2.0, 2.0]\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, tmp_path], capture_output=True, text=True, env=cli_env(), timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("This session will use the allocator registered with the environment") == 2
