@@ -72,9 +72,12 @@ def _ranks(rank: int, world: int, port: int, sizes: list[int]) -> None:
         local = _slice(logits, placement, rank)
         config = SamplingConfig(temperature=0.7, top_k=6, top_p=0.95, seed=5)
 
+        program_output = Shard(dim=2, sizes=tuple(sizes))  # the manifest's placement of [B, T, V] logits
+
         def draw(seed: int) -> list[int]:
             gen = torch.Generator().manual_seed(seed if rank == 0 else rank + 99)
-            return [choose_token(local, VocabShard(placement, rank, total), config, gen) for _ in range(24)]
+            shard = VocabShard(program_output, rank, total)
+            return [choose_token(local, shard, config, gen) for _ in range(24)]
 
         first, again, other = draw(5), draw(5), draw(6)
         everyone: list[object] = [None] * world

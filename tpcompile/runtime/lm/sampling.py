@@ -49,6 +49,14 @@ class VocabShard:
         return self.placement.offset(self.rank) if isinstance(self.placement, Shard) else 0
 
     @property
+    def last_dim(self) -> Placement:
+        """The split of the ``[B, V_local]`` logits a token is chosen from: the manifest's placement
+        describes the program's ``[B, T, V]`` output, whose vocabulary dim is also the last."""
+        if isinstance(self.placement, Shard):
+            return Shard(-1, self.placement.sizes, self.placement.starts)
+        return self.placement
+
+    @property
     def valid(self) -> int:
         """How many of this rank's logits are real vocabulary entries."""
         local = self.placement.sizes[self.rank] if isinstance(self.placement, Shard) else self.vocab_size
@@ -136,7 +144,7 @@ def choose_tokens(
             tokens[b] = int(token)
     if not sampled:
         return tokens
-    full = gather_sharded(local[sampled], shard.placement, group)[:, : shard.vocab_size].float()
+    full = gather_sharded(local[sampled], shard.last_dim, group)[:, : shard.vocab_size].float()
     drawn = torch.zeros(len(sampled), dtype=torch.int64, device=local.device)
     if not dist.is_initialized() or dist.get_rank(group) == 0:
         for i, b in enumerate(sampled):
