@@ -217,3 +217,41 @@ def test_protocol_round_trips() -> None:
 
     events = [Event(1, 5, None), Event(2, None, "cancelled"), Event(1, 7, "stop")]
     assert parse_events(json.loads(events_line(events))) == events
+
+
+def test_a_compiled_artifact_reaches_its_last_slot(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The saved rank program (re-captured by the compiler, not the simulator's graph) decodes in every
+    slot, the last one included, and one row at a time: more prompts than slots through
+    ``CausalLM.generate_batch`` in a real one-rank process group, each equal to transformers alone."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tpcompile
+    from tpcompile.runtime import CausalLM
+    from tpcompile.runtime.launch.launcher import free_port
+    from tpcompile.runtime.transport.distributed import destroy_group, init_group
+
+    art = tmp_path / "art"
+    proc = tpcompile(tiny_llama, "--tp", "1", "--max-batch-size", str(SLOTS), "--max-seq-len", str(SEQ),
+                     "-o", art, "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    init_group("gloo", torch.device("cpu"), 60.0)
+    try:
+        lm = CausalLM.load(art)
+        prompts = [[5, 6, 7, 8, 9], [19, 10], [11, 12, 13], [40], [3, 33, 63], [70, 71]]
+        got = lm.generate_batch(prompts, max_new_tokens=6, ignore_eos=True)
+        alone = [lm.generate(p, max_new_tokens=6) for p in prompts[:1]]
+    finally:
+        destroy_group()
+    assert not dist.is_initialized()
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    for prompt, tokens in zip(prompts, got, strict=True):
+        ids = torch.tensor([prompt])
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)[0, len(prompt) :]
+        assert tokens == ref.tolist(), prompt
+    assert alone[0] == got[0]

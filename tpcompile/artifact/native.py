@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from tpcompile.artifact.program import drop_derived_value_bounds
 from tpcompile.artifact.workers import job_failure, worker_pool
 from tpcompile.runtime.format import PROGRAM_FILE, WEIGHTS_FILE
 from tpcompile.runtime.format.native_section import NATIVE_FILE, NativeSection, NativeTarget
@@ -101,6 +102,7 @@ class NativeJob:
         retarget_calls(module, _LINEAR, torch.ops.tpcompile.streaming_linear.default, _linear_args)
         with torch.no_grad():
             native = torch.export.export(module, self.examples, dynamic_shapes=self.dynamic, strict=False)
+        drop_derived_value_bounds(native, self.dynamic)
         torch._inductor.aoti_compile_and_package(
             native,
             package_path=str(rank_dir / NATIVE_FILE),

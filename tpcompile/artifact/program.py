@@ -22,6 +22,8 @@ import torch.distributed._functional_collectives  # noqa: F401  (fake kernels fo
 import torch.fx as fx
 from torch.export import Dim, ExportedProgram
 from torch.utils._sympy.numbers import int_oo
+from torch.utils._sympy.symbol import SymT, symbol_is_type
+from torch.utils._sympy.value_ranges import ValueRanges
 
 from tpcompile.artifact.writer import writing
 from tpcompile.errors import UnsupportedModelError
@@ -90,6 +92,47 @@ def input_signature(program: ExportedProgram, inputs: list[fx.Node]) -> tuple[li
     return examples, tuple(spec)
 
 
+def _may_be_one(dynamic_shapes: Any) -> bool:
+    """Whether some dynamic input dim accepts size 1 (or 0)."""
+    if isinstance(dynamic_shapes, dict):
+        return any(_may_be_one(v) for v in dynamic_shapes.values())
+    if isinstance(dynamic_shapes, (list, tuple)):
+        return any(_may_be_one(v) for v in dynamic_shapes)
+    return isinstance(dynamic_shapes, Dim) and getattr(dynamic_shapes, "min", 2) < 2
+
+
+def drop_derived_value_bounds(program: ExportedProgram, dynamic_shapes: Any) -> int:
+    """Remove the runtime checks of re-captured ``graph`` that bound only values read from data (unbacked
+    symbols, e.g. ``first_slot``); returns how many.
+
+    Re-capturing traces every dynamic size as "at least 2", so a check like ``first_slot + rows <= slots``
+    yields the bound ``first_slot <= slots - 2``, which rejects valid calls with one row (the last KV-cache
+    slot becomes unreachable). The original program's own checks that involve the sizes stay, and the ops
+    that use the value (``narrow``) check their bounds when they run."""
+    if not _may_be_one(dynamic_shapes):
+        return 0
+    graph, dropped = program.graph, 0
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.aten._assert_scalar.default:
+            continue
+        cond = node.args[0]
+        value = cond.meta.get("val") if isinstance(cond, fx.Node) else None
+        expr = getattr(getattr(value, "node", None), "expr", None)
+        if expr is None or not expr.free_symbols:
+            continue
+        if all(symbol_is_type(sym, SymT.UNBACKED_INT) for sym in expr.free_symbols):
+            graph.erase_node(node)
+            dropped += 1
+            for sym in expr.free_symbols:  # the bound no longer holds: keep only the lower one
+                old = program.range_constraints.get(sym)
+                if old is not None:
+                    program.range_constraints[sym] = ValueRanges(old.lower, int_oo)
+    if dropped:
+        graph.eliminate_dead_code()
+        program.graph_module.recompile()
+    return dropped
+
+
 def export_rank_program(
     graph: fx.Graph, stored: list[StoredTensor], example_inputs: list[torch.Tensor], dynamic_shapes: Any
 ) -> ExportedProgram:
@@ -105,6 +148,7 @@ def export_rank_program(
             program = torch.export.export(
                 gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False
             )
+        drop_derived_value_bounds(program, dynamic_shapes)
     except Exception as err:
         first = first_line(err)
         raise UnsupportedModelError(f"re-capturing a rank's program failed: {first}") from err

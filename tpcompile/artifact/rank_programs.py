@@ -42,7 +42,6 @@ class RankProgramJob:
         program = export_rank_program(graph, self.stored[rank], self.examples, self.dynamic)
         save_program(program, self.out / f"rank{rank}" / PROGRAM_FILE)
 
-
     def capture(self, rank: int) -> BaseException | None:
         """:meth:`run`, with its failure as the result (it crosses from a worker process to the compiler):
         a typed compiler error or an ``OSError`` (a full disk) as it is, anything else as one line."""
