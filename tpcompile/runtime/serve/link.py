@@ -43,6 +43,7 @@ class RankLink:
         self.listener.bind(str(path))
         self.listener.listen(1)
         self.ready = threading.Event()
+        self.closed = threading.Event()  # rank 0's side of the socket is closed, every event was read
         self.slots = 0
         self.failure: str | None = None
         self._conn: socket.socket | None = None
@@ -60,6 +61,7 @@ class RankLink:
         try:
             conn, _ = self.listener.accept()
         except OSError:
+            self.closed.set()
             return  # closed before rank 0 connected: fail() already ran
         self._conn = conn
         with conn.makefile("rb") as stream:
@@ -76,6 +78,7 @@ class RankLink:
                             self._sinks.pop(event.request, None)
                     if sink is not None:
                         sink(event)
+        self.closed.set()
         self.fail("the ranks stopped")
 
     def _send(self, cmd: Command) -> None:

@@ -37,6 +37,7 @@ __all__ = ["ServeOptions", "serve"]
 
 _STOP_GRACE_S = 10.0  # after --shutdown-timeout: how long the ranks get to exit once told to stop
 _HTTP_JOIN_S = 10.0
+_LAST_EVENTS_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,7 @@ def serve(options: ServeOptions) -> int:
         finally:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            link.closed.wait(_LAST_EVENTS_S)  # the events rank 0 sent before exiting reach their requests
             link.fail("the ranks stopped" if service.shutting_down else "a rank failed")
             link.ready.set()  # releases announce()
             server.should_exit = True
