@@ -2,7 +2,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 STAMP := .venv/.stamp
 
-.PHONY: setup test lint demo demo-gpt bench clean
+.PHONY: setup test lint demo demo-gpt bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ demo-gpt: setup
 bench: setup
 	$(PY) bench/run.py
 	$(PY) bench/llm.py
+
+# CUDA/NCCL acceptance run on a node with NVIDIA GPUs (exits 2 with one line where there is no CUDA)
+gpu-check: setup
+	$(PY) examples/gpu_check.py
 
 clean:
 	rm -rf out build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

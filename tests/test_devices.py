@@ -1,6 +1,6 @@
 """Where a rank runs: its device from the environment, the CPU-only decode rewrites left out on any other
-device, stalled or failing NCCL ranks ending in one line, ranks pinned to cores of their own, and ONNX
-segment sessions sharing one arena.
+device, stalled or failing NCCL ranks ending in one line, ranks pinned to cores of their own, ONNX segment
+sessions sharing one arena, and ``make gpu-check`` refusing a machine without CUDA in one line.
 
 There is no GPU here.  Where only the *choice* of a CUDA device is tested, ``torch.cuda.is_available`` /
 ``device_count`` (and ``set_device``) are mocked; where tensors must live on a device that is not the CPU,
@@ -445,6 +445,20 @@ def test_a_torchrun_rank_pins_itself_from_local_rank() -> None:
     everything = sorted(os.sched_getaffinity(0))
     assert runs["none"] == f"False {everything}\n"
     assert runs["auto"] == (f"True {sorted(plan[1])}\n" if plan is not None else f"False {everything}\n")
+
+
+# --------------------------------------------------------------------------- gpu-check
+
+
+def test_gpu_check_refuses_a_machine_without_cuda() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: run `make gpu-check` instead")
+    proc = subprocess.run(
+        [sys.executable, "examples/gpu_check.py"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert proc.returncode == 2
+    assert re.fullmatch(r"gpu-check: error: no CUDA device: [^\n]+\n", proc.stderr), proc.stderr
+    assert proc.stdout == ""
 
 
 # --------------------------------------------------------------------------- ONNX sessions
