@@ -1,5 +1,6 @@
-"""Benchmark: SmolLM2-135M-Instruct generation with ``tprun`` (tp = 1, 2; torch and ONNX artifact formats)
-against ``transformers``, and the compile-time memory of a >= 4 GiB random Llama checkpoint.
+"""Benchmark: SmolLM2-135M-Instruct generation with ``tprun`` (tp = 1, 2; native programs, eager programs,
+the ONNX format) side by side with ``transformers`` and llama.cpp (the same weights as an F32 GGUF, and the
+Q4_1 file as it is; see bench/peers.py), and the compile-time memory of a >= 4 GiB random Llama checkpoint.
 
 ::
 
@@ -30,6 +31,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from peers import llama_cpp_generate, llama_cpp_python, write_f32_gguf  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CORES = os.cpu_count() or 1
@@ -43,7 +47,25 @@ SUMMARY = re.compile(
 JSON_TAG = "BENCH_JSON "
 BASELINE = "import torch, transformers, tpcompile.compiler"
 WORKER_MARK = "tpcompile.runtime.launch.worker"
-TARGET_SPEEDUP, TARGET_SHARE = 2.0, 0.55
+TARGET_SPEEDUP, TARGET_SHARE, TARGET_HOST = 2.0, 0.55, 0.15
+PROFILE = re.compile(
+    r"^profile rank (\d) \((\w+) program\): decode step ([\d.]+) ms .* host ([\d.]+) ms", re.M
+)
+
+
+def host_line() -> str:
+    """The CPU model, its vector ISAs, cores and load: numbers measured on one host do not hold on another."""
+    model, flags = "unknown CPU", set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+    known = (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AMX", "amx_tile"))
+    isa = [name for name, flag in known if flag in flags]
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"host: {model}; ISA {', '.join(isa) or 'none of AVX2/AVX-512/AMX'}; {CORES} cores; load {load}"
 
 
 # --------------------------------------------------------------------------------------------- processes
@@ -209,10 +231,10 @@ class Gen:
     """The better of the generation runs of one config (or why it failed)."""
 
     name: str
-    kind: str  # "hf-eager", "hf-tp" or "tprun"
+    kind: str  # "hf-eager", "hf-tp", "tprun" or "llama.cpp"
     tp: int
     fmt: str = "torch"  # tprun: the artifact format (torch or onnx)
-    flags: tuple[str, ...] = ()  # tprun: extra options (--compile)
+    flags: tuple[str, ...] = ()  # tprun: extra options (--compile, --no-native); llama.cpp: the GGUF file
     decode: float = 0.0
     ttft: float = 0.0
     prompt_tokens: int = 0
@@ -221,6 +243,7 @@ class Gen:
     share: float | None = None
     new_ids: list[int] = field(default_factory=list)
     failure: str = ""
+    host_share: float | None = None  # tprun --profile: the largest rank's share of host overhead
 
     def keep_better(self, result: dict[str, Any], rss: list[int]) -> None:
         if result["decode"] > self.decode:
@@ -233,11 +256,17 @@ def artifact_dir(work: Path, tp: int, fmt: str = "torch") -> Path:
     return work / (f"smollm2-tp{tp}" + ("" if fmt == "torch" else f"-{fmt}"))
 
 
-def compile_artifact(source: Path, tp: int, out: Path, fmt: str = "torch") -> Proc:
+def compile_artifact(source: Path, tp: int, out: Path, fmt: str = "torch", native: bool = True) -> Proc:
     """``tpcompile SOURCE --tp TP -o OUT`` with a KV cache of ``SEQ_LEN``; raises if it fails."""
-    flags = f"--tp {tp} --max-seq-len {SEQ_LEN} --format {fmt} --force --quiet".split()
+    native_flag = "--native" if native and fmt == "torch" else "--no-native"
+    flags = f"--tp {tp} --max-seq-len {SEQ_LEN} --format {fmt} {native_flag} --force --quiet".split()
     cmd = [str(BIN / "tpcompile"), str(source), *flags, "-o", str(out)]
     return _checked(run(cmd, 7200, poll_s=0.05, pss=True), "tpcompile")
+
+
+def artifact_mib(artifact: Path) -> float:
+    """The artifact's size on disk."""
+    return sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file()) / MIB
 
 
 def weight_share(artifact: Path) -> float:
@@ -260,6 +289,28 @@ def tprun_once(
     result: dict[str, Any] = dict(prompt_tokens=int(match[1]), new_tokens=int(match[2]), ttft=float(match[3]))
     result.update(decode=float(match[4]), new_ids=list(saved["new_ids"]))
     return result, proc.peaks(WORKER_MARK) or [proc.maxrss]
+
+
+def tprun_profile(art: Path, max_new: int, tokens: Path, extra: tuple[str, ...] = ()) -> tuple[str, float]:
+    """(the program kind, the largest host-overhead share of a decode step over the ranks) from
+    ``tprun --profile``."""
+    flags = ["--prompt", PROMPT, "--max-new-tokens", str(max_new), "--save-tokens", str(tokens), "--profile"]
+    proc = run([str(BIN / "tprun"), str(art), *flags, *extra], timeout=1800)
+    found = PROFILE.findall(proc.err)
+    if proc.rc != 0 or not found:
+        raise RuntimeError(f"tprun --profile failed ({proc.rc}): {proc.error()}")
+    return found[0][1], max(float(host) / float(step) for _, _, step, host in found)
+
+
+def prompt_ids(art: Path) -> list[int]:
+    """The chat-templated prompt's ids, as tprun tokenizes it (for peers that take ids)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(art / "tokenizer"))
+    ids: Any = tok.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    return [int(i) for i in ids]
 
 
 def hf_once(mode: str, max_new: int) -> tuple[dict[str, Any], list[int]]:
@@ -307,7 +358,15 @@ def big_compile(work: Path) -> tuple[dict[str, Any], list[list[object]]]:
     ]
 
 
-def measure_generation(gens: list[Gen], work: Path, max_new: int) -> None:
+@dataclass
+class Peer:
+    """llama.cpp, when its environment is set up: its Python and the prompt's ids (llama.cpp takes ids)."""
+
+    python: Path
+    ids: list[int]
+
+
+def measure_generation(gens: list[Gen], work: Path, max_new: int, peer: Peer | None = None) -> None:
     """Run every config twice, in alternating rounds (load spikes then hit all configs alike)."""
     for rnd in range(2):
         for g in gens:
@@ -317,6 +376,9 @@ def measure_generation(gens: list[Gen], work: Path, max_new: int) -> None:
                 if g.kind == "tprun":
                     art = artifact_dir(work, g.tp, g.fmt)
                     res, rss = tprun_once(art, max_new, work / "tokens.json", g.flags)
+                elif g.kind == "llama.cpp" and peer is not None:
+                    res = llama_cpp_generate(peer.python, Path(g.flags[0]), peer.ids, CORES, max_new, SEQ_LEN)
+                    res["prompt_tokens"], rss = len(peer.ids), []
                 else:
                     res, rss = hf_once(g.kind, max_new)
             except RuntimeError as exc:
@@ -340,24 +402,26 @@ def _table(header: list[str], rows: list[list[object]]) -> list[str]:
 
 def _gen_row(g: Gen, ref: Gen) -> list[object]:
     threads, share = f"{max(1, CORES // g.tp)} x {g.tp}", "-" if g.share is None else f"{g.share:.3f}"
+    host = "-" if g.host_share is None else f"{g.host_share:.0%}"
     if g.failure:
-        return [g.name, threads, f"fails: {g.failure}", "-", "-", "-", share, "-"]
+        return [g.name, threads, f"fails: {g.failure}", "-", "-", "-", share, host, "-"]
     n = min(len(g.new_ids), len(ref.new_ids))
     same = next((i for i in range(n) if g.new_ids[i] != ref.new_ids[i]), n)
     agree = "-" if g is ref or not ref.new_ids else f"{same}/{len(ref.new_ids)}"
-    rss = " / ".join(f"{m:.0f}" for m in g.rss_mib)
-    return [g.name, threads, f"{g.decode:.1f}", f"{g.ttft:.3f}", g.new_tokens, rss, share, agree]
+    rss = " / ".join(f"{m:.0f}" for m in g.rss_mib) or "-"
+    return [g.name, threads, f"{g.decode:.1f}", f"{g.ttft:.3f}", g.new_tokens, rss, share, host, agree]
 
 
 def tables(gens: list[Gen], compiles: list[list[object]], big: dict[str, Any] | None) -> str:
     """The markdown report: generation runs, compiles, and targets with PASS/MISS."""
     header = ["run", "threads", "decode (tokens/s)", "time to first token (s)", "new tokens",
-              "peak RSS per rank (MiB)", "weight share per rank", "same greedy tokens as eager"]  # fmt: skip
+              "peak RSS per rank (MiB)", "weight share per rank", "host overhead (--profile)",
+              "same greedy tokens as eager"]  # fmt: skip
     lines = _table(header, [_gen_row(g, gens[0]) for g in gens]) + [""]
     header = ["compile", "seconds", "peak RSS, largest process (MiB)", "peak PSS, process tree (MiB)"]
     lines += _table(header, compiles) + [""]
     eager = gens[0]
-    tp2 = max((g for g in gens if g.kind == "tprun" and g.tp == 2), key=lambda g: g.decode)
+    tp2 = next(g for g in gens if g.kind == "tprun" and g.tp == 2 and g.fmt == "torch" and not g.flags)
     speedup = tp2.decode / eager.decode if eager.decode and tp2.decode else None
     targets: list[tuple[str, str, str, bool | None]] = [
         (f"decode tokens/s, {tp2.name} / transformers eager",
@@ -365,7 +429,14 @@ def tables(gens: list[Gen], compiles: list[list[object]], big: dict[str, Any] | 
          None if speedup is None else speedup >= TARGET_SPEEDUP),
         ("weight share per rank at tp=2", "-" if tp2.share is None else f"{tp2.share:.3f}",
          f"<= {TARGET_SHARE}", None if tp2.share is None else tp2.share <= TARGET_SHARE),
+        (f"host overhead of a decode step, {tp2.name} (tprun --profile)",
+         "-" if tp2.host_share is None else f"{tp2.host_share:.0%}", f"<= {TARGET_HOST:.0%}",
+         None if tp2.host_share is None else tp2.host_share <= TARGET_HOST),
     ]  # fmt: skip
+    f32 = next((g for g in gens if g.kind == "llama.cpp" and "F32" in g.name and not g.failure), None)
+    if f32 is not None and f32.decode:
+        ratio = tp2.decode / f32.decode
+        targets.append((f"decode tokens/s, {tp2.name} / {f32.name}", f"{ratio:.2f}x", ">= 1x", ratio >= 1))
     if big:
         largest, base, peak = big["largest_tensor_bytes"], big["baseline"], big["compile_peak"]
         limit = f"<= 2 x {largest / MIB:.0f} + {base / MIB:.0f} = {(2 * largest + base) / MIB:.0f} MiB"
@@ -391,9 +462,10 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.worker:
         return hf_worker(args.worker, args.max_new_tokens)
-    began, load = time.perf_counter(), os.getloadavg()[0]
+    began, host = time.perf_counter(), host_line()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="tpcompile-bench-llm-"))
     work.mkdir(parents=True, exist_ok=True)
+    llama, llama_note = llama_cpp_python()
     try:
         gens = [Gen("transformers eager (DynamicCache)", "hf-eager", 1)]
         if not args.skip_hf_tp:
@@ -402,15 +474,35 @@ def main(argv: list[str] | None = None) -> None:
         formats = ["torch"] if args.skip_onnx else ["torch", "onnx"]
         for fmt in formats:  # ONNX: segments on onnxruntime, collectives on torch.distributed
             for tp in (1, 2):
-                proc = compile_artifact(smollm2_gguf(), tp, artifact_dir(work, tp, fmt), fmt)
-                share = weight_share(artifact_dir(work, tp, fmt))
+                art = artifact_dir(work, tp, fmt)
+                proc = compile_artifact(smollm2_gguf(), tp, art, fmt)
+                share = weight_share(art)
                 label = f"tp={tp}" + ("" if fmt == "torch" else f", {fmt} format")
-                compiles.append(compile_row(f"SmolLM2-135M GGUF, {label}", proc))
-                gens.append(Gen(f"tpcompile {label}", "tprun", tp, fmt=fmt, share=share))
-                if fmt == "torch" and tp == 2:  # the decode step compiled by Inductor
-                    gens.append(Gen(f"tpcompile {label}, tprun --compile", "tprun", tp, flags=("--compile",),
-                                    share=share))  # fmt: skip
-        measure_generation(gens, work, args.max_new_tokens)
+                kind = ", native programs" if fmt == "torch" else ""
+                name = f"SmolLM2-135M GGUF, {label}{kind} (artifact {artifact_mib(art):.0f} MiB)"
+                compiles.append(compile_row(name, proc))
+                if fmt == "torch":
+                    gens.append(Gen(f"tpcompile {label}, native", "tprun", tp, share=share))
+                    gens.append(Gen(f"tpcompile {label}, eager (--no-native)", "tprun", tp,
+                                    flags=("--no-native",), share=share))  # fmt: skip
+                else:
+                    gens.append(Gen(f"tpcompile {label}", "tprun", tp, fmt=fmt, share=share))
+                if fmt == "torch" and tp == 2:  # the eager decode step compiled by Inductor at run time
+                    gens.append(Gen(f"tpcompile {label}, tprun --no-native --compile", "tprun", tp,
+                                    flags=("--no-native", "--compile"), share=share))  # fmt: skip
+        peer = None
+        if llama is not None:
+            f32 = write_f32_gguf(smollm2_gguf(), work / "smollm2-f32.gguf")
+            peer = Peer(llama, prompt_ids(artifact_dir(work, 1)))
+            gens.append(Gen(f"llama.cpp, F32 GGUF (the same fp32 weights), {CORES} threads", "llama.cpp", 1,
+                            flags=(str(f32),)))  # fmt: skip
+            gens.append(Gen(f"llama.cpp, the Q4_1 GGUF as it is, {CORES} threads", "llama.cpp", 1,
+                            flags=(str(smollm2_gguf()),)))  # fmt: skip
+        measure_generation(gens, work, args.max_new_tokens, peer)
+        for g in gens:  # host overhead of a decode step, from tprun --profile (one more run each)
+            if g.kind == "tprun" and g.tp == 2 and g.fmt == "torch" and "--compile" not in g.flags:
+                art, saved = artifact_dir(work, 2), work / "profile.json"
+                _, g.host_share = tprun_profile(art, args.max_new_tokens, saved, g.flags)
         big = None
         if not args.skip_big:
             big, rows = big_compile(work)
@@ -424,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to fp32), greedy, chat template, prompt "
         f"{PROMPT!r} ({gens[-1].prompt_tokens} tokens), max {args.max_new_tokens} new tokens, KV cache "
-        f"{SEQ_LEN}; {CORES} cores, best of 2 runs; load average at start {load:.2f}\n"
+        f"{SEQ_LEN}; best of 2 runs\n{host}\n{llama_note}\n"
     )
     print(tables(gens, compiles, big))
     print(f"\n(benchmark took {time.perf_counter() - began:.0f} s)")
