@@ -7,7 +7,7 @@
     tprun OUT [generation options] < prompts.txt          # one prompt per line
     tprun serve OUT [--host H] [--port N] [--api-key KEY] [--max-queue N]   # OpenAI-compatible server
     common: [--backend gloo|nccl] [--device cpu|cuda] [--port N] [--timeout S] [--skip-verify] [--debug]
-            [--trust-pickle] [--cpu-bind auto|none]
+            [--trust-pickle] [--cpu-bind auto|none] [--no-native]
 
 Without torchrun, ``tprun`` spawns one worker process per rank (``tp`` from
 the manifest).  Under torchrun (``RANK``/``WORLD_SIZE`` set), each torchrun
@@ -33,9 +33,10 @@ from typing import IO, Any
 
 import click
 
-from .cpu_bind import CPU_BIND_MODES, bind_local_rank
+from .cpu_bind import bind_local_rank
 from .errors import RuntimeArtifactError
-from .launch.args import BACKEND_CHOICES, DEFAULT_TIMEOUT_S, WorkerArgs
+from .launch.args import WorkerArgs
+from .launch.options import rank_options
 from .lm.options import DEFAULT_MAX_NEW_TOKENS, GenerationArgs, SamplingConfig
 from .reporting import EXIT_OK, report_exception
 from .usage import OneLineErrors
@@ -145,29 +146,8 @@ class _Tprun(OneLineErrors, click.Command):
     type=click.Path(path_type=Path, dir_okay=False),
     help="safetensors file to write the named outputs to.",
 )
-@click.option(
-    "--backend", type=click.Choice(BACKEND_CHOICES), help="default: nccl if GPUs suffice, else gloo."
-)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="default: follows the backend.")
 @click.option("--port", type=click.IntRange(1, 65535), help="rendezvous port (default: a free one).")
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=click.FloatRange(min=1.0),
-    default=DEFAULT_TIMEOUT_S,
-    show_default=True,
-    help="seconds before a stuck collective fails.",
-)
-@click.option(
-    "--cpu-bind",
-    type=click.Choice(CPU_BIND_MODES),
-    default="auto",
-    show_default=True,
-    help="pin each rank to cores of its own (one NUMA node each when there are several), if they fit.",
-)
-@click.option("--skip-verify", is_flag=True, help="do not check file hashes against the manifest.")
-@click.option("--debug", is_flag=True, help="print full tracebacks.")
-@click.option("--trust-pickle", is_flag=True, help="load programs that hold pickled data (runs their code).")
+@rank_options
 @click.option(
     "--prompt", "prompts", multiple=True, help="text to answer (repeatable); needs a causal_lm artifact."
 )
@@ -201,11 +181,6 @@ class _Tprun(OneLineErrors, click.Command):
     "compile_decode",
     is_flag=True,
     help="compile the decode step with TorchInductor (faster tokens; the first run compiles for ~1 min).",
-)
-@click.option(
-    "--no-native",
-    is_flag=True,
-    help="run the eager programs even where the artifact has native ones this host can run.",
 )
 @click.option(
     "--profile",

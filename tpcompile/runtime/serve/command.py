@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ..launch.args import BACKEND_CHOICES, DEFAULT_TIMEOUT_S
+from ..launch.options import rank_options
 from ..reporting import report_exception
 from ..usage import OneLineErrors
 
@@ -37,14 +37,6 @@ class _TprunServe(OneLineErrors, click.Command):
 )
 @click.option("--served-model-name", help="the model's name in the API (default: OUT's directory name).")
 @click.option(
-    "--timeout",
-    "timeout_s",
-    type=click.FloatRange(min=1.0),
-    default=DEFAULT_TIMEOUT_S,
-    show_default=True,
-    help="seconds before a stuck collective fails (a stuck rank ends the server).",
-)
-@click.option(
     "--shutdown-timeout",
     "shutdown_timeout_s",
     type=click.FloatRange(min=0.0),
@@ -52,14 +44,7 @@ class _TprunServe(OneLineErrors, click.Command):
     show_default=True,
     help="on SIGTERM / Ctrl-C: seconds the running requests get to finish before they are cancelled.",
 )
-@click.option(
-    "--backend", type=click.Choice(BACKEND_CHOICES), help="default: nccl if GPUs suffice, else gloo."
-)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="default: follows the backend.")
-@click.option("--skip-verify", is_flag=True, help="do not check file hashes against the manifest.")
-@click.option("--trust-pickle", is_flag=True, help="load programs that hold pickled data (runs their code).")
-@click.option("--no-native", is_flag=True, help="run the eager programs even where native ones could run.")
-@click.option("--debug", is_flag=True, help="print full tracebacks.")
+@rank_options
 def serve_command(
     artifact: Path,
     host: str,
@@ -71,6 +56,7 @@ def serve_command(
     shutdown_timeout_s: float,
     backend: str | None,
     device: str | None,
+    cpu_bind: str,
     skip_verify: bool,
     trust_pickle: bool,
     no_native: bool,
@@ -91,6 +77,7 @@ def serve_command(
         served_model_name=served_model_name,
         backend=backend,
         device=device,
+        cpu_bind=cpu_bind,
         skip_verify=skip_verify,
         trust_pickle=trust_pickle,
         native=not no_native,

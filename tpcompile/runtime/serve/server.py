@@ -54,6 +54,7 @@ class ServeOptions:
     served_model_name: str | None = None
     backend: str | None = None
     device: str | None = None
+    cpu_bind: str = "auto"
     skip_verify: bool = False
     trust_pickle: bool = False
     native: bool = True
@@ -166,6 +167,7 @@ def serve(options: ServeOptions) -> int:
             debug=options.debug,
             trust_pickle=options.trust_pickle,
             native=options.native,
+            cpu_bind=options.cpu_bind,
             serve=ServeArgs(Path(tmp) / "ranks.sock"),
         )
         try:
