@@ -58,6 +58,12 @@ def _cpu_signature() -> str:
     return "\n".join([platform.machine(), *keep])
 
 
+def _march() -> str:
+    """The ISA the kernels are built for: this host's (``native``), or ``$TPCOMPILE_CPU_ISA`` (a GCC
+    ``-march`` value such as ``x86-64-v3``, i.e. AVX2 + FMA) to measure or match an older host."""
+    return os.environ.get("TPCOMPILE_CPU_ISA") or "native"
+
+
 def _build(compiler: str, target: Path) -> None:
     include = [f"-I{p}" for p in cpp_extension.include_paths()]
     libdirs = cpp_extension.library_paths()
@@ -66,8 +72,8 @@ def _build(compiler: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         cmd = [
-            compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", abi, *include, str(_SOURCE),
-            "-o", str(out), *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs],
+            compiler, "-O3", f"-march={_march()}", "-std=c++17", "-shared", "-fPIC", abi, *include,
+            str(_SOURCE), "-o", str(out), *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs],
             "-lc10", "-ltorch_cpu", "-ltorch",
         ]  # fmt: skip
         subprocess.run(cmd, check=True, capture_output=True, timeout=600)
@@ -82,7 +88,7 @@ def load_cpu_ops() -> bool:
         if os.environ.get("TPCOMPILE_CPU_KERNELS", "1") != "0" and sys.platform.startswith("linux"):
             compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
             if compiler is not None:
-                key = f"\n{_cpu_signature()}\n{torch.__version__}\n{compiler}".encode()
+                key = f"\n{_cpu_signature()}\n{torch.__version__}\n{compiler}\n{_march()}".encode()
                 digest = hashlib.sha256(_SOURCE.read_bytes() + key).hexdigest()[:16]
                 target = _cache_dir() / f"cpu-ops-{digest}.so"
                 try:
