@@ -36,7 +36,7 @@ import click
 from .cpu_bind import bind_local_rank
 from .errors import RuntimeArtifactError
 from .launch.args import WorkerArgs
-from .launch.options import rank_options
+from .launch.options import RankOptions, rank_options
 from .lm.options import DEFAULT_MAX_NEW_TOKENS, GenerationArgs, SamplingConfig
 from .reporting import EXIT_OK, report_exception
 from .usage import OneLineErrors
@@ -196,14 +196,8 @@ def main(
     artifact: Path,
     inputs: Path | None,
     output: Path | None,
-    backend: str | None,
-    device: str | None,
     port: int | None,
-    timeout_s: float,
-    cpu_bind: str,
-    skip_verify: bool,
-    debug: bool,
-    trust_pickle: bool,
+    ranks: RankOptions,
     prompts: tuple[str, ...],
     prompt_file: Path | None,
     max_new_tokens: int,
@@ -213,7 +207,6 @@ def main(
     seed: int,
     no_chat_template: bool,
     compile_decode: bool,
-    no_native: bool,
     profile: bool,
     save_tokens: Path | None,
 ) -> None:
@@ -242,25 +235,12 @@ def main(
             compile_decode=compile_decode,
             profile=profile,
         )
-    args = WorkerArgs(
-        artifact=artifact,
-        inputs=inputs,
-        output=output,
-        backend=backend,
-        device=device,
-        skip_verify=skip_verify,
-        timeout_s=timeout_s,
-        debug=debug,
-        generation=generation,
-        trust_pickle=trust_pickle,
-        native=not no_native,
-        cpu_bind=cpu_bind,
-    )
+    args = ranks.worker_args(artifact, inputs=inputs, output=output, generation=generation)
     try:
-        bind_local_rank(cpu_bind)  # under torchrun: this rank's cores, before torch starts a thread
+        bind_local_rank(ranks.cpu_bind)  # under torchrun: this rank's cores, before torch starts a thread
         rc = _run(args, port)
     except (Exception, KeyboardInterrupt) as exc:
-        rc = report_exception(exc, debug=debug)
+        rc = report_exception(exc, debug=ranks.debug)
     sys.exit(rc)
 
 

@@ -6,15 +6,50 @@ Invariant: standard library and click only (the options are parsed before torch 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 from ..cpu_bind import CPU_BIND_MODES
-from .args import BACKEND_CHOICES, DEFAULT_TIMEOUT_S
+from .args import BACKEND_CHOICES, DEFAULT_TIMEOUT_S, WorkerArgs
 
-__all__ = ["rank_options"]
+__all__ = ["RankOptions", "rank_options"]
+
+
+@dataclass(frozen=True)
+class RankOptions:
+    """How the ranks of a run are launched and loaded, as the user chose it."""
+
+    backend: str | None = None
+    device: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    cpu_bind: str = "auto"
+    skip_verify: bool = False
+    debug: bool = False
+    trust_pickle: bool = False
+    native: bool = True
+
+    def worker_args(self, artifact: Path, **run: Any) -> WorkerArgs:
+        """The :class:`WorkerArgs` of a run of ``artifact`` with these options; ``run`` names what the run
+        does (``inputs``/``output``, ``generation`` or ``serve``) and may override an option."""
+        args = WorkerArgs(
+            artifact=artifact,
+            backend=self.backend,
+            device=self.device,
+            timeout_s=self.timeout_s,
+            cpu_bind=self.cpu_bind,
+            skip_verify=self.skip_verify,
+            debug=self.debug,
+            trust_pickle=self.trust_pickle,
+            native=self.native,
+        )
+        return dataclasses.replace(args, **run)
+
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -52,8 +87,16 @@ _RANK_OPTIONS = (
 
 
 def rank_options(command: F) -> F:
-    """Add the rank options (``backend``, ``device``, ``timeout_s``, ``cpu_bind``, ``skip_verify``,
-    ``debug``, ``trust_pickle``, ``no_native``) to a click command."""
+    """Add the rank options to a click command, which receives them as one ``ranks: RankOptions``."""
+
+    @functools.wraps(command)
+    def with_ranks(*args: Any, **kwargs: Any) -> Any:
+        no_native = kwargs.pop("no_native")
+        names = ("backend", "device", "timeout_s", "cpu_bind", "skip_verify", "debug", "trust_pickle")
+        ranks = RankOptions(**{name: kwargs.pop(name) for name in names}, native=not no_native)
+        return command(*args, ranks=ranks, **kwargs)
+
+    wrapped: Any = with_ranks
     for option in reversed(_RANK_OPTIONS):
-        command = option(command)
-    return command
+        wrapped = option(wrapped)
+    return wrapped

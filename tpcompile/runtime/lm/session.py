@@ -43,6 +43,7 @@ __all__ = [
     "read_prompt_file",
 ]
 
+
 @dataclass(frozen=True)
 class Generation:
     """One answer: decoded ``text`` ("" without a tokenizer), the ids and the timing of rank 0."""

@@ -112,8 +112,9 @@ def build_app(service: Service) -> FastAPI:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), service.api_key):
-            raise ApiError(401, "missing or incorrect API key (Authorization: Bearer KEY)",
-                           code="invalid_api_key")
+            raise ApiError(
+                401, "missing or incorrect API key (Authorization: Bearer KEY)", code="invalid_api_key"
+            )
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -123,8 +124,9 @@ def build_app(service: Service) -> FastAPI:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         if not service.link.ready.is_set():
             return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok", "slots": service.link.slots,
-                             "open_requests": service.link.open_requests})
+        return JSONResponse(
+            {"status": "ok", "slots": service.link.slots, "open_requests": service.link.open_requests}
+        )
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:

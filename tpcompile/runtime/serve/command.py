@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ..launch.options import rank_options
+from ..launch.options import RankOptions, rank_options
 from ..reporting import report_exception
 from ..usage import OneLineErrors
 
@@ -52,15 +52,8 @@ def serve_command(
     api_key: str | None,
     max_queue: int,
     served_model_name: str | None,
-    timeout_s: float,
     shutdown_timeout_s: float,
-    backend: str | None,
-    device: str | None,
-    cpu_bind: str,
-    skip_verify: bool,
-    trust_pickle: bool,
-    no_native: bool,
-    debug: bool,
+    ranks: RankOptions,
 ) -> None:
     """Serve the causal-LM artifact ARTIFACT (compiled with --max-batch-size B > 1) over OpenAI's HTTP API,
     answering up to B requests at once."""
@@ -68,25 +61,18 @@ def serve_command(
 
     options = ServeOptions(
         artifact=artifact,
+        ranks=ranks,
         host=host,
         port=port,
         api_key=api_key,
         max_queue=max_queue,
-        timeout_s=timeout_s,
         shutdown_timeout_s=shutdown_timeout_s,
         served_model_name=served_model_name,
-        backend=backend,
-        device=device,
-        cpu_bind=cpu_bind,
-        skip_verify=skip_verify,
-        trust_pickle=trust_pickle,
-        native=not no_native,
-        debug=debug,
     )
     try:
         rc = serve(options)
     except (Exception, KeyboardInterrupt) as exc:
-        rc = report_exception(exc, debug=debug)
+        rc = report_exception(exc, debug=ranks.debug)
     # everything is cleaned up by now (ranks reaped, socket directory removed): skip the interpreter's
     # teardown of torch and transformers, which takes seconds and would delay a supervisor's restart
     sys.stdout.flush()

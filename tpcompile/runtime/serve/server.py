@@ -27,8 +27,8 @@ from pathlib import Path
 from types import FrameType
 
 from ..errors import LaunchError, ManifestError, Terminated
-from ..launch.args import WorkerArgs
 from ..launch.launcher import spawn_workers
+from ..launch.options import RankOptions
 from ..reporting import EXIT_OK, print_verbatim
 from .link import RankLink
 from .options import ServeArgs
@@ -45,20 +45,13 @@ class ServeOptions:
     """``tprun serve`` options."""
 
     artifact: Path
+    ranks: RankOptions = RankOptions()
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
     max_queue: int = 64
-    timeout_s: float = 300.0
     shutdown_timeout_s: float = 30.0
     served_model_name: str | None = None
-    backend: str | None = None
-    device: str | None = None
-    cpu_bind: str = "auto"
-    skip_verify: bool = False
-    trust_pickle: bool = False
-    native: bool = True
-    debug: bool = False
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -109,7 +102,7 @@ def serve(options: ServeOptions) -> int:
     from .app import build_app
     from .service import Service
 
-    manifest = load_artifact_manifest(options.artifact, verify=not options.skip_verify)
+    manifest = load_artifact_manifest(options.artifact, verify=not options.ranks.skip_verify)
     lm = manifest.lm
     if not manifest.is_causal_lm or lm is None:
         raise not_a_causal_lm(manifest)
@@ -118,7 +111,7 @@ def serve(options: ServeOptions) -> int:
             f"{manifest.path} serves one sequence at a time (compiled with --max-batch-size 1): "
             "recompile it with --max-batch-size B > 1 to serve B requests at once"
         )
-    check_artifact(manifest, verify=not options.skip_verify, trust_pickle=options.trust_pickle)
+    check_artifact(manifest, verify=not options.ranks.skip_verify, trust_pickle=options.ranks.trust_pickle)
     tokenizer = load_tokenizer(manifest)
     name = options.served_model_name or Path(options.artifact).resolve().name
     http = _listen(options.host, options.port)
@@ -158,17 +151,10 @@ def serve(options: ServeOptions) -> int:
         handler = _Shutdown(begin_shutdown)
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
-        args = WorkerArgs(
-            artifact=options.artifact,
-            backend=options.backend,
-            device=options.device,
-            skip_verify=True,  # checked above
-            timeout_s=options.timeout_s,
-            debug=options.debug,
-            trust_pickle=options.trust_pickle,
-            native=options.native,
-            cpu_bind=options.cpu_bind,
-            serve=ServeArgs(Path(tmp) / "ranks.sock"),
+        args = options.ranks.worker_args(
+            options.artifact,
+            skip_verify=True,
+            serve=ServeArgs(Path(tmp) / "ranks.sock"),  # checked above
         )
         try:
             outcome = spawn_workers([args.to_json()], manifest.tp)
@@ -182,8 +168,9 @@ def serve(options: ServeOptions) -> int:
             web.join(_HTTP_JOIN_S)
             http.close()
     if outcome.returncode != 0:
-        raise LaunchError(outcome.message or f"ranks exited with {outcome.returncode}",
-                          exit_code=outcome.returncode)
+        raise LaunchError(
+            outcome.message or f"ranks exited with {outcome.returncode}", exit_code=outcome.returncode
+        )
     if service.shutting_down:
         print("tprun: server stopped", file=sys.stderr, flush=True)
     return EXIT_OK

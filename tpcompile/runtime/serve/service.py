@@ -103,8 +103,12 @@ class Service:
 
     def check_model(self, model: str) -> None:
         if model != self.name:
-            raise ApiError(404, f"The model `{model}` does not exist (this server serves `{self.name}`)",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"The model `{model}` does not exist (this server serves `{self.name}`)",
+                param="model",
+                code="model_not_found",
+            )
 
     def check_available(self) -> None:
         """503 unless the ranks are up; 429 when the queue is full."""

@@ -98,9 +98,7 @@ def gather_outputs(
     return [gather_sharded(t, p, group) for t, p in zip(outputs, placements, strict=True)]
 
 
-def broadcast_tokens(
-    tokens: torch.Tensor, src: int = 0, group: dist.ProcessGroup | None = None
-) -> list[int]:
+def broadcast_tokens(tokens: torch.Tensor, src: int = 0, group: dist.ProcessGroup | None = None) -> list[int]:
     """Return the int64 ``tokens`` (1-d) of rank ``src`` (group-relative) on every rank, as a list."""
     if world_size(group) == 1:
         return [int(t) for t in tokens.tolist()]
