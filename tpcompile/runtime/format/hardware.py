@@ -152,7 +152,7 @@ def _positive(table: dict[str, Any], key: str, where: str, allow_zero: bool = Fa
 
 def _link(table: dict[str, Any], where: str) -> Link:
     return Link(
-        _positive(table, "latency_us", where, allow_zero=True) * 1e-6,
+        _positive(table, "latency_us", where, allow_zero=True) / 1e6,
         _positive(table, "bandwidth_gbs", where) * GB,
     )
 
@@ -199,7 +199,7 @@ def parse_profile(text: str, source: str) -> HardwareProfile:
         memory_bytes=_positive(device, "memory_gib", dwhere) * 2**30,
         memory_bandwidth=_rank_table(device, "memory_bandwidth_gbs", dwhere, GB),
         peak_flops=_rank_table(device, "peak_tflops", dwhere, 1e12),
-        op_overhead_s=_positive(device, "op_overhead_us", dwhere, allow_zero=True) * 1e-6,
+        op_overhead_s=_positive(device, "op_overhead_us", dwhere, allow_zero=True) / 1e6,
         max_ranks_per_node=max_ranks,
         link=_link(link, f"{where} [link]"),
         nodes=nodes,
