@@ -6,6 +6,7 @@
     tprun OUT --prompt TEXT [--prompt TEXT ...] [--prompt-file F] [generation options] [common options]
     tprun OUT [generation options] < prompts.txt          # one prompt per line
     tprun serve OUT [--host H] [--port N] [--api-key KEY] [--max-queue N]   # OpenAI-compatible server
+    tprun calibrate [--tp N] [--out DIR]   # measure this host: hardware profiles host, host-gloo
     common: [--backend gloo|nccl] [--device cpu|cuda] [--port N] [--timeout S] [--skip-verify] [--debug]
             [--trust-pickle] [--cpu-bind auto|none]
 
@@ -128,6 +129,10 @@ class _Tprun(OneLineErrors, click.Command):
             from .serve.command import serve_command
 
             return serve_command.main(argv[1:], *rest, **extra)
+        if argv[:1] == ["calibrate"]:  # `tprun calibrate`: measure this host for the cost model
+            from .calibrate.command import calibrate_command
+
+            return calibrate_command.main(argv[1:], *rest, **extra)
         return super().main(argv, *rest, **extra)
 
 
