@@ -8,6 +8,7 @@
     tprun serve OUT [--host H] [--port N] [--api-key KEY] [--max-queue N]   # OpenAI-compatible server
     tprun calibrate [--tp N] [--out DIR]   # measure this host: hardware profiles host, host-gloo
     common: [--backend gloo|nccl] [--device cpu|cuda] [--port N] [--timeout S] [--skip-verify] [--debug]
+            [--nnodes N --node-rank R --master-addr A --master-port P]   # one tprun per host
             [--trust-pickle] [--cpu-bind auto|none]
 
 Without torchrun, ``tprun`` spawns one worker process per rank (``tp`` from
@@ -37,6 +38,7 @@ import click
 from .cpu_bind import CPU_BIND_MODES, bind_local_rank
 from .errors import RuntimeArtifactError
 from .launch.args import BACKEND_CHOICES, DEFAULT_TIMEOUT_S, WorkerArgs
+from .launch.nodes import LOCALHOST, Nodes
 from .lm.options import DEFAULT_MAX_NEW_TOKENS, GenerationArgs, SamplingConfig
 from .reporting import EXIT_OK, report_exception
 from .usage import OneLineErrors
@@ -82,7 +84,7 @@ def _preflight(args: WorkerArgs) -> int:
     return manifest.tp
 
 
-def _run(args: WorkerArgs, port: int | None) -> int:
+def _run(args: WorkerArgs, port: int | None, nodes: Nodes | None = None) -> int:
     """Launch the ranks (or run in-process under torchrun) and return the exit code; a failed launch
     raises (see :func:`~tpcompile.runtime.launch.launcher.run_ranks`)."""
     from .launch.launcher import run_ranks
@@ -96,9 +98,10 @@ def _run(args: WorkerArgs, port: int | None) -> int:
     spawned = args if args.skip_verify else replace(args, skip_verify=True)  # hashes checked in _preflight
     with contextlib.ExitStack() as stack:
         stdin = None
-        if args.generation is not None and args.generation.read_stdin:
+        nodes = nodes or Nodes()
+        if args.generation is not None and args.generation.read_stdin and nodes.hosts_rank0:
             stdin = stack.enter_context(_stdin_for_rank0())
-        run_ranks(spawned, nprocs, port, rank0_stdin=stdin, result=args.output)
+        run_ranks(spawned, nprocs, port, rank0_stdin=stdin, result=args.output, nodes=nodes)
     return EXIT_OK
 
 
@@ -170,6 +173,27 @@ class _Tprun(OneLineErrors, click.Command):
     show_default=True,
     help="pin each rank to cores of its own (one NUMA node each when there are several), if they fit.",
 )
+@click.option(
+    "--nnodes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="hosts the ranks are spread over (tp / nnodes each); run tprun on every host.",
+)
+@click.option(
+    "--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="this host's index."
+)
+@click.option(
+    "--master-addr",
+    default=LOCALHOST,
+    show_default=True,
+    help="address of host 0 (rank 0's rendezvous store), reachable from every host.",
+)
+@click.option(
+    "--master-port",
+    type=click.IntRange(1, 65535),
+    help="rendezvous port on --master-addr, the same on every host (needed with --nnodes > 1).",
+)
 @click.option("--skip-verify", is_flag=True, help="do not check file hashes against the manifest.")
 @click.option("--debug", is_flag=True, help="print full tracebacks.")
 @click.option("--trust-pickle", is_flag=True, help="load programs that hold pickled data (runs their code).")
@@ -231,6 +255,10 @@ def main(
     port: int | None,
     timeout_s: float,
     cpu_bind: str,
+    nnodes: int,
+    node_rank: int,
+    master_addr: str,
+    master_port: int | None,
     skip_verify: bool,
     debug: bool,
     trust_pickle: bool,
@@ -288,7 +316,7 @@ def main(
     )
     try:
         bind_local_rank(cpu_bind)  # under torchrun: this rank's cores, before torch starts a thread
-        rc = _run(args, port)
+        rc = _run(args, port, Nodes(nnodes, node_rank, master_addr, master_port))
     except (Exception, KeyboardInterrupt) as exc:
         rc = report_exception(exc, debug=debug)
     sys.exit(rc)
