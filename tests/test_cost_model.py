@@ -5,6 +5,7 @@ one-line errors)."""
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -307,3 +308,23 @@ def test_plan_cli_errors(tiny_config: Path, tmp_path: Path) -> None:
     assert _one_line(proc).startswith(
         "tpcompile: error: --tp 2048 is more ranks than any weight of the model"
     )
+
+
+def test_explain_with_a_profile(gpt_pt2: Path, tmp_path: Path) -> None:
+    """The manifest records the workload (extra.cost); explain --profile predicts from it, layer by layer."""
+    out = tmp_path / "gpt"
+    assert tpcompile(gpt_pt2, "--tp", "2", "-o", out, "--quiet").returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    w = Workload.from_json(manifest["extra"]["cost"])
+    assert w.tp == 2 and w.collective_count() == sum(1 for _ in manifest["collectives"])
+    assert [r.weight_bytes for r in w.ranks] == [r["weight_bytes"] for r in manifest["ranks"]]
+    proc = tpcompile("explain", out, "--profile", "pcie4")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "predicted decode step on pcie4 [PREDICTED from data-sheet numbers]:" in text
+    rows = [ln.split() for ln in text.splitlines() if re.match(r"  layer \d+ ", ln)]
+    assert [r[1] for r in rows] == ["0", "1"]  # the example GPT's 2 blocks
+    assert [r[3] for r in rows] == ["2", "2"]  # each with its 2 all-reduces
+    bad = tpcompile("explain", out, "--profile", "nope")
+    assert bad.returncode == 2
+    assert _one_line(bad).startswith("tpcompile: error: unknown hardware profile 'nope'")

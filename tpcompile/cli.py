@@ -264,12 +264,26 @@ def _check_plan(plan_file: PlanFile, names: Iterable[str], strict: bool, bar: Pr
 
 @main.command("explain")
 @click.argument("artifact", type=click.Path(path_type=Path))
+@click.option(
+    "--profile",
+    "profile_name",
+    help="also predict the decode step on this hardware profile (see `tpcompile plan`), layer by layer.",
+)
+@click.option("--prompt-len", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--debug", is_flag=True)
-def explain_cmd(artifact: Path, debug: bool) -> None:
+def explain_cmd(artifact: Path, profile_name: str | None, prompt_len: int, debug: bool) -> None:
     """Print every parameter's placement, every collective and memory per rank."""
     from tpcompile.explain import explain
 
-    _run(debug, lambda: click.echo(explain(artifact)))
+    def show() -> None:
+        profile = None
+        if profile_name is not None:
+            from tpcompile.cost.profiles import load_profile
+
+            profile = load_profile(profile_name)
+        click.echo(explain(artifact, profile, prompt_len))
+
+    _run(debug, show)
 
 
 def _tp_list(_ctx: click.Context, _param: click.Parameter, value: str) -> list[int]:
