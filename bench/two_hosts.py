@@ -332,6 +332,7 @@ def predicted(
         memory_bandwidth={1: host.bandwidth_per_rank(2)},  # two 1-core "hosts" share this machine
         peak_flops={1: host.flops_per_rank(2)},
         nodes=2,
+        max_ranks_per_node=1,  # one rank per namespace
         network=Link(link[0] + 2 * delay_ms / 1e3, link[1]),
     )
     return predict(workload, two, prompt_len, new_tokens).decode_tokens_per_s

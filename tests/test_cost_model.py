@@ -64,12 +64,14 @@ def test_profile_values_and_per_rank_tables() -> None:
     assert profile_to_toml(parse_profile(text, "again")) == text
 
 
-def test_network_profile_spreads_ranks_over_hosts() -> None:
-    p = _profile("[network]\nnodes = 2\nlatency_us = 2000\nbandwidth_gbs = 0.5\n")
-    assert p.nodes_used(1) == 1 and p.nodes_used(4) == 2
-    assert p.ranks_on_node(4) == 2 and p.ranks_on_node(2) == 1
-    assert p.collective_link(1) == p.link
-    assert p.collective_link(2) == Link(2e-3, 0.5e9)
+def test_network_profile_fills_one_host_first() -> None:
+    p = _profile("[network]\nnodes = 2\nlatency_us = 2000\nbandwidth_gbs = 0.5\n")  # 4 ranks per host
+    assert [p.nodes_used(tp) for tp in (1, 4, 5, 8, 16)] == [1, 1, 2, 2, 2]
+    assert [p.ranks_on_node(tp) for tp in (4, 5, 8)] == [4, 3, 4]
+    assert p.collective_link(4) == p.link
+    assert p.collective_link(5) == Link(2e-3, 0.5e9)
+    assert predict(_workload(8, streamed=1000), p, 1, 1).fits
+    assert not predict(_workload(9, streamed=1000), p, 1, 1).fits
     text = profile_to_toml(p)
     assert profile_to_toml(parse_profile(text, "again")) == text
 
@@ -188,7 +190,7 @@ def test_shipped_profiles_parse() -> None:
     from tpcompile.cost.profiles import SHIPPED_DIR, load_profile
 
     names = sorted(p.stem for p in SHIPPED_DIR.glob("*.toml"))
-    assert {"h100-nvlink", "a100-nvlink", "pcie4", "h100-2hosts-100gbe", "pcie4-2hosts-25gbe"} <= set(names)
+    assert {"h100-nvlink", "a100-nvlink", "pcie4", "h100-2hosts-100gbe", "rtx4090-hosts-25gbe"} <= set(names)
     for name in names:
         profile = load_profile(name)
         assert profile.name == name and profile.predicted  # GPU numbers are predictions

@@ -307,7 +307,8 @@ def _tp_list(_ctx: click.Context, _param: click.Parameter, value: str) -> list[i
     multiple=True,
     required=True,
     help="hardware profile (repeatable): a shipped name (h100-nvlink, a100-nvlink, pcie4, "
-    "h100-2hosts-100gbe, pcie4-2hosts-25gbe), one `tprun calibrate` measured (host, host-gloo), "
+    "h100-2hosts-100gbe, pcie4-2hosts-25gbe, rtx4090-hosts-25gbe), one `tprun calibrate` measured (host, "
+    "host-gloo), "
     "or a .toml file.",
 )
 @click.option("--prompt-len", type=click.IntRange(min=1), default=512, show_default=True, help="for TTFT.")

@@ -18,7 +18,7 @@ A profile file::
     [link]                            # between ranks of one host
     latency_us = 8.0                  # one collective's fixed cost
     bandwidth_gbs = 450               # bus bandwidth
-    [network]                         # optional: ranks spread evenly over `nodes` hosts
+    [network]                         # optional: `nodes` hosts; ranks fill one host before the next
     nodes = 2
     latency_us = 30.0
     bandwidth_gbs = 3.125
@@ -90,7 +90,7 @@ class HardwareProfile:
     op_overhead_s: float  # host time per op of a step
     max_ranks_per_node: int
     link: Link  # between ranks on one host
-    nodes: int = 1  # hosts the ranks are spread over (evenly)
+    nodes: int = 1  # hosts available; ranks fill one (max_ranks_per_node) before using the next
     network: Link | None = None  # between hosts
     source: str = field(default="", compare=False)  # the file it was read from
 
@@ -103,10 +103,11 @@ class HardwareProfile:
         return _per_rank(self.peak_flops, ranks_on_node)
 
     def nodes_used(self, tp: int) -> int:
-        """Hosts that ``tp`` ranks occupy: spread over ``nodes`` when there are that many ranks."""
-        return max(1, min(self.nodes, tp))
+        """Hosts that ``tp`` ranks occupy: one host is filled (``max_ranks_per_node``) before the next."""
+        return max(1, min(self.nodes, math.ceil(tp / self.max_ranks_per_node)))
 
     def ranks_on_node(self, tp: int) -> int:
+        """Ranks sharing a host: spread evenly over the hosts used."""
         return math.ceil(tp / self.nodes_used(tp))
 
     def collective_link(self, tp: int) -> Link:
