@@ -3,8 +3,9 @@ at tp=1 and tp=2 over the same-host shared-memory transport and at tp=2 over glo
 
 Each round runs `tprun calibrate --tp 2` (writing the `host` and `host-gloo` profiles), then `tprun` on
 each artifact; the prediction uses the artifact's own workload (manifest `extra.cost`) and that round's
-profile. The machine is shared, so both sides take the best of the rounds (the least disturbed run), side
-by side; the host line (CPU, ISA flags, load average) is printed.
+profile. The machine is shared: every round is printed, and the table keeps, for each run, the round
+whose measurement was best (the least disturbed), with that same round's prediction (calibrated minutes
+before, under the same load); the host line (CPU, ISA flags, load average) is printed.
 
     python bench/cost_validation.py [--rounds 2] [--new-tokens 128] [--work /tmp/tpcompile-cost]
 
@@ -145,23 +146,29 @@ def main() -> None:
                 f"  load {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
-            row = best.setdefault(label, {"measured": 0.0, "predicted": 0.0, "ttft": 9e9, "pttft": 9e9})
-            row["measured"] = max(row["measured"], measured)
-            row["predicted"] = max(row["predicted"], pred.decode_tokens_per_s)
-            row["ttft"] = min(row["ttft"], ttft)
-            row["pttft"] = min(row["pttft"], pred.ttft_s)
+            if measured > best.get(label, {}).get("measured", 0.0):
+                best[label] = {
+                    "measured": measured,
+                    "predicted": pred.decode_tokens_per_s,
+                    "ttft": ttft,
+                    "pttft": pred.ttft_s,
+                    "load": os.getloadavg()[0],
+                }
     print()
-    print(f"best of {args.rounds} rounds, {time.strftime('%Y-%m-%d')}; {host_line()}")
+    print(
+        f"the best-measured of {args.rounds} rounds each, {time.strftime('%Y-%m-%d %H:%M')} UTC; "
+        f"{host_line()}"
+    )
     print(
         "| run | predicted decode (tok/s) | measured decode (tok/s) | error | predicted TTFT (ms) "
-        "| measured TTFT (ms) |"
+        "| measured TTFT (ms) | load |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for label, row in best.items():
         err = row["predicted"] / row["measured"] - 1
         print(
             f"| SmolLM2 {label} | {row['predicted']:.1f} | {row['measured']:.1f} | {err:+.0%} | "
-            f"{row['pttft'] * 1e3:.0f} | {row['ttft'] * 1e3:.0f} |"
+            f"{row['pttft'] * 1e3:.0f} | {row['ttft'] * 1e3:.0f} | {row['load']:.1f} |"
         )
 
 

@@ -278,7 +278,7 @@ def _probe(rank: int, addr: str) -> None:
 
 def probe_link(devs: tuple[str, str]) -> tuple[float, float]:
     """(all-reduce latency s, bus bandwidth bytes/s) of 2 ranks across the link, as `tprun calibrate` fits
-    them (the slower rank's median times of a decode-sized and a 1 MiB all-reduce)."""
+    them (the slower rank's mean times of a decode-sized and a 1 MiB all-reduce)."""
     from tpcompile.runtime.calibrate.command import DECODE_BYTES, LARGE_BYTES
 
     procs = [

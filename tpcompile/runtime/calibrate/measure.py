@@ -16,6 +16,7 @@ the host as tprun's ranks do.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -30,14 +31,12 @@ HIDDEN = 576  # a decode row of a small model; any few-KiB row behaves the same
 
 
 def _typical(fn: Callable[[], object], repeats: int) -> float:
-    """The median time of ``repeats`` calls: what the host typically gives now (a shared machine's
-    decode runs at its typical speed, not its best)."""
-    times = []
+    """The mean time of ``repeats`` calls: what the host gives now, stalls included (a decode's tokens/s
+    is a mean over its steps, on a shared machine with the other jobs' share taken out)."""
+    start = time.perf_counter()
     for _ in range(repeats):
-        start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return (time.perf_counter() - start) / repeats
 
 
 def bandwidth(nbytes: int, repeats: int = 5) -> float:
@@ -90,19 +89,14 @@ def op_overhead(n: int = 2000, repeats: int = 5) -> float:
 def all_reduce_times(
     reduce: Callable[[torch.Tensor], object], small: int, large: int, repeats: int = 200
 ) -> tuple[float, float]:
-    """(seconds of one all-reduce of ``small`` bytes, of ``large`` bytes): medians, after a barrier-like
-    warm-up of a few calls."""
+    """(seconds of one all-reduce of ``small`` bytes, of ``large`` bytes): means, after a warm-up of a
+    few calls."""
     out = []
     for nbytes, n in ((small, repeats), (large, max(10, repeats // 10))):
         t = torch.ones(nbytes // 4)
         for _ in range(5):
             reduce(t)
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            reduce(t)
-            times.append(time.perf_counter() - start)
-        out.append(sorted(times)[len(times) // 2])
+        out.append(_typical(functools.partial(reduce, t), n))
     return out[0], out[1]
 
 
