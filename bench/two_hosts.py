@@ -12,9 +12,10 @@ For each delay it runs SmolLM2 (or any causal-LM artifact at tp=2) across the tw
 that the greedy tokens equal a one-host run of the same artifact, and compares the measured decode
 tokens/s with the cost model's prediction for that delay: the `host-gloo` profile measured by `tprun
 calibrate` (per-rank numbers of 2 ranks sharing this machine), with the network cost of a collective
-measured once across the link at 0 ms (gloo all-reduce latency and bandwidth between the namespaces) and
-2 x the one-way delay added to its latency (a 2-rank ring all-reduce crosses the link twice, one after the
-other).
+from probing the link with gloo all-reduces at 0 ms and at `--reference-ms` (1 ms): its latency and
+bandwidth at 0 ms, and how many one-way crossings in sequence an all-reduce makes (the latency's growth per
+ms of delay: 2 for a 2-rank ring if every message left at once, more when a transport handshakes); the
+prediction at each delay adds that many delays to the latency.
 
 Bounded and tidy: namespaces `tpc2h-a` / `tpc2h-b`, addresses 10.231.77.1-2 on the link devices only,
 every run under a timeout, and everything removed at the end (also after an error or Ctrl-C).
@@ -316,8 +317,26 @@ def probe_link(devs: tuple[str, str]) -> tuple[float, float]:
     return max(0.0, small - DECODE_BYTES * slope), 1 / slope
 
 
+@dataclasses.dataclass(frozen=True)
+class LinkModel:
+    """A collective across the link: ``latency_s + transits x one-way delay + bytes / bandwidth``."""
+
+    latency_s: float
+    bandwidth_bytes_s: float
+    transits: float  # one-way link crossings in sequence per all-reduce (fitted: ~2 for a 2-rank ring)
+
+
+def fit_link(kind: str, reference_ms: float) -> LinkModel:
+    """Probe the link at 0 ms and at ``reference_ms``: the latency grows by ``transits x delay``."""
+    with delayed_link(kind, 0.0) as devs:
+        base, bandwidth = probe_link(devs)
+    with delayed_link(kind, reference_ms) as devs:
+        delayed, _ = probe_link(devs)
+    return LinkModel(base, bandwidth, max(0.0, (delayed - base) / (reference_ms / 1e3)))
+
+
 def predicted(
-    art: Path, profile_name: str, link: tuple[float, float], delay_ms: float, prompt_len: int, new_tokens: int
+    art: Path, profile_name: str, link: LinkModel, delay_ms: float, prompt_len: int, new_tokens: int
 ) -> float:
     from tpcompile.cost.model import predict
     from tpcompile.cost.profiles import load_profile
@@ -333,7 +352,7 @@ def predicted(
         peak_flops={1: host.flops_per_rank(2)},
         nodes=2,
         max_ranks_per_node=1,  # one rank per namespace
-        network=Link(link[0] + 2 * delay_ms / 1e3, link[1]),
+        network=Link(link.latency_s + link.transits * delay_ms / 1e3, link.bandwidth_bytes_s),
     )
     return predict(workload, two, prompt_len, new_tokens).decode_tokens_per_s
 
@@ -345,6 +364,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--profile", default="host-gloo", help="measured by `tprun calibrate --tp 2`")
     ap.add_argument("--link", choices=["auto", "netem", "tun"], default="auto")
+    ap.add_argument("--reference-ms", type=float, default=1.0, help="delay the link is probed at (besides 0)")
     ap.add_argument("--probe-rank", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--probe-addr", help=argparse.SUPPRESS)
     args = ap.parse_args()
