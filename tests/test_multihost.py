@@ -127,3 +127,19 @@ def test_smollm2_across_two_namespaces_with_delay(compiled_smollm2) -> None:  # 
         ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         for ns in two_hosts.NS
     )
+
+
+def test_worker_env_numbers_ranks_across_hosts() -> None:
+    from tpcompile.runtime.launch.launcher import worker_env
+    from tpcompile.runtime.launch.nodes import Nodes
+
+    nodes = Nodes(nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=29500)
+    env = worker_env(1, 2, 29500, base={}, nodes=nodes)  # local rank 1 of host 1, 2 ranks per host
+    assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")} == {
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "4",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "10.0.0.1",
+    }
+    assert [nodes.global_rank(4, r) for r in (0, 1)] == [2, 3]
