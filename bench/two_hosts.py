@@ -391,10 +391,10 @@ def main() -> int:
                     "(this kernel has no netem qdisc: the delay is applied by bench/delay_link.py "
                     "on a TUN pair)"
                 )
-        with delayed_link(kind, 0.0) as devs:
-            link = probe_link(devs)
+        link = fit_link(kind, args.reference_ms)
         print(
-            f"link at 0 ms: all-reduce {link[0] * 1e6:.0f} us + bytes / {link[1] / 1e9:.2f} GB/s (measured)"
+            f"link (probed at 0 and {args.reference_ms} ms): all-reduce {link.latency_s * 1e6:.0f} us + "
+            f"{link.transits:.2f} x one-way delay + bytes / {link.bandwidth_bytes_s / 1e9:.2f} GB/s"
         )
         for delay in [float(d) for d in args.delays_ms.split(",")]:
             with delayed_link(kind, delay) as devs:
