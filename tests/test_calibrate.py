@@ -1,4 +1,4 @@
-"""`tprun calibrate`: it writes measured hardware profiles the cost model reads, and its errors are one line."""
+"""`tprun calibrate`: it writes measured hardware profiles the cost model reads; its errors are one line."""
 
 from __future__ import annotations
 
