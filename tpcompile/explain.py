@@ -1,11 +1,17 @@
-"""``tpcompile explain``: a readable table of an artifact's plan, collectives and memory per rank."""
+"""``tpcompile explain``: a readable table of an artifact's plan, collectives and memory per rank, and with
+``--profile`` the cost model's predicted decode step on that hardware, layer by layer."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tpcompile.errors import UsageError
 from tpcompile.runtime.format import Manifest
+from tpcompile.runtime.format.hardware import HardwareProfile
+from tpcompile.runtime.format.placement import Pieces, Shard
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)|(?:^|\.)h\.(\d+)(?:\.|$)|(?:^|\.)blocks\.(\d+)(?:\.|$)")
 
 
 def read_manifest(artifact: Path) -> Manifest:
@@ -22,7 +28,7 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
-def explain(artifact: Path) -> str:
+def explain(artifact: Path, profile: HardwareProfile | None = None, prompt_len: int = 512) -> str:
     m = read_manifest(artifact)
     lines = [f"artifact {artifact}  tp={m.tp}  dtype={m.dtype}  source={m.source}", "", "parameters:"]
     width = max((len(p.name) for p in m.parameters), default=10)
@@ -50,4 +56,76 @@ def explain(artifact: Path) -> str:
     for r in m.ranks:
         share = r.weight_bytes / m.total_weight_bytes if m.total_weight_bytes else 0.0
         lines.append(f"  rank {r.rank}: {_mib(r.weight_bytes)} ({share:.0%} of {_mib(m.total_weight_bytes)})")
+    if profile is not None:
+        lines += ["", *predicted_breakdown(m, profile, prompt_len)]
     return "\n".join(lines)
+
+
+def _layer(name: str) -> str:
+    """The decoder layer a parameter or collective scope belongs to (for display), else "other"."""
+    found = _LAYER.search(name)
+    if found is None:
+        return "other"
+    return f"layer {next(g for g in found.groups() if g is not None)}"
+
+
+def _local_bytes(shape: list[int], placement: object, rank: int, itemsize: int) -> int:
+    numel = 1
+    for i, size in enumerate(shape):
+        if isinstance(placement, Shard) and i == placement.dim:
+            size = placement.sizes[rank]
+        elif isinstance(placement, Pieces) and i == placement.dim:
+            size = sum(placement.local_size(k, rank) for k in range(len(placement.parts)))
+        numel *= size
+    return numel * itemsize
+
+
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4}
+
+
+def predicted_breakdown(m: Manifest, profile: HardwareProfile, prompt_len: int) -> list[str]:
+    """The cost model's decode step of ``m`` on ``profile``: the total, then per layer the slowest rank's
+    weight-streaming time and its share of the step's collectives (the runtime's argmax gather is one more,
+    outside any layer)."""
+    from tpcompile.cost.model import predict
+    from tpcompile.cost.workload import Workload
+
+    section = m.extra.get("cost")
+    kind = "PREDICTED from data-sheet numbers" if profile.predicted else "measured on this host"
+    head = f"predicted decode step on {profile.name} [{kind}]:"
+    if not section:
+        return [head, "  (this artifact predates the cost section of the manifest: recompile it)"]
+    w = Workload.from_json(section)
+    pred = predict(w, profile, prompt_len, 128)
+    step = pred.decode
+    lines = [
+        head,
+        f"  {pred.decode_tokens_per_s:.1f} tokens/s at position {prompt_len + 64}: slowest rank "
+        f"{step.slowest_rank}: weights {step.weights_s * 1e3:.3f} ms, compute {step.compute_s * 1e3:.3f} ms, "
+        f"host {step.host_s * 1e3:.3f} ms; collectives {step.comm_s * 1e3:.3f} ms "
+        f"({pred.comm_share:.0%} of the step)",
+        f"  {'layer':<10} {'weights ms (slowest rank)':>26} {'collectives':>12} {'comm ms':>9}",
+    ]
+    on_node = profile.ranks_on_node(m.tp)
+    bandwidth = profile.bandwidth_per_rank(on_node)
+    per_layer: dict[str, list[float]] = {}
+    zero = set(m.zero_state)
+    for p in m.parameters:
+        if p.name in zero:
+            continue
+        item = _ITEMSIZE.get(p.dtype, 4)
+        worst = max(_local_bytes(p.shape, p.placement, r, item) for r in range(m.tp))
+        per_layer.setdefault(_layer(p.name), [0.0, 0, 0.0])[0] += worst / bandwidth
+    mean_comm = step.comm_s / w.collective_count() if w.collective_count() else 0.0
+    for c in m.collectives:  # a layer's share of the step's collectives (they carry the same row size)
+        row = per_layer.setdefault(_layer(c.scope), [0.0, 0, 0.0])
+        row[1] += 1
+        row[2] += mean_comm
+    for name in sorted(per_layer, key=_layer_order):
+        weights, count, comm = per_layer[name]
+        lines.append(f"  {name:<10} {weights * 1e3:>26.3f} {int(count):>12} {comm * 1e3:>9.3f}")
+    return lines
+
+
+def _layer_order(name: str) -> tuple[int, int]:
+    return (0, int(name.split()[1])) if name.startswith("layer ") else (1, 0)

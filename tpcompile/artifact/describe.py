@@ -17,6 +17,7 @@ import torch.fx as fx
 
 import tpcompile
 from tpcompile.artifact.program import input_symbols
+from tpcompile.cost.extract import workload
 from tpcompile.frontend.capture import CapturedModel, LanguageModelInfo
 from tpcompile.passes.collectives import GROUP_NAME
 from tpcompile.passes.lower_rank import tensor_bytes
@@ -141,6 +142,8 @@ def build_manifest(
     )
     if plan.unsplit:
         manifest.extra["unsplit"] = dict(sorted(plan.unsplit.items()))
+    # what one step of each rank does, for the cost model (tpcompile explain --profile, tpcompile/cost/)
+    manifest.extra["cost"] = workload(captured, prop).to_json()
     experts = describe_experts(names, prop.roots, captured.gm, moe)  # mixture of experts: mode, layouts
     if experts is not None:
         manifest.extra["moe"] = experts

@@ -196,7 +196,7 @@ def load_hf(
         program = export_rows(wrapper, str(path), _export_module)
     else:
         wrapper = CausalLMWithStaticCache(model, max_batch_size, seq).eval()
-        program = _export(wrapper, max_batch_size, seq, str(path))
+        program = export_static_cache(wrapper, max_batch_size, seq, str(path))
     reader = CheckpointReader(tensors, model, torch_dtype)
     reader.buffers.update({f"{CACHE_PREFIX}{k}": v for k, v in wrapper.kv_cache.named_buffers()})
     generation = ckpt.generation_defaults()
@@ -233,7 +233,10 @@ def _export_module(module: nn.Module, args: tuple[Any, ...], dynamic: Any, sourc
     return export_module(module, args, dynamic, source, strict=False)
 
 
-def _export(wrapper: nn.Module, batch: int, seq: int, source: str) -> torch.export.ExportedProgram:
+def export_static_cache(
+    wrapper: nn.Module, batch: int, seq: int, source: str
+) -> torch.export.ExportedProgram:
+    """Capture ``wrapper`` with a dynamic sequence length of 1 .. ``seq - 1`` tokens."""
     ids = torch.zeros(batch, 2, dtype=torch.long)
     pos = torch.arange(2)
     length = torch.export.Dim("seq_len", min=1, max=seq - 1)

@@ -6,8 +6,10 @@
     tprun OUT --prompt TEXT [--prompt TEXT ...] [--prompt-file F] [generation options] [common options]
     tprun OUT [generation options] < prompts.txt          # one prompt per line
     tprun serve OUT [--host H] [--port N] [--api-key KEY] [--max-queue N]   # OpenAI-compatible server
+    tprun calibrate [--tp N] [--out DIR]   # measure this host: hardware profiles host, host-gloo
     common: [--backend gloo|nccl] [--device cpu|cuda] [--port N] [--timeout S] [--skip-verify] [--debug]
             [--trust-pickle] [--cpu-bind auto|none] [--no-native]
+            [--nnodes N --node-rank R --master-addr A --master-port P]   # one tprun per host
 
 Without torchrun, ``tprun`` spawns one worker process per rank (``tp`` from
 the manifest).  Under torchrun (``RANK``/``WORLD_SIZE`` set), each torchrun
@@ -36,6 +38,7 @@ import click
 from .cpu_bind import bind_local_rank
 from .errors import RuntimeArtifactError
 from .launch.args import WorkerArgs
+from .launch.nodes import LOCALHOST, Nodes
 from .launch.options import RankOptions, rank_options
 from .lm.options import DEFAULT_MAX_NEW_TOKENS, GenerationArgs, SamplingConfig
 from .reporting import EXIT_OK, report_exception
@@ -82,7 +85,7 @@ def _preflight(args: WorkerArgs) -> int:
     return manifest.tp
 
 
-def _run(args: WorkerArgs, port: int | None) -> int:
+def _run(args: WorkerArgs, port: int | None, nodes: Nodes | None = None) -> int:
     """Launch the ranks (or run in-process under torchrun) and return the exit code; a failed launch
     raises (see :func:`~tpcompile.runtime.launch.launcher.run_ranks`)."""
     from .launch.launcher import run_ranks
@@ -96,9 +99,10 @@ def _run(args: WorkerArgs, port: int | None) -> int:
     spawned = args if args.skip_verify else replace(args, skip_verify=True)  # hashes checked in _preflight
     with contextlib.ExitStack() as stack:
         stdin = None
-        if args.generation is not None and args.generation.read_stdin:
+        nodes = nodes or Nodes()
+        if args.generation is not None and args.generation.read_stdin and nodes.hosts_rank0:
             stdin = stack.enter_context(_stdin_for_rank0())
-        run_ranks(spawned, nprocs, port, rank0_stdin=stdin, result=args.output)
+        run_ranks(spawned, nprocs, port, rank0_stdin=stdin, result=args.output, nodes=nodes)
     return EXIT_OK
 
 
@@ -129,6 +133,10 @@ class _Tprun(OneLineErrors, click.Command):
             from .serve.command import serve_command
 
             return serve_command.main(argv[1:], *rest, **extra)
+        if argv[:1] == ["calibrate"]:  # `tprun calibrate`: measure this host for the cost model
+            from .calibrate.command import calibrate_command
+
+            return calibrate_command.main(argv[1:], *rest, **extra)
         return super().main(argv, *rest, **extra)
 
 
@@ -148,6 +156,27 @@ class _Tprun(OneLineErrors, click.Command):
 )
 @click.option("--port", type=click.IntRange(1, 65535), help="rendezvous port (default: a free one).")
 @rank_options
+@click.option(
+    "--nnodes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="hosts the ranks are spread over (tp / nnodes each); run tprun on every host.",
+)
+@click.option(
+    "--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="this host's index."
+)
+@click.option(
+    "--master-addr",
+    default=LOCALHOST,
+    show_default=True,
+    help="address of host 0 (rank 0's rendezvous store), reachable from every host.",
+)
+@click.option(
+    "--master-port",
+    type=click.IntRange(1, 65535),
+    help="rendezvous port on --master-addr, the same on every host (needed with --nnodes > 1).",
+)
 @click.option(
     "--prompt", "prompts", multiple=True, help="text to answer (repeatable); needs a causal_lm artifact."
 )
@@ -198,6 +227,10 @@ def main(
     output: Path | None,
     port: int | None,
     ranks: RankOptions,
+    nnodes: int,
+    node_rank: int,
+    master_addr: str,
+    master_port: int | None,
     prompts: tuple[str, ...],
     prompt_file: Path | None,
     max_new_tokens: int,
@@ -238,7 +271,7 @@ def main(
     args = ranks.worker_args(artifact, inputs=inputs, output=output, generation=generation)
     try:
         bind_local_rank(ranks.cpu_bind)  # under torchrun: this rank's cores, before torch starts a thread
-        rc = _run(args, port)
+        rc = _run(args, port, Nodes(nnodes, node_rank, master_addr, master_port))
     except (Exception, KeyboardInterrupt) as exc:
         rc = report_exception(exc, debug=ranks.debug)
     sys.exit(rc)

@@ -43,6 +43,7 @@ from ..reporting import (
 )
 from ..transport.shm import remove_segments
 from .args import WorkerArgs
+from .nodes import LOCALHOST, Nodes
 
 __all__ = [
     "LAUNCHER_PID_ENV",
@@ -140,20 +141,23 @@ def worker_env(
     port: int,
     base: Mapping[str, str] | None = None,
     cpus: Sequence[int] | None = None,
+    nodes: Nodes | None = None,
 ) -> dict[str, str]:
-    """Environment for local rank ``rank`` of ``nprocs`` (env:// rendezvous on 127.0.0.1), pinned to
-    ``cpus`` when given (one thread per CPU unless ``OMP_NUM_THREADS`` says otherwise)."""
+    """Environment for local rank ``rank`` of ``nprocs`` (env:// rendezvous on 127.0.0.1, or on the
+    master address of ``nodes``: then global rank and world size span every host), pinned to ``cpus``
+    when given (one thread per CPU unless ``OMP_NUM_THREADS`` says otherwise)."""
+    nodes = nodes or Nodes()
     env = dict(os.environ if base is None else base)
     env.pop(CPUS_ENV, None)
     if cpus:
         env[CPUS_ENV] = ",".join(map(str, cpus))
         env.setdefault("OMP_NUM_THREADS", str(len(cpus)))
     env.update(
-        MASTER_ADDR="127.0.0.1",
+        MASTER_ADDR=nodes.master_addr,
         MASTER_PORT=str(port),
-        RANK=str(rank),
+        RANK=str(nodes.node_rank * nprocs + rank),
         LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(nprocs),
+        WORLD_SIZE=str(nprocs * nodes.nnodes),
         LOCAL_WORLD_SIZE=str(nprocs),
     )
     env[LAUNCHER_PID_ENV] = str(os.getpid())
@@ -258,22 +262,24 @@ def _spawn(
     env: Mapping[str, str] | None,
     rank0_stdin: IO[Any] | None,
     cpu_sets: Sequence[Sequence[int]] | None,
+    nodes: Nodes,
 ) -> list[_Rank]:
     cmd = [sys.executable, "-c", _BOOTSTRAP, *argv]
     ranks: list[_Rank] = []
+    first = nodes.node_rank * nprocs  # the global rank of local rank 0
     try:
         for rank in range(nprocs):
             proc = subprocess.Popen(
                 cmd,
-                env=worker_env(rank, nprocs, port, env, cpu_sets[rank] if cpu_sets else None),
-                stdin=rank0_stdin if rank0_stdin is not None and rank == 0 else subprocess.DEVNULL,
+                env=worker_env(rank, nprocs, port, env, cpu_sets[rank] if cpu_sets else None, nodes),
+                stdin=rank0_stdin if rank0_stdin is not None and first + rank == 0 else subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # Ctrl-C reaches the launcher only; it stops the ranks
                 text=True,
                 errors="replace",
                 bufsize=1,
             )
-            prefix = f"[rank {rank}] " if nprocs > 1 else ""
+            prefix = f"[rank {first + rank}] " if nprocs * nodes.nnodes > 1 else ""
             ranks.append(_Rank(rank, proc, prefix))
     except BaseException:
         _terminate(ranks, 0.0)
@@ -292,6 +298,7 @@ def spawn_workers(
     grace_s: float = 5.0,
     rank0_stdin: IO[Any] | None = None,
     cpu_sets: Sequence[Sequence[int]] | None = None,
+    nodes: Nodes | None = None,
 ) -> LaunchOutcome:
     """Run ``python -m tpcompile.runtime.launch.worker *argv`` as ``nprocs`` local ranks (via a bootstrap
     that ties each rank's lifetime to this process).
@@ -301,7 +308,8 @@ def spawn_workers(
     carries (so an error is printed once); stdout is inherited, so rank 0's streamed text goes
     straight to ours.  Rank 0 reads ``rank0_stdin`` (a file, or our own
     stdin) when given; the others, and rank 0 otherwise, read from /dev/null.  Rank r is pinned to
-    ``cpu_sets[r]`` when given (:mod:`tpcompile.runtime.cpu_bind`).
+    ``cpu_sets[r]`` when given (:mod:`tpcompile.runtime.cpu_bind`).  With ``nodes`` (a job over several
+    hosts) these are this host's ranks, and the rendezvous is on ``nodes.master_addr``.
     As soon as one rank exits non-zero the others are terminated (SIGTERM,
     then SIGKILL after ``grace_s``); so are all of them on KeyboardInterrupt
     (Ctrl-C), which returns exit code 130, and on
@@ -313,11 +321,14 @@ def spawn_workers(
     """
     if nprocs < 1:
         raise ValueError(f"nprocs must be >= 1, got {nprocs}")
+    nodes = nodes or Nodes()
+    if nodes.master_port is not None:
+        port = nodes.master_port
     if port is None:
         port = free_port()
-    else:
-        check_port_free(port)
-    ranks = _spawn(argv, nprocs, port, env, rank0_stdin, cpu_sets)
+    elif nodes.hosts_rank0 and nodes.master_addr in (LOCALHOST, "localhost"):
+        check_port_free(port)  # rank 0's store listens here (on another host's address: not checkable)
+    ranks = _spawn(argv, nprocs, port, env, rank0_stdin, cpu_sets, nodes)
     done: queue.Queue[int] = queue.Queue()
     for r in ranks:
         threading.Thread(
@@ -360,9 +371,11 @@ def run_ranks(
     env: Mapping[str, str] | None = None,
     rank0_stdin: IO[Any] | None = None,
     result: Path | None = None,
+    nodes: Nodes | None = None,
 ) -> None:
-    """Run ``args`` as ``nprocs`` spawned local ranks (:func:`spawn_workers`); return once every rank
-    exited 0 and, when ``result`` is given, rank 0 wrote that file.
+    """Run ``args`` as ``nprocs`` spawned local ranks (:func:`spawn_workers`; with ``nodes``, this host's
+    ``nprocs / nnodes`` of them); return once every rank exited 0 and, when ``result`` is given, rank 0
+    wrote that file.
 
     This is the one place that turns a :class:`LaunchOutcome` into a result or an error, for ``tprun``,
     ``run_artifact`` and ``generate_text`` alike.
@@ -373,14 +386,17 @@ def run_ranks(
             message names the rank and its error; 143 after SIGTERM), ``port`` is in use, or rank 0 wrote
             no ``result``.
     """
-    cpu_sets = rank_cpu_sets(args.cpu_bind, nprocs, os.environ if env is None else env)
+    nodes = nodes or Nodes()
+    nodes.check(nprocs)
+    local = nodes.local_ranks(nprocs)
+    cpu_sets = rank_cpu_sets(args.cpu_bind, local, os.environ if env is None else env)
     outcome = spawn_workers(
-        [args.to_json()], nprocs, port, env=env, rank0_stdin=rank0_stdin, cpu_sets=cpu_sets
+        [args.to_json()], local, port, env=env, rank0_stdin=rank0_stdin, cpu_sets=cpu_sets, nodes=nodes
     )
     if outcome.reported and outcome.message:
         raise PromptError(outcome.message, reported=True)  # every rank rejected the prompt the same way
     if outcome.returncode != 0:
         message = outcome.message or f"workers failed with exit code {outcome.returncode}"
         raise LaunchError(message, exit_code=outcome.returncode)
-    if result is not None and not result.is_file():
+    if result is not None and nodes.hosts_rank0 and not result.is_file():
         raise LaunchError(f"workers exited successfully but rank 0 wrote no {result.name}")
