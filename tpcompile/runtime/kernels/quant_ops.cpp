@@ -1,0 +1,276 @@
+// CPU kernels of tpcompile's quantized-weight ops (see quant.py): the weight stays in its packed block
+// layout (GGUF Q8_0 / Q4_0 / Q4_1) and is decoded block by block while it streams through the product.
+//
+// quant_linear(x [.., K] f32, packed [N, K/32*bb] u8, bias?, format, K) -> [.., N] f32
+//   - at most kDecodeRows activation rows (a decode step): every weight row is read once, each block
+//     decoded in registers to the dequantized fp32 weights and multiplied into fp32 vector accumulators
+//     (one per activation row); the output rows are spread over torch's intra-op threads;
+//   - more rows (a prompt): the weight is decoded to fp32 in chunks of output rows, each chunk multiplied
+//     with BLAS (at::mm).
+// quant_embedding(packed [V, K/32*bb] u8, ids, format, K) -> [ids.., K] f32: the gathered rows decoded.
+//
+// Built with -O3 -march=native: GCC vector extensions become AVX-512 on hosts that have it and AVX2 (two
+// registers per vector) on those that do not. Every weight equals the reference dequantization
+// (gguf.quants, fp32) bit for bit; products and sums are fp32, in a fixed order per output element.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kDecodeRows = 8;
+constexpr int64_t kBlock = 32;
+
+enum Format : int64_t { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint8_t v16u8 __attribute__((vector_size(16)));
+
+inline float half(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
+}
+
+// 16 bytes (unsigned, or signed with kSigned) widened to 16 floats: explicit intrinsics, because GCC
+// scalarizes __builtin_convertvector from bytes to floats.
+template <bool kSigned>
+inline v16f bytes_to_float(const uint8_t* p) {
+  v16f r;
+#if defined(__AVX512F__)
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m512i w = kSigned ? _mm512_cvtepi8_epi32(v) : _mm512_cvtepu8_epi32(v);
+  __m512 f = _mm512_cvtepi32_ps(w);
+  std::memcpy(&r, &f, sizeof r);
+#elif defined(__AVX2__)
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m128i h = _mm_srli_si128(v, 8);
+  __m256 a = _mm256_cvtepi32_ps(kSigned ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v));
+  __m256 b = _mm256_cvtepi32_ps(kSigned ? _mm256_cvtepi8_epi32(h) : _mm256_cvtepu8_epi32(h));
+  std::memcpy(&r, &a, 32);
+  std::memcpy(reinterpret_cast<char*>(&r) + 32, &b, 32);
+#else
+  for (int i = 0; i < 16; i++) r[i] = kSigned ? float(int8_t(p[i])) : float(p[i]);
+#endif
+  return r;
+}
+
+inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float hsum(v16f v) {
+  float s = 0.0f;
+  for (int i = 0; i < 16; i++) s += v[i];
+  return s;
+}
+
+int64_t block_bytes(int64_t format) {
+  switch (format) {
+    case Q8_0: return 34;
+    case Q4_0: return 18;
+    case Q4_1: return 20;
+  }
+  TORCH_CHECK(false, "quant kernels: unknown format code ", format);
+}
+
+// The 32 weights of one block as two 16-lane vectors (elements 0..15, 16..31) and its scale/offset.
+struct Decoded {
+  v16f lo, hi;
+  float d, m;
+};
+
+template <int64_t F>
+inline Decoded decode(const uint8_t* blk) {
+  Decoded r;
+  if constexpr (F == Q8_0) {
+    r.d = half(blk);
+    r.m = 0.0f;
+    r.lo = bytes_to_float<true>(blk + 2);
+    r.hi = bytes_to_float<true>(blk + 18);
+  } else {
+    const uint8_t* qs = blk + (F == Q4_1 ? 4 : 2);
+    r.d = half(blk);
+    r.m = F == Q4_1 ? half(blk + 2) : -8.0f * r.d;
+    v16u8 q, lo, hi;
+    std::memcpy(&q, qs, 16);
+    lo = q & (uint8_t)15;
+    hi = q >> (uint8_t)4;
+    r.lo = bytes_to_float<false>(reinterpret_cast<const uint8_t*>(&lo));
+    r.hi = bytes_to_float<false>(reinterpret_cast<const uint8_t*>(&hi));
+  }
+  return r;
+}
+
+// The 32 weights of a block in fp32, by the reference's exact expressions (gguf.quants): d * q is exact
+// (an fp16 scale times a small integer), so every weight equals the dequantized one bit for bit.
+template <int64_t F>
+inline void weights(const uint8_t* blk, v16f& lo, v16f& hi) {
+  Decoded q = decode<F>(blk);
+  if constexpr (F == Q8_0) {
+    lo = q.d * q.lo;
+    hi = q.d * q.hi;
+  } else if constexpr (F == Q4_0) {
+    lo = q.d * (q.lo - 8.0f);
+    hi = q.d * (q.hi - 8.0f);
+  } else {
+    lo = q.d * q.lo + q.m;
+    hi = q.d * q.hi + q.m;
+  }
+}
+
+// y[m, o] = sum_k w[o, k] * x[m, k] for rows m < rows, outputs o in [begin, end): the products are the
+// dequantized model's; only the order of the fp32 sum differs from a BLAS product.
+template <int64_t F>
+void decode_rows(const uint8_t* w, int64_t row_bytes, const float* x, int64_t rows,
+                 int64_t k, const float* bias, float* y, int64_t n, int64_t begin, int64_t end) {
+  const int64_t nb = k / kBlock;
+  const int64_t bb = row_bytes / nb;
+  for (int64_t o = begin; o < end; o++) {
+    const uint8_t* wr = w + o * row_bytes;
+    v16f acc[kDecodeRows];
+    for (int64_t r = 0; r < rows; r++) acc[r] = v16f{};
+    for (int64_t b = 0; b < nb; b++) {
+      v16f lo, hi;
+      weights<F>(wr + b * bb, lo, hi);
+      for (int64_t r = 0; r < rows; r++) {
+        const float* xb = x + r * k + b * kBlock;
+        acc[r] += lo * load16(xb) + hi * load16(xb + 16);
+      }
+    }
+    for (int64_t r = 0; r < rows; r++) {
+      float s = hsum(acc[r]);
+      y[r * n + o] = bias ? s + bias[o] : s;
+    }
+  }
+}
+
+template <int64_t F>
+void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t k, float* out, int64_t begin, int64_t end) {
+  const int64_t nb = k / kBlock;
+  const int64_t bb = row_bytes / nb;
+  for (int64_t o = begin; o < end; o++) {
+    const uint8_t* wr = w + o * row_bytes;
+    float* dst = out + (o - begin) * k;
+    for (int64_t b = 0; b < nb; b++) {
+      v16f lo, hi;
+      weights<F>(wr + b * bb, lo, hi);
+      std::memcpy(dst + b * kBlock, &lo, sizeof lo);
+      std::memcpy(dst + b * kBlock + 16, &hi, sizeof hi);
+    }
+  }
+}
+
+void dequant_dispatch(int64_t format, const uint8_t* w, int64_t row_bytes, int64_t k, float* out,
+                      int64_t begin, int64_t end) {
+  switch (format) {
+    case Q8_0: return dequant_rows<Q8_0>(w, row_bytes, k, out, begin, end);
+    case Q4_0: return dequant_rows<Q4_0>(w, row_bytes, k, out, begin, end);
+    case Q4_1: return dequant_rows<Q4_1>(w, row_bytes, k, out, begin, end);
+  }
+}
+
+void check_packed(const at::Tensor& packed, int64_t format, int64_t k) {
+  TORCH_CHECK(packed.dtype() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
+              "quant kernels: packed weights must be a contiguous 2-D uint8 tensor");
+  TORCH_CHECK(k % kBlock == 0 && packed.size(1) == k / kBlock * block_bytes(format),
+              "quant kernels: packed row of ", packed.size(1), " bytes does not hold ", k, " features");
+}
+
+at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, const c10::optional<at::Tensor>& bias_in,
+                        int64_t format, int64_t k) {
+  check_packed(packed, format, k);
+  TORCH_CHECK(x_in.size(-1) == k, "quant_linear: input has ", x_in.size(-1), " features, weight ", k);
+  at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t n = packed.size(0);
+  const int64_t rows = k ? x.numel() / k : 0;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) bias = bias_in->to(at::kFloat).contiguous();
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const int64_t row_bytes = packed.size(1);
+  if (rows <= kDecodeRows) {
+    at::Tensor y = at::empty({rows, n}, x.options());
+    const float* xp = x.data_ptr<float>();
+    const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      switch (format) {
+        case Q8_0: return decode_rows<Q8_0>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
+        case Q4_0: return decode_rows<Q4_0>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
+        case Q4_1: return decode_rows<Q4_1>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
+      }
+    });
+    return y.view(shape).to(x_in.scalar_type());
+  }
+  at::Tensor x2 = x.view({rows, k});
+  at::Tensor y = at::empty({rows, n}, x.options());
+  constexpr int64_t kChunk = 1024;
+  at::Tensor tile = at::empty({std::min(kChunk, n), k}, x.options());
+  for (int64_t start = 0; start < n; start += kChunk) {
+    const int64_t len = std::min(kChunk, n - start);
+    float* tp = tile.data_ptr<float>();
+    at::parallel_for(start, start + len, 16, [&](int64_t begin, int64_t end) {
+      dequant_dispatch(format, w, row_bytes, k, tp + (begin - start) * k, begin, end);
+    });
+    y.narrow(1, start, len).copy_(at::mm(x2, tile.narrow(0, 0, len).t()));
+  }
+  if (bias.defined()) y.add_(bias);
+  return y.view(shape).to(x_in.scalar_type());
+}
+
+at::Tensor quant_dequantize(const at::Tensor& packed, int64_t format, int64_t k) {
+  check_packed(packed, format, k);
+  const int64_t n = packed.size(0);
+  at::Tensor out = at::empty({n, k}, packed.options().dtype(at::kFloat));
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    dequant_dispatch(format, w, packed.size(1), k, op + begin * k, begin, end);
+  });
+  return out;
+}
+
+at::Tensor quant_embedding(const at::Tensor& packed, const at::Tensor& ids_in, int64_t format, int64_t k) {
+  check_packed(packed, format, k);
+  at::Tensor ids = ids_in.to(at::kLong).contiguous();
+  const int64_t count = ids.numel();
+  const int64_t vocab = packed.size(0);
+  at::Tensor out = at::empty({count, k}, packed.options().dtype(at::kFloat));
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const int64_t row_bytes = packed.size(1);
+  float* op = out.data_ptr<float>();
+  for (int64_t i = 0; i < count; i++) {
+    const int64_t row = ip[i];
+    TORCH_CHECK(row >= 0 && row < vocab, "quant_embedding: index ", row, " out of range for ", vocab, " rows");
+    dequant_dispatch(format, w + row * row_bytes, row_bytes, k, op + i * k, 0, 1);
+  }
+  std::vector<int64_t> shape(ids_in.sizes().begin(), ids_in.sizes().end());
+  shape.push_back(k);
+  return out.view(shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tpcompile, CPU, m) {
+  m.impl("quant_linear", &quant_linear);
+  m.impl("quant_embedding", &quant_embedding);
+  m.impl("quant_dequantize", &quant_dequantize);
+}
