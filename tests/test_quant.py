@@ -219,3 +219,38 @@ def test_blocks_that_do_not_go_round_are_refused(tmp_path: Path) -> None:
         "--tp 2 or less, or --dequantize"
     ]
     assert not out.exists()
+
+
+# -- SmolLM2 Q4_1 -------------------------------------------------------------------------------------------
+
+PROMPTS = ["Why is the sky blue?", "Write a haiku about the sea.", "What is 12 times 7?"]
+
+
+@pytest.mark.slow
+def test_smollm2_kept_quantized_greedy_equals_transformers(compiled_smollm2: Any, tmp_path: Path) -> None:
+    """The Q4_1 file compiled without --dequantize at tp=2: its shards hold the file's blocks (the largest
+    rank at most 0.6 x the file), and greedy answers to several prompts equal transformers running the same
+    file (dequantized) token for token."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.checkpoints import smollm2_gguf
+    from tests.conftest import tprun
+
+    out = compiled_smollm2(2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    quant = manifest["extra"]["quant"]
+    assert {t["format"] for t in quant["tensors"].values()} == {"q4_1", "q8_0"} and not quant["dequantized"]
+    assert max(r["weight_bytes"] for r in manifest["ranks"]) <= 0.6 * smollm2_gguf().stat().st_size
+    saved = tmp_path / "tokens.json"
+    args = [a for p in PROMPTS for a in ("--prompt", p)]
+    ran = tprun(out, *args, "--max-new-tokens", "64", "--save-tokens", saved)
+    assert ran.returncode == 0, ran.stderr
+    results = json.loads(saved.read_text())
+    assert len(results) == len(PROMPTS)
+    path = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    for result in results:
+        with torch.no_grad():
+            ids = torch.tensor([result["prompt_ids"]])
+            want = model.eval().generate(ids, max_new_tokens=64, do_sample=False, top_k=None, top_p=None)
+        assert result["new_ids"] == [int(t) for t in want[0, ids.shape[1] :]]

@@ -102,6 +102,11 @@ def compile_model(
     if format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)} (got {format!r})")
     _refuse_functional_state(captured)
+    if format == FORMAT_ONNX and captured.packed:
+        raise UsageError(
+            f"--format onnx cannot run quantized weights yet ({len(captured.packed)} tensors of "
+            f"{captured.source} are stored quantized); add --dequantize"
+        )
     say = progress or (lambda _msg: None)
     say("planning")
     plan, prop = plan_model(captured, tp, plan_file, moe)
@@ -112,7 +117,8 @@ def compile_model(
         ranks = write_ranks(captured, prop, stored, examples, dynamic, tmp, say, packed)
         section = None
         if native and format == FORMAT_TORCH:
-            section = compile_native(tmp, tp, captured.zero_state, examples, dynamic, say)
+            quant = packed.section(stored, {}) if packed.formats else None
+            section = compile_native(tmp, tp, captured.zero_state, examples, dynamic, say, quant)
             for entry in ranks:
                 package = tmp / entry.dir / section.files[entry.rank]
                 entry.files[package.name] = sha256_file(package)

@@ -136,27 +136,45 @@ inline void weights(const uint8_t* blk, v16f& lo, v16f& hi) {
 
 // y[m, o] = sum_k w[o, k] * x[m, k] for rows m < rows, outputs o in [begin, end): the products are the
 // dequantized model's; only the order of the fp32 sum differs from a BLAS product.
-template <int64_t F>
-void decode_rows(const uint8_t* w, int64_t row_bytes, const float* x, int64_t rows,
-                 int64_t k, const float* bias, float* y, int64_t n, int64_t begin, int64_t end) {
+template <int64_t F, int R>
+void decode_rows_fixed(const uint8_t* w, int64_t row_bytes, const float* x, int64_t k, const float* bias,
+                       float* y, int64_t n, int64_t begin, int64_t end) {
+  // R (the activation rows) is a constant so that the accumulators stay in registers; two per row
+  // (first and second half of each block) so that consecutive blocks do not wait on one FMA chain.
   const int64_t nb = k / kBlock;
   const int64_t bb = row_bytes / nb;
   for (int64_t o = begin; o < end; o++) {
     const uint8_t* wr = w + o * row_bytes;
-    v16f acc[kDecodeRows];
-    for (int64_t r = 0; r < rows; r++) acc[r] = v16f{};
+    v16f acc[R], acc2[R];
+    for (int r = 0; r < R; r++) acc[r] = acc2[r] = v16f{};
     for (int64_t b = 0; b < nb; b++) {
       v16f lo, hi;
       weights<F>(wr + b * bb, lo, hi);
-      for (int64_t r = 0; r < rows; r++) {
+      for (int r = 0; r < R; r++) {
         const float* xb = x + r * k + b * kBlock;
-        acc[r] += lo * load16(xb) + hi * load16(xb + 16);
+        acc[r] += lo * load16(xb);
+        acc2[r] += hi * load16(xb + 16);
       }
     }
-    for (int64_t r = 0; r < rows; r++) {
-      float s = hsum(acc[r]);
+    for (int r = 0; r < R; r++) {
+      float s = hsum(acc[r] + acc2[r]);
       y[r * n + o] = bias ? s + bias[o] : s;
     }
+  }
+}
+
+template <int64_t F>
+void decode_rows(const uint8_t* w, int64_t row_bytes, const float* x, int64_t rows, int64_t k,
+                 const float* bias, float* y, int64_t n, int64_t begin, int64_t end) {
+  switch (rows) {
+    case 1: return decode_rows_fixed<F, 1>(w, row_bytes, x, k, bias, y, n, begin, end);
+    case 2: return decode_rows_fixed<F, 2>(w, row_bytes, x, k, bias, y, n, begin, end);
+    case 3: return decode_rows_fixed<F, 3>(w, row_bytes, x, k, bias, y, n, begin, end);
+    case 4: return decode_rows_fixed<F, 4>(w, row_bytes, x, k, bias, y, n, begin, end);
+    case 5: return decode_rows_fixed<F, 5>(w, row_bytes, x, k, bias, y, n, begin, end);
+    case 6: return decode_rows_fixed<F, 6>(w, row_bytes, x, k, bias, y, n, begin, end);
+    case 7: return decode_rows_fixed<F, 7>(w, row_bytes, x, k, bias, y, n, begin, end);
+    case 8: return decode_rows_fixed<F, 8>(w, row_bytes, x, k, bias, y, n, begin, end);
   }
 }
 
