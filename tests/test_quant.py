@@ -14,6 +14,7 @@ SmolLM2 itself (greedy tokens equal transformers at tp=1..4 on the kept-quantize
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +30,36 @@ gguf = pytest.importorskip("gguf")
 from tpcompile.runtime.format.quant_section import QuantFormat  # noqa: E402
 from tpcompile.runtime.kernels.quant import dequantize, load_quant_ops  # noqa: E402
 
-GGML = {
-    QuantFormat.Q8_0: gguf.GGMLQuantizationType.Q8_0,
-    QuantFormat.Q4_0: gguf.GGMLQuantizationType.Q4_0,
-    QuantFormat.Q4_1: gguf.GGMLQuantizationType.Q4_1,
-}
+GGML = {f: gguf.GGMLQuantizationType[f.name] for f in QuantFormat}
+K_QUANTS = (QuantFormat.Q4_K, QuantFormat.Q5_K, QuantFormat.Q6_K)
+
+
+def quantize(value: np.ndarray, fmt: QuantFormat, seed: int = 0) -> np.ndarray:
+    """GGUF blocks of ``fmt`` for ``value`` ([rows, cols]). gguf cannot quantize k-quants: those get random
+    blocks (random quants and sub-block scales, small positive fp16 scales) of the same shape."""
+    if fmt not in K_QUANTS:
+        return gguf.quants.quantize(value, GGML[fmt])
+    rows, cols = value.shape
+    gen = np.random.default_rng(seed)
+    nb = cols // fmt.block
+    blocks = gen.integers(0, 256, (rows, nb, fmt.block_bytes), dtype=np.uint8)
+
+    def scales() -> np.ndarray:
+        return (
+            (gen.random((rows, nb)) * 0.0001 + 0.00002).astype(np.float16).view(np.uint8).reshape(rows, nb, 2)
+        )
+
+    if fmt is QuantFormat.Q6_K:
+        blocks[..., 208:210] = scales()
+    else:
+        blocks[..., 0:2], blocks[..., 2:4] = scales(), scales()
+    return blocks.reshape(rows, nb * fmt.block_bytes)
 
 
 def _quantized(fmt: QuantFormat, rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed blocks, the reference dequantization) of a random [rows, cols] weight."""
     value = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
-    blocks = gguf.quants.quantize(value, GGML[fmt])
+    blocks = quantize(value, fmt, seed)
     reference = gguf.quants.dequantize(blocks, GGML[fmt]).astype(np.float32)
     return torch.from_numpy(blocks), torch.from_numpy(reference)
 
@@ -47,34 +67,61 @@ def _quantized(fmt: QuantFormat, rows: int, cols: int, seed: int = 0) -> tuple[t
 @pytest.mark.parametrize("fmt", list(QuantFormat))
 def test_kernels_equal_the_reference_dequantization(fmt: QuantFormat) -> None:
     assert load_quant_ops(), "the C++ quantized kernels did not build"
-    packed, reference = _quantized(fmt, 96, 160)
-    assert torch.equal(dequantize(packed, fmt, 160), reference)  # the Python kernels' weights
-    assert torch.equal(torch.ops.tpcompile.quant_dequantize(packed, fmt.code, 160), reference)
+    cols = 5 * fmt.block
+    packed, reference = _quantized(fmt, 96, cols)
+    assert torch.equal(dequantize(packed, fmt, cols), reference)  # the Python kernels' weights
+    assert torch.equal(torch.ops.tpcompile.quant_dequantize(packed, fmt.code, cols), reference)
     ids = torch.tensor([[0, 95, 7], [7, 3, 3]])
-    assert torch.equal(torch.ops.tpcompile.quant_embedding(packed, ids, fmt.code, 160), reference[ids])
+    assert torch.equal(torch.ops.tpcompile.quant_embedding(packed, ids, fmt.code, cols), reference[ids])
     bias = torch.randn(96)
     for rows in (1, 3, 8, 9, 40):  # decode kernel (<= 8 rows) and the decoded-tile prefill path
-        x = torch.randn(2, rows, 160)
-        got = torch.ops.tpcompile.quant_linear(x, packed, bias, fmt.code, 160)
+        x = torch.randn(2, rows, cols)
+        got = torch.ops.tpcompile.quant_linear(x, packed, bias, fmt.code, cols)
         want = F.linear(x, reference, bias)
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
-        torch.testing.assert_close(
-            torch.ops.tpcompile.quant_linear(x, packed, None, fmt.code, 160), F.linear(x, reference)
-        )
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got, want, atol=2e-6 * scale, rtol=1e-5)
+        got = torch.ops.tpcompile.quant_linear(x, packed, None, fmt.code, cols)
+        torch.testing.assert_close(got, F.linear(x, reference), atol=2e-6 * scale, rtol=1e-5)
 
 
 # -- a tiny Llama as GGUF ---------------------------------------------------------------------------------
 
-HIDDEN, HEADS, KV_HEADS, FFN, VOCAB, LAYERS = 96, 3, 1, 160, 64, 2  # FFN: 5 blocks of 32 (uneven at tp=2, 3)
-LAYER_TYPES = {  # one of each kept format on a row-parallel weight, and a float weight among them
-    "attn_q": QuantFormat.Q4_0,
-    "attn_k": QuantFormat.Q4_1,
-    "attn_v": None,  # F16
-    "attn_output": QuantFormat.Q8_0,
-    "ffn_gate": QuantFormat.Q4_0,
-    "ffn_up": QuantFormat.Q8_0,
-    "ffn_down": QuantFormat.Q4_1,
-}
+VOCAB, LAYERS = 64, 2
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A tiny tied-embedding Llama's sizes and the format of each weight (None: F16)."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    embedding: QuantFormat
+    types: dict[str, QuantFormat | None]
+
+
+LAYOUTS = {
+    # one of each 32-block format, and a float weight; down_proj's 160 inputs are 5 blocks of 32 (uneven
+    # at tp=2 and 3), o_proj's are 3 heads of 32 (one block each)
+    "q": Layout(
+        96, 3, 1, 160, QuantFormat.Q8_0,
+        {
+            "attn_q": QuantFormat.Q4_0, "attn_k": QuantFormat.Q4_1, "attn_v": None,
+            "attn_output": QuantFormat.Q8_0, "ffn_gate": QuantFormat.Q4_0, "ffn_up": QuantFormat.Q8_0,
+            "ffn_down": QuantFormat.Q4_1,
+        },
+    ),
+    # k-quants (256-blocks): down_proj's 768 inputs are 3 blocks (tp=2: 2+1 blocks); the table is Q6_K
+    "k": Layout(
+        256, 4, 2, 768, QuantFormat.Q6_K,
+        {
+            "attn_q": QuantFormat.Q4_K, "attn_k": QuantFormat.Q5_K, "attn_v": QuantFormat.Q6_K,
+            "attn_output": QuantFormat.Q8_0, "ffn_gate": QuantFormat.Q5_K, "ffn_up": QuantFormat.Q4_K,
+            "ffn_down": QuantFormat.Q6_K,
+        },
+    ),
+}  # fmt: skip
 HF_NAMES = {
     "attn_q": "self_attn.q_proj.weight",
     "attn_k": "self_attn.k_proj.weight",
@@ -86,8 +133,9 @@ HF_NAMES = {
 }
 
 
-def write_tiny_llama(path: Path, hidden: int = HIDDEN, heads: int = HEADS, ffn: int = FFN) -> None:
-    """A tied-embedding Llama (Q8_0 embedding, which is also the lm_head) in the formats of LAYER_TYPES."""
+def write_tiny_llama(path: Path, layout: Layout) -> None:
+    """The GGUF file of ``layout`` (random weights; no tokenizer)."""
+    hidden, heads, kv_heads, ffn = layout.hidden, layout.heads, layout.kv_heads, layout.ffn
     head_dim = hidden // heads
     gen = np.random.default_rng(0)
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -97,7 +145,7 @@ def write_tiny_llama(path: Path, hidden: int = HIDDEN, heads: int = HEADS, ffn: 
     writer.add_embedding_length(hidden)
     writer.add_feed_forward_length(ffn)
     writer.add_head_count(heads)
-    writer.add_head_count_kv(KV_HEADS)
+    writer.add_head_count_kv(kv_heads)
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(VOCAB)
@@ -109,14 +157,14 @@ def write_tiny_llama(path: Path, hidden: int = HIDDEN, heads: int = HEADS, ffn: 
         elif fmt is None:
             writer.add_tensor(name, value.astype(np.float16))
         else:
-            writer.add_tensor(name, gguf.quants.quantize(value, GGML[fmt]), raw_dtype=GGML[fmt])
+            writer.add_tensor(name, quantize(value, fmt, seed=len(name) + shape[0]), raw_dtype=GGML[fmt])
 
-    add("token_embd.weight", (VOCAB, hidden), QuantFormat.Q8_0, 1.0)
+    add("token_embd.weight", (VOCAB, hidden), layout.embedding, 1.0)
     add("output_norm.weight", (hidden,), None)
     shapes = {
         "attn_q": (hidden, hidden),
-        "attn_k": (KV_HEADS * head_dim, hidden),
-        "attn_v": (KV_HEADS * head_dim, hidden),
+        "attn_k": (kv_heads * head_dim, hidden),
+        "attn_v": (kv_heads * head_dim, hidden),
         "attn_output": (hidden, hidden),
         "ffn_gate": (ffn, hidden),
         "ffn_up": (ffn, hidden),
@@ -125,7 +173,7 @@ def write_tiny_llama(path: Path, hidden: int = HIDDEN, heads: int = HEADS, ffn: 
     for i in range(LAYERS):
         add(f"blk.{i}.attn_norm.weight", (hidden,), None)
         add(f"blk.{i}.ffn_norm.weight", (hidden,), None)
-        for kind, fmt in LAYER_TYPES.items():
+        for kind, fmt in layout.types.items():
             add(f"blk.{i}.{kind}.weight", shapes[kind], fmt)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -134,19 +182,22 @@ def write_tiny_llama(path: Path, hidden: int = HIDDEN, heads: int = HEADS, ffn: 
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf"
-    write_tiny_llama(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_reference(tiny_gguf: Path) -> Any:
+def tiny_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
+    """Each layout's file and transformers' model of it (which dequantizes it), made on first use."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        str(tiny_gguf.parent), gguf_file=tiny_gguf.name, dtype=torch.float32
-    ).eval()
+    root = tmp_path_factory.mktemp("tiny-gguf")
+    made: dict[str, tuple[Path, Any]] = {}
+
+    class Lazy(dict):  # type: ignore[type-arg]
+        def __missing__(self, key: str) -> tuple[Path, Any]:
+            path = root / f"tiny-{key}.gguf"
+            write_tiny_llama(path, LAYOUTS[key])
+            model = AutoModelForCausalLM.from_pretrained(str(root), gguf_file=path.name, dtype=torch.float32)
+            self[key] = (path, model.eval())
+            return self[key]
+
+    return Lazy(made)
 
 
 def _compile_tiny(source: Path, tp: int, out: Path, dequantize: bool = False) -> dict[str, Any]:
@@ -167,37 +218,43 @@ def _logits(out: Path, ids: torch.Tensor) -> torch.Tensor:
     return run_artifact(out, {"input_ids": ids, "cache_position": torch.arange(ids.shape[1])})["logits"]
 
 
-@pytest.mark.parametrize("tp", [1, 2, 3])
+@pytest.mark.parametrize(("layout", "tp"), [("q", 1), ("q", 2), ("q", 3), ("k", 2), ("k", 3)])
 def test_tiny_gguf_logits_equal_the_dequantized_model(
-    tp: int, tiny_gguf: Path, tiny_reference: Any, tmp_path: Path
+    layout: str, tp: int, tiny_ggufs: dict[str, tuple[Path, Any]], tmp_path: Path
 ) -> None:
+    path, reference = tiny_ggufs[layout]
+    spec = LAYOUTS[layout]
     out = tmp_path / f"tp{tp}"
-    manifest = _compile_tiny(tiny_gguf, tp, out)
+    manifest = _compile_tiny(path, tp, out)
     quant = manifest["extra"]["quant"]
     placements = {p["name"]: p["placement"] for p in manifest["parameters"]}
     kept = {name.split("layers.0.")[-1]: t["format"] for name, t in quant["tensors"].items() if ".0." in name}
-    assert kept == {HF_NAMES[k]: f.value for k, f in LAYER_TYPES.items() if f is not None}  # all, as stored
-    assert any(name.endswith("embed_tokens.weight") for name in quant["tensors"])
+    assert kept == {HF_NAMES[k]: f.value for k, f in spec.types.items() if f is not None}  # all, as stored
+    table = next(t for name, t in quant["tensors"].items() if name.endswith("embed_tokens.weight"))
+    assert table["format"] == spec.embedding.value
     assert quant["dequantized"] == {}
-    for name, t in quant["tensors"].items():  # packed bytes = what the rank shards hold for them
-        assert len(t["bytes"]) == tp and t["block"] == 32, name
-    # row-parallel cuts fall on block boundaries: down_proj's 160 inputs are 5 blocks of 32
+    for name, t in quant["tensors"].items():  # packed bytes: one entry per rank
+        assert len(t["bytes"]) == tp and t["block"] == QuantFormat(t["format"]).block, name
+    # row-parallel cuts fall on block boundaries, unevenly where the blocks do not divide by tp
+    block = spec.types["ffn_down"].block  # type: ignore[union-attr]
     down = next(pl for name, pl in placements.items() if name.endswith("layers.0.mlp.down_proj.weight"))
     if tp > 1:
         sizes = [int(s) for s in down.split(";")[1].rstrip(")").split(",")]
-        assert down.startswith("S(1;") and sum(sizes) == FFN and all(s % 32 == 0 for s in sizes)
-        assert len(set(sizes)) == (1 if 5 % tp == 0 else 2)  # tp=2: 96,64; tp=3: 64,64,32
+        assert down.startswith("S(1;") and sum(sizes) == spec.ffn and all(s % block == 0 for s in sizes)
+        blocks = spec.ffn // block
+        assert sorted(sizes, reverse=True) == [(blocks // tp + (r < blocks % tp)) * block for r in range(tp)]
     ids = torch.tensor([[1, 5, 9, 33, 2, 63, 17, 4, 8, 11, 40]])
     got = _logits(out, ids)
     with torch.no_grad():
-        want = tiny_reference(ids).logits
+        want = reference(ids).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_dequantize_stores_floats(tiny_gguf: Path, tmp_path: Path) -> None:
-    manifest = _compile_tiny(tiny_gguf, 2, tmp_path / "deq", dequantize=True)
+def test_dequantize_stores_floats(tiny_ggufs: dict[str, tuple[Path, Any]], tmp_path: Path) -> None:
+    path, _ = tiny_ggufs["q"]
+    manifest = _compile_tiny(path, 2, tmp_path / "deq", dequantize=True)
     assert "quant" not in manifest["extra"]
-    quantized = _compile_tiny(tiny_gguf, 2, tmp_path / "q")
+    quantized = _compile_tiny(path, 2, tmp_path / "q")
     assert (
         max(r["weight_bytes"] for r in quantized["ranks"])
         < max(r["weight_bytes"] for r in manifest["ranks"]) / 2
@@ -207,7 +264,7 @@ def test_dequantize_stores_floats(tiny_gguf: Path, tmp_path: Path) -> None:
 def test_blocks_that_do_not_go_round_are_refused(tmp_path: Path) -> None:
     """4 heads of 16: o_proj's 64 inputs are 2 blocks of 32, which 3 ranks cannot share."""
     path = tmp_path / "narrow.gguf"
-    write_tiny_llama(path, hidden=64, heads=4, ffn=128)
+    write_tiny_llama(path, Layout(64, 4, 1, 128, QuantFormat.Q8_0, LAYOUTS["q"].types))
     out = tmp_path / "out"
     proc = tpcompile(path, "--tp", "3", "-o", out, "--quiet", "--no-native")
     assert proc.returncode == 2, proc.stderr

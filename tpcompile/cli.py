@@ -117,8 +117,8 @@ def main() -> None:
 @click.option(
     "--dequantize",
     is_flag=True,
-    help="GGUF: store quantized weights as --dtype floats (by default Q8_0/Q4_0/Q4_1 stay packed in the "
-    "shards and run on quantized-weight kernels).",
+    help="GGUF: store quantized weights as --dtype floats (by default Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K "
+    "stay packed in the shards and run on quantized-weight kernels).",
 )
 @click.option(
     "--moe",

@@ -44,7 +44,7 @@ _GENERATION_KEYS = {
 
 
 #: GGML types kept packed (a kernel reads them), by GGML type name.
-PACKED_TYPES = {"Q8_0": QuantFormat.Q8_0, "Q4_0": QuantFormat.Q4_0, "Q4_1": QuantFormat.Q4_1}
+PACKED_TYPES = {f.name: f for f in QuantFormat}  # the enum's names are GGML's
 _FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
 

@@ -37,6 +37,10 @@ class QuantFormat(enum.Enum):
     Q8_0 = "q8_0"  # 32 weights: f16 scale d, 32 x int8 q;            w = d * q
     Q4_0 = "q4_0"  # 32 weights: f16 d, 16 bytes of nibbles;          w = d * (q - 8)
     Q4_1 = "q4_1"  # 32 weights: f16 d, f16 m, 16 bytes of nibbles;   w = d * q + m
+    # k-quants: 256 weights in 8 or 16 sub-blocks with 6- or 8-bit sub-block scales (llama.cpp's layouts)
+    Q4_K = "q4_k"  # f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles
+    Q5_K = "q5_k"  # as q4_k, plus 32 bytes of fifth bits
+    Q6_K = "q6_k"  # 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, f16 d
 
     @property
     def block(self) -> int:
@@ -65,6 +69,9 @@ _LAYOUT = {
     QuantFormat.Q8_0: (32, 34),
     QuantFormat.Q4_0: (32, 18),
     QuantFormat.Q4_1: (32, 20),
+    QuantFormat.Q4_K: (256, 144),
+    QuantFormat.Q5_K: (256, 176),
+    QuantFormat.Q6_K: (256, 210),
 }
 
 

@@ -45,6 +45,8 @@ def dequantize(packed: torch.Tensor, fmt: QuantFormat, cols: int) -> torch.Tenso
     def half(lo: int) -> torch.Tensor:
         return blocks[..., lo : lo + 2].contiguous().view(torch.float16).to(torch.float32)
 
+    if fmt in _K_QUANTS:
+        return _K_QUANTS[fmt](blocks.reshape(-1, fmt.block_bytes)).reshape(rows, cols)
     if fmt is QuantFormat.Q8_0:
         q = blocks[..., 2:].contiguous().view(torch.int8).to(torch.float32)
         w = half(0) * q
@@ -53,6 +55,54 @@ def dequantize(packed: torch.Tensor, fmt: QuantFormat, cols: int) -> torch.Tenso
         q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).to(torch.float32)
         w = half(0) * q + half(2) if fmt is QuantFormat.Q4_1 else half(0) * (q - 8)
     return w.reshape(rows, cols)
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).to(torch.float32)
+
+
+def _scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8 six-bit sub-block scales and mins packed in 12 bytes (q4_k, q5_k)."""
+    d, m, m_d = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
+    sc = torch.cat([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mins = torch.cat([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc, mins
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:  # [n, 144] -> [n, 256], as gguf.quants.Q4_K
+    n = b.shape[0]
+    sc, mins = _scale_min(b[:, 4:16])
+    d = (_f16(b[:, 0:2]) * sc.to(torch.float32)).reshape(n, 8, 1)
+    dm = (_f16(b[:, 2:4]) * mins.to(torch.float32)).reshape(n, 8, 1)
+    qs = b[:, 16:].reshape(n, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)
+    q = (qs & 0x0F).reshape(n, 8, 32).to(torch.float32)
+    return (d * q - dm).reshape(n, 256)
+
+
+def _q5_k(b: torch.Tensor) -> torch.Tensor:  # [n, 176] -> [n, 256], as gguf.quants.Q5_K
+    n = b.shape[0]
+    sc, mins = _scale_min(b[:, 4:16])
+    d = (_f16(b[:, 0:2]) * sc.to(torch.float32)).reshape(n, 8, 1)
+    dm = (_f16(b[:, 2:4]) * mins.to(torch.float32)).reshape(n, 8, 1)
+    ql = b[:, 48:].reshape(n, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)
+    qh = b[:, 16:48].reshape(n, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8).reshape(1, 1, 8, 1)
+    q = ((ql & 0x0F).reshape(n, 8, 32) | ((qh & 0x01).reshape(n, 8, 32) << 4)).to(torch.float32)
+    return (d * q - dm).reshape(n, 256)
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:  # [n, 210] -> [n, 256], as gguf.quants.Q6_K
+    n = b.shape[0]
+    scales = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+    d = (_f16(b[:, 208:210]) * scales).reshape(n, 16, 1)
+    ql = b[:, 0:128].reshape(n, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
+    qh = b[:, 128:192].reshape(n, 2, 1, 32) >> shifts
+    q = (ql & 0x0F).reshape(n, 8, 32) | ((qh & 0x03).reshape(n, 8, 32) << 4)
+    q = (q.to(torch.int8) - 32).reshape(n, 16, 16).to(torch.float32)
+    return (d * q).reshape(n, 256)
+
+
+_K_QUANTS = {QuantFormat.Q4_K: _q4_k, QuantFormat.Q5_K: _q5_k, QuantFormat.Q6_K: _q6_k}
 
 
 @torch.library.custom_op("tpcompile::quant_linear", mutates_args=())

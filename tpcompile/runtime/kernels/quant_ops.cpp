@@ -30,7 +30,10 @@ namespace {
 constexpr int64_t kDecodeRows = 8;
 constexpr int64_t kBlock = 32;
 
-enum Format : int64_t { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
+enum Format : int64_t { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q4_K = 3, Q5_K = 4, Q6_K = 5 };  // QuantFormat.code
+constexpr int64_t kSuper = 256;  // weights per k-quant block
+
+constexpr int64_t block_size(int64_t format) { return format >= Q4_K ? kSuper : kBlock; }
 
 typedef float v16f __attribute__((vector_size(64)));
 typedef uint8_t v16u8 __attribute__((vector_size(16)));
@@ -85,6 +88,9 @@ int64_t block_bytes(int64_t format) {
     case Q8_0: return 34;
     case Q4_0: return 18;
     case Q4_1: return 20;
+    case Q4_K: return 144;
+    case Q5_K: return 176;
+    case Q6_K: return 210;
   }
   TORCH_CHECK(false, "quant kernels: unknown format code ", format);
 }
@@ -134,6 +140,53 @@ inline void weights(const uint8_t* blk, v16f& lo, v16f& hi) {
   }
 }
 
+// The 8 six-bit scales and mins of a q4_k / q5_k block (llama.cpp's get_scale_min_k4).
+inline void scale_min_k4(int j, const uint8_t* q, int& d, int& m) {
+  if (j < 4) {
+    d = q[j] & 63;
+    m = q[j + 4] & 63;
+  } else {
+    d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+// The 256 weights of a k-quant block in fp32, by gguf.quants' expressions (each d * q is exact or one
+// rounding, as there).
+template <int64_t F>
+inline void super_weights(const uint8_t* b, float* out) {
+  if constexpr (F == Q6_K) {
+    const uint8_t* ql = b;
+    const uint8_t* qh = b + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = half(b + 208);
+    for (int e = 0; e < 256; e++) {
+      const int h = e / 128, r = e % 128;
+      const int lq = (ql[h * 64 + r % 64] >> (4 * (r / 64))) & 15;
+      const int hq = (qh[h * 32 + r % 32] >> (2 * (r / 32))) & 3;
+      const float q = float(int8_t(lq | (hq << 4)) - 32);
+      out[e] = (d * float(sc[e / 16])) * q;
+    }
+  } else {
+    const float d = half(b), dmin = half(b + 2);
+    const uint8_t* scales = b + 4;
+    const uint8_t* qh = b + 16;
+    const uint8_t* qs = b + (F == Q5_K ? 48 : 16);
+    for (int j = 0; j < 8; j++) {
+      int s, m;
+      scale_min_k4(j, scales, s, m);
+      const float dj = d * float(s), mj = dmin * float(m);
+      const int shift = (j % 2) * 4;
+      const uint8_t* g = qs + (j / 2) * 32;
+      for (int i = 0; i < 32; i++) {
+        int q = (g[i] >> shift) & 15;
+        if constexpr (F == Q5_K) q |= ((qh[i] >> j) & 1) << 4;
+        out[j * 32 + i] = dj * float(q) - mj;
+      }
+    }
+  }
+}
+
 // y[m, o] = sum_k w[o, k] * x[m, k] for rows m < rows, outputs o in [begin, end): the products are the
 // dequantized model's; only the order of the fp32 sum differs from a BLAS product.
 template <int64_t F, int R>
@@ -141,13 +194,26 @@ void decode_rows_fixed(const uint8_t* w, int64_t row_bytes, const float* x, int6
                        float* y, int64_t n, int64_t begin, int64_t end) {
   // R (the activation rows) is a constant so that the accumulators stay in registers; two per row
   // (first and second half of each block) so that consecutive blocks do not wait on one FMA chain.
-  const int64_t nb = k / kBlock;
+  const int64_t nb = k / block_size(F);
   const int64_t bb = row_bytes / nb;
   for (int64_t o = begin; o < end; o++) {
     const uint8_t* wr = w + o * row_bytes;
     v16f acc[R], acc2[R];
     for (int r = 0; r < R; r++) acc[r] = acc2[r] = v16f{};
-    for (int64_t b = 0; b < nb; b++) {
+    if constexpr (F >= Q4_K) {
+      alignas(64) float buf[kSuper];
+      for (int64_t b = 0; b < nb; b++) {
+        super_weights<F>(wr + b * bb, buf);
+        for (int r = 0; r < R; r++) {
+          const float* xb = x + r * k + b * kSuper;
+          for (int c = 0; c < kSuper; c += 32) {
+            acc[r] += load16(buf + c) * load16(xb + c);
+            acc2[r] += load16(buf + c + 16) * load16(xb + c + 16);
+          }
+        }
+      }
+    }
+    for (int64_t b = 0; b < nb && F < Q4_K; b++) {
       v16f lo, hi;
       weights<F>(wr + b * bb, lo, hi);
       for (int r = 0; r < R; r++) {
@@ -180,11 +246,15 @@ void decode_rows(const uint8_t* w, int64_t row_bytes, const float* x, int64_t ro
 
 template <int64_t F>
 void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t k, float* out, int64_t begin, int64_t end) {
-  const int64_t nb = k / kBlock;
+  const int64_t nb = k / block_size(F);
   const int64_t bb = row_bytes / nb;
   for (int64_t o = begin; o < end; o++) {
     const uint8_t* wr = w + o * row_bytes;
     float* dst = out + (o - begin) * k;
+    if constexpr (F >= Q4_K) {
+      for (int64_t b = 0; b < nb; b++) super_weights<F>(wr + b * bb, dst + b * kSuper);
+      continue;
+    }
     for (int64_t b = 0; b < nb; b++) {
       v16f lo, hi;
       weights<F>(wr + b * bb, lo, hi);
@@ -200,13 +270,17 @@ void dequant_dispatch(int64_t format, const uint8_t* w, int64_t row_bytes, int64
     case Q8_0: return dequant_rows<Q8_0>(w, row_bytes, k, out, begin, end);
     case Q4_0: return dequant_rows<Q4_0>(w, row_bytes, k, out, begin, end);
     case Q4_1: return dequant_rows<Q4_1>(w, row_bytes, k, out, begin, end);
+    case Q4_K: return dequant_rows<Q4_K>(w, row_bytes, k, out, begin, end);
+    case Q5_K: return dequant_rows<Q5_K>(w, row_bytes, k, out, begin, end);
+    case Q6_K: return dequant_rows<Q6_K>(w, row_bytes, k, out, begin, end);
   }
 }
 
 void check_packed(const at::Tensor& packed, int64_t format, int64_t k) {
   TORCH_CHECK(packed.dtype() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
               "quant kernels: packed weights must be a contiguous 2-D uint8 tensor");
-  TORCH_CHECK(k % kBlock == 0 && packed.size(1) == k / kBlock * block_bytes(format),
+  TORCH_CHECK(format >= Q8_0 && format <= Q6_K, "quant kernels: unknown format code ", format);
+  TORCH_CHECK(k % block_size(format) == 0 && packed.size(1) == k / block_size(format) * block_bytes(format),
               "quant kernels: packed row of ", packed.size(1), " bytes does not hold ", k, " features");
 }
 
@@ -233,6 +307,9 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, const 
         case Q8_0: return decode_rows<Q8_0>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
         case Q4_0: return decode_rows<Q4_0>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
         case Q4_1: return decode_rows<Q4_1>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
+        case Q4_K: return decode_rows<Q4_K>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
+        case Q5_K: return decode_rows<Q5_K>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
+        case Q6_K: return decode_rows<Q6_K>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
       }
     });
     return y.view(shape).to(x_in.scalar_type());
