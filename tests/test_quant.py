@@ -280,7 +280,7 @@ def test_blocks_that_do_not_go_round_are_refused(tmp_path: Path) -> None:
 
 # -- SmolLM2 Q4_1 -------------------------------------------------------------------------------------------
 
-PROMPTS = ["Why is the sky blue?", "Write a haiku about the sea.", "What is 12 times 7?"]
+PROMPTS = ["Write a haiku about the sea.", "What is 12 times 7?"]  # "Why is the sky blue?": test_llm_e2e
 
 
 @pytest.mark.slow
