@@ -53,7 +53,7 @@ def _compile(source: Path, out: Path, tp: int, dequantize: bool, native: bool) -
 
 def _decode(artifact: Path, max_new: int, saved: Path) -> float:
     cmd = [str(BIN / "tprun"), str(artifact), "--prompt", PROMPT, "--max-new-tokens", str(max_new)]
-    cmd += ["--no-chat-template", "--save-tokens", str(saved)]
+    cmd += ["--save-tokens", str(saved)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     found = DECODE.search(proc.stderr)
     if found is None:

@@ -48,32 +48,37 @@ def _attr_owner(module: nn.Module, key: str, source: str) -> tuple[nn.Module, st
     return owner, name
 
 
-def _rewrite_uses(gm: torch.fx.GraphModule, key: str, fmt: QuantFormat, cols: int) -> bool:
-    """Point the linears and lookups of ``gm`` that read ``key`` at the packed buffer; True when every
-    use of ``key`` in ``gm`` was rewritten."""
-    all_done = True
+def _rewrite_uses(gm: torch.fx.GraphModule, packed: dict[str, tuple[QuantFormat, int]]) -> set[str]:
+    """Point the linears and lookups of ``gm`` that read a weight of ``packed`` (key -> format, input
+    features) at its packed buffer; return the keys some other op of ``gm`` still reads."""
+    still_read: set[str] = set()
+    changed = False
     for node in list(gm.graph.nodes):
-        if node.op != "get_attr" or node.target != key:
+        if node.op != "get_attr" or node.target not in packed:
             continue
+        key = str(node.target)
+        fmt, cols = packed[key]
         with gm.graph.inserting_after(node):
-            packed = gm.graph.get_attr(key + PACKED_ATTR_SUFFIX)
+            buffer = gm.graph.get_attr(key + PACKED_ATTR_SUFFIX)
         for user in list(node.users):
             if user.op == "call_function" and user.target is _LINEAR and user.args[1] is node:
                 x, _, *rest = user.args
                 bias = rest[0] if rest else user.kwargs.get("bias")
                 user.target = torch.ops.tpcompile.quant_linear.default
-                user.args, user.kwargs = (x, packed, bias, fmt.code, cols), {}
+                user.args, user.kwargs = (x, buffer, bias, fmt.code, cols), {}
             elif user.op == "call_function" and user.target is _EMBEDDING and user.args[0] is node:
                 user.target = torch.ops.tpcompile.quant_embedding.default
-                user.args, user.kwargs = (packed, user.args[1], fmt.code, cols), {}
+                user.args, user.kwargs = (buffer, user.args[1], fmt.code, cols), {}
             else:
-                all_done = False
+                still_read.add(key)
         if not node.users:
             gm.graph.erase_node(node)
-        if not packed.users:
-            gm.graph.erase_node(packed)
-    gm.recompile()
-    return all_done
+        if not buffer.users:
+            gm.graph.erase_node(buffer)
+        changed = True
+    if changed:
+        gm.recompile()  # once per graph: recompiling a decoder's graph per weight costs seconds
+    return still_read
 
 
 def bind_packed_weights(
@@ -88,7 +93,7 @@ def bind_packed_weights(
     if not section.tensors:
         return 0
     load_quant_ops()
-    kept = 0
+    found: dict[str, tuple[nn.Module, str, torch.Tensor, QuantFormat, int]] = {}
     for key, info in sorted(section.tensors.items()):
         packed = tensors.pop(key + PACKED_SUFFIX, None)
         if packed is None:
@@ -107,13 +112,16 @@ def bind_packed_weights(
                 f"does not hold the program's {list(logical.shape)} weight as {fmt.value}; recompile it"
             )
         owner.register_buffer(name + PACKED_ATTR_SUFFIX, packed, persistent=False)
-        rewritten = [_rewrite_uses(gm, key, fmt, cols) for gm in graph_modules(module)]
-        if all(rewritten):
-            if name in owner._parameters:
-                del owner._parameters[name]
-            else:
-                delattr(owner, name)
-            kept += 1
-        else:  # some other op reads it: give it the decoded weight too
-            tensors[key] = dequantize(packed, fmt, cols).to(logical.dtype)
-    return kept
+        found[key] = (owner, name, packed, fmt, cols)
+    formats = {key: (fmt, cols) for key, (_, _, _, fmt, cols) in found.items()}
+    still_read: set[str] = set()
+    for gm in graph_modules(module):
+        still_read |= _rewrite_uses(gm, formats)
+    for key, (owner, name, packed, fmt, cols) in found.items():
+        if key in still_read:  # some other op reads it: give it the decoded weight too
+            tensors[key] = dequantize(packed, fmt, cols).to(getattr(owner, name).dtype)
+        elif name in owner._parameters:
+            del owner._parameters[name]
+        else:
+            delattr(owner, name)
+    return len(found) - len(still_read)
