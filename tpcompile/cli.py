@@ -116,6 +116,12 @@ def main() -> None:
 @click.option("--max-seq-len", type=int, help="KV cache length (default: min(model limit, 4096)).")
 @click.option("--max-batch-size", type=int, default=1, show_default=True, help="Sequences per step.")
 @click.option(
+    "--dequantize",
+    is_flag=True,
+    help="GGUF: store quantized weights as --dtype floats (by default Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K "
+    "stay packed in the shards and run on quantized-weight kernels).",
+)
+@click.option(
     "--moe",
     type=click.Choice(["tp", "ep"]),
     default="tp",
@@ -155,6 +161,7 @@ def compile_cmd(
     dtype: str,
     max_seq_len: int | None,
     max_batch_size: int,
+    dequantize: bool,
     moe: str,
     artifact_format: str,
     native: bool,
@@ -166,7 +173,7 @@ def compile_cmd(
     """Compile MODEL for TP ranks into OUT."""
     from tpcompile.frontend.options import LanguageModelOptions
 
-    lm = LanguageModelOptions(dtype, max_seq_len, max_batch_size)
+    lm = LanguageModelOptions(dtype, max_seq_len, max_batch_size, dequantize)
     _run(
         debug, _compile, model, tp, out, plan_path, trust_pickle, lm, force, as_json, quiet, moe,
         artifact_format, strict_plan, native,

@@ -6,7 +6,8 @@
    search (``plan/auto.py``) over placement propagation (``passes/propagate.py`` + ``passes/ops/``);
 2. ``rank_tensors``: every stored tensor's local shape on every rank;
 3. ``write_ranks``: each rank's weight shard (streamed from the source, one slice at a time) while forked
-   workers capture each rank's program (``artifact/rank_programs.py``);
+   workers capture each rank's program (``artifact/rank_programs.py``); weights the source holds in a
+   quantized block format stay packed (``artifact/packed.py``);
 4. ``compile_native``: each rank's program compiled to native code by AOTInductor (``artifact/native.py``;
    skipped with ``native=False`` and for ``--format onnx``);
 5. ``build_manifest`` (``artifact/describe.py``), the tokenizer of a language model, the ONNX segments
@@ -25,6 +26,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from tpcompile.artifact.describe import build_manifest, describe_language_model
 from tpcompile.artifact.native import compile_native
+from tpcompile.artifact.packed import PackedWeights, describe_packed, packed_weights
 from tpcompile.artifact.program import StoredTensor, input_signature
 from tpcompile.artifact.rank_programs import RankProgramJob, rank_program_pool
 from tpcompile.artifact.safetensors_writer import write_safetensors
@@ -77,6 +79,7 @@ def plan_model(
         plan_file,
         sharded_outputs=captured.lm is not None,
         moe=moe,
+        blocks={name: fmt.block for name, fmt in captured.packed.items()},
     )
     if prop.refusals:
         raise UnsupportedModelError(prop.refusals[0])
@@ -99,20 +102,28 @@ def compile_model(
     if format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)} (got {format!r})")
     _refuse_functional_state(captured)
+    if format == FORMAT_ONNX and captured.packed:
+        raise UsageError(
+            f"--format onnx cannot run quantized weights yet ({len(captured.packed)} tensors of "
+            f"{captured.source} are stored quantized); add --dequantize"
+        )
     say = progress or (lambda _msg: None)
     say("planning")
     plan, prop = plan_model(captured, tp, plan_file, moe)
     stored = rank_tensors(captured, prop)
     examples, dynamic = input_signature(captured.program, captured.user_inputs())
     with atomic_directory(out, force) as tmp:
-        ranks = write_ranks(captured, prop, stored, examples, dynamic, tmp, say)
+        packed = packed_weights(captured, {name: prop.roots[n] for n, name in captured.state_names().items()})
+        ranks = write_ranks(captured, prop, stored, examples, dynamic, tmp, say, packed)
         section = None
         if native and format == FORMAT_TORCH:
-            section = compile_native(tmp, tp, captured.zero_state, examples, dynamic, say)
+            quant = packed.section(stored, {}) if packed.formats else None
+            section = compile_native(tmp, tp, captured.zero_state, examples, dynamic, say, quant)
             for entry in ranks:
                 package = tmp / entry.dir / section.files[entry.rank]
                 entry.files[package.name] = sha256_file(package)
         manifest = build_manifest(captured, plan, prop, ranks, moe)
+        describe_packed(manifest, packed, stored, captured)
         if section is not None:
             manifest.extra["native"] = section.to_json()
         if captured.lm is not None:
@@ -165,6 +176,7 @@ def write_ranks(
     dynamic: Any,
     tmp: Path,
     say: Progress,
+    packed: PackedWeights,
 ) -> list[RankEntry]:
     """Write every rank's weight shard while forked workers capture the rank programs; hash both."""
     names = captured.state_names()
@@ -177,9 +189,15 @@ def write_ranks(
         for rank, tensors in enumerate(stored):
 
             def read_local(name: str, r: int = rank) -> torch.Tensor:
+                if name in packed.keys:
+                    return packed.read(packed.keys[name], r)
                 return _read_local(captured, name, roots[name], r)
 
-            written = [(t.name, t.dtype, t.shape) for t in tensors if t.name not in captured.zero_state]
+            written = [
+                packed.spec(t.name, t.shape) if t.name in packed.formats else (t.name, t.dtype, t.shape)
+                for t in tensors
+                if t.name not in captured.zero_state
+            ]
             nbytes = write_safetensors(tmp / f"rank{rank}" / WEIGHTS_FILE, written, read_local)
             say(f"rank {rank}: weights written")
             ranks.append(RankEntry(rank, f"rank{rank}", nbytes, {}))

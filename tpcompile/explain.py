@@ -10,6 +10,7 @@ from tpcompile.errors import UsageError
 from tpcompile.runtime.format import Manifest
 from tpcompile.runtime.format.hardware import HardwareProfile
 from tpcompile.runtime.format.placement import Pieces, Shard
+from tpcompile.runtime.format.quant_section import quant_section
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)|(?:^|\.)h\.(\d+)(?:\.|$)|(?:^|\.)blocks\.(\d+)(?:\.|$)")
 
@@ -31,10 +32,25 @@ def _mib(n: int) -> str:
 def explain(artifact: Path, profile: HardwareProfile | None = None, prompt_len: int = 512) -> str:
     m = read_manifest(artifact)
     lines = [f"artifact {artifact}  tp={m.tp}  dtype={m.dtype}  source={m.source}", "", "parameters:"]
+    quant = quant_section(m.extra, str(artifact / "manifest.json"))
+    packed = quant.tensors if quant is not None else {}
     width = max((len(p.name) for p in m.parameters), default=10)
-    lines.append(f"  {'name':<{width}}  {'shape':<16} {'plan':<10} placement")
+    lines.append(f"  {'name':<{width}}  {'shape':<16} {'stored':<10} {'plan':<10} placement")
     for p in m.parameters:
-        lines.append(f"  {p.name:<{width}}  {str(p.shape):<16} {p.plan:<10} {p.placement}")
+        q = packed.get(p.name)
+        stored = f"{q.format.value}/{q.format.block}" if q is not None else p.dtype
+        lines.append(f"  {p.name:<{width}}  {str(p.shape):<16} {stored:<10} {p.plan:<10} {p.placement}")
+    if quant is not None:  # weights kept in their quantized block format (runtime/format/quant_section.py)
+        formats = sorted({t.format.value for t in packed.values()})
+        packed_bytes = [sum(t.bytes[r] for t in packed.values()) for r in range(m.tp)]
+        lines += [
+            "",
+            f"quantized weights: {len(packed)} stored packed ({', '.join(formats) or 'none'}), "
+            f"per rank {', '.join(_mib(b) for b in packed_bytes)}; row-parallel cuts on block boundaries",
+        ]
+        if quant.dequantized:
+            lines.append(f"  stored dequantized ({len(quant.dequantized)}, no kernel for their format):")
+            lines += [f"    {name}: {kind}" for name, kind in quant.dequantized.items()]
     unsplit = m.extra.get("unsplit") or {}
     if unsplit:  # weights a plan site could have split that the plan keeps whole (plan/auto.py)
         lines += ["", "left replicated (a split was considered):"]

@@ -9,7 +9,9 @@ Invariants:
   uses, shared memory or the process group), masked attention by ``tpcompile::prefix_attention``
   (attention over the written part of the KV cache only) and linears by ``tpcompile::streaming_linear``
   (the decode matrix-vector kernel; more rows go to ``aten.linear``): all three run the runtime's C++
-  kernels (``runtime/kernels/cpu_ops.cpp``) without a Python call;
+  kernels (``runtime/kernels/cpu_ops.cpp``) without a Python call; packed (quantized) weights are bound
+  to ``tpcompile::quant_linear`` / ``quant_embedding`` exactly as the runtime binds them
+  (``runtime/load/quantized.py``), so a package reads them packed too;
 - a package holds no weights: the runtime binds the rank's own tensors to it (no copy, and the KV cache
   stays in place, shared with the eager program);
 - it is built for the target recorded in the manifest (``extra.native``): the CPU architecture, the vector
@@ -33,11 +35,13 @@ from tpcompile.artifact.program import drop_derived_value_bounds
 from tpcompile.artifact.workers import job_failure, worker_pool
 from tpcompile.runtime.format import PROGRAM_FILE, WEIGHTS_FILE
 from tpcompile.runtime.format.native_section import NATIVE_FILE, NativeSection, NativeTarget
+from tpcompile.runtime.format.quant_section import QuantSection
 from tpcompile.runtime.kernels.compiled import use_transport_ops
 from tpcompile.runtime.kernels.prefix_attention import use_prefix_attention
 from tpcompile.runtime.kernels.streaming_linear import streaming_linear as _linear_op  # noqa: F401
 from tpcompile.runtime.load.graph_rewrite import retarget_calls
 from tpcompile.runtime.load.mapped import map_safetensors
+from tpcompile.runtime.load.quantized import bind_packed_weights
 from tpcompile.runtime.load.weights import assign_tensors, create_zero_state
 
 Progress = Callable[[str], None]
@@ -85,6 +89,7 @@ class NativeJob:
     dynamic: Any
     target: NativeTarget
     threads: int
+    quant: QuantSection | None = None
 
     def run(self, rank: int) -> None:
         with warnings.catch_warnings():  # torch's deprecation chatter is not the user's business
@@ -95,7 +100,10 @@ class NativeJob:
         rank_dir = self.out / f"rank{rank}"
         program = torch.export.load(str(rank_dir / PROGRAM_FILE))
         module = program.module()
-        assign_tensors(module, map_safetensors(rank_dir / WEIGHTS_FILE), f"rank{rank}/{WEIGHTS_FILE}")
+        tensors = dict(map_safetensors(rank_dir / WEIGHTS_FILE))
+        if self.quant is not None:
+            bind_packed_weights(module, tensors, self.quant, f"rank{rank}/{WEIGHTS_FILE}")
+        assign_tensors(module, tensors, f"rank{rank}/{WEIGHTS_FILE}")
         create_zero_state(module, self.zero_state, torch.device("cpu"))
         use_transport_ops(module)
         use_prefix_attention(module, custom_op=True)
@@ -126,6 +134,7 @@ def compile_native(
     examples: list[torch.Tensor],
     dynamic: Any,
     say: Progress,
+    quant: QuantSection | None = None,
 ) -> NativeSection:
     """Compile every rank of the artifact being written in ``out``; return the manifest's native section.
     Each package is ``rank{r}/native.pt2``. Ranks compile in spawned workers, one per core (a fork of the
@@ -137,7 +146,7 @@ def compile_native(
         workers = 0
     target = native_target()
     threads = max(1, cores // max(1, workers))
-    job = NativeJob(out, tuple(sorted(zero_state)), tuple(examples), dynamic, target, threads)
+    job = NativeJob(out, tuple(sorted(zero_state)), tuple(examples), dynamic, target, threads, quant)
     with worker_pool(_compile_in_worker, [(job, r) for r in range(tp)], workers, "spawn") as pool:
         for _, result in pool.results(share=workers == 0):
             if isinstance(result, BaseException):

@@ -23,6 +23,7 @@ from torch.export.graph_signature import InputKind
 
 from tpcompile.errors import UnsupportedModelError, UsageError
 from tpcompile.runtime.errors import first_line
+from tpcompile.runtime.format.quant_section import QuantFormat
 
 
 @dataclass
@@ -50,6 +51,12 @@ class CapturedModel:
     read_slice: Callable[[str, int, int, int], torch.Tensor] | None = None
     zero_state: set[str] = field(default_factory=set)  # buffers the runtime creates as zeros (KV caches)
     lm: LanguageModelInfo | None = None
+    # stored tensors the source can read packed (kept quantized in the shards), and how to read them:
+    # read_packed(name, dim, start, length) -> uint8 blocks of that slice (runtime/format/quant_section.py)
+    packed: dict[str, QuantFormat] = field(default_factory=dict)
+    read_packed: Callable[[str, int, int, int], torch.Tensor] | None = None
+    # quantized in the source, but stored as floats (no kernel for the format): name -> (format, source bytes)
+    unpacked: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     @property
     def gm(self) -> fx.GraphModule:

@@ -9,6 +9,12 @@ file ties it to the embedding by storing no ``output.weight``). The file stays m
 Names and per-tensor transforms (llama.cpp's rotary row permutation of q/k, norm offsets, ...) are the ones
 transformers' legacy GGUF loader applies (``get_gguf_hf_weights_map`` on a meta-device model and
 ``TENSOR_PROCESSORS``); architectures whose loading merges or splits tensors are refused.
+
+Quantized tensors can also be read *packed* (``packed_format``, ``read_packed``): the file's blocks as they
+are (``runtime/format/quant_section.py``), for the 2-D tensors in a format with a kernel whose
+transformers processing only reorders rows (the q/k rotary permutation is applied to the packed rows).
+Invariant: decoding ``read_packed(name, ...)`` gives bit for bit the same slice of ``read(name)``. With
+``dequantize=True`` nothing is offered packed.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 
 from tpcompile.errors import UnsupportedModelError, UsageError
 from tpcompile.runtime.errors import first_line
+from tpcompile.runtime.format.quant_section import QuantFormat
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -34,6 +41,17 @@ _GENERATION_KEYS = {
     "eos_token_id": "tokenizer.ggml.eos_token_id",
     "pad_token_id": "tokenizer.ggml.padding_token_id",
 }
+
+
+#: GGML types kept packed (a kernel reads them), by GGML type name.
+PACKED_TYPES = {f.name: f for f in QuantFormat}  # the enum's names are GGML's
+_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+@dataclass(frozen=True)
+class _Packed:
+    format: QuantFormat
+    rows: np.ndarray | None  # the file row each HF row comes from (None: the same order)
 
 
 @dataclass(frozen=True)
@@ -46,7 +64,7 @@ class _Entry:
 class GGUFCheckpoint:
     """A .gguf file seen as a Hugging Face checkpoint: HF config, HF names, fp32 tensors in HF layout."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, dequantize: bool = False) -> None:
         self.path = Path(path)
         try:
             import gguf
@@ -100,6 +118,16 @@ class GGUFCheckpoint:
             ) from e
         self._entries = self._index(arch)
         self._check_quantizations()
+        self._packed: dict[str, _Packed] = {}
+        #: quantized tensors read as floats for want of a kernel for their format: name -> (type, file bytes)
+        self.unpacked: dict[str, tuple[str, int]] = {}
+        for name, entry in self._entries.items():
+            kind = self._reader.tensors[entry.index].tensor_type.name
+            packed = None if dequantize else self._packable(entry)
+            if packed is not None:
+                self._packed[name] = packed
+            elif kind not in _FLOAT_TYPES and not dequantize:
+                self.unpacked[name] = (kind, int(self._reader.tensors[entry.index].n_bytes))
 
     # -- the tensor-source interface -------------------------------------------------------------------
 
@@ -125,6 +153,34 @@ class GGUFCheckpoint:
                 f"expected {entry.shape}"
             )
         return torch.from_numpy(value)
+
+    def packed_format(self, name: str) -> QuantFormat | None:
+        """The block format ``name`` can be read packed in, or None (read it as floats)."""
+        packed = self._packed.get(name)
+        return None if packed is None else packed.format
+
+    def read_packed(self, name: str, dim: int, start: int, length: int) -> torch.Tensor:
+        """The packed blocks of ``read(name).narrow(dim, start, length)``: a ``uint8`` tensor ``[rows,
+        blocks * block_bytes]``; a slice of the input dim (``dim`` 1) must start and end on block
+        boundaries."""
+        packed = self._packed[name]
+        fmt = packed.format
+        data = self._reader.tensors[self._entries[name].index].data
+        if dim == 0:
+            rows = (
+                np.arange(start, start + length)
+                if packed.rows is None
+                else packed.rows[start : start + length]
+            )
+            return torch.from_numpy(np.ascontiguousarray(data[rows]))
+        if dim != 1 or start % fmt.block or length % fmt.block:
+            raise UnsupportedModelError(
+                f"{self.path}: slice [{start}:{start + length}] of dim {dim} of {name} cuts its "
+                f"{fmt.value} blocks of {fmt.block}"
+            )
+        lo, hi = fmt.packed_cols(start), fmt.packed_cols(start + length)
+        block = data[:, lo:hi] if packed.rows is None else data[packed.rows, lo:hi]
+        return torch.from_numpy(np.ascontiguousarray(block))
 
     def save_tokenizer(self, out_dir: Path) -> None:
         from transformers import AutoTokenizer
@@ -236,6 +292,34 @@ class GGUFCheckpoint:
                     f"{self.path}: tensor {tensor.name} is quantized as {tensor.tensor_type.name}, which the "
                     f"installed gguf package cannot dequantize ({first_line(e)})"
                 ) from e
+
+    def _packable(self, entry: _Entry) -> _Packed | None:
+        """How ``entry`` reads packed: its format and row order, or None when it cannot (no kernel for its
+        type, not 2-D, or a transformers processing other than a reordering of whole rows)."""
+        tensor = self._reader.tensors[entry.index]
+        fmt = PACKED_TYPES.get(tensor.tensor_type.name)
+        if fmt is None or len(entry.shape) != 2:
+            return None
+        rows, cols = entry.shape
+        data = tensor.data
+        if data.shape != (rows, fmt.packed_cols(cols)) or cols % fmt.block:
+            return None
+        # Probe the processing with distinct values per row and column: a pure row reordering gives a
+        # permutation of the rows back, with every row intact.
+        probe = np.arange(rows * 2, dtype=np.float64).reshape(rows, 2)
+        try:
+            processed = self._process(entry.gguf_name, probe)
+        except Exception:  # a processor that needs the real shape: not a plain reordering
+            return None
+        if processed is None:
+            return None
+        out = np.asarray(processed[1])
+        if out.shape != (rows, 2) or not np.array_equal(out[:, 1], out[:, 0] + 1) or np.any(out[:, 0] % 2):
+            return None
+        order = (out[:, 0] // 2).astype(np.int64)
+        if not np.array_equal(np.sort(order), np.arange(rows)):
+            return None
+        return _Packed(fmt, None if np.array_equal(order, np.arange(rows)) else order)
 
     def _process(self, gguf_name: str, weights: np.ndarray) -> tuple[str, np.ndarray] | None:
         """Apply transformers' per-tensor GGUF processing: the HF name and value, or None if it is dropped."""

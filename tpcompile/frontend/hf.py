@@ -93,13 +93,13 @@ def _model_limit(config: Any) -> int | None:
 class HFCheckpoint:
     """What the frontend needs from a checkpoint: config, tokenizer, generation defaults, tensors."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, dequantize: bool = False) -> None:
         self.path = path
         self.gguf: Any = None
         if path.is_file() and path.suffix == ".gguf":
             from tpcompile.frontend.gguf_source import GGUFCheckpoint
 
-            self.gguf = GGUFCheckpoint(path)
+            self.gguf = GGUFCheckpoint(path, dequantize)
             self.config = self.gguf.config
             self.tensors: TensorSource = self.gguf
             return
@@ -163,14 +163,18 @@ def build_model(config: Any, dtype: torch.dtype) -> nn.Module:
 
 
 def load_hf(
-    path: Path, dtype: str = "fp32", max_seq_len: int | None = None, max_batch_size: int = 1
+    path: Path,
+    dtype: str = "fp32",
+    max_seq_len: int | None = None,
+    max_batch_size: int = 1,
+    dequantize: bool = False,
 ) -> CapturedModel:
     """Capture the causal LM at ``path`` (checkpoint directory or .gguf) for generation."""
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype})")
     if max_batch_size < 1:
         raise UsageError(f"--max-batch-size must be at least 1 (got {max_batch_size})")
-    ckpt = HFCheckpoint(path)
+    ckpt = HFCheckpoint(path, dequantize)
     config = ckpt.config
     if ckpt.gguf is None and is_encoder(config):  # BERT-style: a generic program (see hf_encoder)
         return load_hf_encoder(path, config, ckpt.tensors, DTYPES[dtype], max_seq_len, max_batch_size)
@@ -226,6 +230,11 @@ def load_hf(
     for node, name in captured.state_names().items():
         if name not in zero:
             reader.check(name, tuple(int(d) for d in node.meta["val"].shape))
+    if ckpt.gguf is not None:  # quantized tensors: kept packed where a kernel reads their format
+        names = set(captured.state_names().values()) - zero
+        captured.packed = {n: f for n in sorted(names) if (f := reader.packed_format(n)) is not None}
+        captured.read_packed = reader.read_packed
+        captured.unpacked = dict(ckpt.gguf.unpacked)
     return captured
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from tpcompile.errors import UnsupportedModelError
 from tpcompile.frontend.sources import TensorSource, read_slice
 from tpcompile.runtime.errors import first_line
+from tpcompile.runtime.format.quant_section import QuantFormat
 
 #: Stored tensors of a wrapped model are named ``hf.<model name>``; KV caches ``kv_cache.<key|value>_<i>``.
 PREFIX = "hf."
@@ -143,6 +144,17 @@ class CheckpointReader:
         if key is None:
             return self._computed(name.removeprefix(PREFIX))
         return self.source.read(key).to(self.dtype)
+
+    def packed_format(self, name: str) -> QuantFormat | None:
+        """The block format the source can read ``name`` packed in (a GGUF file), or None."""
+        key = self._resolve(name)
+        formats = getattr(self.source, "packed_format", None)
+        return None if key is None or formats is None else formats(key)
+
+    def read_packed(self, name: str, dim: int, start: int, length: int) -> torch.Tensor:
+        key = self._resolve(name)
+        assert key is not None
+        return self.source.read_packed(key, dim, start, length)  # type: ignore[attr-defined]
 
     def read_slice(self, name: str, dim: int, start: int, length: int) -> torch.Tensor:
         key = self._resolve(name)

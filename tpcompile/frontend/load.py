@@ -46,7 +46,7 @@ def load_model(
         from tpcompile.frontend.hf import load_hf  # noqa: PLC0415 (needs the optional transformers)
 
         opts = lm or LanguageModelOptions()
-        return load_hf(path, opts.dtype, opts.max_seq_len, opts.max_batch_size)
+        return load_hf(path, opts.dtype, opts.max_seq_len, opts.max_batch_size, opts.dequantize)
     if path.is_dir():
         raise UsageError(f"{spec} is a directory; unknown model format (expected {KNOWN_FORMATS})")
     if path.suffix not in (".pt2", ".pt"):

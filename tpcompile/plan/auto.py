@@ -10,6 +10,9 @@ activation: q/k/v, gate/up). Propagation is the judge: the trial is kept when it
 and no all-gather inside the program (the chain ends in a row-parallel product whose partial sum is reduced
 once). The split unit comes from the graph: when a reshape downstream needs shard sizes that are multiples
 of a head size, the trial is repeated with that unit, so heads (and grouped-query KV groups) are never cut.
+A weight stored in quantization blocks (``blocks``: a packed GGUF tensor) is the same kind of constraint: a
+trial that would cut its input dim inside a block is repeated with the block as the unit, and a tp at which
+no block-aligned split exists is refused (a row-parallel cut never splits a block).
 A weight a site could have split that stays whole gets a reason (``ShardingPlan.unsplit``); when the reason
 is only that tp exceeds its whole units, the most ranks it could be split over (``ShardingPlan.rank_limits``)
 and a warning saying so. A tp at which no weight can be split at all is refused: no rank would hold work.
@@ -109,8 +112,12 @@ class PlanSearch:
         user_inputs: set[fx.Node],
         sharded_outputs: bool = False,
         moe: str = DEFAULT_MOE,
+        blocks: dict[str, int] | None = None,
     ) -> None:
         self.gm, self.tp, self.names, self.user_inputs = gm, tp, names, user_inputs
+        given = blocks or {}
+        self.blocks = {node: given[name] for node, name in names.items() if name in given}
+        self.block_cuts: dict[str, tuple[str, int]] = {}  # site key -> (weight, block) a trial would cut
         self.moe = moe
         self.sharded_outputs = sharded_outputs
         self.output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -170,8 +177,32 @@ class PlanSearch:
             plan = kept
         plan.unsplit = self._unsplit(sites, prop, fixed)
         plan.rank_limits = {k: n for k, n in self.rank_limits.items() if k in plan.unsplit}
+        self._check_block_cuts(plan)
         self._check_rank_count(plan, prop)
         return plan, prop
+
+    def _cut_block(self, prop: Propagation) -> tuple[str, int] | None:
+        """The first block-quantized weight whose split in ``prop`` would cut a block (with its block)."""
+        for node, block in self.blocks.items():
+            pl = prop.roots.get(node)
+            if not isinstance(pl, Shard) or pl.dim not in (1, -1):
+                continue
+            if any(pl.sizes[r] % block or pl.offset(r) % block for r in range(self.tp)):
+                return self.names[node], block
+        return None
+
+    def _check_block_cuts(self, plan: ShardingPlan) -> None:
+        """Refuse a plan that leaves a weight whole only because splitting its chain would cut the
+        quantization blocks of a row-parallel weight: at this tp the blocks do not go round."""
+        for key in sorted(plan.unsplit):
+            if key in self.block_cuts:
+                weight, block = self.block_cuts[key]
+                limit = self.rank_limits.get(key)
+                fewer = f"--tp {limit} or less" if limit else "a smaller --tp"
+                raise UsageError(
+                    f"--tp {self.tp} cannot split {weight} on its quantization blocks ({block} input "
+                    f"features each): {plan.unsplit[key]}; use {fewer}, or --dequantize"
+                )
 
     def _check_rank_count(self, plan: ShardingPlan, prop: Propagation) -> None:
         """Refuse a tp at which no weight is split while some would split with fewer ranks; warn (in the
@@ -224,6 +255,18 @@ class PlanSearch:
             if trial.refusals:
                 reason = f"splitting it cannot be computed exactly: {trial.refusals[0]}"
                 break
+            cut = self._cut_block(trial)
+            if cut is not None:  # a row-parallel consumer is quantized in blocks: split in whole blocks
+                weight, block = cut
+                reason = f"a split would cut the quantization blocks of {block} input features of {weight}"
+                grown = {s: math.lcm(units[s], block) for s in group}
+                grown = {s: u for s, u in grown.items() if u != units[s] and s.features % u == 0}
+                for s in group:
+                    self.block_cuts.setdefault(s.key, cut)
+                if not grown:
+                    break
+                units.update(grown)
+                continue
             if sharded and internal <= base_internal and total <= base_total + 1:
                 return trial_plan, trial
             if internal > base_internal:
@@ -275,6 +318,8 @@ def choose_plan(
     plan_file: PlanFile | None = None,
     sharded_outputs: bool = False,
     moe: str = DEFAULT_MOE,
+    blocks: dict[str, int] | None = None,
 ) -> tuple[ShardingPlan, Propagation]:
-    """The automatic plan (with the plan file's overrides applied first) and its propagation."""
-    return PlanSearch(gm, tp, names, user_inputs, sharded_outputs, moe).search(plan_file)
+    """The automatic plan (with the plan file's overrides applied first) and its propagation; ``blocks``:
+    stored tensors quantized in blocks along their input dim (name -> block size)."""
+    return PlanSearch(gm, tp, names, user_inputs, sharded_outputs, moe, blocks).search(plan_file)

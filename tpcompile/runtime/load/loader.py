@@ -30,10 +30,12 @@ from ..format import (
     verify_shared_files,
 )
 from ..format.native_section import native_section
+from ..format.quant_section import quant_section
 from ..kernels.native import load_native
 from .graph_rewrite import rewrite_devices
 from .program import RankProgram
 from .program_archive import unsafe_content
+from .quantized import bind_packed_weights
 from .weights import assign_tensors, create_zero_state, move_to_device, unloaded_tensors
 
 __all__ = ["check_artifact", "check_program_trust", "load_rank"]
@@ -163,7 +165,11 @@ def load_rank(
     _register_collective_kernels()
     module = _load_module(man, rank_dir / PROGRAM_FILE, entry.relpath(PROGRAM_FILE), trust_pickle)
     weights_rel = entry.relpath(WEIGHTS_FILE)
-    assign_tensors(module, _load_weights(rank_dir / WEIGHTS_FILE, weights_rel, dev), weights_rel)
+    tensors = _load_weights(rank_dir / WEIGHTS_FILE, weights_rel, dev)
+    quant = quant_section(man.extra, str(root / MANIFEST_NAME))
+    if quant is not None:  # packed weights: bound to quantized-weight ops (runtime/load/quantized.py)
+        bind_packed_weights(module, tensors, quant, weights_rel)
+    assign_tensors(module, tensors, weights_rel)
     create_zero_state(module, man.zero_state, dev)
     missing = unloaded_tensors(module)
     if missing:

@@ -1,0 +1,128 @@
+"""Benchmark: SmolLM2-135M-Instruct Q4_1 decode speed with its weights kept quantized (issue 16) against the
+fp32 artifact of the same file (``--dequantize``), at tp = 1, 2, and against llama.cpp on the same GGUF
+file with the same total threads (through llama-cpp-python, see ``bench/peers.py``; skipped with a note
+where that environment does not exist).
+
+::
+
+    python bench/quant.py [--tp 1 2] [--max-new-tokens 64] [--native] [--workdir DIR] [--json]
+
+Each artifact is compiled once into the work directory (kept between runs); every generation runs in fresh
+processes, twice, and the better decode speed is kept. Not a test: the numbers depend on the machine and on
+whatever else runs on it (the table prints the load average).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+BIN = Path(sys.executable).parent
+CORES = os.cpu_count() or 1
+PROMPT = "Write a short story about a robot who learns to paint. Describe its first painting in detail."
+DECODE = re.compile(r"decode: ([0-9.]+) tokens/s")
+
+
+def _smollm2() -> Path:
+    from tests.checkpoints import smollm2_gguf
+
+    return smollm2_gguf()
+
+
+def _compile(source: Path, out: Path, tp: int, dequantize: bool, native: bool) -> None:
+    if (out / "manifest.json").is_file():
+        return
+    cmd = [str(BIN / "tpcompile"), str(source), "--tp", str(tp), "-o", str(out), "--max-seq-len", "512"]
+    cmd += ["--quiet", "--force", "--native" if native else "--no-native"]
+    cmd += ["--dequantize"] if dequantize else []
+    subprocess.run(cmd, check=True)
+
+
+def _decode(artifact: Path, max_new: int, saved: Path) -> float:
+    cmd = [str(BIN / "tprun"), str(artifact), "--prompt", PROMPT, "--max-new-tokens", str(max_new)]
+    cmd += ["--save-tokens", str(saved)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    found = DECODE.search(proc.stderr)
+    if found is None:
+        raise RuntimeError(f"no decode speed in tprun's output: {proc.stderr.strip()[-300:]}")
+    return float(found.group(1))
+
+
+def _weight_bytes(artifact: Path) -> int:
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    return max(r["weight_bytes"] for r in manifest["ranks"])
+
+
+def _llama_cpp(source: Path, prompt_ids: list[int], max_new: int) -> tuple[float | None, str]:
+    try:
+        import peers  # bench/peers.py: the llama-cpp-python environment
+    except ImportError:
+        return None, "llama.cpp skipped: bench/peers.py is not in this checkout"
+    python, note = peers.llama_cpp_python()
+    if python is None:
+        return None, note
+    runs = [peers.llama_cpp_generate(python, source, prompt_ids, CORES, max_new, 512) for _ in range(2)]
+    return max(r["decode"] for r in runs), note
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--native", action="store_true", help="compile native programs (AOTInductor)")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "tpcompile-bench-quant")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    source = _smollm2()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    prompt_ids: list[int] = []
+    for tp in args.tp:
+        for kind, dequantize in (("quantized (Q4_1/Q8_0 kept)", False), ("fp32 (--dequantize)", True)):
+            out = (
+                args.workdir / f"{'fp32' if dequantize else 'quant'}-tp{tp}{'-native' if args.native else ''}"
+            )
+            _compile(source, out, tp, dequantize, args.native)
+            saved = args.workdir / "tokens.json"
+            speed = max(_decode(out, args.max_new_tokens, saved) for _ in range(2))
+            prompt_ids = json.loads(saved.read_text())[0]["prompt_ids"]
+            rows.append(
+                dict(engine="tprun", tp=tp, weights=kind, decode=speed, rank_bytes=_weight_bytes(out))
+            )
+    speed, note = _llama_cpp(source, prompt_ids, args.max_new_tokens)
+    if speed is not None:
+        rows.append(
+            dict(
+                engine="llama.cpp", tp=1, weights="Q4_1 file", decode=speed, rank_bytes=source.stat().st_size
+            )
+        )
+    load = os.getloadavg()[0]
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())  # fmt: skip
+    header = f"{time.strftime('%Y-%m-%d')}, {cpu}, {CORES} cores, load average {load:.1f}; {note}"
+    if args.json:
+        print(json.dumps(dict(header=header, rows=rows), indent=1))
+        return
+    print(header)
+    print("| engine | tp | weights | largest rank's weights | decode tokens/s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        size = f"{r['rank_bytes'] / 2**20:.1f} MiB"
+        print(f"| {r['engine']} | {r['tp']} | {r['weights']} | {size} | {r['decode']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Ops on weights kept in a quantized block layout (``format/quant_section.py``): ``tpcompile::quant_linear``
+(``x @ W.T + b``), ``tpcompile::quant_embedding`` (rows of a table) and ``tpcompile::quant_dequantize``.
+
+Each op is defined here with a fake kernel (so ``torch.export`` and AOTInductor treat it as opaque) and a
+Python kernel for every device, which decodes the packed weight with torch ops and calls ``F.linear`` /
+indexing. Loading ``quant_ops.cpp`` (built with the host's C++ compiler against the running torch on first
+use, cached per source, CPU and torch version like ``cpu_ops``) adds CPU kernels that decode blocks on the
+fly (see the source).
+
+Invariants:
+- :func:`dequantize` is the reference: bit for bit the values ``gguf.quants.dequantize`` gives for the same
+  blocks, in fp32; every kernel computes with those values (fp32 products and sums), so results agree
+  with the dequantized model to fp32 round-off;
+- a failed build is not an error: the Python kernels run (``TPCOMPILE_CPU_KERNELS=0`` skips the build).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torch.utils.cpp_extension as cpp_extension
+
+from ..format.quant_section import QuantFormat
+
+__all__ = ["dequantize", "load_quant_ops", "quant_ops_loaded"]
+
+_SOURCE = Path(__file__).with_name("quant_ops.cpp")
+_LOADED: bool | None = None
+
+
+def dequantize(packed: torch.Tensor, fmt: QuantFormat, cols: int) -> torch.Tensor:
+    """The fp32 ``[rows, cols]`` weight held by ``packed`` (``[rows, cols // block * block_bytes]`` uint8)."""
+    rows = packed.shape[0]
+    blocks = packed.reshape(rows, cols // fmt.block, fmt.block_bytes)
+
+    def half(lo: int) -> torch.Tensor:
+        return blocks[..., lo : lo + 2].contiguous().view(torch.float16).to(torch.float32)
+
+    if fmt in _K_QUANTS:
+        return _K_QUANTS[fmt](blocks.reshape(-1, fmt.block_bytes)).reshape(rows, cols)
+    if fmt is QuantFormat.Q8_0:
+        q = blocks[..., 2:].contiguous().view(torch.int8).to(torch.float32)
+        w = half(0) * q
+    else:
+        nibbles = blocks[..., 4:] if fmt is QuantFormat.Q4_1 else blocks[..., 2:]
+        q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).to(torch.float32)
+        w = half(0) * q + half(2) if fmt is QuantFormat.Q4_1 else half(0) * (q - 8)
+    return w.reshape(rows, cols)
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).to(torch.float32)
+
+
+def _scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8 six-bit sub-block scales and mins packed in 12 bytes (q4_k, q5_k)."""
+    d, m, m_d = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
+    sc = torch.cat([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mins = torch.cat([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc, mins
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:  # [n, 144] -> [n, 256], as gguf.quants.Q4_K
+    n = b.shape[0]
+    sc, mins = _scale_min(b[:, 4:16])
+    d = (_f16(b[:, 0:2]) * sc.to(torch.float32)).reshape(n, 8, 1)
+    dm = (_f16(b[:, 2:4]) * mins.to(torch.float32)).reshape(n, 8, 1)
+    qs = b[:, 16:].reshape(n, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)
+    q = (qs & 0x0F).reshape(n, 8, 32).to(torch.float32)
+    return (d * q - dm).reshape(n, 256)
+
+
+def _q5_k(b: torch.Tensor) -> torch.Tensor:  # [n, 176] -> [n, 256], as gguf.quants.Q5_K
+    n = b.shape[0]
+    sc, mins = _scale_min(b[:, 4:16])
+    d = (_f16(b[:, 0:2]) * sc.to(torch.float32)).reshape(n, 8, 1)
+    dm = (_f16(b[:, 2:4]) * mins.to(torch.float32)).reshape(n, 8, 1)
+    ql = b[:, 48:].reshape(n, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)
+    qh = b[:, 16:48].reshape(n, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8).reshape(1, 1, 8, 1)
+    q = ((ql & 0x0F).reshape(n, 8, 32) | ((qh & 0x01).reshape(n, 8, 32) << 4)).to(torch.float32)
+    return (d * q - dm).reshape(n, 256)
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:  # [n, 210] -> [n, 256], as gguf.quants.Q6_K
+    n = b.shape[0]
+    scales = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+    d = (_f16(b[:, 208:210]) * scales).reshape(n, 16, 1)
+    ql = b[:, 0:128].reshape(n, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
+    qh = b[:, 128:192].reshape(n, 2, 1, 32) >> shifts
+    q = (ql & 0x0F).reshape(n, 8, 32) | ((qh & 0x03).reshape(n, 8, 32) << 4)
+    q = (q.to(torch.int8) - 32).reshape(n, 16, 16).to(torch.float32)
+    return (d * q).reshape(n, 256)
+
+
+_K_QUANTS = {QuantFormat.Q4_K: _q4_k, QuantFormat.Q5_K: _q5_k, QuantFormat.Q6_K: _q6_k}
+
+
+@torch.library.custom_op("tpcompile::quant_linear", mutates_args=())
+def quant_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, format: int, in_features: int
+) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for the weight ``W`` that ``packed`` holds in format ``format`` (its code)."""
+    weight = dequantize(packed, QuantFormat.from_code(format), in_features).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+@quant_linear.register_fake
+def _quant_linear_fake(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, format: int, in_features: int
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+@torch.library.custom_op("tpcompile::quant_embedding", mutates_args=())
+def quant_embedding(packed: torch.Tensor, ids: torch.Tensor, format: int, in_features: int) -> torch.Tensor:
+    """The rows ``ids`` of the table that ``packed`` holds, decoded to fp32 (``F.embedding``)."""
+    rows = packed.index_select(0, ids.reshape(-1))
+    table = dequantize(rows, QuantFormat.from_code(format), in_features)
+    return table.reshape(*ids.shape, in_features)
+
+
+@quant_embedding.register_fake
+def _quant_embedding_fake(
+    packed: torch.Tensor, ids: torch.Tensor, format: int, in_features: int
+) -> torch.Tensor:
+    return packed.new_empty((*ids.shape, in_features), dtype=torch.float32)
+
+
+@torch.library.custom_op("tpcompile::quant_dequantize", mutates_args=())
+def quant_dequantize(packed: torch.Tensor, format: int, in_features: int) -> torch.Tensor:
+    """The whole weight decoded to fp32 (:func:`dequantize`)."""
+    return dequantize(packed, QuantFormat.from_code(format), in_features)
+
+
+@quant_dequantize.register_fake
+def _quant_dequantize_fake(packed: torch.Tensor, format: int, in_features: int) -> torch.Tensor:
+    return packed.new_empty((packed.shape[0], in_features), dtype=torch.float32)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("TPCOMPILE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tpcompile"
+    )
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
+    return "\n".join([platform.machine(), *keep])
+
+
+def _build(compiler: str, target: Path) -> None:
+    include = [f"-I{p}" for p in cpp_extension.include_paths()]
+    libdirs = cpp_extension.library_paths()
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [
+            compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", abi, *include, str(_SOURCE),
+            "-o", str(out), *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs],
+            "-lc10", "-ltorch_cpu", "-ltorch",
+        ]  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+        os.replace(out, target)  # atomic: ranks building at once each install a complete file
+
+
+def load_quant_ops() -> bool:
+    """Build (once per host and torch) and load the CPU kernels; False where they cannot be had."""
+    global _LOADED
+    if _LOADED is None:
+        _LOADED = False
+        if os.environ.get("TPCOMPILE_CPU_KERNELS", "1") != "0" and sys.platform.startswith("linux"):
+            compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+            if compiler is not None:
+                key = f"\n{_cpu_signature()}\n{torch.__version__}\n{compiler}".encode()
+                digest = hashlib.sha256(_SOURCE.read_bytes() + key).hexdigest()[:16]
+                target = _cache_dir() / f"quant-ops-{digest}.so"
+                try:
+                    if not target.exists():
+                        _build(compiler, target)
+                    torch.ops.load_library(str(target))
+                    _LOADED = True
+                except (OSError, RuntimeError, subprocess.SubprocessError):
+                    _LOADED = False
+    return _LOADED
+
+
+def quant_ops_loaded() -> bool:
+    """True once :func:`load_quant_ops` has loaded the library in this process."""
+    return bool(_LOADED)

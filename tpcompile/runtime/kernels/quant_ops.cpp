@@ -1,0 +1,371 @@
+// CPU kernels of tpcompile's quantized-weight ops (see quant.py): the weight stays in its packed block
+// layout (GGUF Q8_0 / Q4_0 / Q4_1) and is decoded block by block while it streams through the product.
+//
+// quant_linear(x [.., K] f32, packed [N, K/32*bb] u8, bias?, format, K) -> [.., N] f32
+//   - at most kDecodeRows activation rows (a decode step): every weight row is read once, each block
+//     decoded in registers to the dequantized fp32 weights and multiplied into fp32 vector accumulators
+//     (one per activation row); the output rows are spread over torch's intra-op threads;
+//   - more rows (a prompt): the weight is decoded to fp32 in chunks of output rows, each chunk multiplied
+//     with BLAS (at::mm).
+// quant_embedding(packed [V, K/32*bb] u8, ids, format, K) -> [ids.., K] f32: the gathered rows decoded.
+//
+// Built with -O3 -march=native: GCC vector extensions become AVX-512 on hosts that have it and AVX2 (two
+// registers per vector) on those that do not. Every weight equals the reference dequantization
+// (gguf.quants, fp32) bit for bit; products and sums are fp32, in a fixed order per output element.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kDecodeRows = 8;
+constexpr int64_t kBlock = 32;
+
+enum Format : int64_t { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q4_K = 3, Q5_K = 4, Q6_K = 5 };  // QuantFormat.code
+constexpr int64_t kSuper = 256;  // weights per k-quant block
+
+constexpr int64_t block_size(int64_t format) { return format >= Q4_K ? kSuper : kBlock; }
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint8_t v16u8 __attribute__((vector_size(16)));
+
+inline float half(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
+}
+
+// 16 bytes (unsigned, or signed with kSigned) widened to 16 floats: explicit intrinsics, because GCC
+// scalarizes __builtin_convertvector from bytes to floats.
+template <bool kSigned>
+inline v16f bytes_to_float(const uint8_t* p) {
+  v16f r;
+#if defined(__AVX512F__)
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m512i w = kSigned ? _mm512_cvtepi8_epi32(v) : _mm512_cvtepu8_epi32(v);
+  __m512 f = _mm512_cvtepi32_ps(w);
+  std::memcpy(&r, &f, sizeof r);
+#elif defined(__AVX2__)
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m128i h = _mm_srli_si128(v, 8);
+  __m256 a = _mm256_cvtepi32_ps(kSigned ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v));
+  __m256 b = _mm256_cvtepi32_ps(kSigned ? _mm256_cvtepi8_epi32(h) : _mm256_cvtepu8_epi32(h));
+  std::memcpy(&r, &a, 32);
+  std::memcpy(reinterpret_cast<char*>(&r) + 32, &b, 32);
+#else
+  for (int i = 0; i < 16; i++) r[i] = kSigned ? float(int8_t(p[i])) : float(p[i]);
+#endif
+  return r;
+}
+
+inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float hsum(v16f v) {
+  float s = 0.0f;
+  for (int i = 0; i < 16; i++) s += v[i];
+  return s;
+}
+
+int64_t block_bytes(int64_t format) {
+  switch (format) {
+    case Q8_0: return 34;
+    case Q4_0: return 18;
+    case Q4_1: return 20;
+    case Q4_K: return 144;
+    case Q5_K: return 176;
+    case Q6_K: return 210;
+  }
+  TORCH_CHECK(false, "quant kernels: unknown format code ", format);
+}
+
+// The 32 weights of one block as two 16-lane vectors (elements 0..15, 16..31) and its scale/offset.
+struct Decoded {
+  v16f lo, hi;
+  float d, m;
+};
+
+template <int64_t F>
+inline Decoded decode(const uint8_t* blk) {
+  Decoded r;
+  if constexpr (F == Q8_0) {
+    r.d = half(blk);
+    r.m = 0.0f;
+    r.lo = bytes_to_float<true>(blk + 2);
+    r.hi = bytes_to_float<true>(blk + 18);
+  } else {
+    const uint8_t* qs = blk + (F == Q4_1 ? 4 : 2);
+    r.d = half(blk);
+    r.m = F == Q4_1 ? half(blk + 2) : -8.0f * r.d;
+    v16u8 q, lo, hi;
+    std::memcpy(&q, qs, 16);
+    lo = q & (uint8_t)15;
+    hi = q >> (uint8_t)4;
+    r.lo = bytes_to_float<false>(reinterpret_cast<const uint8_t*>(&lo));
+    r.hi = bytes_to_float<false>(reinterpret_cast<const uint8_t*>(&hi));
+  }
+  return r;
+}
+
+// The 32 weights of a block in fp32, by the reference's exact expressions (gguf.quants): d * q is exact
+// (an fp16 scale times a small integer), so every weight equals the dequantized one bit for bit.
+template <int64_t F>
+inline void weights(const uint8_t* blk, v16f& lo, v16f& hi) {
+  Decoded q = decode<F>(blk);
+  if constexpr (F == Q8_0) {
+    lo = q.d * q.lo;
+    hi = q.d * q.hi;
+  } else if constexpr (F == Q4_0) {
+    lo = q.d * (q.lo - 8.0f);
+    hi = q.d * (q.hi - 8.0f);
+  } else {
+    lo = q.d * q.lo + q.m;
+    hi = q.d * q.hi + q.m;
+  }
+}
+
+// The 8 six-bit scales and mins of a q4_k / q5_k block (llama.cpp's get_scale_min_k4).
+inline void scale_min_k4(int j, const uint8_t* q, int& d, int& m) {
+  if (j < 4) {
+    d = q[j] & 63;
+    m = q[j + 4] & 63;
+  } else {
+    d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+// The 256 weights of a k-quant block in fp32, by gguf.quants' expressions (each d * q is exact or one
+// rounding, as there).
+template <int64_t F>
+inline void super_weights(const uint8_t* b, float* out) {
+  if constexpr (F == Q6_K) {
+    const uint8_t* ql = b;
+    const uint8_t* qh = b + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = half(b + 208);
+    for (int e = 0; e < 256; e++) {
+      const int h = e / 128, r = e % 128;
+      const int lq = (ql[h * 64 + r % 64] >> (4 * (r / 64))) & 15;
+      const int hq = (qh[h * 32 + r % 32] >> (2 * (r / 32))) & 3;
+      const float q = float(int8_t(lq | (hq << 4)) - 32);
+      out[e] = (d * float(sc[e / 16])) * q;
+    }
+  } else {
+    const float d = half(b), dmin = half(b + 2);
+    const uint8_t* scales = b + 4;
+    const uint8_t* qh = b + 16;
+    const uint8_t* qs = b + (F == Q5_K ? 48 : 16);
+    for (int j = 0; j < 8; j++) {
+      int s, m;
+      scale_min_k4(j, scales, s, m);
+      const float dj = d * float(s), mj = dmin * float(m);
+      const int shift = (j % 2) * 4;
+      const uint8_t* g = qs + (j / 2) * 32;
+      for (int i = 0; i < 32; i++) {
+        int q = (g[i] >> shift) & 15;
+        if constexpr (F == Q5_K) q |= ((qh[i] >> j) & 1) << 4;
+        out[j * 32 + i] = dj * float(q) - mj;
+      }
+    }
+  }
+}
+
+// y[m, o] = sum_k w[o, k] * x[m, k] for rows m < rows, outputs o in [begin, end): the products are the
+// dequantized model's; only the order of the fp32 sum differs from a BLAS product.
+template <int64_t F, int R>
+void decode_rows_fixed(const uint8_t* w, int64_t row_bytes, const float* x, int64_t k, const float* bias,
+                       float* y, int64_t n, int64_t begin, int64_t end) {
+  // R (the activation rows) is a constant so that the accumulators stay in registers; two per row
+  // (first and second half of each block) so that consecutive blocks do not wait on one FMA chain.
+  const int64_t nb = k / block_size(F);
+  const int64_t bb = row_bytes / nb;
+  for (int64_t o = begin; o < end; o++) {
+    const uint8_t* wr = w + o * row_bytes;
+    v16f acc[R], acc2[R];
+    for (int r = 0; r < R; r++) acc[r] = acc2[r] = v16f{};
+    if constexpr (F >= Q4_K) {
+      alignas(64) float buf[kSuper];
+      for (int64_t b = 0; b < nb; b++) {
+        super_weights<F>(wr + b * bb, buf);
+        for (int r = 0; r < R; r++) {
+          const float* xb = x + r * k + b * kSuper;
+          for (int c = 0; c < kSuper; c += 32) {
+            acc[r] += load16(buf + c) * load16(xb + c);
+            acc2[r] += load16(buf + c + 16) * load16(xb + c + 16);
+          }
+        }
+      }
+    }
+    for (int64_t b = 0; b < nb && F < Q4_K; b++) {
+      v16f lo, hi;
+      weights<F>(wr + b * bb, lo, hi);
+      for (int r = 0; r < R; r++) {
+        const float* xb = x + r * k + b * kBlock;
+        acc[r] += lo * load16(xb);
+        acc2[r] += hi * load16(xb + 16);
+      }
+    }
+    for (int r = 0; r < R; r++) {
+      float s = hsum(acc[r] + acc2[r]);
+      y[r * n + o] = bias ? s + bias[o] : s;
+    }
+  }
+}
+
+template <int64_t F>
+void decode_rows(const uint8_t* w, int64_t row_bytes, const float* x, int64_t rows, int64_t k,
+                 const float* bias, float* y, int64_t n, int64_t begin, int64_t end) {
+  switch (rows) {
+    case 1: return decode_rows_fixed<F, 1>(w, row_bytes, x, k, bias, y, n, begin, end);
+    case 2: return decode_rows_fixed<F, 2>(w, row_bytes, x, k, bias, y, n, begin, end);
+    case 3: return decode_rows_fixed<F, 3>(w, row_bytes, x, k, bias, y, n, begin, end);
+    case 4: return decode_rows_fixed<F, 4>(w, row_bytes, x, k, bias, y, n, begin, end);
+    case 5: return decode_rows_fixed<F, 5>(w, row_bytes, x, k, bias, y, n, begin, end);
+    case 6: return decode_rows_fixed<F, 6>(w, row_bytes, x, k, bias, y, n, begin, end);
+    case 7: return decode_rows_fixed<F, 7>(w, row_bytes, x, k, bias, y, n, begin, end);
+    case 8: return decode_rows_fixed<F, 8>(w, row_bytes, x, k, bias, y, n, begin, end);
+  }
+}
+
+template <int64_t F>
+void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t k, float* out, int64_t begin, int64_t end) {
+  const int64_t nb = k / block_size(F);
+  const int64_t bb = row_bytes / nb;
+  for (int64_t o = begin; o < end; o++) {
+    const uint8_t* wr = w + o * row_bytes;
+    float* dst = out + (o - begin) * k;
+    if constexpr (F >= Q4_K) {
+      for (int64_t b = 0; b < nb; b++) super_weights<F>(wr + b * bb, dst + b * kSuper);
+      continue;
+    }
+    for (int64_t b = 0; b < nb; b++) {
+      v16f lo, hi;
+      weights<F>(wr + b * bb, lo, hi);
+      std::memcpy(dst + b * kBlock, &lo, sizeof lo);
+      std::memcpy(dst + b * kBlock + 16, &hi, sizeof hi);
+    }
+  }
+}
+
+void dequant_dispatch(int64_t format, const uint8_t* w, int64_t row_bytes, int64_t k, float* out,
+                      int64_t begin, int64_t end) {
+  switch (format) {
+    case Q8_0: return dequant_rows<Q8_0>(w, row_bytes, k, out, begin, end);
+    case Q4_0: return dequant_rows<Q4_0>(w, row_bytes, k, out, begin, end);
+    case Q4_1: return dequant_rows<Q4_1>(w, row_bytes, k, out, begin, end);
+    case Q4_K: return dequant_rows<Q4_K>(w, row_bytes, k, out, begin, end);
+    case Q5_K: return dequant_rows<Q5_K>(w, row_bytes, k, out, begin, end);
+    case Q6_K: return dequant_rows<Q6_K>(w, row_bytes, k, out, begin, end);
+  }
+}
+
+void check_packed(const at::Tensor& packed, int64_t format, int64_t k) {
+  TORCH_CHECK(packed.dtype() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
+              "quant kernels: packed weights must be a contiguous 2-D uint8 tensor");
+  TORCH_CHECK(format >= Q8_0 && format <= Q6_K, "quant kernels: unknown format code ", format);
+  TORCH_CHECK(k % block_size(format) == 0 && packed.size(1) == k / block_size(format) * block_bytes(format),
+              "quant kernels: packed row of ", packed.size(1), " bytes does not hold ", k, " features");
+}
+
+at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, const c10::optional<at::Tensor>& bias_in,
+                        int64_t format, int64_t k) {
+  check_packed(packed, format, k);
+  TORCH_CHECK(x_in.size(-1) == k, "quant_linear: input has ", x_in.size(-1), " features, weight ", k);
+  at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t n = packed.size(0);
+  const int64_t rows = k ? x.numel() / k : 0;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) bias = bias_in->to(at::kFloat).contiguous();
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const int64_t row_bytes = packed.size(1);
+  if (rows <= kDecodeRows) {
+    at::Tensor y = at::empty({rows, n}, x.options());
+    const float* xp = x.data_ptr<float>();
+    const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      switch (format) {
+        case Q8_0: return decode_rows<Q8_0>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
+        case Q4_0: return decode_rows<Q4_0>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
+        case Q4_1: return decode_rows<Q4_1>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
+        case Q4_K: return decode_rows<Q4_K>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
+        case Q5_K: return decode_rows<Q5_K>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
+        case Q6_K: return decode_rows<Q6_K>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
+      }
+    });
+    return y.view(shape).to(x_in.scalar_type());
+  }
+  at::Tensor x2 = x.view({rows, k});
+  at::Tensor y = at::empty({rows, n}, x.options());
+  constexpr int64_t kChunk = 1024;
+  at::Tensor tile = at::empty({std::min(kChunk, n), k}, x.options());
+  for (int64_t start = 0; start < n; start += kChunk) {
+    const int64_t len = std::min(kChunk, n - start);
+    float* tp = tile.data_ptr<float>();
+    at::parallel_for(start, start + len, 16, [&](int64_t begin, int64_t end) {
+      dequant_dispatch(format, w, row_bytes, k, tp + (begin - start) * k, begin, end);
+    });
+    y.narrow(1, start, len).copy_(at::mm(x2, tile.narrow(0, 0, len).t()));
+  }
+  if (bias.defined()) y.add_(bias);
+  return y.view(shape).to(x_in.scalar_type());
+}
+
+at::Tensor quant_dequantize(const at::Tensor& packed, int64_t format, int64_t k) {
+  check_packed(packed, format, k);
+  const int64_t n = packed.size(0);
+  at::Tensor out = at::empty({n, k}, packed.options().dtype(at::kFloat));
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    dequant_dispatch(format, w, packed.size(1), k, op + begin * k, begin, end);
+  });
+  return out;
+}
+
+at::Tensor quant_embedding(const at::Tensor& packed, const at::Tensor& ids_in, int64_t format, int64_t k) {
+  check_packed(packed, format, k);
+  at::Tensor ids = ids_in.to(at::kLong).contiguous();
+  const int64_t count = ids.numel();
+  const int64_t vocab = packed.size(0);
+  at::Tensor out = at::empty({count, k}, packed.options().dtype(at::kFloat));
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const int64_t row_bytes = packed.size(1);
+  float* op = out.data_ptr<float>();
+  for (int64_t i = 0; i < count; i++) {
+    const int64_t row = ip[i];
+    TORCH_CHECK(row >= 0 && row < vocab, "quant_embedding: index ", row, " out of range for ", vocab, " rows");
+    dequant_dispatch(format, w + row * row_bytes, row_bytes, k, op + i * k, 0, 1);
+  }
+  std::vector<int64_t> shape(ids_in.sizes().begin(), ids_in.sizes().end());
+  shape.push_back(k);
+  return out.view(shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tpcompile, CPU, m) {
+  m.impl("quant_linear", &quant_linear);
+  m.impl("quant_embedding", &quant_embedding);
+  m.impl("quant_dequantize", &quant_dequantize);
+}

@@ -1,0 +1,127 @@
+"""Binding a rank's packed (quantized) weights to its program.
+
+A rank program names a quantized weight ``W`` with its logical float shape; the shard holds ``W`` packed
+under ``W + PACKED_SUFFIX`` (``format/quant_section.py``). :func:`bind_packed_weights` takes those packed
+tensors out of the loaded state, stores each on the module as a buffer beside ``W``, and rewrites the ops
+that read ``W``: ``aten.linear(x, W, b)`` -> ``tpcompile::quant_linear(x, W_packed, b, format, cols)``,
+``aten.embedding(W, ids)`` -> ``tpcompile::quant_embedding(W_packed, ids, format, cols)``. Any other use of
+``W`` gets ``W`` itself, decoded once at load (correct, not smaller).
+
+Invariant: the rewritten program computes what the program computed with the dequantized weights (the
+kernels use exactly the dequantized values, see ``kernels/quant.py``); ``W`` no longer exists as a meta
+parameter afterwards (it is gone, or it holds the decoded weight).
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..errors import ArtifactLoadError
+from ..format.quant_section import PACKED_SUFFIX, QuantFormat, QuantSection
+from ..kernels.quant import dequantize, load_quant_ops
+from .graph_rewrite import graph_modules
+
+__all__ = ["PACKED_ATTR_SUFFIX", "bind_packed_weights"]
+
+#: Attribute name of the packed buffer beside a weight attribute ``weight`` (``weight_packed``).
+PACKED_ATTR_SUFFIX = "_packed"
+
+_LINEAR = torch.ops.aten.linear.default
+_EMBEDDING = torch.ops.aten.embedding.default
+
+
+def _attr_owner(module: nn.Module, key: str, source: str) -> tuple[nn.Module, str]:
+    prefix, _, name = key.rpartition(".")
+    try:
+        owner = module.get_submodule(prefix) if prefix else module
+    except AttributeError:
+        owner = None
+    if owner is None or not isinstance(getattr(owner, name, None), torch.Tensor):
+        raise ArtifactLoadError(
+            f"{source} has packed weights for {key!r}, which the program does not define; "
+            "the artifact is inconsistent, recompile it"
+        )
+    return owner, name
+
+
+def _rewrite_uses(gm: torch.fx.GraphModule, packed: dict[str, tuple[QuantFormat, int]]) -> set[str]:
+    """Point the linears and lookups of ``gm`` that read a weight of ``packed`` (key -> format, input
+    features) at its packed buffer; return the keys some other op of ``gm`` still reads."""
+    still_read: set[str] = set()
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr" or node.target not in packed:
+            continue
+        key = str(node.target)
+        fmt, cols = packed[key]
+        with gm.graph.inserting_after(node):
+            buffer = gm.graph.get_attr(key + PACKED_ATTR_SUFFIX)
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is _LINEAR and user.args[1] is node:
+                x, _, *rest = user.args
+                bias = rest[0] if rest else user.kwargs.get("bias")
+                user.target = torch.ops.tpcompile.quant_linear.default
+                user.args, user.kwargs = (x, buffer, bias, fmt.code, cols), {}
+            elif user.op == "call_function" and user.target is _EMBEDDING and user.args[0] is node:
+                user.target = torch.ops.tpcompile.quant_embedding.default
+                user.args, user.kwargs = (buffer, user.args[1], fmt.code, cols), {}
+            else:
+                still_read.add(key)
+        if not node.users:
+            gm.graph.erase_node(node)
+        if not buffer.users:
+            gm.graph.erase_node(buffer)
+        changed = True
+    if changed:
+        gm.recompile()  # once per graph: recompiling a decoder's graph per weight costs seconds
+    return still_read
+
+
+def bind_packed_weights(
+    module: nn.Module, tensors: MutableMapping[str, torch.Tensor], section: QuantSection, source: str
+) -> int:
+    """Move every packed tensor of ``tensors`` (a rank's loaded state) onto ``module`` and rewrite the ops
+    reading its weight; return how many weights stay packed.
+
+    Raises:
+        ArtifactLoadError: a packed tensor names no weight of the program, or does not fit its shape.
+    """
+    if not section.tensors:
+        return 0
+    load_quant_ops()
+    found: dict[str, tuple[nn.Module, str, torch.Tensor, QuantFormat, int]] = {}
+    for key, info in sorted(section.tensors.items()):
+        packed = tensors.pop(key + PACKED_SUFFIX, None)
+        if packed is None:
+            raise ArtifactLoadError(f"packed weights for {key} missing in {source}")
+        owner, name = _attr_owner(module, key, source)
+        logical = getattr(owner, name)
+        fmt = info.format
+        rows, cols = (int(s) for s in logical.shape) if logical.dim() == 2 else (-1, -1)
+        if (
+            packed.dtype != torch.uint8
+            or cols % fmt.block
+            or tuple(packed.shape) != (rows, fmt.packed_cols(cols))
+        ):
+            raise ArtifactLoadError(
+                f"packed weights for {key} in {source} have shape {list(packed.shape)} {packed.dtype}, which "
+                f"does not hold the program's {list(logical.shape)} weight as {fmt.value}; recompile it"
+            )
+        owner.register_buffer(name + PACKED_ATTR_SUFFIX, packed, persistent=False)
+        found[key] = (owner, name, packed, fmt, cols)
+    formats = {key: (fmt, cols) for key, (_, _, _, fmt, cols) in found.items()}
+    still_read: set[str] = set()
+    for gm in graph_modules(module):
+        still_read |= _rewrite_uses(gm, formats)
+    for key, (owner, name, packed, fmt, cols) in found.items():
+        if key in still_read:  # some other op reads it: give it the decoded weight too
+            tensors[key] = dequantize(packed, fmt, cols).to(getattr(owner, name).dtype)
+        elif name in owner._parameters:
+            del owner._parameters[name]
+        else:
+            delattr(owner, name)
+    return len(found) - len(still_read)
