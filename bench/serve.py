@@ -135,6 +135,7 @@ def healthy(base: str) -> bool:
 
 def serve(art: Path, port: int) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "tpcompile.runtime.cli", "serve", str(art), "--port", str(port)]
+    cmd += ["--served-model-name", "smollm2"]
     proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stderr=subprocess.PIPE, text=True)
     base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + LOAD_TIMEOUT_S
     while not healthy(base):

@@ -19,22 +19,15 @@ Invariants:
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
-import torch.utils.cpp_extension as cpp_extension
 
 from ..transport.shm import ShmCommunicator
 from . import compiled as _collective_ops  # defines the collective ops this library implements
 from . import prefix_attention as _attention_ops  # noqa: F401
 from . import streaming_linear as _linear_ops  # noqa: F401
+from .cpp_library import load_cpp_library
 
 __all__ = ["attach", "collective_seconds", "cpu_ops_loaded", "load_cpu_ops"]
 
@@ -42,66 +35,16 @@ _SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 _LOADED: bool | None = None
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("TPCOMPILE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tpcompile"
-    )
-    return Path(root) / "kernels"
-
-
-def _cpu_signature() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
-    return "\n".join([platform.machine(), *keep])
-
-
-def _march() -> str:
-    """The ISA the kernels are built for: this host's (``native``), or ``$TPCOMPILE_CPU_ISA`` (a GCC
-    ``-march`` value such as ``x86-64-v3``, i.e. AVX2 + FMA) to measure or match an older host."""
-    return os.environ.get("TPCOMPILE_CPU_ISA") or "native"
-
-
-def _build(compiler: str, target: Path) -> None:
-    include = [f"-I{p}" for p in cpp_extension.include_paths()]
-    libdirs = cpp_extension.library_paths()
-    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        cmd = [
-            compiler, "-O3", f"-march={_march()}", "-std=c++17", "-shared", "-fPIC", abi, *include,
-            str(_SOURCE), "-o", str(out), *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs],
-            "-lc10", "-ltorch_cpu", "-ltorch",
-        ]  # fmt: skip
-        subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-        os.replace(out, target)  # atomic: ranks building at once each install a complete file
-
-
 def load_cpu_ops() -> bool:
     """Build (once per host and torch) and load the CPU kernels; False where they cannot be had."""
     global _LOADED
     if _LOADED is None:
-        _LOADED = False
-        if os.environ.get("TPCOMPILE_CPU_KERNELS", "1") != "0" and sys.platform.startswith("linux"):
-            compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-            if compiler is not None:
-                key = f"\n{_cpu_signature()}\n{torch.__version__}\n{compiler}\n{_march()}".encode()
-                digest = hashlib.sha256(_SOURCE.read_bytes() + key).hexdigest()[:16]
-                target = _cache_dir() / f"cpu-ops-{digest}.so"
-                try:
-                    if not target.exists():
-                        _build(compiler, target)
-                    torch.ops.load_library(str(target))
-                    _LOADED = True
-                    _collective_ops.BIND_HOOKS.append(attach)
-                    bound = _collective_ops.current_binding()
-                    if bound is not None:
-                        attach(*bound)
-                except (OSError, RuntimeError, subprocess.SubprocessError):
-                    _LOADED = False
+        _LOADED = load_cpp_library(_SOURCE, "cpu-ops")
+        if _LOADED:
+            _collective_ops.BIND_HOOKS.append(attach)
+            bound = _collective_ops.current_binding()
+            if bound is not None:
+                attach(*bound)
     return _LOADED
 
 

@@ -16,20 +16,13 @@ Invariants:
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torch.utils.cpp_extension as cpp_extension
 
 from ..format.quant_section import QuantFormat
+from .cpp_library import load_cpp_library
 
 __all__ = ["dequantize", "load_quant_ops", "quant_ops_loaded"]
 
@@ -147,56 +140,11 @@ def _quant_dequantize_fake(packed: torch.Tensor, format: int, in_features: int) 
     return packed.new_empty((packed.shape[0], in_features), dtype=torch.float32)
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("TPCOMPILE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tpcompile"
-    )
-    return Path(root) / "kernels"
-
-
-def _cpu_signature() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
-    return "\n".join([platform.machine(), *keep])
-
-
-def _build(compiler: str, target: Path) -> None:
-    include = [f"-I{p}" for p in cpp_extension.include_paths()]
-    libdirs = cpp_extension.library_paths()
-    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        cmd = [
-            compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", abi, *include, str(_SOURCE),
-            "-o", str(out), *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs],
-            "-lc10", "-ltorch_cpu", "-ltorch",
-        ]  # fmt: skip
-        subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-        os.replace(out, target)  # atomic: ranks building at once each install a complete file
-
-
 def load_quant_ops() -> bool:
     """Build (once per host and torch) and load the CPU kernels; False where they cannot be had."""
     global _LOADED
     if _LOADED is None:
-        _LOADED = False
-        if os.environ.get("TPCOMPILE_CPU_KERNELS", "1") != "0" and sys.platform.startswith("linux"):
-            compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-            if compiler is not None:
-                key = f"\n{_cpu_signature()}\n{torch.__version__}\n{compiler}".encode()
-                digest = hashlib.sha256(_SOURCE.read_bytes() + key).hexdigest()[:16]
-                target = _cache_dir() / f"quant-ops-{digest}.so"
-                try:
-                    if not target.exists():
-                        _build(compiler, target)
-                    torch.ops.load_library(str(target))
-                    _LOADED = True
-                except (OSError, RuntimeError, subprocess.SubprocessError):
-                    _LOADED = False
+        _LOADED = load_cpp_library(_SOURCE, "quant-ops")
     return _LOADED
 
 

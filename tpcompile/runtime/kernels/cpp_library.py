@@ -1,0 +1,84 @@
+"""Building and loading a C++ kernel library of tpcompile's custom ops on the host that runs them.
+
+A library (``cpu_ops.cpp``, ``quant_ops.cpp``) is compiled on first use with the host's C++ compiler
+(``$CXX``, else ``c++`` / ``g++``) against the running torch, for the host's own ISA (``-march=native``) or
+``$TPCOMPILE_CPU_ISA`` (a GCC ``-march`` value such as ``x86-64-v3``: AVX2 + FMA, to measure or match an
+older host), and loaded with ``torch.ops.load_library``.
+
+Invariants:
+- a build is cached in ``$TPCOMPILE_CACHE/kernels`` (default ``~/.cache/tpcompile/kernels``) under a digest
+  of the source, the CPU, the torch version, the compiler and the ISA, and installed atomically (ranks
+  building at once each install a complete file);
+- a failed build or load is not an error: the caller keeps its Python kernels (``TPCOMPILE_CPU_KERNELS=0``,
+  or a platform other than Linux, skips the build).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.utils.cpp_extension as cpp_extension
+
+__all__ = ["load_cpp_library"]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("TPCOMPILE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tpcompile"
+    )
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
+    return "\n".join([platform.machine(), *keep])
+
+
+def _march() -> str:
+    return os.environ.get("TPCOMPILE_CPU_ISA") or "native"
+
+
+def _build(compiler: str, source: Path, target: Path) -> None:
+    include = [f"-I{p}" for p in cpp_extension.include_paths()]
+    libdirs = cpp_extension.library_paths()
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [
+            compiler, "-O3", f"-march={_march()}", "-std=c++17", "-shared", "-fPIC", abi, *include,
+            str(source), "-o", str(out), *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs],
+            "-lc10", "-ltorch_cpu", "-ltorch",
+        ]  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+        os.replace(out, target)
+
+
+def load_cpp_library(source: Path, name: str) -> bool:
+    """Build ``source`` (cached as ``{name}-{digest}.so``) and load it into torch; False where it cannot."""
+    if os.environ.get("TPCOMPILE_CPU_KERNELS", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if compiler is None:
+        return False
+    key = f"\n{_cpu_signature()}\n{torch.__version__}\n{compiler}\n{_march()}".encode()
+    target = _cache_dir() / f"{name}-{hashlib.sha256(source.read_bytes() + key).hexdigest()[:16]}.so"
+    try:
+        if not target.exists():
+            _build(compiler, source, target)
+        torch.ops.load_library(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError):
+        return False
+    return True
