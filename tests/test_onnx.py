@@ -21,8 +21,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from tests.checkpoints import save_smollm2_tokenizer, tiny_checkpoint
-from tests.conftest import tpcompile, tprun
+from tests.checkpoints import save_smollm2_tokenizer, smollm2_gguf, tiny_checkpoint
+from tests.conftest import SMOLLM2_SEQ_LEN, tpcompile, tprun
+from tpcompile.errors import UsageError
 from tpcompile.onnx.artifact import convert_artifact
 from tpcompile.runtime.launch.launcher import free_port
 from tpcompile.runtime.lm.generate import CausalLM
@@ -209,7 +210,15 @@ def test_kv_cache_llama_onnx_equals_torch(tiny_llama: Path, tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_smollm2_tp2_onnx_equals_torch(compiled_smollm2: Any, tmp_path: Path) -> None:
-    torch_dir, onnx_dir = compiled_smollm2(2), tmp_path / "smollm2-onnx"
+    """The GGUF's weights stay quantized by default, which ONNX cannot run: the conversion refuses that
+    artifact in one line and converts the --dequantize one."""
+    with pytest.raises(UsageError, match=r"stores \d+ weights quantized .*recompile it with --dequantize$"):
+        convert_artifact(compiled_smollm2(2), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    torch_dir, onnx_dir = tmp_path / "smollm2-floats", tmp_path / "smollm2-onnx"
+    args = ("--tp", 2, "-o", torch_dir, "--max-seq-len", SMOLLM2_SEQ_LEN, "--dequantize", "--quiet")
+    done = tpcompile(smollm2_gguf(), *args)
+    assert done.returncode == 0, done.stderr
     convert_artifact(torch_dir, onnx_dir)
     _check_onnx_artifact(onnx_dir, 2)
     # "Why is the sky blue?" through SmolLM2's chat template: the answer runs past 32 tokens

@@ -27,6 +27,7 @@ from tpcompile.onnx.functional import stateful_module
 from tpcompile.onnx.segments import split_model
 from tpcompile.runtime.format import Manifest, sha256_file
 from tpcompile.runtime.format.onnx_section import OnnxRank
+from tpcompile.runtime.format.quant_section import quant_section
 
 FORMAT = "onnx"
 PROGRAM = "program.pt2"
@@ -95,6 +96,12 @@ def convert_artifact(src: str | Path, dst: str | Path, force: bool = False) -> M
     manifest = Manifest.read(src / "manifest.json")
     if manifest.format != "torch":
         raise UsageError(f"{src} is already a {manifest.format}-format artifact")
+    quant = quant_section(manifest.extra, str(src))
+    if quant is not None and quant.tensors:
+        raise UsageError(
+            f"{src} stores {len(quant.tensors)} weights quantized and ONNX cannot run quantized weights yet; "
+            "recompile it with --dequantize"
+        )
     with atomic_directory(dst, force) as tmp:
         for path in sorted(src.rglob("*")):
             target = tmp / path.relative_to(src)
