@@ -33,6 +33,15 @@ if TYPE_CHECKING:
     from tpcompile.plan.spec import PlanFile
 
 
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def choice_option(*decls: str, choices: Iterable[str], default: str, help: str) -> Any:
+    """An option taking one of ``choices`` (shown with its default in --help)."""
+    kind = click.Choice(list(choices))
+    return click.option(*decls, type=kind, default=default, show_default=True, help=help)
+
+
 class DefaultGroup(OneLineErrors, click.Group):
     """``tpcompile MODEL ...`` means ``tpcompile compile MODEL ...``; usage errors are one line."""
 
@@ -106,13 +115,10 @@ def main() -> None:
     help="A --plan pattern that decides no parameter (a typo) is an error, not a warning.",
 )
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled model (runs its code).")
-@click.option(
-    "--dtype",
-    type=click.Choice(["fp32", "bf16", "fp16"]),
-    default="fp32",
-    show_default=True,
+@choice_option(
+    "--dtype", choices=DTYPES, default="fp32",
     help="Weight and activation dtype (Hugging Face checkpoints and GGUF files).",
-)
+)  # fmt: skip
 @click.option("--max-seq-len", type=int, help="KV cache length (default: min(model limit, 4096)).")
 @click.option("--max-batch-size", type=int, default=1, show_default=True, help="Sequences per step.")
 @click.option(
@@ -121,20 +127,18 @@ def main() -> None:
     help="GGUF: store quantized weights as --dtype floats (by default Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K "
     "stay packed in the shards and run on quantized-weight kernels).",
 )
-@click.option(
+@choice_option(
     "--moe",
-    type=click.Choice(["tp", "ep"]),
+    choices=("tp", "ep"),
     default="tp",
-    show_default=True,
     help="Mixture-of-experts layers: tp splits every expert like an MLP; ep gives each rank whole experts "
     "(uneven counts allowed). Either way one all-reduce per MoE block.",
 )
-@click.option(
+@choice_option(
     "--format",
     "artifact_format",
-    type=click.Choice(["torch", "onnx"]),
+    choices=("torch", "onnx"),
     default="torch",
-    show_default=True,
     help="Rank programs as torch.export programs, or as ONNX segments cut at the collectives "
     "(run by onnxruntime; needs the onnx extra).",
 )
@@ -320,9 +324,8 @@ def _tp_list(_ctx: click.Context, _param: click.Parameter, value: str) -> list[i
 )
 @click.option("--prompt-len", type=click.IntRange(min=1), default=512, show_default=True, help="for TTFT.")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option(
-    "--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="bf16", show_default=True,
-    help="weight dtype of the planned model (Hugging Face configs).",
+@choice_option(
+    "--dtype", choices=DTYPES, default="bf16", help="weight dtype of the planned model (HF configs)."
 )
 @click.option(
     "--max-seq-len", type=click.IntRange(min=2), help="KV cache length (default: min(model limit, 4096))."

@@ -7,8 +7,8 @@ older host), and loaded with ``torch.ops.load_library``.
 
 Invariants:
 - a build is cached in ``$TPCOMPILE_CACHE/kernels`` (default ``~/.cache/tpcompile/kernels``) under a digest
-  of the source, the CPU, the torch version, the compiler and the ISA, and installed atomically (ranks
-  building at once each install a complete file);
+  of the source and the headers beside it (``vector_math.h``), the CPU, the torch version, the compiler and
+  the ISA, and installed atomically (ranks building at once each install a complete file);
 - a failed build or load is not an error: the caller keeps its Python kernels (``TPCOMPILE_CPU_KERNELS=0``,
   or a platform other than Linux, skips the build).
 """
@@ -74,7 +74,8 @@ def load_cpp_library(source: Path, name: str) -> bool:
     if compiler is None:
         return False
     key = f"\n{_cpu_signature()}\n{torch.__version__}\n{compiler}\n{_march()}".encode()
-    target = _cache_dir() / f"{name}-{hashlib.sha256(source.read_bytes() + key).hexdigest()[:16]}.so"
+    code = b"".join(p.read_bytes() for p in [source, *sorted(source.parent.glob("*.h"))])
+    target = _cache_dir() / f"{name}-{hashlib.sha256(code + key).hexdigest()[:16]}.so"
     try:
         if not target.exists():
             _build(compiler, source, target)

@@ -33,22 +33,14 @@
 #include <thread>
 #include <vector>
 
+#include "vector_math.h"
+
 namespace {
 
 // ---------------------------------------------------------------------------------------------- linear
-typedef float v16 __attribute__((vector_size(64)));
-
-inline v16 load16(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline float hsum(v16 a) {
-  float s = 0.0f;
-  for (int i = 0; i < 16; i++) s += a[i];
-  return s;
-}
+using tpcompile_simd::hsum;
+using tpcompile_simd::load16;
+using tpcompile_simd::v16f;
 
 // out[o] = dot(w[o], x) for 4 consecutive weight rows read side by side (4 streams, 4 accumulators).
 inline void dot4(const float* w, long k_total, const float* x, float* out) {
@@ -56,10 +48,10 @@ inline void dot4(const float* w, long k_total, const float* x, float* out) {
   const float* w1 = w + k_total;
   const float* w2 = w + 2 * k_total;
   const float* w3 = w + 3 * k_total;
-  v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+  v16f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
   long k = 0;
   for (; k + 16 <= k_total; k += 16) {
-    v16 xv = load16(x + k);
+    v16f xv = load16(x + k);
     a0 += load16(w0 + k) * xv;
     a1 += load16(w1 + k) * xv;
     a2 += load16(w2 + k) * xv;
@@ -79,7 +71,7 @@ inline void dot4(const float* w, long k_total, const float* x, float* out) {
 }
 
 inline float dot1(const float* w, long k_total, const float* x) {
-  v16 a = {0};
+  v16f a = {0};
   long k = 0;
   for (; k + 16 <= k_total; k += 16) a += load16(w + k) * load16(x + k);
   float s = hsum(a);

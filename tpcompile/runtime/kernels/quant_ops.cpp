@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "vector_math.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -35,7 +37,9 @@ constexpr int64_t kSuper = 256;  // weights per k-quant block
 
 constexpr int64_t block_size(int64_t format) { return format >= Q4_K ? kSuper : kBlock; }
 
-typedef float v16f __attribute__((vector_size(64)));
+using tpcompile_simd::hsum;
+using tpcompile_simd::load16;
+using tpcompile_simd::v16f;
 typedef uint8_t v16u8 __attribute__((vector_size(16)));
 
 inline float half(const uint8_t* p) {
@@ -71,17 +75,6 @@ inline v16f bytes_to_float(const uint8_t* p) {
   return r;
 }
 
-inline v16f load16(const float* p) {
-  v16f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline float hsum(v16f v) {
-  float s = 0.0f;
-  for (int i = 0; i < 16; i++) s += v[i];
-  return s;
-}
 
 int64_t block_bytes(int64_t format) {
   switch (format) {
