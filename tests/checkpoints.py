@@ -4,8 +4,10 @@ families. Everything is built locally; nothing is downloaded."""
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +59,31 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def save_smollm2_tokenizer(out: Path) -> Path:
-    from transformers import AutoTokenizer
+_tokenizer_files: Path | None = None  # SmolLM2's tokenizer saved once per test session (~20 s to convert)
 
-    gguf = smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tok.save_pretrained(str(out))
+
+def save_smollm2_tokenizer(out: Path) -> Path:
+    """Write SmolLM2's tokenizer (from its GGUF file) as Hugging Face tokenizer files into ``out``."""
+    global _tokenizer_files
+    if _tokenizer_files is None:
+        from transformers import AutoTokenizer
+
+        gguf = smollm2_gguf()
+        saved = Path(tempfile.mkdtemp(prefix="tpcompile-test-tokenizer-"))
+        atexit.register(shutil.rmtree, saved, ignore_errors=True)
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(saved))
+        _tokenizer_files = saved
+    shutil.copytree(_tokenizer_files, out, dirs_exist_ok=True)
     return out
+
+
+def smollm2_transformers() -> Any:
+    """transformers' model of the SmolLM2 GGUF (which dequantizes it to fp32), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
 
 
 def random_checkpoint(

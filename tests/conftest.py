@@ -90,6 +90,14 @@ def _deterministic() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def smollm2_model() -> Any:
+    """transformers' SmolLM2 (the GGUF dequantized to fp32), loaded once for the session (~1 min)."""
+    from tests.checkpoints import smollm2_transformers
+
+    return smollm2_transformers()
+
+
 SMOLLM2_SEQ_LEN = 128  # the test prompt (36 tokens) + 64 new ones fit
 
 

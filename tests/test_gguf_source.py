@@ -33,12 +33,8 @@ def ckpt(gguf_path: Path) -> GGUFCheckpoint:
 
 
 @pytest.fixture(scope="module")
-def hf_model(gguf_path: Path) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    )
+def hf_model(smollm2_model: Any) -> Any:
+    return smollm2_model
 
 
 @pytest.fixture(scope="module")

@@ -103,14 +103,9 @@ def test_tiny_greedy_equals_transformers(
 class _CachedReference:
     """transformers' SmolLM2 and its greedy answers, computed once per prompt for all tp values."""
 
-    def __init__(self) -> None:
-        from transformers import AutoModelForCausalLM
-
-        path = smollm2_gguf()
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
-        ).eval()
-        self.config = self.model.config
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.config = model.config
         self._answers: dict[tuple[int, ...], list[int]] = {}
 
     def greedy(self, prompt_ids: list[int]) -> list[int]:
@@ -121,8 +116,8 @@ class _CachedReference:
 
 
 @pytest.fixture(scope="module")
-def smollm2_reference() -> _CachedReference:
-    return _CachedReference()
+def smollm2_reference(smollm2_model: Any) -> _CachedReference:
+    return _CachedReference(smollm2_model)
 
 
 @pytest.mark.slow

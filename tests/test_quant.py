@@ -284,12 +284,12 @@ PROMPTS = ["Write a haiku about the sea.", "What is 12 times 7?"]  # "Why is the
 
 
 @pytest.mark.slow
-def test_smollm2_kept_quantized_greedy_equals_transformers(compiled_smollm2: Any, tmp_path: Path) -> None:
+def test_smollm2_kept_quantized_greedy_equals_transformers(
+    compiled_smollm2: Any, smollm2_model: Any, tmp_path: Path
+) -> None:
     """The Q4_1 file compiled without --dequantize at tp=2: its shards hold the file's blocks (the largest
     rank at most 0.6 x the file), and greedy answers to several prompts equal transformers running the same
     file (dequantized) token for token."""
-    from transformers import AutoModelForCausalLM
-
     from tests.checkpoints import smollm2_gguf
     from tests.conftest import tprun
 
@@ -304,10 +304,8 @@ def test_smollm2_kept_quantized_greedy_equals_transformers(compiled_smollm2: Any
     assert ran.returncode == 0, ran.stderr
     results = json.loads(saved.read_text())
     assert len(results) == len(PROMPTS)
-    path = smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     for result in results:
         with torch.no_grad():
             ids = torch.tensor([result["prompt_ids"]])
-            want = model.eval().generate(ids, max_new_tokens=64, do_sample=False, top_k=None, top_p=None)
+            want = smollm2_model.generate(ids, max_new_tokens=64, do_sample=False, top_k=None, top_p=None)
         assert result["new_ids"] == [int(t) for t in want[0, ids.shape[1] :]]
