@@ -264,9 +264,15 @@ def test_a_quantized_gguf_is_refused(tmp_path: Path) -> None:
             ["--quantize", "int8", "--group-size", "32"],
             "--group-size applies to --quantize int4 only (int8 has one scale per row)",
         ),
+        (["--group-size", "64"], "--group-size applies only with --quantize"),
+        (
+            ["--quantize", "int8", "--format", "onnx"],
+            "--format onnx cannot run quantized weights yet; drop --quantize",
+        ),
     ],
+    ids=["group-48", "int8-group", "no-quantize", "onnx"],
 )
-def test_bad_group_size_is_one_line(
+def test_bad_quantize_options_are_one_line(
     args: list[str], message: str, tiny_llama: tuple[Path, Any], tmp_path: Path
 ) -> None:
     path, _ = tiny_llama
