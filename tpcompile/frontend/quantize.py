@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from tpcompile.errors import UsageError
+from tpcompile.errors import UnsupportedModelError, UsageError
 from tpcompile.frontend.capture import CapturedModel
 from tpcompile.runtime.format.quant_section import QuantFormat
 
@@ -172,7 +172,8 @@ def quantize_model(captured: CapturedModel, opts: QuantizeOptions) -> None:
         )
     captured.packed = dict.fromkeys(sorted(names), fmt)
     captured.read_packed = _packed_reader(captured, fmt)
-    captured.float_fix = "no --quantize" if fmt is QuantFormat.INT8 else "a smaller --group-size"
+    smaller = fmt in (QuantFormat.INT4_G64, QuantFormat.INT4_G128)
+    captured.float_fix = "a smaller --group-size" if smaller else "drop --quantize"
     if misfit:
         more = f" (and {len(misfit) - 1} more)" if len(misfit) > 1 else ""
         captured.warnings.append(
@@ -184,25 +185,22 @@ def quantize_model(captured: CapturedModel, opts: QuantizeOptions) -> None:
 def _packed_reader(captured: CapturedModel, fmt: QuantFormat) -> Callable[[str, int, int, int], torch.Tensor]:
     read_slice, read_tensor = captured.read_slice, captured.read_tensor
 
-    def rows(name: str, start: int | None = None, length: int = 0) -> torch.Tensor:
-        if start is None:
-            return read_tensor(name)
+    def floats(name: str, dim: int, start: int, length: int) -> torch.Tensor:
         if read_slice is not None:
-            return read_slice(name, 0, start, length)
-        return read_tensor(name).narrow(0, start, length)
+            return read_slice(name, dim, start, length)
+        return read_tensor(name).narrow(dim, start, length)
 
     def read_packed(name: str, dim: int, start: int, length: int) -> torch.Tensor:
-        if dim == 0:
-            return quantize_rows(rows(name, start, length), fmt)
+        if dim == 0:  # rows quantize independently
+            return quantize_rows(floats(name, 0, start, length), fmt)
         if dim != 1 or start % fmt.block or length % fmt.block:
-            raise UsageError(
+            raise UnsupportedModelError(
                 f"slice [{start}:{start + length}] of dim {dim} of {name} cuts its {fmt.value} blocks"
             )
         if fmt is not QuantFormat.INT8:  # whole groups: the slice quantizes alone
-            cols = read_slice(name, 1, start, length) if read_slice is not None else None
-            return quantize_rows(read_tensor(name).narrow(1, start, length) if cols is None else cols, fmt)
+            return quantize_rows(floats(name, 1, start, length), fmt)
         # int8: the whole rows, so that each row's scale is the whole row's; then the slice's blocks
-        packed = quantize_rows(rows(name), fmt)
+        packed = quantize_rows(read_tensor(name), fmt)
         return packed[:, fmt.packed_cols(start) : fmt.packed_cols(start + length)].contiguous()
 
     return read_packed
