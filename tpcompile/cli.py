@@ -30,6 +30,7 @@ from tpcompile.runtime.usage import OneLineErrors
 
 if TYPE_CHECKING:
     from tpcompile.frontend.options import LanguageModelOptions
+    from tpcompile.frontend.quantize import QuantizeOptions
     from tpcompile.plan.spec import PlanFile
 
 
@@ -127,6 +128,22 @@ def main() -> None:
     help="GGUF: store quantized weights as --dtype floats (by default Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K "
     "stay packed in the shards and run on quantized-weight kernels).",
 )
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8", "int4"]),
+    help="Float checkpoints: store the linear weights quantized (weight-only): int8 has one symmetric scale "
+    "per output row, int4 an fp16 scale and minimum per --group-size inputs.",
+)
+@click.option(
+    "--group-size",
+    type=int,
+    help="--quantize int4: inputs per group, 32 (default), 64 or 128.",
+)
+@click.option(
+    "--quantize-embeddings",
+    is_flag=True,
+    help="--quantize: also quantize the embedding table (and an lm_head tied to it).",
+)
 @choice_option(
     "--moe",
     choices=("tp", "ep"),
@@ -166,6 +183,9 @@ def compile_cmd(
     max_seq_len: int | None,
     max_batch_size: int,
     dequantize: bool,
+    quantize: str | None,
+    group_size: int | None,
+    quantize_embeddings: bool,
     moe: str,
     artifact_format: str,
     native: bool,
@@ -180,8 +200,24 @@ def compile_cmd(
     lm = LanguageModelOptions(dtype, max_seq_len, max_batch_size, dequantize)
     _run(
         debug, _compile, model, tp, out, plan_path, trust_pickle, lm, force, as_json, quiet, moe,
-        artifact_format, strict_plan, native,
+        artifact_format, strict_plan, native, _quantize_options(quantize, group_size, quantize_embeddings),
     )
+
+
+def _quantize_options(kind: str | None, group_size: int | None, embeddings: bool) -> Any:
+    """The ``QuantizeOptions`` of ``--quantize`` (None without it); a ``UsageError`` raised here is
+    reported when ``_compile`` runs (a deferred raise keeps ``_run``'s error handling)."""
+    from tpcompile.frontend.quantize import QuantizeOptions, quantize_format
+
+    if kind is None:
+        if group_size is not None or embeddings:
+            flag = "--group-size" if group_size is not None else "--quantize-embeddings"
+            return UsageError(f"{flag} applies only with --quantize")
+        return None
+    try:
+        return QuantizeOptions(quantize_format(kind, group_size), embeddings)
+    except UsageError as err:
+        return err
 
 
 def _compile(
@@ -198,16 +234,22 @@ def _compile(
     artifact_format: str = "torch",
     strict_plan: bool = False,
     native: bool = True,
+    quantize: QuantizeOptions | UsageError | None = None,
 ) -> None:
     import warnings
 
     from tpcompile.compiler import compile_model
     from tpcompile.frontend import load_model
+    from tpcompile.frontend.quantize import quantize_model
     from tpcompile.plan.spec import load_plan_file
     from tpcompile.runtime.format import sha256_file
 
     if tp < 1:
         raise UsageError(f"--tp must be at least 1 (got {tp})")
+    if isinstance(quantize, UsageError):
+        raise quantize
+    if quantize is not None and artifact_format == "onnx":
+        raise UsageError("--format onnx cannot run quantized weights yet; drop --quantize")
     plan_file = load_plan_file(plan_path) if plan_path else None
     if out.exists() and not force:
         raise UsageError(f"output directory {out} already exists; pass --force to replace it")
@@ -218,6 +260,8 @@ def _compile(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             captured = load_model(model, trust_pickle=trust_pickle, lm=lm)
+            if quantize is not None:
+                quantize_model(captured, quantize)
             if plan_file is not None:
                 _check_plan(plan_file, captured.state_names().values(), strict_plan, bar)
             result = compile_model(

@@ -80,6 +80,7 @@ def plan_model(
         sharded_outputs=captured.lm is not None,
         moe=moe,
         blocks={name: fmt.block for name, fmt in captured.packed.items()},
+        float_fix=captured.float_fix,
     )
     if prop.refusals:
         raise UnsupportedModelError(prop.refusals[0])
@@ -124,6 +125,7 @@ def compile_model(
                 entry.files[package.name] = sha256_file(package)
         manifest = build_manifest(captured, plan, prop, ranks, moe)
         describe_packed(manifest, packed, stored, captured)
+        manifest.warnings.extend(captured.warnings)
         if section is not None:
             manifest.extra["native"] = section.to_json()
         if captured.lm is not None:

@@ -1,10 +1,11 @@
 """Which weights a rank shard stores packed (in their quantized block format), how each rank's packed slice
 is read, and what the manifest says about them (``extra.quant``, see ``runtime/format/quant_section.py``).
 
-Invariants: a weight is stored packed only when the source holds it in a format with a kernel and its
-placement slices whole rows or whole blocks (the plan made row-parallel cuts fall on block boundaries);
-everything else is stored as floats and, if the source held it quantized, is named in a warning with the
-bytes it costs. A rank's packed slice is read from the source without decoding anything.
+Invariants: a weight is stored packed only when the source holds it in a format with a kernel (or
+``--quantize`` offers it, ``frontend/quantize.py``) and its placement slices whole rows or whole blocks
+(the plan made row-parallel cuts fall on block boundaries); everything else is stored as floats and is
+named in a warning (with the bytes it costs, if the source held it quantized). A rank's packed slice is
+read from the source without decoding anything (``--quantize``: quantized from the float slice).
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from tpcompile.artifact.program import StoredTensor
 from tpcompile.frontend.capture import CapturedModel
 from tpcompile.runtime.format import Manifest
 from tpcompile.runtime.format.placement import Replicate, RootPlacement, Shard
-from tpcompile.runtime.format.quant_section import PACKED_SUFFIX, QuantFormat, QuantSection, QuantTensor
+from tpcompile.runtime.format.quant_section import (
+    COMPILE_FORMATS,
+    PACKED_SUFFIX,
+    QuantFormat,
+    QuantSection,
+    QuantTensor,
+)
 
 
 @dataclass
@@ -90,7 +97,15 @@ def describe_packed(
         for node, name in captured.state_names().items()
     }
     unpacked = {name: kind for name, (kind, _) in captured.unpacked.items()}
-    unpacked.update({name: fmt.value for name, fmt in captured.packed.items() if name not in packed.formats})
+    left = {name: fmt for name, fmt in captured.packed.items() if name not in packed.formats}
+    unpacked.update({name: fmt.value for name, fmt in left.items() if fmt not in COMPILE_FORMATS})
+    floats = sorted(name for name, fmt in left.items() if fmt in COMPILE_FORMATS)
+    if floats:  # --quantize: their placement slices neither whole rows nor whole blocks
+        more = f" (and {len(floats) - 1} more)" if len(floats) > 1 else ""
+        manifest.warnings.append(
+            f"{len(floats)} weights stay floats: their placement does not cut them in whole rows or "
+            f"quantization blocks: {floats[0]}{more}"
+        )
     if not packed.formats and not unpacked:
         return
     section = packed.section(stored, unpacked)

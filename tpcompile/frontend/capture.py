@@ -57,6 +57,9 @@ class CapturedModel:
     read_packed: Callable[[str, int, int, int], torch.Tensor] | None = None
     # quantized in the source, but stored as floats (no kernel for the format): name -> (format, source bytes)
     unpacked: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # how the user stores the packed weights as floats instead (named when their blocks cannot be split)
+    float_fix: str = "--dequantize"
+    warnings: list[str] = field(default_factory=list)  # for the manifest (e.g. weights left unquantized)
 
     @property
     def gm(self) -> fx.GraphModule:

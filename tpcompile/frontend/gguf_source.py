@@ -31,7 +31,7 @@ import torch
 
 from tpcompile.errors import UnsupportedModelError, UsageError
 from tpcompile.runtime.errors import first_line
-from tpcompile.runtime.format.quant_section import QuantFormat
+from tpcompile.runtime.format.quant_section import GGUF_FORMATS, QuantFormat
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -44,7 +44,7 @@ _GENERATION_KEYS = {
 
 
 #: GGML types kept packed (a kernel reads them), by GGML type name.
-PACKED_TYPES = {f.name: f for f in QuantFormat}  # the enum's names are GGML's
+PACKED_TYPES = {f.name: f for f in GGUF_FORMATS}  # the enum's names are GGML's
 _FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
 

@@ -113,8 +113,10 @@ class PlanSearch:
         sharded_outputs: bool = False,
         moe: str = DEFAULT_MOE,
         blocks: dict[str, int] | None = None,
+        float_fix: str = "--dequantize",
     ) -> None:
         self.gm, self.tp, self.names, self.user_inputs = gm, tp, names, user_inputs
+        self.float_fix = float_fix  # how the user keeps the blocked weights as floats (named in the refusal)
         given = blocks or {}
         self.blocks = {node: given[name] for node, name in names.items() if name in given}
         self.block_cuts: dict[str, tuple[str, int]] = {}  # site key -> (weight, block) a trial would cut
@@ -201,7 +203,7 @@ class PlanSearch:
                 fewer = f"--tp {limit} or less" if limit else "a smaller --tp"
                 raise UsageError(
                     f"--tp {self.tp} cannot split {weight} on its quantization blocks ({block} input "
-                    f"features each): {plan.unsplit[key]}; use {fewer}, or --dequantize"
+                    f"features each): {plan.unsplit[key]}; use {fewer}, or {self.float_fix}"
                 )
 
     def _check_rank_count(self, plan: ShardingPlan, prop: Propagation) -> None:
@@ -319,7 +321,9 @@ def choose_plan(
     sharded_outputs: bool = False,
     moe: str = DEFAULT_MOE,
     blocks: dict[str, int] | None = None,
+    float_fix: str = "--dequantize",
 ) -> tuple[ShardingPlan, Propagation]:
     """The automatic plan (with the plan file's overrides applied first) and its propagation; ``blocks``:
-    stored tensors quantized in blocks along their input dim (name -> block size)."""
-    return PlanSearch(gm, tp, names, user_inputs, sharded_outputs, moe, blocks).search(plan_file)
+    stored tensors quantized in blocks along their input dim (name -> block size); ``float_fix``: the
+    option that stores them as floats, named when a tp cannot split them on their blocks."""
+    return PlanSearch(gm, tp, names, user_inputs, sharded_outputs, moe, blocks, float_fix).search(plan_file)

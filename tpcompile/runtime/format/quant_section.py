@@ -26,7 +26,15 @@ from typing import Any
 
 from ..errors import ManifestError
 
-__all__ = ["PACKED_SUFFIX", "QuantFormat", "QuantSection", "QuantTensor", "quant_section"]
+__all__ = [
+    "COMPILE_FORMATS",
+    "GGUF_FORMATS",
+    "PACKED_SUFFIX",
+    "QuantFormat",
+    "QuantSection",
+    "QuantTensor",
+    "quant_section",
+]
 
 PACKED_SUFFIX = ".packed"
 
@@ -41,6 +49,13 @@ class QuantFormat(enum.Enum):
     Q4_K = "q4_k"  # f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles
     Q5_K = "q5_k"  # as q4_k, plus 32 bytes of fifth bits
     Q6_K = "q6_k"  # 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, f16 d
+    # quantized on compile (``--quantize``, ``frontend/quantize.py``), not GGUF types:
+    INT8 = "int8"  # per output row symmetric: Q8_0's blocks, the row's one scale in every block
+    # groupwise asymmetric (Q4_1's formula w = d * q + m): per group f16 d, f16 m, then g/32 Q4_1 nibble
+    # sub-blocks of 16 bytes (byte j: weight j low nibble, weight j + 16 high); g = 32 is Q4_1's layout
+    INT4_G32 = "int4_g32"
+    INT4_G64 = "int4_g64"
+    INT4_G128 = "int4_g128"
 
     @property
     def block(self) -> int:
@@ -53,7 +68,8 @@ class QuantFormat(enum.Enum):
 
     @property
     def code(self) -> int:
-        """The integer the kernels take (an op argument cannot be an enum)."""
+        """The integer the kernels take (an op argument cannot be an enum); ``quant_ops.cpp``'s ``Format``
+        enum lists the same codes."""
         return list(QuantFormat).index(self)
 
     @classmethod
@@ -72,7 +88,16 @@ _LAYOUT = {
     QuantFormat.Q4_K: (256, 144),
     QuantFormat.Q5_K: (256, 176),
     QuantFormat.Q6_K: (256, 210),
+    QuantFormat.INT8: (32, 34),
+    QuantFormat.INT4_G32: (32, 20),
+    QuantFormat.INT4_G64: (64, 36),
+    QuantFormat.INT4_G128: (128, 68),
 }
+
+#: The formats ``--quantize`` writes (the others are GGUF's block types, read from a file).
+COMPILE_FORMATS = (QuantFormat.INT8, QuantFormat.INT4_G32, QuantFormat.INT4_G64, QuantFormat.INT4_G128)
+#: GGUF's block types with a kernel (the enum's names are GGML's type names).
+GGUF_FORMATS = tuple(f for f in QuantFormat if f not in COMPILE_FORMATS)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ fly (see the source).
 
 Invariants:
 - :func:`dequantize` is the reference: bit for bit the values ``gguf.quants.dequantize`` gives for the same
-  blocks, in fp32; every kernel computes with those values (fp32 products and sums), so results agree
+  blocks, in fp32 (``int8`` / ``int4_g*``, written by ``--quantize``: ``d * q`` and ``d * q + m``); every
+  kernel computes with those values (fp32 products and sums), so results agree
   with the dequantized model to fp32 round-off;
 - a failed build is not an error: the Python kernels run (``TPCOMPILE_CPU_KERNELS=0`` skips the build).
 """
@@ -40,13 +41,19 @@ def dequantize(packed: torch.Tensor, fmt: QuantFormat, cols: int) -> torch.Tenso
 
     if fmt in _K_QUANTS:
         return _K_QUANTS[fmt](blocks.reshape(-1, fmt.block_bytes)).reshape(rows, cols)
-    if fmt is QuantFormat.Q8_0:
+    if fmt in _INT4_GROUPS:  # f16 d, f16 m, then block/32 Q4_1 nibble sub-blocks
+        nibbles = blocks[..., 4:].reshape(rows, cols // fmt.block, fmt.block // 32, 16)
+        q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).to(torch.float32)
+        q = q.reshape(rows, cols // fmt.block, fmt.block)
+        return (half(0) * q + half(2)).reshape(rows, cols)
+    if fmt in (QuantFormat.Q8_0, QuantFormat.INT8):
         q = blocks[..., 2:].contiguous().view(torch.int8).to(torch.float32)
         w = half(0) * q
     else:
-        nibbles = blocks[..., 4:] if fmt is QuantFormat.Q4_1 else blocks[..., 2:]
+        q4_1 = fmt in (QuantFormat.Q4_1, QuantFormat.INT4_G32)
+        nibbles = blocks[..., 4:] if q4_1 else blocks[..., 2:]
         q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).to(torch.float32)
-        w = half(0) * q + half(2) if fmt is QuantFormat.Q4_1 else half(0) * (q - 8)
+        w = half(0) * q + half(2) if q4_1 else half(0) * (q - 8)
     return w.reshape(rows, cols)
 
 
@@ -96,6 +103,7 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:  # [n, 210] -> [n, 256], as gguf.qua
 
 
 _K_QUANTS = {QuantFormat.Q4_K: _q4_k, QuantFormat.Q5_K: _q5_k, QuantFormat.Q6_K: _q6_k}
+_INT4_GROUPS = (QuantFormat.INT4_G64, QuantFormat.INT4_G128)
 
 
 @torch.library.custom_op("tpcompile::quant_linear", mutates_args=())

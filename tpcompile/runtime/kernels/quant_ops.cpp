@@ -1,5 +1,5 @@
 // CPU kernels of tpcompile's quantized-weight ops (see quant.py): the weight stays in its packed block
-// layout (GGUF Q8_0 / Q4_0 / Q4_1) and is decoded block by block while it streams through the product.
+// layout (GGUF Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K, and --quantize's int8 / int4_g32|64|128) and is decoded block by block while it streams through the product.
 //
 // quant_linear(x [.., K] f32, packed [N, K/32*bb] u8, bias?, format, K) -> [.., N] f32
 //   - at most kDecodeRows activation rows (a decode step): every weight row is read once, each block
@@ -32,10 +32,25 @@ namespace {
 constexpr int64_t kDecodeRows = 8;
 constexpr int64_t kBlock = 32;
 
-enum Format : int64_t { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q4_K = 3, Q5_K = 4, Q6_K = 5 };  // QuantFormat.code
+// QuantFormat.code (format/quant_section.py), in the same order
+enum Format : int64_t {
+  Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q4_K = 3, Q5_K = 4, Q6_K = 5,
+  INT8 = 6, INT4_G32 = 7, INT4_G64 = 8, INT4_G128 = 9,
+};
 constexpr int64_t kSuper = 256;  // weights per k-quant block
 
-constexpr int64_t block_size(int64_t format) { return format >= Q4_K ? kSuper : kBlock; }
+constexpr bool is_k_quant(int64_t format) { return format >= Q4_K && format <= Q6_K; }
+// int4 groups of 64 / 128: f16 d, f16 m, then 2 / 4 Q4_1 nibble sub-blocks of 32 weights (16 bytes each)
+constexpr bool is_group(int64_t format) { return format == INT4_G64 || format == INT4_G128; }
+
+constexpr int64_t block_size(int64_t format) {
+  return is_k_quant(format) ? kSuper : format == INT4_G64 ? 64 : format == INT4_G128 ? 128 : kBlock;
+}
+
+// int8 is stored in Q8_0's blocks and int4_g32 in Q4_1's: the same kernels run them.
+constexpr int64_t kernel_format(int64_t format) {
+  return format == INT8 ? Q8_0 : format == INT4_G32 ? Q4_1 : format;
+}
 
 using tpcompile_simd::hsum;
 using tpcompile_simd::load16;
@@ -84,6 +99,10 @@ int64_t block_bytes(int64_t format) {
     case Q4_K: return 144;
     case Q5_K: return 176;
     case Q6_K: return 210;
+    case INT8: return 34;
+    case INT4_G32: return 20;
+    case INT4_G64: return 36;
+    case INT4_G128: return 68;
   }
   TORCH_CHECK(false, "quant kernels: unknown format code ", format);
 }
@@ -131,6 +150,17 @@ inline void weights(const uint8_t* blk, v16f& lo, v16f& hi) {
     lo = q.d * q.lo + q.m;
     hi = q.d * q.hi + q.m;
   }
+}
+
+// 32 weights of an int4 group's sub-block: 16 bytes of nibbles (byte j: weight j low, j + 16 high),
+// w = d * q + m as Q4_1 (d * q is exact, so this is the reference's value bit for bit).
+inline void nibble_weights(const uint8_t* qs, float d, float m, v16f& lo, v16f& hi) {
+  v16u8 q, l, h;
+  std::memcpy(&q, qs, 16);
+  l = q & (uint8_t)15;
+  h = q >> (uint8_t)4;
+  lo = d * bytes_to_float<false>(reinterpret_cast<const uint8_t*>(&l)) + m;
+  hi = d * bytes_to_float<false>(reinterpret_cast<const uint8_t*>(&h)) + m;
 }
 
 // The 8 six-bit scales and mins of a q4_k / q5_k block (llama.cpp's get_scale_min_k4).
@@ -193,7 +223,23 @@ void decode_rows_fixed(const uint8_t* w, int64_t row_bytes, const float* x, int6
     const uint8_t* wr = w + o * row_bytes;
     v16f acc[R], acc2[R];
     for (int r = 0; r < R; r++) acc[r] = acc2[r] = v16f{};
-    if constexpr (F >= Q4_K) {
+    if constexpr (is_group(F)) {
+      constexpr int64_t g = block_size(F);
+      for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* gp = wr + b * bb;
+        const float d = half(gp), m = half(gp + 2);
+        for (int64_t s = 0; s < g / kBlock; s++) {
+          v16f lo, hi;
+          nibble_weights(gp + 4 + 16 * s, d, m, lo, hi);
+          for (int r = 0; r < R; r++) {
+            const float* xb = x + r * k + b * g + s * kBlock;
+            acc[r] += lo * load16(xb);
+            acc2[r] += hi * load16(xb + 16);
+          }
+        }
+      }
+    }
+    if constexpr (is_k_quant(F)) {
       alignas(64) float buf[kSuper];
       for (int64_t b = 0; b < nb; b++) {
         super_weights<F>(wr + b * bb, buf);
@@ -206,7 +252,7 @@ void decode_rows_fixed(const uint8_t* w, int64_t row_bytes, const float* x, int6
         }
       }
     }
-    for (int64_t b = 0; b < nb && F < Q4_K; b++) {
+    for (int64_t b = 0; b < nb && F <= Q4_1; b++) {
       v16f lo, hi;
       weights<F>(wr + b * bb, lo, hi);
       for (int r = 0; r < R; r++) {
@@ -244,8 +290,22 @@ void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t k, float* out, in
   for (int64_t o = begin; o < end; o++) {
     const uint8_t* wr = w + o * row_bytes;
     float* dst = out + (o - begin) * k;
-    if constexpr (F >= Q4_K) {
+    if constexpr (is_k_quant(F)) {
       for (int64_t b = 0; b < nb; b++) super_weights<F>(wr + b * bb, dst + b * kSuper);
+      continue;
+    }
+    if constexpr (is_group(F)) {
+      constexpr int64_t g = block_size(F);
+      for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* gp = wr + b * bb;
+        const float d = half(gp), m = half(gp + 2);
+        for (int64_t s = 0; s < g / kBlock; s++) {
+          v16f lo, hi;
+          nibble_weights(gp + 4 + 16 * s, d, m, lo, hi);
+          std::memcpy(dst + b * g + s * kBlock, &lo, sizeof lo);
+          std::memcpy(dst + b * g + s * kBlock + 16, &hi, sizeof hi);
+        }
+      }
       continue;
     }
     for (int64_t b = 0; b < nb; b++) {
@@ -266,13 +326,15 @@ void dequant_dispatch(int64_t format, const uint8_t* w, int64_t row_bytes, int64
     case Q4_K: return dequant_rows<Q4_K>(w, row_bytes, k, out, begin, end);
     case Q5_K: return dequant_rows<Q5_K>(w, row_bytes, k, out, begin, end);
     case Q6_K: return dequant_rows<Q6_K>(w, row_bytes, k, out, begin, end);
+    case INT4_G64: return dequant_rows<INT4_G64>(w, row_bytes, k, out, begin, end);
+    case INT4_G128: return dequant_rows<INT4_G128>(w, row_bytes, k, out, begin, end);
   }
 }
 
 void check_packed(const at::Tensor& packed, int64_t format, int64_t k) {
   TORCH_CHECK(packed.dtype() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
               "quant kernels: packed weights must be a contiguous 2-D uint8 tensor");
-  TORCH_CHECK(format >= Q8_0 && format <= Q6_K, "quant kernels: unknown format code ", format);
+  TORCH_CHECK(format >= Q8_0 && format <= INT4_G128, "quant kernels: unknown format code ", format);
   TORCH_CHECK(k % block_size(format) == 0 && packed.size(1) == k / block_size(format) * block_bytes(format),
               "quant kernels: packed row of ", packed.size(1), " bytes does not hold ", k, " features");
 }
@@ -280,6 +342,7 @@ void check_packed(const at::Tensor& packed, int64_t format, int64_t k) {
 at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, const c10::optional<at::Tensor>& bias_in,
                         int64_t format, int64_t k) {
   check_packed(packed, format, k);
+  format = kernel_format(format);
   TORCH_CHECK(x_in.size(-1) == k, "quant_linear: input has ", x_in.size(-1), " features, weight ", k);
   at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t n = packed.size(0);
@@ -303,6 +366,8 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, const 
         case Q4_K: return decode_rows<Q4_K>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
         case Q5_K: return decode_rows<Q5_K>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
         case Q6_K: return decode_rows<Q6_K>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
+        case INT4_G64: return decode_rows<INT4_G64>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
+        case INT4_G128: return decode_rows<INT4_G128>(w, row_bytes, xp, rows, k, bp, yp, n, begin, end);
       }
     });
     return y.view(shape).to(x_in.scalar_type());
@@ -325,6 +390,7 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, const 
 
 at::Tensor quant_dequantize(const at::Tensor& packed, int64_t format, int64_t k) {
   check_packed(packed, format, k);
+  format = kernel_format(format);
   const int64_t n = packed.size(0);
   at::Tensor out = at::empty({n, k}, packed.options().dtype(at::kFloat));
   const uint8_t* w = packed.data_ptr<uint8_t>();
@@ -337,6 +403,7 @@ at::Tensor quant_dequantize(const at::Tensor& packed, int64_t format, int64_t k)
 
 at::Tensor quant_embedding(const at::Tensor& packed, const at::Tensor& ids_in, int64_t format, int64_t k) {
   check_packed(packed, format, k);
+  format = kernel_format(format);
   at::Tensor ids = ids_in.to(at::kLong).contiguous();
   const int64_t count = ids.numel();
   const int64_t vocab = packed.size(0);
