@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -70,7 +71,8 @@ def save_smollm2_tokenizer(out: Path) -> Path:
 
         gguf = smollm2_gguf()
         saved = Path(tempfile.mkdtemp(prefix="tpcompile-test-tokenizer-"))
-        atexit.register(shutil.rmtree, saved, ignore_errors=True)
+        owner = os.getpid()  # a forked child that runs atexit handlers must not remove it
+        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(saved, ignore_errors=True))
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(saved))
         _tokenizer_files = saved
     shutil.copytree(_tokenizer_files, out, dirs_exist_ok=True)
