@@ -164,6 +164,23 @@ inline void nibble_weights(const uint8_t* qs, float d, float m, v16f& lo, v16f& 
 }
 
 // The 8 six-bit scales and mins of a q4_k / q5_k block (llama.cpp's get_scale_min_k4).
+// The weights of one row of a groupwise int4 format (int4_g64/g128: per group f16 d, f16 m, then g/32
+// Q4_1 nibble sub-blocks): use(offset, lo, hi) gets each 32 consecutive weights from input offset `offset`
+// as two 16-float halves, in input order.
+template <int64_t F, typename Use>
+inline void group_weights(const uint8_t* row, int64_t groups, int64_t group_bytes, Use use) {
+  constexpr int64_t g = block_size(F);
+  for (int64_t b = 0; b < groups; b++) {
+    const uint8_t* gp = row + b * group_bytes;
+    const float d = half(gp), m = half(gp + 2);
+    for (int64_t s = 0; s < g / kBlock; s++) {
+      v16f lo, hi;
+      nibble_weights(gp + 4 + 16 * s, d, m, lo, hi);
+      use(b * g + s * kBlock, lo, hi);
+    }
+  }
+}
+
 inline void scale_min_k4(int j, const uint8_t* q, int& d, int& m) {
   if (j < 4) {
     d = q[j] & 63;
@@ -224,20 +241,12 @@ void decode_rows_fixed(const uint8_t* w, int64_t row_bytes, const float* x, int6
     v16f acc[R], acc2[R];
     for (int r = 0; r < R; r++) acc[r] = acc2[r] = v16f{};
     if constexpr (is_group(F)) {
-      constexpr int64_t g = block_size(F);
-      for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* gp = wr + b * bb;
-        const float d = half(gp), m = half(gp + 2);
-        for (int64_t s = 0; s < g / kBlock; s++) {
-          v16f lo, hi;
-          nibble_weights(gp + 4 + 16 * s, d, m, lo, hi);
-          for (int r = 0; r < R; r++) {
-            const float* xb = x + r * k + b * g + s * kBlock;
-            acc[r] += lo * load16(xb);
-            acc2[r] += hi * load16(xb + 16);
-          }
+      group_weights<F>(wr, nb, bb, [&](int64_t at, v16f lo, v16f hi) {
+        for (int r = 0; r < R; r++) {
+          acc[r] += lo * load16(x + r * k + at);
+          acc2[r] += hi * load16(x + r * k + at + 16);
         }
-      }
+      });
     }
     if constexpr (is_k_quant(F)) {
       alignas(64) float buf[kSuper];
@@ -295,17 +304,10 @@ void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t k, float* out, in
       continue;
     }
     if constexpr (is_group(F)) {
-      constexpr int64_t g = block_size(F);
-      for (int64_t b = 0; b < nb; b++) {
-        const uint8_t* gp = wr + b * bb;
-        const float d = half(gp), m = half(gp + 2);
-        for (int64_t s = 0; s < g / kBlock; s++) {
-          v16f lo, hi;
-          nibble_weights(gp + 4 + 16 * s, d, m, lo, hi);
-          std::memcpy(dst + b * g + s * kBlock, &lo, sizeof lo);
-          std::memcpy(dst + b * g + s * kBlock + 16, &hi, sizeof hi);
-        }
-      }
+      group_weights<F>(wr, nb, bb, [&](int64_t at, v16f lo, v16f hi) {
+        std::memcpy(dst + at, &lo, sizeof lo);
+        std::memcpy(dst + at + 16, &hi, sizeof hi);
+      });
       continue;
     }
     for (int64_t b = 0; b < nb; b++) {
