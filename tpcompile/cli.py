@@ -25,7 +25,7 @@ from tpcompile.errors import (
     UsageError,
 )
 from tpcompile.progress import ProgressBar
-from tpcompile.runtime.errors import LaunchError, RuntimeArtifactError, Terminated, first_line
+from tpcompile.runtime.errors import LaunchError, RuntimeArtifactError, Terminated, and_more, first_line
 from tpcompile.runtime.usage import OneLineErrors
 
 if TYPE_CHECKING:
@@ -311,7 +311,7 @@ def _check_plan(plan_file: PlanFile, names: Iterable[str], strict: bool, bar: Pr
     """Warn about (with ``strict``: refuse) every --plan pattern that decides no parameter."""
     problems = plan_file.unused(names)
     if problems and strict:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        more = and_more(problems)
         raise UsageError(f"{problems[0]}{more}; fix the plan or drop --strict-plan")
     for problem in problems:
         bar.echo(f"tpcompile: warning: {problem}; it is ignored (--strict-plan makes this an error)")

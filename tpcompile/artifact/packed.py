@@ -17,6 +17,7 @@ import torch
 
 from tpcompile.artifact.program import StoredTensor
 from tpcompile.frontend.capture import CapturedModel
+from tpcompile.runtime.errors import and_more
 from tpcompile.runtime.format import Manifest
 from tpcompile.runtime.format.placement import Replicate, RootPlacement, Shard
 from tpcompile.runtime.format.quant_section import (
@@ -101,7 +102,7 @@ def describe_packed(
     unpacked.update({name: fmt.value for name, fmt in left.items() if fmt not in COMPILE_FORMATS})
     floats = sorted(name for name, fmt in left.items() if fmt in COMPILE_FORMATS)
     if floats:  # --quantize: their placement slices neither whole rows nor whole blocks
-        more = f" (and {len(floats) - 1} more)" if len(floats) > 1 else ""
+        more = and_more(floats)
         manifest.warnings.append(
             f"{len(floats)} weights stay floats: their placement does not cut them in whole rows or "
             f"quantization blocks: {floats[0]}{more}"
@@ -117,7 +118,7 @@ def describe_packed(
         names = sorted(unpacked)
         extra = sum(float_bytes.get(n, 0) - captured.unpacked.get(n, ("", 0))[1] for n in names)
         kinds = ", ".join(sorted(set(unpacked.values())))
-        more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+        more = and_more(names)
         manifest.warnings.append(
             f"{len(names)} quantized tensors ({kinds}) have no kernel and are stored dequantized: "
             f"{names[0]}{more}, {extra / 2**20:.1f} MiB more than in the source "

@@ -32,6 +32,7 @@ import torch.fx as fx
 
 from tpcompile.errors import UnsupportedModelError, UsageError
 from tpcompile.frontend.capture import CapturedModel
+from tpcompile.runtime.errors import and_more
 from tpcompile.runtime.format.quant_section import QuantFormat
 
 __all__ = [
@@ -175,7 +176,7 @@ def quantize_model(captured: CapturedModel, opts: QuantizeOptions) -> None:
     smaller = fmt in (QuantFormat.INT4_G64, QuantFormat.INT4_G128)
     captured.float_fix = "a smaller --group-size" if smaller else "drop --quantize"
     if misfit:
-        more = f" (and {len(misfit) - 1} more)" if len(misfit) > 1 else ""
+        more = and_more(misfit)
         captured.warnings.append(
             f"{len(misfit)} weights stay floats: their input width is not a multiple of {fmt.block} "
             f"({sorted(misfit)[0]}{more})"

@@ -13,7 +13,10 @@ whose ``str`` is one line.
 
 from __future__ import annotations
 
+from collections.abc import Sized
+
 __all__ = [
+    "and_more",
     "ArtifactCorrupt",
     "ArtifactLoadError",
     "BackendError",
@@ -28,6 +31,11 @@ __all__ = [
     "UntrustedContent",
     "first_line",
 ]
+
+
+def and_more(items: Sized) -> str:
+    """The suffix of a message that names only the first of ``items``: `` (and N more)``, or nothing."""
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
 
 
 def first_line(exc: BaseException) -> str:

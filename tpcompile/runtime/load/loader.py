@@ -15,7 +15,14 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import ArtifactCorrupt, ArtifactLoadError, BackendError, UntrustedContent, first_line
+from ..errors import (
+    ArtifactCorrupt,
+    ArtifactLoadError,
+    BackendError,
+    UntrustedContent,
+    and_more,
+    first_line,
+)
 from ..format import (
     FORMAT_ONNX,
     FORMAT_TORCH,
@@ -173,7 +180,7 @@ def load_rank(
     create_zero_state(module, man.zero_state, dev)
     missing = unloaded_tensors(module)
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        more = and_more(missing)
         raise ArtifactLoadError(f"weights for {missing[0]} missing in {weights_rel}{more}")
     move_to_device(module, dev)
     rewrite_devices(module, dev)
