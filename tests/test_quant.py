@@ -64,17 +64,17 @@ def _quantized(fmt: QuantFormat, rows: int, cols: int, seed: int = 0) -> tuple[t
     return torch.from_numpy(blocks), torch.from_numpy(reference)
 
 
-@pytest.mark.parametrize("fmt", GGUF_FORMATS)
-def test_kernels_equal_the_reference_dequantization(fmt: QuantFormat) -> None:
+def check_kernels(packed: torch.Tensor, fmt: QuantFormat, reference: torch.Tensor, ids: torch.Tensor) -> None:
+    """Every kernel of ``fmt`` on ``packed`` against ``reference`` (its dequantized weight): the Python and
+    C++ dequantizers and the embedding lookup of ``ids`` bit for bit; the linear (with and without a bias)
+    to fp32 round-off, on the decode path (<= 8 rows) and the decoded-tile prefill path."""
     assert load_quant_ops(), "the C++ quantized kernels did not build"
-    cols = 5 * fmt.block
-    packed, reference = _quantized(fmt, 96, cols)
+    n, cols = reference.shape
     assert torch.equal(dequantize(packed, fmt, cols), reference)  # the Python kernels' weights
     assert torch.equal(torch.ops.tpcompile.quant_dequantize(packed, fmt.code, cols), reference)
-    ids = torch.tensor([[0, 95, 7], [7, 3, 3]])
     assert torch.equal(torch.ops.tpcompile.quant_embedding(packed, ids, fmt.code, cols), reference[ids])
-    bias = torch.randn(96)
-    for rows in (1, 3, 8, 9, 40):  # decode kernel (<= 8 rows) and the decoded-tile prefill path
+    bias = torch.randn(n)
+    for rows in (1, 3, 8, 9, 40):
         x = torch.randn(2, rows, cols)
         got = torch.ops.tpcompile.quant_linear(x, packed, bias, fmt.code, cols)
         want = F.linear(x, reference, bias)
@@ -82,6 +82,12 @@ def test_kernels_equal_the_reference_dequantization(fmt: QuantFormat) -> None:
         torch.testing.assert_close(got, want, atol=2e-6 * scale, rtol=1e-5)
         got = torch.ops.tpcompile.quant_linear(x, packed, None, fmt.code, cols)
         torch.testing.assert_close(got, F.linear(x, reference), atol=2e-6 * scale, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", GGUF_FORMATS)
+def test_kernels_equal_the_reference_dequantization(fmt: QuantFormat) -> None:
+    packed, reference = _quantized(fmt, 96, 5 * fmt.block)
+    check_kernels(packed, fmt, reference, torch.tensor([[0, 95, 7], [7, 3, 3]]))
 
 
 # -- a tiny Llama as GGUF ---------------------------------------------------------------------------------

@@ -21,12 +21,11 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.conftest import tpcompile
+from tests.test_quant import check_kernels
 from tpcompile.frontend.quantize import QuantizeOptions, quantize_model, quantize_rows
 from tpcompile.runtime.format.quant_section import COMPILE_FORMATS, QuantFormat
-from tpcompile.runtime.kernels.quant import dequantize, load_quant_ops
 
 pytest.importorskip("transformers")
 
@@ -55,24 +54,13 @@ def fake_quantize(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
 
 @pytest.mark.parametrize("fmt", COMPILE_FORMATS)
 def test_quantizer_python_and_cpp_dequantize_agree(fmt: QuantFormat) -> None:
-    assert load_quant_ops(), "the C++ quantized kernels did not build"
     cols = 3 * 128
     w = torch.randn(70, cols) * 0.3
     w[5] = 0.0  # a zero row: scale 0, q 0
     w[6, :128] = 0.25  # constant groups: d 0, w = m
     packed = quantize_rows(w, fmt)
     assert packed.dtype == torch.uint8 and tuple(packed.shape) == (70, fmt.packed_cols(cols))
-    want = fake_quantize(w, fmt)
-    assert torch.equal(dequantize(packed, fmt, cols), want)
-    assert torch.equal(torch.ops.tpcompile.quant_dequantize(packed, fmt.code, cols), want)
-    ids = torch.tensor([[0, 69, 5], [6, 3, 3]])
-    assert torch.equal(torch.ops.tpcompile.quant_embedding(packed, ids, fmt.code, cols), want[ids])
-    bias = torch.randn(70)
-    for rows in (1, 3, 8, 9, 40):  # decode kernel (<= 8 rows) and the decoded-tile prefill path
-        x = torch.randn(2, rows, cols)
-        got = torch.ops.tpcompile.quant_linear(x, packed, bias, fmt.code, cols)
-        reference = F.linear(x, want, bias)
-        torch.testing.assert_close(got, reference, atol=2e-6 * float(reference.abs().max()), rtol=1e-5)
+    check_kernels(packed, fmt, fake_quantize(w, fmt), torch.tensor([[0, 69, 5], [6, 3, 3]]))
     # rows quantize independently: a row slice is the same bytes
     assert torch.equal(quantize_rows(w[10:30], fmt), packed[10:30])
 
