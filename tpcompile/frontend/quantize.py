@@ -173,8 +173,7 @@ def quantize_model(captured: CapturedModel, opts: QuantizeOptions) -> None:
         )
     captured.packed = dict.fromkeys(sorted(names), fmt)
     captured.read_packed = _packed_reader(captured, fmt)
-    smaller = fmt in (QuantFormat.INT4_G64, QuantFormat.INT4_G128)
-    captured.float_fix = "a smaller --group-size" if smaller else "drop --quantize"
+    captured.float_fix = "a smaller --group-size" if fmt.multi_block_groups else "drop --quantize"
     if misfit:
         more = and_more(misfit)
         captured.warnings.append(

@@ -67,6 +67,12 @@ class QuantFormat(enum.Enum):
         return _LAYOUT[self][1]
 
     @property
+    def multi_block_groups(self) -> bool:
+        """An int4 format whose group spans several 32-weight nibble sub-blocks (g64, g128): one scale and
+        minimum per group; the kernels decode it group by group."""
+        return self in (QuantFormat.INT4_G64, QuantFormat.INT4_G128)
+
+    @property
     def code(self) -> int:
         """The integer the kernels take (an op argument cannot be an enum); ``quant_ops.cpp``'s ``Format``
         enum lists the same codes."""

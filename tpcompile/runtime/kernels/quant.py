@@ -41,7 +41,7 @@ def dequantize(packed: torch.Tensor, fmt: QuantFormat, cols: int) -> torch.Tenso
 
     if fmt in _K_QUANTS:
         return _K_QUANTS[fmt](blocks.reshape(-1, fmt.block_bytes)).reshape(rows, cols)
-    if fmt in _INT4_GROUPS:  # f16 d, f16 m, then block/32 Q4_1 nibble sub-blocks
+    if fmt.multi_block_groups:  # f16 d, f16 m, then block/32 Q4_1 nibble sub-blocks
         nibbles = blocks[..., 4:].reshape(rows, cols // fmt.block, fmt.block // 32, 16)
         q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).to(torch.float32)
         q = q.reshape(rows, cols // fmt.block, fmt.block)
@@ -103,7 +103,6 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:  # [n, 210] -> [n, 256], as gguf.qua
 
 
 _K_QUANTS = {QuantFormat.Q4_K: _q4_k, QuantFormat.Q5_K: _q5_k, QuantFormat.Q6_K: _q6_k}
-_INT4_GROUPS = (QuantFormat.INT4_G64, QuantFormat.INT4_G128)
 
 
 @torch.library.custom_op("tpcompile::quant_linear", mutates_args=())
