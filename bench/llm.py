@@ -257,9 +257,12 @@ def artifact_dir(work: Path, tp: int, fmt: str = "torch") -> Path:
 
 
 def compile_artifact(source: Path, tp: int, out: Path, fmt: str = "torch", native: bool = True) -> Proc:
-    """``tpcompile SOURCE --tp TP -o OUT`` with a KV cache of ``SEQ_LEN``; raises if it fails."""
+    """``tpcompile SOURCE --tp TP -o OUT --dequantize`` with a KV cache of ``SEQ_LEN`` (fp32 weights:
+    the rows this script compares with llama.cpp's F32 file; bench/quant.py measures the kept blocks); raises
+    if it fails."""
     native_flag = "--native" if native and fmt == "torch" else "--no-native"
-    flags = f"--tp {tp} --max-seq-len {SEQ_LEN} --format {fmt} {native_flag} --force --quiet".split()
+    flags = f"--tp {tp} --max-seq-len {SEQ_LEN} --format {fmt} {native_flag} --dequantize --force --quiet"
+    flags = flags.split()
     cmd = [str(BIN / "tpcompile"), str(source), *flags, "-o", str(out)]
     return _checked(run(cmd, 7200, poll_s=0.05, pss=True), "tpcompile")
 
