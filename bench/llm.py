@@ -261,8 +261,8 @@ def compile_artifact(source: Path, tp: int, out: Path, fmt: str = "torch", nativ
     the rows this script compares with llama.cpp's F32 file; bench/quant.py measures the kept blocks); raises
     if it fails."""
     native_flag = "--native" if native and fmt == "torch" else "--no-native"
-    flags = f"--tp {tp} --max-seq-len {SEQ_LEN} --format {fmt} {native_flag} --dequantize --force --quiet"
-    flags = flags.split()
+    options = f"--tp {tp} --max-seq-len {SEQ_LEN} --format {fmt} {native_flag} --dequantize --force --quiet"
+    flags = options.split()
     cmd = [str(BIN / "tpcompile"), str(source), *flags, "-o", str(out)]
     return _checked(run(cmd, 7200, poll_s=0.05, pss=True), "tpcompile")
 

@@ -72,7 +72,12 @@ def save_smollm2_tokenizer(out: Path) -> Path:
         gguf = smollm2_gguf()
         saved = Path(tempfile.mkdtemp(prefix="tpcompile-test-tokenizer-"))
         owner = os.getpid()  # a forked child that runs atexit handlers must not remove it
-        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(saved, ignore_errors=True))
+
+        def remove_saved() -> None:
+            if os.getpid() == owner:
+                shutil.rmtree(saved, ignore_errors=True)
+
+        atexit.register(remove_saved)
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(saved))
         _tokenizer_files = saved
     shutil.copytree(_tokenizer_files, out, dirs_exist_ok=True)
