@@ -447,7 +447,8 @@ def _plan(
     "--inputs",
     "inputs_path",
     type=click.Path(path_type=Path),
-    help="safetensors file of inputs; random inputs when omitted.",
+    help="safetensors file of inputs; when omitted, random inputs (a language model: a prefill of "
+    "random token ids at positions 0..L-1).",
 )
 @click.option("--atol", type=float, default=1e-5, show_default=True)
 @click.option("--rtol", type=float, default=1e-4, show_default=True)
@@ -464,7 +465,8 @@ def verify_cmd(
     trust_pickle: bool,
     debug: bool,
 ) -> None:
-    """Run ARTIFACT on real processes and compare with the reference model's outputs."""
+    """Run ARTIFACT on real processes and compare with the reference model's outputs (a quantized
+    artifact: with the reference's weights dequantized the same way)."""
     from tpcompile.verify import verify
 
     report = _run(debug, verify, artifact, reference, inputs_path, atol, rtol, seed, trust_pickle)
