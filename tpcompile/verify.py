@@ -6,7 +6,8 @@ Inputs: the user's ``--inputs``, else a prefill for a causal LM or random inputs
 
 Invariant: the verdict is OK only when every output has the reference's shape, both sides are finite
 everywhere, and ``allclose(artifact, reference, atol, rtol)`` holds; a NaN or inf on either side is a
-MISMATCH that says so (it is never reported as an error of 0).
+MISMATCH that says so (it is never reported as an error of 0). ``atol`` defaults to ``DEFAULT_ATOL``, or
+``LM_ATOL`` for a causal LM: its logits (of magnitude ~10) sum tens of layers, in another order on each side.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from tpcompile.explain import read_manifest
 from tpcompile.verify_inputs import VerifyInputs, lm_prefill, random_inputs
 from tpcompile.verify_reference import load_reference, run_reference
 
-__all__ = ["VerifyReport", "compare", "verify"]
+__all__ = ["DEFAULT_ATOL", "LM_ATOL", "VerifyReport", "compare", "verify"]
+
+DEFAULT_ATOL = 1e-5
+LM_ATOL = 1e-4
 
 
 @dataclass
@@ -94,7 +98,7 @@ def verify(
     artifact: Path,
     reference: str,
     inputs_path: Path | None,
-    atol: float,
+    atol: float | None,
     rtol: float,
     seed: int,
     trust_pickle: bool,
@@ -120,6 +124,8 @@ def verify(
         inputs = random_inputs(ref.captured, seed)
     expected = run_reference(ref, inputs.tensors)
     got = run_artifact(artifact, dict(zip(names, inputs.tensors, strict=True)))
+    if atol is None:
+        atol = LM_ATOL if manifest.is_causal_lm else DEFAULT_ATOL
     report = compare(expected, got, manifest.output_names, atol, rtol)
     report.reference, report.inputs = ref.description, inputs.description
     return report

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.export.graph_signature import OutputKind
@@ -70,25 +71,27 @@ def load_reference(spec: str, manifest: Manifest, trust_pickle: bool) -> Referen
     names = set(captured.state_names().values())
     state = {n: captured.read_tensor(n) for n in sorted(names - captured.zero_state)}
     quant = quant_section(manifest.extra, str(manifest.path / "manifest.json"))
+    # a GGUF file is always read dequantized: its blocks' values, whether the artifact kept the blocks or not
+    original = "the GGUF's weights dequantized" if Path(spec).suffix == ".gguf" else "the original weights"
     if quant is None:
-        return Reference(captured, state, "the original weights")
+        return Reference(captured, state, original)
     missing = sorted(set(quant.tensors) - names)
     if missing:
         raise UsageError(
             f"the reference {spec} has no tensor {missing[0]}{and_more(missing)} that the artifact stores "
             "quantized: a different model?"
         )
-    compiled: dict[QuantFormat, int] = {}
-    for name, t in quant.tensors.items():
+    compiled: list[str] = []
+    for name, t in sorted(quant.tensors.items()):
         if t.format in COMPILE_FORMATS:
             state[name] = fake_quantized(state[name], t.format)
-            compiled[t.format] = compiled.get(t.format, 0) + 1
-    gguf = sorted({t.format.value for t in quant.tensors.values() if t.format not in COMPILE_FORMATS})
-    gguf += sorted(set(quant.dequantized.values()) - set(gguf))
-    parts = [f"dequantized {', '.join(f.value for f in compiled)} weights"] if compiled else []
-    if gguf:
-        parts.append(f"the source's {', '.join(gguf)} weights dequantized")
-    return Reference(captured, state, "; ".join(parts) or "the original weights")
+            compiled += [t.format.value] if t.format.value not in compiled else []
+    kept = {t.format.value for t in quant.tensors.values() if t.format not in COMPILE_FORMATS}
+    kept |= set(quant.dequantized.values())
+    parts = [f"dequantized {', '.join(compiled)} weights"] if compiled else []
+    if kept:
+        parts.append(f"dequantized {', '.join(sorted(kept))} weights of the GGUF")
+    return Reference(captured, state, "; ".join(parts) or original)
 
 
 def run_reference(reference: Reference, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
