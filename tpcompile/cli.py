@@ -447,9 +447,14 @@ def _plan(
     "--inputs",
     "inputs_path",
     type=click.Path(path_type=Path),
-    help="safetensors file of inputs; random inputs when omitted.",
+    help="safetensors file of inputs; when omitted, random inputs (a language model: a prefill of "
+    "random token ids at positions 0..L-1).",
 )
-@click.option("--atol", type=float, default=1e-5, show_default=True)
+@click.option(
+    "--atol",
+    type=float,
+    help="Absolute tolerance [default: 1e-5; 1e-4 for a language model, whose logits sum many layers].",
+)
 @click.option("--rtol", type=float, default=1e-4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--trust-pickle", is_flag=True)
@@ -458,13 +463,14 @@ def verify_cmd(
     artifact: Path,
     reference: str,
     inputs_path: Path | None,
-    atol: float,
+    atol: float | None,
     rtol: float,
     seed: int,
     trust_pickle: bool,
     debug: bool,
 ) -> None:
-    """Run ARTIFACT on real processes and compare with the reference model's outputs."""
+    """Run ARTIFACT on real processes and compare with the reference model's outputs (a quantized
+    artifact: with the reference's weights dequantized the same way)."""
     from tpcompile.verify import verify
 
     report = _run(debug, verify, artifact, reference, inputs_path, atol, rtol, seed, trust_pickle)
