@@ -21,12 +21,14 @@ class VerifyReport:
     atol: float
     rtol: float
     ok: bool
+    comm_dtype: str | None = None  # the artifact's all-reduce payload dtype when it casts them (--comm-dtype)
 
     def text(self) -> str:
         verdict = "OK" if self.ok else "MISMATCH"
+        comm = f" with all-reduce payloads in {self.comm_dtype} (--comm-dtype)" if self.comm_dtype else ""
         return (
             f"{verdict}: max abs error {self.max_abs:.3e} (atol {self.atol:g}), "
-            f"max rel error {self.max_rel:.3e} (rtol {self.rtol:g})"
+            f"max rel error {self.max_rel:.3e} (rtol {self.rtol:g}){comm}"
         )
 
 
@@ -96,4 +98,5 @@ def verify(
         rel = diff / ref.double().abs().clamp_min(1e-12)
         max_rel = max(max_rel, float(rel.max()) if rel.numel() else 0.0)
         ok = ok and bool(torch.allclose(out.double(), ref.double(), atol=atol, rtol=rtol))
-    return VerifyReport(max_abs, max_rel, atol, rtol, ok)
+    comm = manifest.comm_dtype if manifest.casts_all_reduces else None
+    return VerifyReport(max_abs, max_rel, atol, rtol, ok, comm)
