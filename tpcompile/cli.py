@@ -247,7 +247,7 @@ def _compile(
 ) -> None:
     import warnings
 
-    from tpcompile.compiler import compile_model
+    from tpcompile.compiler import comm_dtype_of, compile_model
     from tpcompile.frontend import load_model
     from tpcompile.frontend.quantize import quantize_model
     from tpcompile.plan.spec import load_plan_file
@@ -259,6 +259,7 @@ def _compile(
         raise quantize
     if quantize is not None and artifact_format == "onnx":
         raise UsageError("--format onnx cannot run quantized weights yet; drop --quantize")
+    comm_dtype_of(comm_dtype, artifact_format)  # a refused combination fails before the model loads
     plan_file = load_plan_file(plan_path) if plan_path else None
     if out.exists() and not force:
         raise UsageError(f"output directory {out} already exists; pass --force to replace it")

@@ -106,7 +106,7 @@ def compile_model(
         raise UsageError(f"--tp must be at least 1 (got {tp})")
     if format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)} (got {format!r})")
-    comm = _comm_dtype(comm_dtype, format)
+    comm = comm_dtype_of(comm_dtype, format)
     _refuse_functional_state(captured)
     if format == FORMAT_ONNX and captured.packed:
         raise UsageError(
@@ -144,7 +144,7 @@ def compile_model(
     return CompileResult(manifest, out, plan, prop)
 
 
-def _comm_dtype(name: str, format: str) -> torch.dtype | None:
+def comm_dtype_of(name: str, format: str) -> torch.dtype | None:
     """The dtype of ``--comm-dtype name`` (None for fp32: payloads cross as they are)."""
     if name not in DTYPES:
         raise UsageError(f"--comm-dtype must be one of {', '.join(DTYPES)} (got {name!r})")
