@@ -80,10 +80,11 @@ def collective_entries(prop: Propagation, comm_dtype: torch.dtype | None = None)
     entries = []
     for red, consumers in prop.collectives():
         val = red.producer.meta.get("val")
-        wire = None
+        nbytes = tensor_bytes(red.producer)
+        wire, wire_bytes = None, None
         if red.collective == "all_reduce" and isinstance(val, torch.Tensor):
             wire = wire_dtype(val.dtype, comm_dtype)
-        nbytes = tensor_bytes(red.producer)
+            wire_bytes = None if wire is None else nbytes // val.element_size() * wire.itemsize
         entries.append(
             CollectiveEntry(
                 op=str(red.collective),
@@ -94,7 +95,7 @@ def collective_entries(prop: Propagation, comm_dtype: torch.dtype | None = None)
                 bytes_per_call=nbytes,
                 scope=_scope(red.producer),
                 comm_dtype=None if wire is None else dtype_name(wire),
-                wire_bytes_per_call=None if wire is None else nbytes // val.element_size() * wire.itemsize,
+                wire_bytes_per_call=wire_bytes,
             )
         )
     return entries
