@@ -2,12 +2,14 @@
 bits in the rank programs, summed in fp32 by every transport.
 
 - the transports' sum of half payloads, on real processes (3 ranks, where fp32 and 16-bit accumulation
-  differ): the Python shared-memory transport, the C++ one and the process-group path (all-gather + sum)
-  each return the fp32 sum of the 16-bit inputs in rank order, rounded once, bit-identical on every rank;
+  differ): the Python shared-memory transport, the C++ one (a slot's payload, and one larger than a slot,
+  through gloo) and the process-group path (all-gather + sum) each return the fp32 sum of the 16-bit
+  inputs in rank order, rounded once, bit-identical on every rank;
 - a tiny HF Llama (SmolLM2 tokenizer, 64 hidden, 2 layers) at tp=2 with bf16 / fp16 payloads: logits within
   the payload dtype's rounding of the fp32-payload artifact's (see ``LOGIT_TOLERANCE``), the same greedy
-  tokens; the manifest records the comm dtype per all-reduce and for the artifact (an older manifest
-  without the field reads as its payload dtype); ``explain`` shows the halved bytes;
+  tokens (also through gloo, ``TPCOMPILE_SHM=0``); the manifest records the comm dtype per all-reduce and
+  for the artifact (an older manifest without the field reads as its payload dtype); ``explain`` shows the
+  halved bytes;
 - errors: an unknown ``--comm-dtype`` and ``--comm-dtype`` with ``--format onnx`` exit 2, nothing written.
 """
 
@@ -61,19 +63,25 @@ def _rank(rank: int, world: int, port: int, result: Any) -> None:
     dist.init_process_group("gloo")
     group = dist.group.WORLD.group_name
     comm = ShmCommunicator.create(rank, world, timeout_s=30.0)
-    cpp = load_cpu_ops()
+    cpp = load_cpu_ops()  # the C++ kernels build on this host (tests/test_cpu_ops.py)
     bind_transport(group, world, comm)
     got: dict[str, list[bytes]] = {}
     for name, dtype in HALF.items():
         outs = []
         for i in range(3):
             mine = _parts(world, dtype, i)[rank]
+            # Python shm, the process group (gloo), the C++ kernel of the transport op on the same segment
             sums = [comm.all_reduce(mine), group_all_reduce(mine, group, world)]
-            if cpp:  # the C++ kernel of the transport op, on the same segment
-                sums.append(torch.ops.tpcompile.all_reduce_sum(mine))
+            sums.append(torch.ops.tpcompile.all_reduce_sum(mine))
             for s in sums:
                 assert s.dtype == dtype and s.shape == mine.shape
                 outs.append(s.view(torch.uint8).numpy().tobytes())
+        # larger than a shared-memory slot: the C++ kernel takes the process group (all-gather + sum)
+        big = torch.zeros(5 * 2**20, dtype=dtype)
+        big[: mine.numel()] = _parts(world, dtype, 0)[rank].reshape(-1)
+        summed = torch.ops.tpcompile.all_reduce_sum(big)
+        assert not summed[mine.numel() :].any()
+        outs.append(summed[: mine.numel()].reshape(mine.shape).view(torch.uint8).numpy().tobytes())
         got[name] = outs
     result[rank] = (cpp, got)
     comm.close()
@@ -85,7 +93,8 @@ def test_transports_sum_half_payloads_in_fp32_identically_on_every_rank() -> Non
     result = mp.Manager().dict()
     mp.spawn(_rank, args=(world, free_port(), result), nprocs=world)
     cpp, got = result[0]
-    per_call = 3 if cpp else 2
+    assert cpp
+    per_call = 3
     for name, dtype in HALF.items():
         for r in range(1, world):
             assert result[r][1][name] == got[name], f"rank {r} differs from rank 0 ({name})"
@@ -97,6 +106,9 @@ def test_transports_sum_half_payloads_in_fp32_identically_on_every_rank() -> Non
             for k in range(per_call):
                 raw = bytearray(got[name][i * per_call + k])
                 assert torch.equal(torch.frombuffer(raw, dtype=dtype).reshape(want.shape), want), (name, i, k)
+        raw = bytearray(got[name][-1])  # the big tensor's first elements: call 0's parts
+        want = expected_sum(_parts(world, dtype, 0))
+        assert torch.equal(torch.frombuffer(raw, dtype=dtype).reshape(want.shape), want), name
 
 
 # -- a tiny Llama at tp=2 ---------------------------------------------------------------------------------
