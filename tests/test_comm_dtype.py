@@ -214,6 +214,21 @@ def test_explain_shows_the_halved_bytes(artifacts: dict[str, Path]) -> None:
     assert "all-reduce payloads cross as float32 (no --comm-dtype cast)" in plain.stdout
 
 
+def test_verify_names_the_comm_dtype(tmp_path: Path) -> None:
+    """``tpcompile verify`` reports the error the cast adds, and says which payload dtype it comes from (the
+    example GPT at tp=2: its 5 all-reduces cast to bf16 move outputs by ~4e-3, beyond the default 1e-5)."""
+    out = tmp_path / "gpt"
+    proc = tpcompile("examples.gpt:build", "--tp", "2", "-o", out, "--comm-dtype", "bf16", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    proc = tpcompile("verify", out, "--reference", "examples.gpt:build", "--atol", "0.1", "--rtol", "0.1")
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(
+        r"OK: max abs error \S+ \(atol 0.1\), max rel error \S+ \(rtol 0.1\) with all-reduce payloads in "
+        r"bfloat16 \(--comm-dtype\)\n",
+        proc.stdout,
+    ), proc.stdout
+
+
 def test_bad_comm_dtype_and_onnx_are_usage_errors(artifacts: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     bad = tpcompile(artifacts["ckpt"], "--tp", "2", "-o", out, "--comm-dtype", "int8")

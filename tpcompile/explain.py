@@ -88,8 +88,8 @@ def comm_dtype_summary(m: Manifest) -> list[str]:
     sent = sum(c.wire_bytes for c in m.collectives)
     uncast = sum(c.bytes_per_call for c in m.collectives)
     lines = [
-        f"  all-reduce payloads cross as {m.comm_dtype} (--comm-dtype): {sent} bytes per forward pass at the "
-        f"example sizes instead of {uncast} ({uncast - sent} saved)"
+        f"  all-reduce payloads cross as {m.comm_dtype} (--comm-dtype): the collectives send {sent} bytes "
+        f"per forward pass at the example sizes instead of {uncast} ({uncast - sent} saved)"
     ]
     section = m.extra.get("cost")
     if section:
