@@ -168,6 +168,34 @@ def test_half_payload_logits_and_greedy_tokens(
         assert _greedy(artifacts[name], tmp_path / "gloo") == tokens
 
 
+def _causal_lm_rank(rank: int, port: int, arts: list[str], result: Any) -> None:
+    import os
+
+    from tpcompile.runtime import CausalLM
+    from tpcompile.runtime.transport.distributed import destroy_group, init_group
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    init_group("gloo", torch.device("cpu"), 60.0)
+    try:
+        prompt = [1, 5, 9, 33, 2, 255, 17, 4, 8, 11, 40]
+        result[rank] = [CausalLM.load(art).generate(prompt, max_new_tokens=NEW_TOKENS) for art in arts]
+    finally:
+        destroy_group()
+
+
+def test_python_api_sums_through_the_process_group(artifacts: dict[str, Path]) -> None:
+    """``CausalLM.load`` (no shared memory: the group's all-gather + fp32 sum) decodes a bf16-payload
+    artifact to the fp32-payload artifact's greedy tokens, on both ranks. The prompt matters: after
+    ``[1, 5, 9, 33, 2]`` the fp32 logits' top two (tokens 280, 2008) are 2e-4 apart, well inside the bf16
+    cast's error (~0.07 there), so the artifacts legitimately diverge there (and the shared-memory path,
+    ``run_artifact``, picks 2008 as this one does); the prompt used has no such tie on its path."""
+    result = mp.Manager().dict()
+    arts = [str(artifacts["bf16"]), str(artifacts["fp32"])]
+    mp.spawn(_causal_lm_rank, args=(free_port(), arts, result), nprocs=2)
+    assert result[0] == result[1]
+    assert result[0][0] == result[0][1] and len(result[0][0]) == NEW_TOKENS
+
+
 @pytest.mark.parametrize("name", list(HALF))
 def test_manifest_records_the_comm_dtype(name: str, artifacts: dict[str, Path]) -> None:
     from tpcompile.runtime.format import load_artifact_manifest
