@@ -159,6 +159,12 @@ def main() -> None:
     help="Rank programs as torch.export programs, or as ONNX segments cut at the collectives "
     "(run by onnxruntime; needs the onnx extra).",
 )
+@choice_option(
+    "--comm-dtype", choices=DTYPES, default="fp32",
+    help="Dtype of the all-reduce payloads: bf16 or fp16 halve the bytes each all-reduce sends (summed in "
+    "fp32, rounded once; logits move by about the dtype's rounding: see `tpcompile verify`); fp32: as they "
+    "are. Not with --format onnx.",
+)  # fmt: skip
 @click.option(
     "--native/--no-native",
     default=True,
@@ -188,6 +194,7 @@ def compile_cmd(
     quantize_embeddings: bool,
     moe: str,
     artifact_format: str,
+    comm_dtype: str,
     native: bool,
     force: bool,
     as_json: bool,
@@ -201,6 +208,7 @@ def compile_cmd(
     _run(
         debug, _compile, model, tp, out, plan_path, trust_pickle, lm, force, as_json, quiet, moe,
         artifact_format, strict_plan, native, _quantize_options(quantize, group_size, quantize_embeddings),
+        comm_dtype,
     )
 
 
@@ -235,10 +243,11 @@ def _compile(
     strict_plan: bool = False,
     native: bool = True,
     quantize: QuantizeOptions | UsageError | None = None,
+    comm_dtype: str = "fp32",
 ) -> None:
     import warnings
 
-    from tpcompile.compiler import compile_model
+    from tpcompile.compiler import comm_dtype_of, compile_model
     from tpcompile.frontend import load_model
     from tpcompile.frontend.quantize import quantize_model
     from tpcompile.plan.spec import load_plan_file
@@ -250,6 +259,7 @@ def _compile(
         raise quantize
     if quantize is not None and artifact_format == "onnx":
         raise UsageError("--format onnx cannot run quantized weights yet; drop --quantize")
+    comm_dtype_of(comm_dtype, artifact_format)  # a refused combination fails before the model loads
     plan_file = load_plan_file(plan_path) if plan_path else None
     if out.exists() and not force:
         raise UsageError(f"output directory {out} already exists; pass --force to replace it")
@@ -266,7 +276,7 @@ def _compile(
                 _check_plan(plan_file, captured.state_names().values(), strict_plan, bar)
             result = compile_model(
                 captured, tp, out, plan_file=plan_file, force=force, progress=bar, moe=moe,
-                format=artifact_format, native=native,
+                format=artifact_format, native=native, comm_dtype=comm_dtype,
             )
         bar.close(complete=True)
     finally:

@@ -33,6 +33,7 @@ from tpcompile.artifact.safetensors_writer import write_safetensors
 from tpcompile.artifact.writer import atomic_directory
 from tpcompile.errors import UnsupportedModelError, UsageError
 from tpcompile.frontend.capture import CapturedModel
+from tpcompile.frontend.hf_model import DTYPES
 from tpcompile.passes.canonicalize import drop_no_op_conversions, fold_repeat_kv_into_sdpa
 from tpcompile.passes.fused import split_fused_projections
 from tpcompile.passes.rule_api import Propagation
@@ -97,11 +98,15 @@ def compile_model(
     moe: str = DEFAULT_MOE,
     format: str = FORMAT_TORCH,
     native: bool = False,
+    comm_dtype: str = "fp32",
 ) -> CompileResult:
+    """Compile ``captured`` for ``tp`` ranks into ``out``; ``comm_dtype`` (bf16 | fp16; fp32: off) is the
+    dtype wider all-reduce payloads are cast to around each all-reduce (``--comm-dtype``)."""
     if tp < 1:
         raise UsageError(f"--tp must be at least 1 (got {tp})")
     if format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)} (got {format!r})")
+    comm = comm_dtype_of(comm_dtype, format)
     _refuse_functional_state(captured)
     if format == FORMAT_ONNX and captured.packed:
         raise UsageError(
@@ -115,7 +120,7 @@ def compile_model(
     examples, dynamic = input_signature(captured.program, captured.user_inputs())
     with atomic_directory(out, force) as tmp:
         packed = packed_weights(captured, {name: prop.roots[n] for n, name in captured.state_names().items()})
-        ranks = write_ranks(captured, prop, stored, examples, dynamic, tmp, say, packed)
+        ranks = write_ranks(captured, prop, stored, examples, dynamic, tmp, say, packed, comm)
         section = None
         if native and format == FORMAT_TORCH:
             quant = packed.section(stored, {}) if packed.formats else None
@@ -123,7 +128,7 @@ def compile_model(
             for entry in ranks:
                 package = tmp / entry.dir / section.files[entry.rank]
                 entry.files[package.name] = sha256_file(package)
-        manifest = build_manifest(captured, plan, prop, ranks, moe)
+        manifest = build_manifest(captured, plan, prop, ranks, moe, comm)
         describe_packed(manifest, packed, stored, captured)
         manifest.warnings.extend(captured.warnings)
         if section is not None:
@@ -137,6 +142,15 @@ def compile_model(
             to_onnx(tmp, manifest, say)
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
     return CompileResult(manifest, out, plan, prop)
+
+
+def comm_dtype_of(name: str, format: str) -> torch.dtype | None:
+    """The dtype of ``--comm-dtype name`` (None for fp32: payloads cross as they are)."""
+    if name not in DTYPES:
+        raise UsageError(f"--comm-dtype must be one of {', '.join(DTYPES)} (got {name!r})")
+    if name != "fp32" and format == FORMAT_ONNX:
+        raise UsageError(f"--format onnx cannot run --comm-dtype {name} yet; drop --comm-dtype")
+    return None if name == "fp32" else DTYPES[name]
 
 
 def _refuse_functional_state(captured: CapturedModel) -> None:
@@ -179,6 +193,7 @@ def write_ranks(
     tmp: Path,
     say: Progress,
     packed: PackedWeights,
+    comm_dtype: torch.dtype | None = None,
 ) -> list[RankEntry]:
     """Write every rank's weight shard while forked workers capture the rank programs; hash both."""
     names = captured.state_names()
@@ -186,7 +201,7 @@ def write_ranks(
     ranks: list[RankEntry] = []
     for rank in range(prop.tp):
         (tmp / f"rank{rank}").mkdir()
-    job = RankProgramJob(captured.gm, prop, names, stored, examples, dynamic, tmp)
+    job = RankProgramJob(captured.gm, prop, names, stored, examples, dynamic, tmp, comm_dtype)
     with rank_program_pool(job, prop.tp) as programs:
         for rank, tensors in enumerate(stored):
 

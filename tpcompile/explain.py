@@ -58,10 +58,12 @@ def explain(artifact: Path, profile: HardwareProfile | None = None, prompt_len: 
     lines += ["", "collectives (forward pass):"]
     lines.append(f"  {'op':<11} {'scope':<24} {'value':<20} {'needed by':<24} bytes/call")
     for c in m.collectives:
+        cast = f" (as {c.comm_dtype}; {c.bytes_per_call} uncast)" if c.comm_dtype is not None else ""
         lines.append(
             f"  {c.op:<11} {c.scope or '(top)':<24} {c.producer:<20} {','.join(c.consumers):<24} "
-            f"{c.bytes_per_call}"
+            f"{c.wire_bytes}{cast}"
         )
+    lines += comm_dtype_summary(m)
     moe = m.extra.get("moe")
     if moe:  # mixture of experts: the mode and what it communicates (see tpcompile/plan/experts.py)
         lines += ["", f"mixture of experts (--moe {moe['mode']}): {moe['communication']}"]
@@ -75,6 +77,33 @@ def explain(artifact: Path, profile: HardwareProfile | None = None, prompt_len: 
     if profile is not None:
         lines += ["", *predicted_breakdown(m, profile, prompt_len)]
     return "\n".join(lines)
+
+
+def comm_dtype_summary(m: Manifest) -> list[str]:
+    """The all-reduce payload dtype (``--comm-dtype``) and the bytes the cast saves, per forward pass at the
+    example sizes and per decode step (batch 1, from the cost section's bytes per token)."""
+    if not m.casts_all_reduces:
+        return [f"  all-reduce payloads cross as {m.comm_dtype or m.dtype} (no --comm-dtype cast)"]
+    reduces = [c for c in m.collectives if c.op == "all_reduce"]
+    sent = sum(c.wire_bytes for c in m.collectives)
+    uncast = sum(c.bytes_per_call for c in m.collectives)
+    lines = [
+        f"  all-reduce payloads cross as {m.comm_dtype} (--comm-dtype): the collectives send {sent} bytes "
+        f"per forward pass at the example sizes instead of {uncast} ({uncast - sent} saved)"
+    ]
+    section = m.extra.get("cost")
+    if section:
+        from tpcompile.cost.workload import Collective, Workload
+
+        w = Workload.from_json(section)
+        per_token = sum(n * b for (op, b), n in w.collectives.items() if op == Collective.ALL_REDUCE)
+        ratio = sum(c.wire_bytes for c in reduces) / max(1, sum(c.bytes_per_call for c in reduces))
+        saved = round(per_token * (1 - ratio))
+        lines.append(
+            f"  per decode step (batch 1): all-reduces send {per_token - saved} bytes instead of {per_token} "
+            f"({saved} saved)"
+        )
+    return lines
 
 
 def _layer(name: str) -> str:

@@ -39,12 +39,14 @@ class VerifyReport:
     problem: str | None = None  # a mismatch the errors do not measure (NaN / inf, a shape)
     reference: str = ""
     inputs: str = ""
+    comm_dtype: str | None = None  # the artifact's all-reduce payload dtype when it casts them (--comm-dtype)
 
     def text(self) -> str:
         """The verdict line, then what the reference and the inputs were."""
+        comm = f" with all-reduce payloads in {self.comm_dtype} (--comm-dtype)" if self.comm_dtype else ""
         errors = (
             f"max abs error {self.max_abs:.3e} (atol {self.atol:g}), "
-            f"max rel error {self.max_rel:.3e} (rtol {self.rtol:g})"
+            f"max rel error {self.max_rel:.3e} (rtol {self.rtol:g}){comm}"
         )
         verdict = "OK" if self.ok else "MISMATCH"
         lines = [f"MISMATCH: {self.problem}" if self.problem else f"{verdict}: {errors}"]
@@ -128,4 +130,5 @@ def verify(
         atol = LM_ATOL if manifest.is_causal_lm else DEFAULT_ATOL
     report = compare(expected, got, manifest.output_names, atol, rtol)
     report.reference, report.inputs = ref.description, inputs.description
+    report.comm_dtype = manifest.comm_dtype if manifest.casts_all_reduces else None
     return report

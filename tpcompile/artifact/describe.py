@@ -19,7 +19,7 @@ import tpcompile
 from tpcompile.artifact.program import input_symbols
 from tpcompile.cost.extract import workload
 from tpcompile.frontend.capture import CapturedModel, LanguageModelInfo
-from tpcompile.passes.collectives import GROUP_NAME
+from tpcompile.passes.collectives import GROUP_NAME, wire_dtype
 from tpcompile.passes.lower_rank import tensor_bytes
 from tpcompile.passes.rule_api import Propagation
 from tpcompile.plan.experts import describe_experts
@@ -74,20 +74,31 @@ def _scope(node: fx.Node) -> str:
     return str(path).replace("L['self'].", "").replace("L__self___", "")
 
 
-def collective_entries(prop: Propagation) -> list[CollectiveEntry]:
-    """The manifest's ``collectives``: one entry per collective in every rank's program."""
-    return [
-        CollectiveEntry(
-            op=str(red.collective),
-            producer=red.producer.name,
-            consumers=[c.name for c in consumers],
-            src=str(red.src),
-            dst=str(red.dst),
-            bytes_per_call=tensor_bytes(red.producer),
-            scope=_scope(red.producer),
+def collective_entries(prop: Propagation, comm_dtype: torch.dtype | None = None) -> list[CollectiveEntry]:
+    """The manifest's ``collectives``: one entry per collective in every rank's program (an all-reduce
+    whose value the program casts to ``comm_dtype`` first, ``passes/collectives.py``, says so)."""
+    entries = []
+    for red, consumers in prop.collectives():
+        val = red.producer.meta.get("val")
+        nbytes = tensor_bytes(red.producer)
+        wire, wire_bytes = None, None
+        if red.collective == "all_reduce" and isinstance(val, torch.Tensor):
+            wire = wire_dtype(val.dtype, comm_dtype)
+            wire_bytes = None if wire is None else nbytes // val.element_size() * wire.itemsize
+        entries.append(
+            CollectiveEntry(
+                op=str(red.collective),
+                producer=red.producer.name,
+                consumers=[c.name for c in consumers],
+                src=str(red.src),
+                dst=str(red.dst),
+                bytes_per_call=nbytes,
+                scope=_scope(red.producer),
+                comm_dtype=None if wire is None else dtype_name(wire),
+                wire_bytes_per_call=wire_bytes,
+            )
         )
-        for red, consumers in prop.collectives()
-    ]
+    return entries
 
 
 def program_outputs(gm: fx.GraphModule) -> list[fx.Node]:
@@ -101,8 +112,10 @@ def build_manifest(
     prop: Propagation,
     ranks: list[RankEntry],
     moe: str,
+    comm_dtype: torch.dtype | None = None,
 ) -> Manifest:
-    """The manifest of a compiled artifact (without the LM section, see ``describe_language_model``)."""
+    """The manifest of a compiled artifact (without the LM section, see ``describe_language_model``);
+    ``comm_dtype``: the ``--comm-dtype`` its programs were built with."""
     names = captured.state_names()
     params = []
     total = 0
@@ -116,10 +129,14 @@ def build_manifest(
             total += val.numel() * val.element_size()
     outputs = program_outputs(captured.gm)
     dtypes = {n.meta["val"].dtype for n in names if n.meta["val"].is_floating_point()}
+    dtype = dtype_name(dtypes.pop()) if len(dtypes) == 1 else "mixed"
+    collectives = collective_entries(prop, comm_dtype)
+    wire = {c.comm_dtype for c in collectives if c.comm_dtype is not None}
     manifest = Manifest(
         tp=prop.tp,
         kind=GENERIC,
-        dtype=dtype_name(dtypes.pop()) if len(dtypes) == 1 else "mixed",
+        dtype=dtype,
+        comm_dtype=wire.pop() if wire else dtype,
         group_name=GROUP_NAME,
         inputs=[_spec(n.name, n.meta["val"], Replicate()) for n in captured.user_inputs()],
         outputs=[
@@ -132,7 +149,7 @@ def build_manifest(
             for name, (low, high) in sorted(input_symbols(captured.program, captured.user_inputs()).items())
         },
         parameters=sorted(params, key=lambda p: p.name),
-        collectives=collective_entries(prop),
+        collectives=collectives,
         ranks=ranks,
         total_weight_bytes=total,
         tool={"name": "tpcompile", "version": tpcompile.__version__},

@@ -36,9 +36,10 @@ class RankProgramJob:
     examples: list[torch.Tensor]
     dynamic: Any
     out: Path
+    comm_dtype: torch.dtype | None = None  # --comm-dtype (None: all-reduce payloads as they are)
 
     def run(self, rank: int) -> None:
-        graph = build_rank_graph(self.gm, self.prop, rank, self.names)
+        graph = build_rank_graph(self.gm, self.prop, rank, self.names, self.comm_dtype)
         program = export_rank_program(graph, self.stored[rank], self.examples, self.dynamic)
         save_program(program, self.out / f"rank{rank}" / PROGRAM_FILE)
 

@@ -5,6 +5,11 @@ Invariant: the emitted ops, run on every rank, turn each rank's local value of `
 value of ``dst``; P -> R is one all-reduce, S -> R one all-gather (padded to the largest shard, then
 trimmed), R -> S a local slice, R -> P keeps the value on rank 0 and zeros elsewhere. The group name
 is a placeholder that the runtime resolves to its process group.
+
+Compressed all-reduces (``--comm-dtype``, ``Emitter.comm_dtype``): a floating value wider than the comm
+dtype is cast to it, all-reduced (the runtime's transports add 16-bit payloads in float32 and round once,
+``runtime/transport/rank_sum.py``) and cast back, in the graph itself, so every execution path (eager,
+``--compile``, native) sends the narrow payload; all-gathers always send the value as it is.
 """
 
 from __future__ import annotations
@@ -25,12 +30,26 @@ c10d = torch.ops._c10d_functional
 class Emitter(Protocol):
     rank: int
     tp: int
+    comm_dtype: torch.dtype | None  # all-reduce payloads wider than this cross in it (None: as they are)
 
     def call(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node: ...
 
 
-def all_reduce(b: Emitter, value: fx.Node) -> fx.Node:
-    return b.call(c10d.wait_tensor.default, b.call(c10d.all_reduce.default, value, "sum", GROUP_NAME))
+def wire_dtype(payload: torch.dtype, comm: torch.dtype | None) -> torch.dtype | None:
+    """The dtype an all-reduce of a ``payload`` value crosses in under comm dtype ``comm``, when it is cast
+    (a floating payload wider than ``comm``), else None."""
+    if comm is None or not payload.is_floating_point or payload.itemsize <= comm.itemsize:
+        return None
+    return comm
+
+
+def all_reduce(b: Emitter, value: fx.Node, dtype: torch.dtype | None = None) -> fx.Node:
+    """The sum over ranks of ``value`` (of ``dtype``: cast to ``b.comm_dtype`` around the reduction when
+    :func:`wire_dtype` says so)."""
+    wire = wire_dtype(dtype, b.comm_dtype) if dtype is not None else None
+    payload = value if wire is None else b.call(aten._to_copy.default, value, dtype=wire)
+    summed = b.call(c10d.wait_tensor.default, b.call(c10d.all_reduce.default, payload, "sum", GROUP_NAME))
+    return summed if wire is None else b.call(aten._to_copy.default, summed, dtype=dtype)
 
 
 def all_gather(b: Emitter, value: fx.Node, pl: Shard, ndim: int) -> fx.Node:
@@ -74,12 +93,15 @@ def local_slice(b: Emitter, value: fx.Node, pl: Shard) -> fx.Node:
     return b.call(aten.slice.Tensor, value, pl.dim, start, start + pl.sizes[b.rank])
 
 
-def redistribute(b: Emitter, value: fx.Node, src: Placement, dst: Placement, ndim: int) -> fx.Node:
-    """Emit the conversion of ``value`` from ``src`` to ``dst`` on rank ``b.rank``."""
+def redistribute(
+    b: Emitter, value: fx.Node, src: Placement, dst: Placement, ndim: int, dtype: torch.dtype | None = None
+) -> fx.Node:
+    """Emit the conversion of ``value`` (of ``dtype``, when known) from ``src`` to ``dst`` on rank
+    ``b.rank``."""
     if src == dst:
         return value
     if isinstance(src, Partial):
-        whole = all_reduce(b, value)
+        whole = all_reduce(b, value, dtype)
         return whole if isinstance(dst, Replicate) else redistribute(b, whole, Replicate(), dst, ndim)
     if isinstance(src, Shard):
         whole = all_gather(b, value, src, ndim)

@@ -21,10 +21,11 @@ from tpcompile.runtime.format.placement import RootPlacement
 class RankBuilder:
     """Emits nodes into rank ``rank``'s graph; rules' lowering callbacks receive it (``LoweringBuilder``)."""
 
-    def __init__(self, prop: Propagation, rank: int) -> None:
+    def __init__(self, prop: Propagation, rank: int, comm_dtype: torch.dtype | None = None) -> None:
         self.prop = prop
         self.rank = rank
         self.tp = prop.tp
+        self.comm_dtype = comm_dtype
         self.graph = fx.Graph()
 
     def call(self, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
@@ -38,9 +39,14 @@ class RankBuilder:
 
 
 def build_rank_graph(
-    gm: fx.GraphModule, prop: Propagation, rank: int, state_names: dict[fx.Node, str]
+    gm: fx.GraphModule,
+    prop: Propagation,
+    rank: int,
+    state_names: dict[fx.Node, str],
+    comm_dtype: torch.dtype | None = None,
 ) -> fx.Graph:
-    b = RankBuilder(prop, rank)
+    """Rank ``rank``'s graph; all-reduce payloads wider than ``comm_dtype`` cross in it (``--comm-dtype``)."""
+    b = RankBuilder(prop, rank, comm_dtype)
     env: dict[fx.Node, Any] = {}
     converted: dict[tuple[fx.Node, Any], fx.Node] = {}
 
@@ -50,7 +56,9 @@ def build_rank_graph(
             return env[producer]
         key = (producer, red.dst)
         if key not in converted:
-            converted[key] = redistribute(b, env[producer], red.src, red.dst, len(shape_of(producer)))
+            val = producer.meta.get("val")
+            dtype = val.dtype if isinstance(val, torch.Tensor) else None
+            converted[key] = redistribute(b, env[producer], red.src, red.dst, len(shape_of(producer)), dtype)
         return converted[key]
 
     for node in gm.graph.nodes:

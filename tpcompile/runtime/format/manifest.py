@@ -143,8 +143,16 @@ class CollectiveEntry:
     consumers: list[str]  # the nodes that need it
     src: str
     dst: str
-    bytes_per_call: int
+    bytes_per_call: int  # of the value, at the example input sizes
     scope: str  # the module path the producer comes from ("" at top level)
+    #: the dtype the value crosses in when the program casts it first (``--comm-dtype``); None: its own
+    comm_dtype: str | None = None
+    wire_bytes_per_call: int | None = None  # what crosses per call (None: bytes_per_call)
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes that cross between ranks per call."""
+        return self.bytes_per_call if self.wire_bytes_per_call is None else self.wire_bytes_per_call
 
 
 @dataclass
@@ -183,12 +191,17 @@ class Manifest:
     symbols: dict[str, SymbolRange] = field(default_factory=dict)  # each symbolic input dim's sizes
     shared_files: dict[str, str] = field(default_factory=dict)  # artifact-root files -> sha256
     extra: dict[str, Any] = field(default_factory=dict)  # the LM section (lm), the ONNX section (onnx), ...
+    #: the dtype all-reduce payloads cross in (``tpcompile --comm-dtype``; absent in older manifests, which
+    #: sent every payload in its own dtype: read as ``dtype``)
+    comm_dtype: str | None = None
     format_version: int = FORMAT_VERSION
     format: str = FORMAT_TORCH
     path: Path = field(default=Path(), compare=False, repr=False, metadata={_NOT_WRITTEN: True})
 
     def __post_init__(self) -> None:
         self.zero_state = tuple(self.zero_state)
+        if self.comm_dtype is None:  # written before --comm-dtype existed: payloads in their own dtype
+            self.comm_dtype = self.dtype
 
     def to_json(self) -> str:
         """The manifest with its own content digest (checked by the runtime before anything is used)."""
@@ -224,6 +237,11 @@ class Manifest:
             ManifestError: a causal LM whose section is missing or malformed.
         """
         return parse_lm_info(self.extra, str(self.path / MANIFEST_NAME)) if self.is_causal_lm else None
+
+    @property
+    def casts_all_reduces(self) -> bool:
+        """True when the programs cast all-reduce payloads to a narrower ``comm_dtype`` first."""
+        return any(c.comm_dtype is not None for c in self.collectives)
 
     @property
     def tool_version(self) -> str | None:
@@ -496,6 +514,7 @@ def load_artifact_manifest(artifact_dir: str | Path, verify: bool = True) -> Man
         ranks=sorted(ranks, key=lambda r: r.rank),
         kind=kind if isinstance(kind, str) else GENERIC,
         dtype=_optional_str(data.get("dtype")),
+        comm_dtype=_optional_str(data.get("comm_dtype")),
         parameters=_parse_entries(data, "parameters", ParameterEntry, where),
         collectives=_parse_entries(data, "collectives", CollectiveEntry, where),
         total_weight_bytes=total if isinstance(total, int) and not isinstance(total, bool) else 0,

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import InputError
 from ..load.program import RankProgram
+from ..transport.rank_sum import group_all_reduce
 from ..transport.shm import ShmCommunicator
 
 __all__ = [
@@ -62,7 +63,7 @@ class _GroupTransport:
         self.group_name, self.world = group_name, world
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        return _C10D.wait_tensor(_C10D.all_reduce(t, "sum", self.group_name))
+        return group_all_reduce(t, self.group_name, self.world)
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         return _C10D.wait_tensor(_C10D.all_gather_into_tensor(t, self.world, self.group_name))

@@ -8,8 +8,9 @@
 // - streaming_linear: every output element is one dot product of a weight row with an activation row,
 //   accumulated in float32 in a fixed order (bit-identical on every call and every rank);
 // - the collectives speak exactly the protocol of transport/shm.py (sequence numbers in the header,
-//   two slots per rank used in turn, sums in rank order with the same ATen additions), so Python and C++
-//   calls can alternate on one communicator;
+//   two slots per rank used in turn, sums in rank order with the same ATen additions as
+//   transport/rank_sum.py: float32 for bf16/fp16 payloads, rounded once), so Python and C++ calls can
+//   alternate on one communicator; a half payload on the process group is all-gathered and summed so;
 // - a rank waiting for peers throws (message starting "tpcompile collective:") once a peer's process is
 //   gone or the timeout passed, never waits forever.
 #include <ATen/ATen.h>
@@ -247,12 +248,31 @@ at::Tensor call_collective(const char* name, std::vector<c10::IValue> args) {
   return waited.back().toTensor().contiguous();
 }
 
-at::Tensor group_all_reduce(const at::Tensor& t) {
-  return call_collective("_c10d_functional::all_reduce", {t, std::string("sum"), comm.group});
-}
-
 at::Tensor group_all_gather(const at::Tensor& t, int64_t world) {
   return call_collective("_c10d_functional::all_gather_into_tensor", {t.contiguous(), world, comm.group});
+}
+
+bool half(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
+
+// parts[0] + parts[1] + ... in rank order (rank_sum.rank_order_sum): float32 additions for half payloads.
+at::Tensor rank_order_sum(const std::vector<at::Tensor>& parts) {
+  if (parts.size() == 1) return parts[0].clone();
+  if (!half(parts[0])) {
+    at::Tensor acc = at::add(parts[0], parts[1]);
+    for (size_t r = 2; r < parts.size(); r++) acc.add_(parts[r]);
+    return acc;
+  }
+  at::Tensor acc = parts[0].to(at::kFloat);
+  for (size_t r = 1; r < parts.size(); r++) acc.add_(parts[r]);
+  return acc.to(parts[0].scalar_type());
+}
+
+at::Tensor group_all_reduce(const at::Tensor& t) {
+  if (!half(t)) return call_collective("_c10d_functional::all_reduce", {t, std::string("sum"), comm.group});
+  at::Tensor gathered = group_all_gather(t.contiguous().reshape({1, -1}), comm.world);
+  std::vector<at::Tensor> parts;
+  for (int64_t r = 0; r < comm.world; r++) parts.push_back(gathered[r]);
+  return rank_order_sum(parts).reshape(t.sizes());
 }
 
 at::Tensor all_reduce_sum(const at::Tensor& t) {
@@ -262,11 +282,10 @@ at::Tensor all_reduce_sum(const at::Tensor& t) {
   }
   auto [parity, nbytes] = exchange(t);
   (void)nbytes;
-  if (comm.world == 1) return peer(0, parity, t).clone();
   at::Tensor like = t.contiguous();
-  at::Tensor acc = at::add(peer(0, parity, like), peer(1, parity, like));
-  for (int64_t r = 2; r < comm.world; r++) acc.add_(peer(r, parity, like));
-  return acc;
+  std::vector<at::Tensor> parts;
+  for (int64_t r = 0; r < comm.world; r++) parts.push_back(peer(r, parity, like));
+  return rank_order_sum(parts);
 }
 
 at::Tensor all_gather(const at::Tensor& t, int64_t world) {

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from ..errors import BackendError, InputError, PromptError, first_line
 from ..format import load_artifact_manifest
-from ..kernels.compiled import bind_transport, prepare_compiled_decode
+from ..kernels.compiled import bind_transport, prepare_compiled_decode, use_transport_ops
 from ..kernels.native import settle_native
 from ..lm.session import GenerationSession
 from ..load.loader import load_rank
@@ -101,6 +101,9 @@ def run_worker(args: WorkerArgs) -> int:
             bind_transport(group_name, env.world_size, comm)
         elif compile_decode:  # before the rebinding below: the compiled graph keeps opaque collective ops
             prepare_compiled_decode(program, group_name, env.world_size, comm)
+        elif comm is None and manifest.casts_all_reduces:  # 16-bit payloads: summed in fp32 (rank_sum.py)
+            use_transport_ops(program.module)
+            bind_transport(group_name, env.world_size, None)
         if comm is not None:
             program.use_shared_memory(comm)
             use_shared_memory(comm)

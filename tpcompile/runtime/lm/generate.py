@@ -169,7 +169,8 @@ class CausalLM:
         message = settle_native(program, live)  # every rank runs the same kind of program
         if message is not None:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
-        if compile_decode or program.native is not None:  # both run the collectives as transport ops
+        # both run the collectives as transport ops; so do 16-bit payloads, summed in fp32 (rank_sum.py)
+        if compile_decode or program.native is not None or program.manifest.casts_all_reduces:
             use_transport_ops(program.module)
             bind_transport(live.group_name, dist.get_world_size(live))
         return cls(program, group, compile_decode=compile_decode)

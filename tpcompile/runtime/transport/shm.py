@@ -6,7 +6,8 @@ its own slot of a shared-memory file, publishes a sequence number, waits until e
 the same number, and reads all slots.
 
 Invariants:
-- every rank sums the slots in rank order, so replicated results are bit-identical on all ranks;
+- every rank sums the slots in rank order (``rank_sum.rank_order_sum``: float32 additions for bf16/fp16
+  payloads), so replicated results are bit-identical on all ranks;
 - two slots per rank alternate between calls; a rank overwrites a slot only after every peer has entered
   the next call (so has finished reading the previous use of that slot);
 - the data is written before the sequence number (x86-64 keeps stores in order, so a reader that sees the
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from ..errors import CollectiveError
+from .rank_sum import group_all_reduce, rank_order_sum
 
 __all__ = ["SEGMENT_PREFIX", "ShmCommunicator", "remove_segments", "shm_supported"]
 
@@ -199,7 +201,7 @@ class ShmCommunicator:
         return self._slots[rank][parity][:nbytes].view(like.dtype).view(like.shape)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks, in rank order, as a new tensor."""
+        """Sum over ranks, in rank order (float32 additions for half payloads), as a new tensor."""
         if torch.autograd._profiler_enabled():  # tprun --profile: show the call (free otherwise)
             with record_function("tpcompile::shm_all_reduce"):
                 return self._all_reduce(t)
@@ -212,11 +214,7 @@ class ShmCommunicator:
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         started = time.perf_counter()
         parity, nbytes = self._exchange(t)
-        if self.world == 1:
-            return self._peer(0, parity, nbytes, t).clone()
-        acc = torch.add(self._peer(0, parity, nbytes, t), self._peer(1, parity, nbytes, t))
-        for r in range(2, self.world):
-            acc += self._peer(r, parity, nbytes, t)
+        acc = rank_order_sum([self._peer(r, parity, nbytes, t) for r in range(self.world)])
         self._timed(started)
         return acc
 
@@ -249,9 +247,9 @@ def rebind_collectives(module: torch.nn.Module, comm: ShmCommunicator, group_nam
     slot still go through ``group_name``); return how many collectives were rebound."""
 
     def all_reduce(t: torch.Tensor, op: str, group: str) -> torch.Tensor:
-        if op == "sum" and comm.fits(t):
-            return comm.all_reduce(t)
-        return _C10D.wait_tensor(_C10D.all_reduce(t, op, group_name))
+        if op != "sum":
+            return _C10D.wait_tensor(_C10D.all_reduce(t, op, group_name))
+        return comm.all_reduce(t) if comm.fits(t) else group_all_reduce(t, group_name, comm.world)
 
     def all_gather(t: torch.Tensor, size: int, group: str) -> torch.Tensor:
         if comm.fits(t):
