@@ -1,8 +1,8 @@
 """``tpcompile verify``: run an artifact on real processes and compare with the original model.
 
 Inputs: the user's ``--inputs``, else a prefill for a causal LM or random inputs for any other program
-(``verify_inputs.py``). Reference: the original model with the weights the artifact computes with
-(``verify_reference.py``: dequantized for quantized artifacts).
+(``inputs.py``). Reference: the original model with the weights the artifact computes with
+(``reference.py``: dequantized for quantized artifacts).
 
 Invariant: the verdict is OK only when every output has the reference's shape, both sides are finite
 everywhere, and ``allclose(artifact, reference, atol, rtol)`` holds; a NaN or inf on either side is a
@@ -20,8 +20,8 @@ import torch
 
 from tpcompile.errors import UsageError
 from tpcompile.explain import read_manifest
-from tpcompile.verify_inputs import VerifyInputs, lm_prefill, random_inputs
-from tpcompile.verify_reference import load_reference, run_reference
+from tpcompile.verify.inputs import VerifyInputs, lm_prefill, random_inputs
+from tpcompile.verify.reference import load_reference, run_reference
 
 __all__ = ["DEFAULT_ATOL", "LM_ATOL", "VerifyReport", "compare", "verify"]
 
