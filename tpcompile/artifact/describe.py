@@ -37,12 +37,9 @@ from tpcompile.runtime.format import (
     sha256_file,
 )
 from tpcompile.runtime.format.placement import Partial, Placement, Replicate, Shard
+from tpcompile.runtime.load.tensor_io import dtype_name
 
 TOKENIZER_DIR = "tokenizer"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _spec(name: str, val: Any, placement: Placement) -> TensorSpec:

@@ -33,6 +33,7 @@ from tpcompile.runtime.errors import and_more
 from tpcompile.runtime.format import Manifest
 from tpcompile.runtime.format.quant_section import COMPILE_FORMATS, QuantFormat, quant_section
 from tpcompile.runtime.kernels.quant import dequantize
+from tpcompile.runtime.load.tensor_io import torch_dtype
 
 __all__ = ["Reference", "load_reference", "run_reference"]
 
@@ -51,8 +52,8 @@ def _lm_options(manifest: Manifest) -> LanguageModelOptions | None:
     if lm is None:
         return None
     floats = [s.dtype for s in manifest.outputs if s.dtype.startswith(("float", "bfloat"))]
-    by_name = {str(t).removeprefix("torch."): name for name, t in DTYPES.items()}
-    dtype = by_name.get(floats[0], "fp32") if floats else "fp32"
+    by_dtype = {t: name for name, t in DTYPES.items()}
+    dtype = by_dtype.get(torch_dtype(floats[0]), "fp32") if floats else "fp32"
     return LanguageModelOptions(dtype, lm.max_seq_len, lm.max_batch_size, dequantize=True)
 
 
