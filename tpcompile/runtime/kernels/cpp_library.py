@@ -8,7 +8,7 @@ older host), and loaded with ``torch.ops.load_library``.
 Invariants:
 - a build is cached in ``$TPCOMPILE_CACHE/kernels`` (default ``~/.cache/tpcompile/kernels``) under a digest
   of the source and the headers beside it (``vector_math.h``), the CPU, the torch version, the compiler and
-  the ISA, and installed atomically (ranks building at once each install a complete file);
+  the ISA and the flags, and installed atomically (ranks building at once each install a complete file);
 - a failed build or load is not an error: the caller keeps its Python kernels (``TPCOMPILE_CPU_KERNELS=0``,
   or a platform other than Linux, skips the build).
 """
@@ -50,6 +50,12 @@ def _march() -> str:
     return os.environ.get("TPCOMPILE_CPU_ISA") or "native"
 
 
+#: ``-fopenmp``: ``at::parallel_for`` in ATen's headers is an OpenMP region; compiled without it, the kernels'
+#: loops run on one thread whatever ``torch.set_num_threads`` says (libgomp resolves to torch's own copy,
+#: through the rpath below, so the library shares torch's thread pool)
+FLAGS = ("-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
+
+
 def _build(compiler: str, source: Path, target: Path) -> None:
     include = [f"-I{p}" for p in cpp_extension.include_paths()]
     libdirs = cpp_extension.library_paths()
@@ -58,7 +64,7 @@ def _build(compiler: str, source: Path, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         cmd = [
-            compiler, "-O3", f"-march={_march()}", "-std=c++17", "-shared", "-fPIC", abi, *include,
+            compiler, *FLAGS, f"-march={_march()}", abi, *include,
             str(source), "-o", str(out), *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs],
             "-lc10", "-ltorch_cpu", "-ltorch",
         ]  # fmt: skip
@@ -73,7 +79,7 @@ def load_cpp_library(source: Path, name: str) -> bool:
     compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     if compiler is None:
         return False
-    key = f"\n{_cpu_signature()}\n{torch.__version__}\n{compiler}\n{_march()}".encode()
+    key = f"\n{_cpu_signature()}\n{torch.__version__}\n{compiler}\n{_march()}\n{' '.join(FLAGS)}".encode()
     code = b"".join(p.read_bytes() for p in [source, *sorted(source.parent.glob("*.h"))])
     target = _cache_dir() / f"{name}-{hashlib.sha256(code + key).hexdigest()[:16]}.so"
     try:
