@@ -166,6 +166,13 @@ def main() -> None:
     "are. Not with --format onnx.",
 )  # fmt: skip
 @click.option(
+    "--profile",
+    "profile_name",
+    help="Weigh the exact plans on this hardware profile (a shipped name, `host` after `tprun calibrate`, or "
+    "a .toml file) and keep the one the cost model predicts fastest: e.g. over gloo or Ethernet a chain "
+    "kept whole saves its all-reduce. `tpcompile explain` lists the plans weighed.",
+)
+@click.option(
     "--native/--no-native",
     default=True,
     show_default=True,
@@ -195,6 +202,7 @@ def compile_cmd(
     moe: str,
     artifact_format: str,
     comm_dtype: str,
+    profile_name: str | None,
     native: bool,
     force: bool,
     as_json: bool,
@@ -208,7 +216,7 @@ def compile_cmd(
     _run(
         debug, _compile, model, tp, out, plan_path, trust_pickle, lm, force, as_json, quiet, moe,
         artifact_format, strict_plan, native, _quantize_options(quantize, group_size, quantize_embeddings),
-        comm_dtype,
+        comm_dtype, profile_name,
     )
 
 
@@ -244,6 +252,7 @@ def _compile(
     native: bool = True,
     quantize: QuantizeOptions | UsageError | None = None,
     comm_dtype: str = "fp32",
+    profile_name: str | None = None,
 ) -> None:
     import warnings
 
@@ -260,6 +269,11 @@ def _compile(
     if quantize is not None and artifact_format == "onnx":
         raise UsageError("--format onnx cannot run quantized weights yet; drop --quantize")
     comm_dtype_of(comm_dtype, artifact_format)  # a refused combination fails before the model loads
+    profile = None
+    if profile_name is not None:
+        from tpcompile.cost.profiles import load_profile
+
+        profile = load_profile(profile_name)
     plan_file = load_plan_file(plan_path) if plan_path else None
     if out.exists() and not force:
         raise UsageError(f"output directory {out} already exists; pass --force to replace it")
@@ -276,7 +290,7 @@ def _compile(
                 _check_plan(plan_file, captured.state_names().values(), strict_plan, bar)
             result = compile_model(
                 captured, tp, out, plan_file=plan_file, force=force, progress=bar, moe=moe,
-                format=artifact_format, native=native, comm_dtype=comm_dtype,
+                format=artifact_format, native=native, comm_dtype=comm_dtype, profile=profile,
             )
         bar.close(complete=True)
     finally:

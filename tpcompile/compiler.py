@@ -41,6 +41,7 @@ from tpcompile.passes.slicing import local_shape, local_tensor
 from tpcompile.plan.auto import choose_plan
 from tpcompile.plan.experts import DEFAULT_MOE
 from tpcompile.plan.spec import PlanFile, ShardingPlan
+from tpcompile.plan.weigh import weigh_plans
 from tpcompile.runtime.format import (
     FORMAT_ONNX,
     FORMAT_TORCH,
@@ -51,10 +52,13 @@ from tpcompile.runtime.format import (
     RankEntry,
     sha256_file,
 )
+from tpcompile.runtime.format.hardware import HardwareProfile
 from tpcompile.runtime.format.placement import Pieces, Placement, RootPlacement, Shard
 
 Progress = Callable[[str], None]
 FORMATS = (FORMAT_TORCH, FORMAT_ONNX)
+#: the generation plans are weighed for (``--profile``): decode after a prompt of this many tokens
+WEIGH_PROMPT, WEIGH_NEW_TOKENS = 512, 128
 
 
 @dataclass
@@ -66,23 +70,43 @@ class CompileResult:
 
 
 def plan_model(
-    captured: CapturedModel, tp: int, plan_file: PlanFile | None = None, moe: str = DEFAULT_MOE
+    captured: CapturedModel,
+    tp: int,
+    plan_file: PlanFile | None = None,
+    moe: str = DEFAULT_MOE,
+    profile: HardwareProfile | None = None,
 ) -> tuple[ShardingPlan, Propagation]:
-    """Choose the plan and propagate placements (no files written)."""
+    """Choose the plan and propagate placements (no files written); with a hardware ``profile``, the exact
+    plans the search can make are weighed with the cost model and the fastest is kept (``plan/weigh.py``)."""
     drop_no_op_conversions(captured.gm)
     fold_repeat_kv_into_sdpa(captured.gm)
     split_fused_projections(captured.gm)
-    plan, prop = choose_plan(
-        captured.gm,
-        tp,
-        captured.state_names(),
-        set(captured.user_inputs()),
-        plan_file,
-        sharded_outputs=captured.lm is not None,
-        moe=moe,
-        blocks={name: fmt.block for name, fmt in captured.packed.items()},
-        float_fix=captured.float_fix,
-    )
+
+    def search(keep_whole: dict[str, str]) -> tuple[ShardingPlan, Propagation]:
+        return choose_plan(
+            captured.gm,
+            tp,
+            captured.state_names(),
+            set(captured.user_inputs()),
+            plan_file,
+            sharded_outputs=captured.lm is not None,
+            moe=moe,
+            blocks={name: fmt.block for name, fmt in captured.packed.items()},
+            float_fix=captured.float_fix,
+            keep_whole=keep_whole,
+        )
+
+    if profile is None or tp == 1:
+        plan, prop = search({})
+    else:
+        from tpcompile.cost.extract import workload
+        from tpcompile.cost.model import predict
+
+        def speed(p: Propagation) -> float:
+            predicted = predict(workload(captured, p), profile, WEIGH_PROMPT, WEIGH_NEW_TOKENS)
+            return predicted.decode_tokens_per_s if predicted.fits else 0.0
+
+        plan, prop = weigh_plans(search, speed, profile.name)
     if prop.refusals:
         raise UnsupportedModelError(prop.refusals[0])
     return plan, prop
@@ -99,9 +123,11 @@ def compile_model(
     format: str = FORMAT_TORCH,
     native: bool = False,
     comm_dtype: str = "fp32",
+    profile: HardwareProfile | None = None,
 ) -> CompileResult:
     """Compile ``captured`` for ``tp`` ranks into ``out``; ``comm_dtype`` (bf16 | fp16; fp32: off) is the
-    dtype wider all-reduce payloads are cast to around each all-reduce (``--comm-dtype``)."""
+    dtype wider all-reduce payloads are cast to around each all-reduce (``--comm-dtype``); ``profile``:
+    weigh the exact plans on this hardware profile and keep the fastest (``--profile``)."""
     if tp < 1:
         raise UsageError(f"--tp must be at least 1 (got {tp})")
     if format not in FORMATS:
@@ -115,7 +141,7 @@ def compile_model(
         )
     say = progress or (lambda _msg: None)
     say("planning")
-    plan, prop = plan_model(captured, tp, plan_file, moe)
+    plan, prop = plan_model(captured, tp, plan_file, moe, profile)
     stored = rank_tensors(captured, prop)
     examples, dynamic = input_signature(captured.program, captured.user_inputs())
     with atomic_directory(out, force) as tmp:

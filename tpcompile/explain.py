@@ -55,6 +55,7 @@ def explain(artifact: Path, profile: HardwareProfile | None = None, prompt_len: 
     if unsplit:  # weights a plan site could have split that the plan keeps whole (plan/auto.py)
         lines += ["", "left replicated (a split was considered):"]
         lines += [f"  {name}: {reason}" for name, reason in unsplit.items()]
+    lines += plans_weighed(m)
     lines += ["", "collectives (forward pass):"]
     lines.append(f"  {'op':<11} {'scope':<24} {'value':<20} {'needed by':<24} bytes/call")
     for c in m.collectives:
@@ -77,6 +78,24 @@ def explain(artifact: Path, profile: HardwareProfile | None = None, prompt_len: 
     if profile is not None:
         lines += ["", *predicted_breakdown(m, profile, prompt_len)]
     return "\n".join(lines)
+
+
+def plans_weighed(m: Manifest) -> list[str]:
+    """The candidate plans ``compile --profile`` weighed (plan/weigh.py), the chosen one marked ``*``."""
+    weighed = m.extra.get("plans_weighed")
+    if not weighed:
+        return []
+    lines = [
+        "",
+        f"plans weighed on {weighed['profile']} (the cost model's decode prediction; * = this artifact):",
+    ]
+    for c in weighed["candidates"]:
+        what = "keeps whole " + "; ".join(c["kept_whole"]) if c["kept_whole"] else "every chain split"
+        mark = "*" if c["chosen"] else " "
+        lines.append(
+            f"  {mark} {c['decode_tokens_per_s']:8.1f} tokens/s  {c['collectives']:4d} collectives  {what}"
+        )
+    return lines
 
 
 def comm_dtype_summary(m: Manifest) -> list[str]:

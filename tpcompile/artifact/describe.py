@@ -156,6 +156,11 @@ def build_manifest(
     )
     if plan.unsplit:
         manifest.extra["unsplit"] = dict(sorted(plan.unsplit.items()))
+    if plan.weighed:  # the exact plans weighed on a hardware profile (compile --profile, plan/weigh.py)
+        manifest.extra["plans_weighed"] = {
+            "profile": plan.weighed_on,
+            "candidates": [w.to_json() for w in plan.weighed],
+        }
     # what one step of each rank does, for the cost model (tpcompile explain --profile, tpcompile/cost/)
     manifest.extra["cost"] = workload(captured, prop).to_json()
     experts = describe_experts(names, prop.roots, captured.gm, moe)  # mixture of experts: mode, layouts

@@ -29,7 +29,7 @@ from tpcompile.passes.graph_queries import feature_unit, kv_split, same_data_roo
 from tpcompile.passes.propagate import propagate
 from tpcompile.passes.rule_api import PlanSite, Propagation, SiteKind
 from tpcompile.plan.experts import DEFAULT_MOE, expert_decisions, feature_classes
-from tpcompile.plan.spec import ParamDecision, PlanFile, ShardingPlan, Style
+from tpcompile.plan.spec import ChainClass, ParamDecision, PlanFile, ShardingPlan, Style
 from tpcompile.runtime.format.placement import Pieces, Replicate, Shard, balanced_split
 
 MAX_UNIT_RETRIES = 4
@@ -114,8 +114,10 @@ class PlanSearch:
         moe: str = DEFAULT_MOE,
         blocks: dict[str, int] | None = None,
         float_fix: str = "--dequantize",
+        keep_whole: dict[str, str] | None = None,
     ) -> None:
         self.gm, self.tp, self.names, self.user_inputs = gm, tp, names, user_inputs
+        self.keep_whole = keep_whole or {}  # site key -> why it is not tried (plan/weigh.py)
         self.float_fix = float_fix  # how the user keeps the blocked weights as floats (named in the refusal)
         given = blocks or {}
         self.blocks = {node: given[name] for node, name in names.items() if name in given}
@@ -125,8 +127,9 @@ class PlanSearch:
         self.output = next(n for n in gm.graph.nodes if n.op == "output")
         self.weights = set(names) - written_in_place(gm)
         self.trials = 0
-        self.reasons: dict[str, str] = {}
+        self.reasons: dict[str, str] = dict(self.keep_whole)
         self.rank_limits: dict[str, int] = {}
+        self.split_groups: list[list[PlanSite]] = []  # the sibling groups that start a split chain
 
     def run(self, plan: ShardingPlan) -> Propagation:
         self.trials += 1
@@ -156,7 +159,7 @@ class PlanSearch:
         sites = list(prop.sites)
         if self.tp == 1:
             return plan, prop
-        tried: set[str] = set(fixed)
+        tried: set[str] = set(fixed) | set(self.keep_whole)
 
         def done(s: PlanSite) -> bool:
             return s.key in tried or self.names[s.weight] in fixed
@@ -175,9 +178,15 @@ class PlanSearch:
             kept, prop = self._try_group(plan, prop, group, forced)
             if kept is plan:  # not splittable together: try its same-width parts (plan/experts.py)
                 for part in feature_classes(group):
+                    before = kept
                     kept, prop = self._try_group(kept, prop, part, forced)
+                    if kept is not before:
+                        self.split_groups.append(part)
+            else:
+                self.split_groups.append(group)
             plan = kept
         plan.unsplit = self._unsplit(sites, prop, fixed)
+        plan.chain_classes = chain_classes(self.split_groups)
         plan.rank_limits = {k: n for k, n in self.rank_limits.items() if k in plan.unsplit}
         self._check_block_cuts(plan)
         self._check_rank_count(plan, prop)
@@ -305,6 +314,20 @@ class PlanSearch:
         return out
 
 
+def _group_signature(group: list[PlanSite]) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
+    """What a sibling group is made of, without names: its sites' kinds, split dims and weight shapes."""
+    return tuple(sorted((s.kind.value, s.dim, tuple(s.weight.meta["val"].shape)) for s in group))
+
+
+def chain_classes(groups: list[list[PlanSite]]) -> list[ChainClass]:
+    """The split groups by structure (every layer's attention projections are one class, its MLP inputs
+    another), in program order of their first group."""
+    by_signature: dict[tuple[tuple[str, int, tuple[int, ...]], ...], list[str]] = {}
+    for group in groups:
+        by_signature.setdefault(_group_signature(group), []).extend(s.key for s in group)
+    return [ChainClass(tuple(dict.fromkeys(keys))) for keys in by_signature.values()]
+
+
 def _stored(prop: Propagation, site: PlanSite) -> object:
     """How the weight (or the weight's piece) a site reads is stored."""
     if site.window is not None:
@@ -322,8 +345,11 @@ def choose_plan(
     moe: str = DEFAULT_MOE,
     blocks: dict[str, int] | None = None,
     float_fix: str = "--dequantize",
+    keep_whole: dict[str, str] | None = None,
 ) -> tuple[ShardingPlan, Propagation]:
     """The automatic plan (with the plan file's overrides applied first) and its propagation; ``blocks``:
     stored tensors quantized in blocks along their input dim (name -> block size); ``float_fix``: the
-    option that stores them as floats, named when a tp cannot split them on their blocks."""
-    return PlanSearch(gm, tp, names, user_inputs, sharded_outputs, moe, blocks, float_fix).search(plan_file)
+    option that stores them as floats, named when a tp cannot split them on their blocks; ``keep_whole``:
+    site keys the search must not split (-> the reason shown for each)."""
+    search = PlanSearch(gm, tp, names, user_inputs, sharded_outputs, moe, blocks, float_fix, keep_whole)
+    return search.search(plan_file)

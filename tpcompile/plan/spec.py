@@ -47,6 +47,39 @@ class ParamDecision:
     dim: int | None = None
 
 
+@dataclass(frozen=True)
+class ChainClass:
+    """Sibling groups the search split that have one structure (the same site kinds and weight shapes):
+    typically one group per layer of a repeated block. ``keys``: the plan names of their weights, in
+    program order. Keeping a class whole is one of the candidates ``plan/weigh.py`` weighs."""
+
+    keys: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        more = f" and {len(self.keys) - 1} more of its class" if len(self.keys) > 1 else ""
+        return f"{self.keys[0]}{more}"
+
+
+@dataclass(frozen=True)
+class WeighedPlan:
+    """A candidate plan of ``plan/weigh.py``: the chain classes it keeps whole (by label), its all-reduce and
+    all-gather count per step, and the decode speed the cost model predicts for it."""
+
+    kept_whole: tuple[str, ...]
+    collectives: int
+    decode_tokens_per_s: float
+    chosen: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "kept_whole": list(self.kept_whole),
+            "collectives": self.collectives,
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+            "chosen": self.chosen,
+        }
+
+
 @dataclass
 class ShardingPlan:
     tp: int
@@ -56,6 +89,10 @@ class ShardingPlan:
     #: those of them replicated only because tp is larger than their whole units allow: the most ranks each
     #: could be split over
     rank_limits: dict[str, int] = field(default_factory=dict)
+    #: the split chains by structure (plan/auto.py), and the candidates weighed on a profile (plan/weigh.py)
+    chain_classes: list[ChainClass] = field(default_factory=list)
+    weighed: list[WeighedPlan] = field(default_factory=list)
+    weighed_on: str | None = None  # the hardware profile's name
 
     def with_decisions(self, extra: dict[str, ParamDecision]) -> ShardingPlan:
         return ShardingPlan(self.tp, {**self.decisions, **extra}, dict(self.unsplit))
