@@ -8,8 +8,8 @@ bits in the rank programs, summed in fp32 by every transport.
 - a tiny HF Llama (SmolLM2 tokenizer, 64 hidden, 2 layers) at tp=2 with bf16 / fp16 payloads: logits within
   the payload dtype's rounding of the fp32-payload artifact's (see ``LOGIT_TOLERANCE``), the same greedy
   tokens (also through gloo, ``TPCOMPILE_SHM=0``); the manifest records the comm dtype per all-reduce and
-  for the artifact (an older manifest without the field reads as its payload dtype); ``explain`` shows the
-  halved bytes;
+  for the artifact (an older manifest without the field reads as its payload dtype), and the cost model's
+  workload counts the halved bytes; ``explain`` shows them;
 - errors: an unknown ``--comm-dtype`` and ``--comm-dtype`` with ``--format onnx`` exit 2, nothing written.
 """
 
@@ -211,6 +211,11 @@ def test_manifest_records_the_comm_dtype(name: str, artifacts: dict[str, Path]) 
             assert c["comm_dtype"] is None and c["wire_bytes_per_call"] is None
     plain = json.loads((artifacts["fp32"] / "manifest.json").read_text())
     assert plain["comm_dtype"] == "float32" and all(c["comm_dtype"] is None for c in plain["collectives"])
+    # the cost model's workload (extra.cost) counts the cast all-reduces' bytes, the rest as they are
+    cost = {c["op"]: c for c in data["extra"]["cost"]["collectives"]}
+    plain_cost = {c["op"]: c for c in plain["extra"]["cost"]["collectives"]}
+    assert 2 * cost["all_reduce"]["bytes_per_token"] == plain_cost["all_reduce"]["bytes_per_token"] == 64 * 4
+    assert cost["all_gather"] == plain_cost["all_gather"]  # the greedy argmax gather is not cast
     # a manifest written before the field existed: its payloads crossed in their own dtype
     old = artifacts["fp32"].parent / "old"
     if not old.exists():

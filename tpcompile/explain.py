@@ -91,6 +91,8 @@ def plans_weighed(m: Manifest) -> list[str]:
     ]
     for c in weighed["candidates"]:
         what = "keeps whole " + "; ".join(c["kept_whole"]) if c["kept_whole"] else "every chain split"
+        if c.get("balanced"):
+            what += ", heads balanced across KV groups"
         mark = "*" if c["chosen"] else " "
         lines.append(
             f"  {mark} {c['decode_tokens_per_s']:8.1f} tokens/s  {c['collectives']:4d} collectives  {what}"
@@ -114,13 +116,13 @@ def comm_dtype_summary(m: Manifest) -> list[str]:
     if section:
         from tpcompile.cost.workload import Collective, Workload
 
-        w = Workload.from_json(section)
-        per_token = sum(n * b for (op, b), n in w.collectives.items() if op == Collective.ALL_REDUCE)
-        ratio = sum(c.wire_bytes for c in reduces) / max(1, sum(c.bytes_per_call for c in reduces))
-        saved = round(per_token * (1 - ratio))
+        w = Workload.from_json(section)  # its all-reduce bytes are the cast (wire) bytes
+        wire = sum(n * b for (op, b), n in w.collectives.items() if op == Collective.ALL_REDUCE)
+        ratio = sum(c.bytes_per_call for c in reduces) / max(1, sum(c.wire_bytes for c in reduces))
+        uncast = round(wire * ratio)
         lines.append(
-            f"  per decode step (batch 1): all-reduces send {per_token - saved} bytes instead of {per_token} "
-            f"({saved} saved)"
+            f"  per decode step (batch 1): all-reduces send {wire} bytes instead of {uncast} "
+            f"({uncast - wire} saved)"
         )
     return lines
 

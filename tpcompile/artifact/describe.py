@@ -162,7 +162,7 @@ def build_manifest(
             "candidates": [w.to_json() for w in plan.weighed],
         }
     # what one step of each rank does, for the cost model (tpcompile explain --profile, tpcompile/cost/)
-    manifest.extra["cost"] = workload(captured, prop).to_json()
+    manifest.extra["cost"] = workload(captured, prop, comm_dtype).to_json()
     experts = describe_experts(names, prop.roots, captured.gm, moe)  # mixture of experts: mode, layouts
     if experts is not None:
         manifest.extra["moe"] = experts

@@ -2,8 +2,9 @@
 
 Invariant: every number comes from the planned graph and the stored tensors' placements: a rank's bytes
 are its local shapes (``passes/slicing.local_shape``), a collective's bytes per token its value's size
-with every symbolic (sequence) dim at 1; a stored tensor read only by lookups (an untied embedding) is
-not streamed by a step, and a KV cache (``zero_state``) counts per cached position.
+with every symbolic (sequence) dim at 1 (in the ``--comm-dtype`` an all-reduce is cast to); a stored
+tensor read only by lookups (an untied embedding) is not streamed by a step, and a KV cache
+(``zero_state``) counts per cached position.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.fx as fx
 
 from tpcompile.cost.workload import Collective, RankWork, Workload
 from tpcompile.frontend.capture import CapturedModel
+from tpcompile.passes.collectives import wire_dtype
 from tpcompile.passes.rule_api import Propagation
 from tpcompile.passes.slicing import local_shape
 
@@ -31,26 +33,31 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _bytes_per_token(node: fx.Node) -> int:
+def _bytes_per_token(node: fx.Node, collective: str | None, comm_dtype: torch.dtype | None) -> int:
+    """Bytes a collective of ``node``'s value sends per token: an all-reduce payload the program casts to
+    ``comm_dtype`` (``passes/collectives.wire_dtype``) counts in that dtype."""
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
         return 0
     numel = 1
     for s in val.shape:
         numel *= 1 if isinstance(s, torch.SymInt) else int(s)
-    return numel * val.element_size()
+    wire = wire_dtype(val.dtype, comm_dtype) if collective == "all_reduce" else None
+    return numel * (wire.itemsize if wire is not None else val.element_size())
 
 
 def _lookup_only(node: fx.Node) -> bool:
     return bool(node.users) and all(u.op == "call_function" and u.target in _LOOKUPS for u in node.users)
 
 
-def workload(captured: CapturedModel, prop: Propagation) -> Workload:
-    """The workload of ``captured`` planned as ``prop`` (see the module invariant)."""
+def workload(captured: CapturedModel, prop: Propagation, comm_dtype: torch.dtype | None = None) -> Workload:
+    """The workload of ``captured`` planned as ``prop`` (see the module invariant), its all-reduces cast to
+    ``comm_dtype`` (``--comm-dtype``; None: as they are)."""
     names = captured.state_names()
     max_seq = captured.lm.max_seq_len if captured.lm is not None else 0
     collectives: Counter[tuple[Collective, int]] = Counter(
-        (Collective(red.collective), _bytes_per_token(red.producer)) for red, _ in prop.collectives()
+        (Collective(red.collective), _bytes_per_token(red.producer, red.collective, comm_dtype))
+        for red, _ in prop.collectives()
     )
     if captured.lm is not None and prop.tp > 1:
         collectives[(Collective.ALL_GATHER, ARGMAX_BYTES)] += 1
