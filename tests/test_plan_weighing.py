@@ -7,6 +7,10 @@ A tiny HF Llama (2 layers, SmolLM2 tokenizer) at tp=2, on two hand-written profi
   ``explain`` list every candidate weighed, the chosen one marked.
 - ``slow-memory``: collectives are free and weights stream at 10 MB/s: the search's plan (every chain split)
   is kept, with the same placements as a compile without ``--profile``.
+- a Llama with SmolLM2's head layout (9 query heads over 3 KV heads) on ``slow-memory``: the search splits
+  the heads 6+3 along whole KV groups; the balanced 5+4 split (the middle KV head held by both ranks, each
+  rank repeating its KV heads for the query heads it serves) streams fewer bytes on the slowest rank, so it
+  is chosen, and it is exact (verify OK, transformers' greedy tokens).
 - an unknown profile is a one-line usage error (exit 2), nothing written.
 """
 
@@ -52,6 +56,30 @@ def _all_reduces(m: dict) -> int:  # type: ignore[type-arg]
     return sum(1 for c in m["collectives"] if c["op"] == "all_reduce")
 
 
+def _generate_matches_transformers(art: Path, ckpt: Path, tmp: Path) -> None:
+    saved = tmp / f"{art.name}-ids.json"
+    gen = subprocess.run(
+        [sys.executable, "-m", "tpcompile.runtime.cli", str(art), "--max-new-tokens", str(MAX_NEW)]
+        + ["--no-chat-template", "--save-tokens", str(saved), "--prompt", "Once upon a time"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=REPO,
+        timeout=300,
+    )
+    assert gen.returncode == 0, gen.stderr
+    (entry,) = json.loads(saved.read_text())
+    _, tok = hf_model(ckpt)
+    assert entry["prompt_ids"] == tok("Once upon a time")["input_ids"]
+    assert entry["new_ids"] == hf_generate(ckpt, entry["prompt_ids"])
+
+
+def _verify_ok(art: Path, ckpt: Path) -> None:
+    proc = tpcompile("verify", art, "--reference", ckpt)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("OK"), proc.stdout
+
+
 def _compile(ckpt: Path, out: Path, *extra: str | Path) -> dict:  # type: ignore[type-arg]
     proc = tpcompile(ckpt, "--tp", "2", "-o", out, "--max-seq-len", "96", "--quiet", "--no-native", *extra)
     assert proc.returncode == 0, proc.stderr
@@ -82,24 +110,8 @@ def test_slow_collectives_keep_chains_whole_and_stay_exact(tiny: tuple[Path, Pat
     kept = [name for name, why in m["extra"]["unsplit"].items() if "predicted slower on slow-link" in why]
     assert kept and all(p["placement"] == "R" for p in m["parameters"] if p["name"] in kept)
     # exact: the checkpoint's logits to fp32 round-off, and transformers' greedy tokens
-    proc = tpcompile("verify", out, "--reference", ckpt)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.startswith("OK"), proc.stdout
-    saved = tmp_path / "ids.json"
-    gen = subprocess.run(
-        [sys.executable, "-m", "tpcompile.runtime.cli", str(out), "--max-new-tokens", str(MAX_NEW)]
-        + ["--no-chat-template", "--save-tokens", str(saved), "--prompt", "Once upon a time"],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        cwd=REPO,
-        timeout=300,
-    )
-    assert gen.returncode == 0, gen.stderr
-    (entry,) = json.loads(saved.read_text())
-    _, tok = hf_model(ckpt)
-    assert entry["prompt_ids"] == tok("Once upon a time")["input_ids"]
-    assert entry["new_ids"] == hf_generate(ckpt, entry["prompt_ids"])
+    _verify_ok(out, ckpt)
+    _generate_matches_transformers(out, ckpt, tmp_path)
     text = tpcompile("explain", out)
     assert text.returncode == 0, text.stderr
     lines = text.stdout.splitlines()
@@ -119,6 +131,36 @@ def test_slow_memory_keeps_the_search_plan(tiny: tuple[Path, Path], tmp_path: Pa
     placements = {p["name"]: p["placement"] for p in m["parameters"]}
     assert placements == {p["name"]: p["placement"] for p in default["parameters"]}
     assert _all_reduces(m) == _all_reduces(default)
+
+
+def test_balanced_heads_across_kv_groups(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    from tests.checkpoints import random_checkpoint, save_smollm2_tokenizer
+
+    ckpt_root = tmp_path_factory.mktemp("heads9")
+    # head dim 32, a small MLP and vocabulary (the prompt's ids are below 8192), so that attention is a
+    # large enough share of the bytes for the balance to show beyond GAIN
+    config = AutoConfig.for_model(
+        "llama", hidden_size=288, intermediate_size=64, num_attention_heads=9, num_key_value_heads=3,
+        num_hidden_layers=2, max_position_embeddings=256, vocab_size=8192, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    ckpt = random_checkpoint(config, ckpt_root / "ckpt", save_smollm2_tokenizer(ckpt_root / "tok"))
+    plain = _compile(ckpt, tmp_path / "plain")
+    m = _compile(ckpt, tmp_path / "weighed", "--profile", _profile(tmp_path, "slow-memory", 0.01, 0.001))
+    cands = m["extra"]["plans_weighed"]["candidates"]
+    assert [(c["balanced"], c["chosen"]) for c in cands[:2]] == [(False, False), (True, True)]
+    assert cands[1]["decode_tokens_per_s"] > cands[0]["decode_tokens_per_s"]
+
+    def placement(manifest: dict, name: str) -> str:  # type: ignore[type-arg]
+        return next(p["placement"] for p in manifest["parameters"] if p["name"] == name)
+
+    q, k = "hf.model.layers.0.self_attn.q_proj.weight", "hf.model.layers.0.self_attn.k_proj.weight"
+    assert (placement(plain, q), placement(plain, k)) == ("S(0;192,96)", "S(0;64,32)")  # 6+3 heads, 2+1 KV
+    assert (placement(m, q), placement(m, k)) == ("S(0;160,128)", "S(0;64,64@0,32)")  # 5+4, KV 0-1 and 1-2
+    _verify_ok(tmp_path / "weighed", ckpt)
+    _generate_matches_transformers(tmp_path / "weighed", ckpt, tmp_path)
 
 
 def test_unknown_profile_is_a_usage_error(tiny: tuple[Path, Path], tmp_path: Path) -> None:

@@ -75,14 +75,16 @@ def plan_model(
     plan_file: PlanFile | None = None,
     moe: str = DEFAULT_MOE,
     profile: HardwareProfile | None = None,
+    comm_dtype: torch.dtype | None = None,
 ) -> tuple[ShardingPlan, Propagation]:
     """Choose the plan and propagate placements (no files written); with a hardware ``profile``, the exact
-    plans the search can make are weighed with the cost model and the fastest is kept (``plan/weigh.py``)."""
+    plans the search can make are weighed with the cost model (all-reduces in ``comm_dtype``) and the
+    fastest is kept (``plan/weigh.py``)."""
     drop_no_op_conversions(captured.gm)
     fold_repeat_kv_into_sdpa(captured.gm)
     split_fused_projections(captured.gm)
 
-    def search(keep_whole: dict[str, str]) -> tuple[ShardingPlan, Propagation]:
+    def search(keep_whole: dict[str, str], balanced: bool = False) -> tuple[ShardingPlan, Propagation]:
         return choose_plan(
             captured.gm,
             tp,
@@ -94,6 +96,7 @@ def plan_model(
             blocks={name: fmt.block for name, fmt in captured.packed.items()},
             float_fix=captured.float_fix,
             keep_whole=keep_whole,
+            balanced=balanced,
         )
 
     if profile is None or tp == 1:
@@ -103,7 +106,7 @@ def plan_model(
         from tpcompile.cost.model import predict
 
         def speed(p: Propagation) -> float:
-            predicted = predict(workload(captured, p), profile, WEIGH_PROMPT, WEIGH_NEW_TOKENS)
+            predicted = predict(workload(captured, p, comm_dtype), profile, WEIGH_PROMPT, WEIGH_NEW_TOKENS)
             return predicted.decode_tokens_per_s if predicted.fits else 0.0
 
         plan, prop = weigh_plans(search, speed, profile.name)
@@ -141,7 +144,7 @@ def compile_model(
         )
     say = progress or (lambda _msg: None)
     say("planning")
-    plan, prop = plan_model(captured, tp, plan_file, moe, profile)
+    plan, prop = plan_model(captured, tp, plan_file, moe, profile, comm)
     stored = rank_tensors(captured, prop)
     examples, dynamic = input_signature(captured.program, captured.user_inputs())
     with atomic_directory(out, force) as tmp:

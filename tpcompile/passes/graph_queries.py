@@ -124,20 +124,29 @@ def kv_split(q: Shard, group: int) -> Shard | None:
     """The KV head split that serves query split ``q`` (in head units) under grouped-query attention with
     ``group`` query heads per KV head, or None if a rank's query heads are not spread evenly over its KV
     heads (then its local attention could not use one repeat factor)."""
-    if q.overlapping:
+    cover = kv_cover(q, group)
+    if cover is None or any(len(set(kv_repeats(q, group, r))) != 1 for r in range(len(q.sizes))):
         return None
-    sizes, starts = [], []
-    for r, n in enumerate(q.sizes):
-        lo = q.offset(r)
-        if n == 0:
-            return None
-        first, last = lo // group, (lo + n - 1) // group
-        counts = [min(lo + n, (kv + 1) * group) - max(lo, kv * group) for kv in range(first, last + 1)]
-        if len(set(counts)) != 1:
-            return None
-        sizes.append(last - first + 1)
-        starts.append(first)
-    return Shard(q.dim, tuple(sizes), tuple(starts))
+    return cover
+
+
+def kv_cover(q: Shard, group: int) -> Shard | None:
+    """The KV heads each rank of query split ``q`` (in head units) reads, as overlapping slices, whether or
+    not its query heads spread evenly over them (then its attention repeats each KV head for the query
+    heads it serves: :func:`kv_repeats`); None for an overlapping or empty query split."""
+    if q.overlapping or 0 in q.sizes:
+        return None
+    starts = [q.offset(r) // group for r in range(len(q.sizes))]
+    ends = [(q.offset(r) + n - 1) // group + 1 for r, n in enumerate(q.sizes)]
+    return Shard(q.dim, tuple(e - s for s, e in zip(starts, ends, strict=True)), tuple(starts))
+
+
+def kv_repeats(q: Shard, group: int, rank: int) -> tuple[int, ...]:
+    """How many of rank ``rank``'s query heads (split ``q``) each of its KV heads (:func:`kv_cover`) serves,
+    in order."""
+    lo, n = q.offset(rank), q.sizes[rank]
+    first, last = lo // group, (lo + n - 1) // group
+    return tuple(min(lo + n, (kv + 1) * group) - max(lo, kv * group) for kv in range(first, last + 1))
 
 
 def query_split(kv: Shard, group: int) -> Shard | None:

@@ -25,7 +25,7 @@ import math
 import torch.fx as fx
 
 from tpcompile.errors import UsageError
-from tpcompile.passes.graph_queries import feature_unit, kv_split, same_data_root, written_in_place
+from tpcompile.passes.graph_queries import feature_unit, kv_cover, kv_split, same_data_root, written_in_place
 from tpcompile.passes.propagate import propagate
 from tpcompile.passes.rule_api import PlanSite, Propagation, SiteKind
 from tpcompile.plan.experts import DEFAULT_MOE, expert_decisions, feature_classes
@@ -48,15 +48,23 @@ def _collective_counts(prop: Propagation, output: fx.Node) -> tuple[int, int]:
     return total, internal
 
 
-def _group_splits(group: list[PlanSite], units: dict[PlanSite, int], tp: int) -> dict[PlanSite, Shard] | None:
+def _group_splits(
+    group: list[PlanSite], units: dict[PlanSite, int], tp: int, balanced: bool = False
+) -> dict[PlanSite, Shard] | None:
     """Split every site of a sibling group into the same number of whole groups of units per rank; when
     there are fewer groups than ranks (grouped-query attention at tp > KV heads), split the largest sites
-    by unit and give the smallest ones the (overlapping) slices those units need."""
+    by unit and give the smallest ones the (overlapping) slices those units need. ``balanced``: split the
+    largest sites' units evenly even where that cuts a group (query heads 5+4 over 3 KV heads), the smallest
+    ones covering what each rank needs."""
     counts = {}
     for s in group:
         if s.features % units[s]:
             return None
         counts[s] = s.features // units[s]
+    shared = _balanced_unit_split(set(counts.values()), tp) if balanced else None
+    if shared is not None:
+        big, small = shared
+        return {s: (big if counts[s] == big.total else small).scaled(units[s]) for s in group}
     groups = math.gcd(*counts.values())
     if groups >= tp:
         split = balanced_split(groups, tp)
@@ -88,6 +96,19 @@ def _shared_unit_split(counts: set[int], tp: int) -> tuple[Shard, Shard] | None:
     return None
 
 
+def _balanced_unit_split(counts: set[int], tp: int) -> tuple[Shard, Shard] | None:
+    """(large, small) unit splits for sites with ``g * n`` and ``n`` units: the large site balanced, the small
+    one covering the units each rank's share needs (``kv_cover``)."""
+    if len(counts) != 2:
+        return None
+    small, big = sorted(counts)
+    if big % small or tp > big:
+        return None
+    q = Shard(0, balanced_split(big, tp))
+    kv = kv_cover(q, big // small)
+    return None if kv is None else (q, kv)
+
+
 def _most_ranks(group: list[PlanSite], units: dict[PlanSite, int], tp: int) -> int:
     """The most ranks (below ``tp``) the group splits over in whole ``units``; 1 when none."""
     return next((t for t in range(tp - 1, 1, -1) if _group_splits(group, units, t) is not None), 1)
@@ -115,8 +136,10 @@ class PlanSearch:
         blocks: dict[str, int] | None = None,
         float_fix: str = "--dequantize",
         keep_whole: dict[str, str] | None = None,
+        balanced: bool = False,
     ) -> None:
         self.gm, self.tp, self.names, self.user_inputs = gm, tp, names, user_inputs
+        self.balanced = balanced  # split grouped units evenly, cutting groups (plan/weigh.py weighs it)
         self.keep_whole = keep_whole or {}  # site key -> why it is not tried (plan/weigh.py)
         self.float_fix = float_fix  # how the user keeps the blocked weights as floats (named in the refusal)
         given = blocks or {}
@@ -242,7 +265,7 @@ class PlanSearch:
         units = dict.fromkeys(group, 1)
         reason = "its features do not split into whole units over the ranks"
         for _ in range(MAX_UNIT_RETRIES):
-            splits = _group_splits(group, units, self.tp)
+            splits = _group_splits(group, units, self.tp, self.balanced)
             if splits is None:
                 unit = max(units.values())
                 reason = f"its features do not split into whole units of {unit} over {self.tp} ranks"
@@ -346,10 +369,14 @@ def choose_plan(
     blocks: dict[str, int] | None = None,
     float_fix: str = "--dequantize",
     keep_whole: dict[str, str] | None = None,
+    balanced: bool = False,
 ) -> tuple[ShardingPlan, Propagation]:
     """The automatic plan (with the plan file's overrides applied first) and its propagation; ``blocks``:
     stored tensors quantized in blocks along their input dim (name -> block size); ``float_fix``: the
     option that stores them as floats, named when a tp cannot split them on their blocks; ``keep_whole``:
-    site keys the search must not split (-> the reason shown for each)."""
-    search = PlanSearch(gm, tp, names, user_inputs, sharded_outputs, moe, blocks, float_fix, keep_whole)
+    site keys the search must not split (-> the reason shown for each); ``balanced``: split grouped units
+    (query heads over KV heads) evenly rather than along whole groups."""
+    search = PlanSearch(
+        gm, tp, names, user_inputs, sharded_outputs, moe, blocks, float_fix, keep_whole, balanced
+    )
     return search.search(plan_file)

@@ -64,16 +64,19 @@ class ChainClass:
 @dataclass(frozen=True)
 class WeighedPlan:
     """A candidate plan of ``plan/weigh.py``: the chain classes it keeps whole (by label), its all-reduce and
-    all-gather count per step, and the decode speed the cost model predicts for it."""
+    all-gather count per step, the decode speed the cost model predicts for it, and whether grouped units
+    (query heads over KV heads) are split evenly rather than along whole groups."""
 
     kept_whole: tuple[str, ...]
     collectives: int
     decode_tokens_per_s: float
     chosen: bool = False
+    balanced: bool = False
 
     def to_json(self) -> dict[str, object]:
         return {
             "kept_whole": list(self.kept_whole),
+            "balanced": self.balanced,
             "collectives": self.collectives,
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
             "chosen": self.chosen,
