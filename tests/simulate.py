@@ -14,6 +14,7 @@ from tpcompile.frontend.capture import CapturedModel
 from tpcompile.passes.lower_rank import build_rank_graph
 from tpcompile.passes.slicing import local_tensor
 from tpcompile.plan.spec import PlanFile
+from tpcompile.runtime.format.hardware import HardwareProfile
 
 c10d = torch.ops._c10d_functional
 
@@ -21,9 +22,15 @@ c10d = torch.ops._c10d_functional
 class Simulator:
     """Every rank's lowered graph and its state (kept across calls, so in-place KV cache writes persist)."""
 
-    def __init__(self, captured: CapturedModel, tp: int, plan_file: PlanFile | None = None) -> None:
+    def __init__(
+        self,
+        captured: CapturedModel,
+        tp: int,
+        plan_file: PlanFile | None = None,
+        profile: HardwareProfile | None = None,
+    ) -> None:
         self.tp = tp
-        plan, self.prop = plan_model(captured, tp, plan_file)
+        self.plan, self.prop = plan_model(captured, tp, plan_file, profile=profile)
         names = captured.state_names()
         self.graphs = [build_rank_graph(captured.gm, self.prop, r, names) for r in range(tp)]
         self.state = [
@@ -87,7 +94,12 @@ class Simulator:
 
 
 def simulate(
-    captured: CapturedModel, tp: int, inputs: list[torch.Tensor], plan_file: PlanFile | None = None
+    captured: CapturedModel,
+    tp: int,
+    inputs: list[torch.Tensor],
+    plan_file: PlanFile | None = None,
+    profile: HardwareProfile | None = None,
 ) -> list[list[torch.Tensor]]:
-    """Outputs of every rank (each a list of tensors) for the given user inputs."""
-    return Simulator(captured, tp, plan_file).run(inputs)
+    """Outputs of every rank (each a list of tensors) for the given user inputs; ``profile``: the plan
+    weighed on it (``compile --profile``)."""
+    return Simulator(captured, tp, plan_file, profile).run(inputs)

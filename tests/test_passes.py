@@ -15,6 +15,7 @@ from tests.simulate import simulate
 from tpcompile.compiler import plan_model
 from tpcompile.frontend.capture import CapturedModel, captured_program
 from tpcompile.plan.spec import PlanFile
+from tpcompile.runtime.format.hardware import HardwareProfile
 from tpcompile.runtime.format.placement import Shard, balanced_split
 
 
@@ -29,10 +30,11 @@ def check(
     *inputs: torch.Tensor,
     atol: float = 1e-5,
     plan_file: PlanFile | None = None,
+    profile: HardwareProfile | None = None,
 ) -> None:
     with torch.no_grad():
         expected = list(torch.utils._pytree.tree_leaves(captured.program.module()(*inputs)))
-    for rank, outs in enumerate(simulate(captured, tp, list(inputs), plan_file)):
+    for rank, outs in enumerate(simulate(captured, tp, list(inputs), plan_file, profile)):
         for got, ref in zip(outs, expected, strict=True):
             assert got.shape == ref.shape, (rank, got.shape, ref.shape)
             torch.testing.assert_close(got, ref, atol=atol, rtol=0)
@@ -99,6 +101,70 @@ def test_gqa_more_ranks_than_kv_groups_is_still_correct(tp: int) -> None:
     model = GQA()
     x = torch.randn(1, 5, 48)
     check(capture(model, x, torch.arange(5)), tp, x, torch.arange(5))
+
+
+class GQAPerHeadMask(GQA):
+    """GQA with an additive mask of one row per query head (causal, and a distance penalty whose slope differs
+    by head), so that a split by query head splits the mask too."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, max_len: int = 32) -> None:
+        super().__init__(dim, heads, kv_heads, max_len)
+        self.max_len = max_len
+        self.register_buffer("slopes", torch.linspace(0.1, 1.0, heads))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.h, self.d).transpose(1, 2)
+        k = self.k(x).view(b, t, self.kvh, self.d).transpose(1, 2)
+        v = self.v(x).view(b, t, self.kvh, self.d).transpose(1, 2)
+        self.k_cache.index_copy_(2, pos, k)
+        self.v_cache.index_copy_(2, pos, v)
+        keys = torch.arange(self.max_len)
+        distance = (pos[:, None] - keys[None, :]).abs().float()  # [t, S]
+        mask = -self.slopes[None, :, None, None] * distance[None, None]  # [1, H, t, S]
+        mask = mask.masked_fill((keys[None, :] > pos[:, None])[None, None], float("-inf"))
+        y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
+        return x + self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+SLOW_MEMORY = """
+name = "slow-memory"
+description = "weights stream at 10 MB/s, collectives free: the slowest rank's bytes decide"
+predicted = true
+[device]
+memory_gib = 1
+memory_bandwidth_gbs = 0.01
+peak_tflops = 1
+op_overhead_us = 0
+max_ranks_per_node = 8
+[link]
+latency_us = 0
+bandwidth_gbs = 100
+"""
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_gqa_balanced_heads_cut_a_kv_group(masked: bool) -> None:
+    """9 query heads over 3 KV heads at tp=2: whole groups give 6+3; weighed on a profile where bytes decide,
+    the balanced 5+4 split is kept (KV heads {0,1} and {1,2}, each rank attending once per KV head with the
+    query heads it serves, the per-head mask sliced with them) and every rank's output is the reference's."""
+    from tpcompile.runtime.format.hardware import parse_profile
+
+    torch.manual_seed(0)
+    model = GQAPerHeadMask(72, 9, 3) if masked else GQA(72, 9, 3)
+    x = torch.randn(1, 5, 72)
+    captured = capture(model, x, torch.arange(5))
+    plain = plan_model(captured, 2)[1]
+    roots = {captured.state_names()[n]: pl for n, pl in plain.roots.items()}
+    assert (roots["q.weight"], roots["k.weight"]) == (Shard(0, (48, 24)), Shard(0, (16, 8)))
+    profile = parse_profile(SLOW_MEMORY, "slow-memory.toml")
+    check(captured, 2, x, torch.arange(5), profile=profile)
+    plan, prop = plan_model(captured, 2, profile=profile)
+    assert [(w.balanced, w.chosen) for w in plan.weighed[:2]] == [(False, False), (True, True)]
+    roots = {captured.state_names()[n]: pl for n, pl in prop.roots.items()}
+    assert roots["q.weight"] == Shard(0, (40, 32))  # 5 + 4 query heads of 8
+    assert roots["k.weight"] == Shard(0, (16, 16), (0, 8))  # KV heads 0-1 and 1-2
+    assert roots["k_cache"] == Shard(1, (2, 2), (0, 1))
 
 
 class Tied(nn.Module):

@@ -9,8 +9,8 @@ A tiny HF Llama (2 layers, SmolLM2 tokenizer) at tp=2, on two hand-written profi
   is kept, with the same placements as a compile without ``--profile``.
 - a Llama with SmolLM2's head layout (9 query heads over 3 KV heads) on ``slow-memory``: the search splits
   the heads 6+3 along whole KV groups; the balanced 5+4 split (the middle KV head held by both ranks, each
-  rank repeating its KV heads for the query heads it serves) streams fewer bytes on the slowest rank, so it
-  is chosen, and it is exact (verify OK, transformers' greedy tokens).
+  rank attending once per KV head with the query heads it serves) streams fewer bytes on the slowest rank,
+  so it is chosen, and it is exact (verify OK, transformers' greedy tokens).
 - an unknown profile is a one-line usage error (exit 2), nothing written.
 """
 

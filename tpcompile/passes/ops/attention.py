@@ -6,8 +6,8 @@ with ``enable_gqa``) is right only when every one of those KV heads serves the s
 query heads, so that local query i reads local KV head i // m. KV slices of neighbouring ranks may overlap
 (a KV head replicated on the ranks that need it). Where the counts differ on a rank (SmolLM2's 9 query heads
 over 3 KV heads split 5+4: rank 0 serves 3 query heads from KV head 0 and 2 from KV head 1), the rank still
-reads only the KV heads it needs (``kv_cover``), and its local attention first repeats each of them for the
-query heads it serves (slice + expand + cat along the head dim), so every query head meets its own KV head.
+reads only the KV heads it needs (``kv_cover``), and its local attention runs once per KV head with the query
+heads that KV head serves (slices: views of the cache), the outputs joined along the head dim.
 """
 
 from __future__ import annotations
@@ -45,41 +45,59 @@ def sdpa(ctx: RuleContext, node: fx.Node) -> Strategy:
         qpl = query_split(pk, group)
     if qpl is None:
         return replicated
-    lower = None
     kvpl = kv_split(qpl, group) if group > 1 else qpl
+    uneven = kvpl is None
     if kvpl is None:
         kvpl = kv_cover(qpl, group)
         if kvpl is None:
             return replicated
-        lower = _repeat_kv_per_query(qpl, group, heads)
     demands: dict[fx.Node, Placement] = {q: qpl, k: kvpl, v: kvpl}
+    mask_heads = None
     if isinstance(mask, fx.Node):
         mshape = shape_of(mask)
         mdim = len(mshape) - 3
-        demands[mask] = qpl.with_dim(mdim) if mdim >= 0 and mshape[mdim] != 1 else REPLICATE
+        split_mask = mdim >= 0 and mshape[mdim] != 1
+        demands[mask] = qpl.with_dim(mdim) if split_mask else REPLICATE
+        mask_heads = mdim if split_mask else None
+    lower = _attend_per_kv_head(qpl, group, heads, mask_heads) if uneven else None
     return Strategy(demands, qpl.with_dim(heads), lower)
 
 
-def _repeat_kv_per_query(q: Shard, group: int, heads: int) -> Lowering:
-    """Rank r's attention when its query heads do not spread evenly over its KV heads: each local KV head
-    repeated for the query heads it serves (``kv_repeats``), then the op as it is (one KV head per query head;
-    ``enable_gqa`` with equal counts is plain attention). Ranks with even counts keep the op unchanged."""
+def _attend_per_kv_head(q: Shard, group: int, heads: int, mask_heads: int | None) -> Lowering:
+    """Rank r's attention when its query heads do not spread evenly over its KV heads: one call per local
+    KV head, with the query heads it serves (``kv_repeats``) and that KV head (a slice: a view of the cache,
+    so nothing is copied before the runtime cuts the keys to the written positions), the outputs joined
+    along the head dim. ``mask_heads``: the mask's head dim when the mask is split by query head. Ranks with
+    even counts keep the op unchanged."""
 
     def lower(b: LoweringBuilder, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.Node:
         repeats = kv_repeats(q, group, b.rank)
         if len(set(repeats)) == 1:
             return b.call(node.target, *args, **kwargs)
-        ndim = len(shape_of(node.args[1]))
-
-        def per_query(kv: Any) -> fx.Node:
-            parts = []
-            for j, count in enumerate(repeats):
-                one = b.call(aten.slice.Tensor, kv, heads, j, j + 1)
-                sizes = [-1] * ndim
-                sizes[heads] = count
-                parts.append(b.call(aten.expand.default, one, sizes))
-            return b.call(aten.cat.default, parts, heads)
-
-        return b.call(node.target, args[0], per_query(args[1]), per_query(args[2]), *args[3:], **kwargs)
+        query, key, value, *rest = args
+        has_mask = len(rest) > 0 or "attn_mask" in kwargs
+        outs, lo = [], 0
+        for j, count in enumerate(repeats):
+            part = list(rest)
+            part_kwargs = dict(kwargs)
+            if mask_heads is not None and has_mask:
+                mask = part[0] if part else part_kwargs["attn_mask"]
+                mask = b.call(aten.slice.Tensor, mask, mask_heads, lo, lo + count)
+                if part:
+                    part[0] = mask
+                else:
+                    part_kwargs["attn_mask"] = mask
+            outs.append(
+                b.call(
+                    node.target,
+                    b.call(aten.slice.Tensor, query, heads, lo, lo + count),
+                    b.call(aten.slice.Tensor, key, heads, j, j + 1),
+                    b.call(aten.slice.Tensor, value, heads, j, j + 1),
+                    *part,
+                    **part_kwargs,
+                )
+            )
+            lo += count
+        return b.call(aten.cat.default, outs, heads)
 
     return lower
