@@ -1,11 +1,14 @@
 """Benchmark: SmolLM2-135M-Instruct Q4_1 decode speed with its weights kept quantized (issue 16) against the
 fp32 artifact of the same file (``--dequantize``), at tp = 1, 2, and against llama.cpp on the same GGUF
 file with the same total threads (through llama-cpp-python, see ``bench/peers.py``; skipped with a note
-where that environment does not exist).
+where that environment does not exist). ``--formats int8 int4`` adds the compile-time quantizer
+(``--quantize int8``, ``--quantize int4``, group 32) on the float checkpoint of the same model (the GGUF
+dequantized by transformers and saved as a Hugging Face directory in the work directory).
 
 ::
 
-    python bench/quant.py [--tp 1 2] [--max-new-tokens 64] [--native] [--workdir DIR] [--json]
+    python bench/quant.py [--tp 1 2] [--formats gguf fp32 int8 int4] [--max-new-tokens 64] [--native]
+                          [--workdir DIR] [--json] [--no-llama-cpp]
 
 Each artifact is compiled once into the work directory (kept between runs); every generation runs in fresh
 processes, twice, and the better decode speed is kept. Not a test: the numbers depend on the machine and on
@@ -42,12 +45,31 @@ def _smollm2() -> Path:
     return smollm2_gguf()
 
 
-def _compile(source: Path, out: Path, tp: int, dequantize: bool, native: bool) -> None:
+#: --formats: (row label, compile options, source: the GGUF file or its float checkpoint)
+FORMATS = {
+    "gguf": ("quantized (Q4_1/Q8_0 kept)", [], "gguf"),
+    "fp32": ("fp32 (--dequantize)", ["--dequantize"], "gguf"),
+    "int8": ("int8 (--quantize int8, from fp32)", ["--quantize", "int8"], "hf"),
+    "int4": ("int4 g32 (--quantize int4, from fp32)", ["--quantize", "int4"], "hf"),
+}
+
+
+def _float_checkpoint(workdir: Path) -> Path:
+    """SmolLM2 as a Hugging Face directory of fp32 weights (the GGUF dequantized by transformers), once."""
+    out = workdir / "smollm2-hf"
+    if not (out / "config.json").is_file():
+        from tests.checkpoints import save_smollm2_tokenizer, smollm2_transformers
+
+        smollm2_transformers().save_pretrained(str(out))
+        save_smollm2_tokenizer(out)
+    return out
+
+
+def _compile(source: Path, out: Path, tp: int, options: list[str], native: bool) -> None:
     if (out / "manifest.json").is_file():
         return
     cmd = [str(BIN / "tpcompile"), str(source), "--tp", str(tp), "-o", str(out), "--max-seq-len", "512"]
-    cmd += ["--quiet", "--force", "--native" if native else "--no-native"]
-    cmd += ["--dequantize"] if dequantize else []
+    cmd += ["--quiet", "--force", "--native" if native else "--no-native", *options]
     subprocess.run(cmd, check=True)
 
 
@@ -81,6 +103,8 @@ def _llama_cpp(source: Path, prompt_ids: list[int], max_new: int) -> tuple[float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=["gguf", "fp32"])
+    parser.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp row")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--native", action="store_true", help="compile native programs (AOTInductor)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "tpcompile-bench-quant")
@@ -91,18 +115,20 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     prompt_ids: list[int] = []
     for tp in args.tp:
-        for kind, dequantize in (("quantized (Q4_1/Q8_0 kept)", False), ("fp32 (--dequantize)", True)):
-            out = (
-                args.workdir / f"{'fp32' if dequantize else 'quant'}-tp{tp}{'-native' if args.native else ''}"
-            )
-            _compile(source, out, tp, dequantize, args.native)
+        for name in args.formats:
+            kind, options, origin = FORMATS[name]
+            out = args.workdir / f"{name}-tp{tp}{'-native' if args.native else ''}"
+            model = source if origin == "gguf" else _float_checkpoint(args.workdir)
+            _compile(model, out, tp, options, args.native)
             saved = args.workdir / "tokens.json"
             speed = max(_decode(out, args.max_new_tokens, saved) for _ in range(2))
             prompt_ids = json.loads(saved.read_text())[0]["prompt_ids"]
             rows.append(
                 dict(engine="tprun", tp=tp, weights=kind, decode=speed, rank_bytes=_weight_bytes(out))
             )
-    speed, note = _llama_cpp(source, prompt_ids, args.max_new_tokens)
+    speed, note = None, "llama.cpp skipped (--no-llama-cpp)"
+    if not args.no_llama_cpp:
+        speed, note = _llama_cpp(source, prompt_ids, args.max_new_tokens)
     if speed is not None:
         rows.append(
             dict(
