@@ -58,9 +58,14 @@ def _float_checkpoint(workdir: Path) -> Path:
     """SmolLM2 as a Hugging Face directory of fp32 weights (the GGUF dequantized by transformers), once."""
     out = workdir / "smollm2-hf"
     if not (out / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
         from tests.checkpoints import save_smollm2_tokenizer, smollm2_transformers
 
-        smollm2_transformers().save_pretrained(str(out))
+        loaded = smollm2_transformers()  # transformers will not save a model it read from a GGUF: copy it
+        plain = AutoModelForCausalLM.from_config(loaded.config, dtype=loaded.dtype)
+        plain.load_state_dict(loaded.state_dict())
+        plain.save_pretrained(str(out))
         save_smollm2_tokenizer(out)
     return out
 

@@ -53,7 +53,10 @@ def weigh_plans(search: Search, speed: Speed, profile: str) -> tuple[ShardingPla
     best = (plan, prop, WeighedPlan((), _collectives(prop), speed(prop)))
     weighed = [best[2]]
     balanced = False
-    alt_plan, alt_prop = search({}, True)
+    try:
+        alt_plan, alt_prop = search({}, True)
+    except UsageError:  # a balanced split that cannot be planned at this tp is no candidate
+        alt_plan, alt_prop = plan, prop
     if alt_plan.decisions != plan.decisions and not alt_prop.refusals:
         alt = WeighedPlan((), _collectives(alt_prop), speed(alt_prop), balanced=True)
         weighed.append(alt)
