@@ -77,8 +77,12 @@ class GQA(nn.Module):
         v = self.v(x).view(b, t, self.kvh, self.d).transpose(1, 2)
         self.k_cache.index_copy_(2, pos, k)
         self.v_cache.index_copy_(2, pos, v)
-        y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, enable_gqa=True)
+        mask = self.attn_mask(pos)
+        y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
         return x + self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+    def attn_mask(self, pos: torch.Tensor) -> torch.Tensor | None:
+        return None
 
 
 @pytest.mark.parametrize("tp", [2])
@@ -112,19 +116,11 @@ class GQAPerHeadMask(GQA):
         self.max_len = max_len
         self.register_buffer("slopes", torch.linspace(0.1, 1.0, heads))
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.h, self.d).transpose(1, 2)
-        k = self.k(x).view(b, t, self.kvh, self.d).transpose(1, 2)
-        v = self.v(x).view(b, t, self.kvh, self.d).transpose(1, 2)
-        self.k_cache.index_copy_(2, pos, k)
-        self.v_cache.index_copy_(2, pos, v)
+    def attn_mask(self, pos: torch.Tensor) -> torch.Tensor | None:
         keys = torch.arange(self.max_len)
         distance = (pos[:, None] - keys[None, :]).abs().float()  # [t, S]
         mask = -self.slopes[None, :, None, None] * distance[None, None]  # [1, H, t, S]
-        mask = mask.masked_fill((keys[None, :] > pos[:, None])[None, None], float("-inf"))
-        y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
-        return x + self.o(y.transpose(1, 2).reshape(b, t, -1))
+        return mask.masked_fill((keys[None, :] > pos[:, None])[None, None], float("-inf"))
 
 
 SLOW_MEMORY = """
