@@ -17,13 +17,11 @@ A tiny HF Llama (2 layers, SmolLM2 tokenizer) at tp=2, on two hand-written profi
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, cli_env, tpcompile
+from tests.conftest import tpcompile, tprun
 from tests.lm_runtime_helpers import MAX_NEW, hf_generate, hf_model, tiny_llama_artifact
 
 PROFILE = """
@@ -58,15 +56,8 @@ def _all_reduces(m: dict) -> int:  # type: ignore[type-arg]
 
 def _generate_matches_transformers(art: Path, ckpt: Path, tmp: Path) -> None:
     saved = tmp / f"{art.name}-ids.json"
-    gen = subprocess.run(
-        [sys.executable, "-m", "tpcompile.runtime.cli", str(art), "--max-new-tokens", str(MAX_NEW)]
-        + ["--no-chat-template", "--save-tokens", str(saved), "--prompt", "Once upon a time"],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        cwd=REPO,
-        timeout=300,
-    )
+    gen = tprun(art, "--max-new-tokens", str(MAX_NEW), "--no-chat-template", "--save-tokens", saved,
+                "--prompt", "Once upon a time")  # fmt: skip
     assert gen.returncode == 0, gen.stderr
     (entry,) = json.loads(saved.read_text())
     _, tok = hf_model(ckpt)

@@ -84,16 +84,19 @@ def plan_model(
     fold_repeat_kv_into_sdpa(captured.gm)
     split_fused_projections(captured.gm)
 
+    names, inputs = captured.state_names(), set(captured.user_inputs())
+    blocks = {name: fmt.block for name, fmt in captured.packed.items()}
+
     def search(keep_whole: dict[str, str], balanced: bool = False) -> tuple[ShardingPlan, Propagation]:
         return choose_plan(
             captured.gm,
             tp,
-            captured.state_names(),
-            set(captured.user_inputs()),
+            names,
+            inputs,
             plan_file,
             sharded_outputs=captured.lm is not None,
             moe=moe,
-            blocks={name: fmt.block for name, fmt in captured.packed.items()},
+            blocks=blocks,
             float_fix=captured.float_fix,
             keep_whole=keep_whole,
             balanced=balanced,

@@ -33,16 +33,16 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _bytes_per_token(node: fx.Node, collective: str | None, comm_dtype: torch.dtype | None) -> int:
-    """Bytes a collective of ``node``'s value sends per token: an all-reduce payload the program casts to
-    ``comm_dtype`` (``passes/collectives.wire_dtype``) counts in that dtype."""
+def _bytes_per_token(node: fx.Node, cast_to: torch.dtype | None = None) -> int:
+    """Bytes a collective of ``node``'s value sends per token; a payload the program casts to ``cast_to``
+    (``passes/collectives.wire_dtype``: an all-reduce under ``--comm-dtype``) counts in that dtype."""
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
         return 0
     numel = 1
     for s in val.shape:
         numel *= 1 if isinstance(s, torch.SymInt) else int(s)
-    wire = wire_dtype(val.dtype, comm_dtype) if collective == "all_reduce" else None
+    wire = wire_dtype(val.dtype, cast_to)
     return numel * (wire.itemsize if wire is not None else val.element_size())
 
 
@@ -55,10 +55,11 @@ def workload(captured: CapturedModel, prop: Propagation, comm_dtype: torch.dtype
     ``comm_dtype`` (``--comm-dtype``; None: as they are)."""
     names = captured.state_names()
     max_seq = captured.lm.max_seq_len if captured.lm is not None else 0
-    collectives: Counter[tuple[Collective, int]] = Counter(
-        (Collective(red.collective), _bytes_per_token(red.producer, red.collective, comm_dtype))
-        for red, _ in prop.collectives()
-    )
+    collectives: Counter[tuple[Collective, int]] = Counter()
+    for red, _ in prop.collectives():
+        op = Collective(red.collective)
+        cast_to = comm_dtype if op is Collective.ALL_REDUCE else None  # only all-reduces are cast
+        collectives[(op, _bytes_per_token(red.producer, cast_to))] += 1
     if captured.lm is not None and prop.tp > 1:
         collectives[(Collective.ALL_GATHER, ARGMAX_BYTES)] += 1
     ops = sum(1 for n in captured.gm.graph.nodes if n.op == "call_function") + 2 * sum(collectives.values())

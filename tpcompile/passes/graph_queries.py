@@ -132,8 +132,8 @@ def kv_split(q: Shard, group: int) -> Shard | None:
 
 def kv_cover(q: Shard, group: int) -> Shard | None:
     """The KV heads each rank of query split ``q`` (in head units) reads, as overlapping slices, whether or
-    not its query heads spread evenly over them (then its attention repeats each KV head for the query
-    heads it serves: :func:`kv_repeats`); None for an overlapping or empty query split."""
+    not its query heads spread evenly over them (then its attention runs once per KV head with the query
+    heads that head serves: :func:`kv_repeats`); None for an overlapping or empty query split."""
     if q.overlapping or 0 in q.sizes:
         return None
     starts = [q.offset(r) // group for r in range(len(q.sizes))]

@@ -61,24 +61,23 @@ def _group_splits(
         if s.features % units[s]:
             return None
         counts[s] = s.features // units[s]
-    shared = _balanced_unit_split(set(counts.values()), tp) if balanced else None
-    if shared is not None:
-        big, small = shared
-        return {s: (big if counts[s] == big.total else small).scaled(units[s]) for s in group}
     groups = math.gcd(*counts.values())
-    if groups >= tp:
+    shared = _shared_unit_split(set(counts.values()), tp, cut_groups=True) if balanced else None
+    if shared is None and groups >= tp:
         split = balanced_split(groups, tp)
         return {s: Shard(0, tuple(g * (counts[s] // groups) * units[s] for g in split)) for s in group}
-    shared = _shared_unit_split(set(counts.values()), tp)
+    shared = shared or _shared_unit_split(set(counts.values()), tp)
     if shared is None:
         return None
     big, small = shared
     return {s: (big if counts[s] == big.total else small).scaled(units[s]) for s in group}
 
 
-def _shared_unit_split(counts: set[int], tp: int) -> tuple[Shard, Shard] | None:
+def _shared_unit_split(counts: set[int], tp: int, cut_groups: bool = False) -> tuple[Shard, Shard] | None:
     """Unit splits (large, small) for sites with ``g * n`` and ``n`` units, ``n < tp <= g * n``: the large
-    site balanced (or group-aligned when balanced cuts a group unevenly), the small one by need."""
+    site balanced (or group-aligned when balanced cuts a group unevenly), the small one by need.
+    ``cut_groups``: the large site balanced at any ``tp <= g * n``, even where that cuts a group, the small
+    one covering the units each rank's share needs (``kv_cover``)."""
     if len(counts) != 2:
         return None
     small, big = sorted(counts)
@@ -89,24 +88,12 @@ def _shared_unit_split(counts: set[int], tp: int) -> tuple[Shard, Shard] | None:
     if tp >= small and max(balanced_split(tp, small)) <= g:
         aligned = [n for ranks in balanced_split(tp, small) for n in balanced_split(g, ranks)]
         candidates.append(Shard(0, tuple(aligned)))
+    small_split = kv_cover if cut_groups else kv_split
     for q in candidates:
-        kv = kv_split(q, g)
+        kv = small_split(q, g)
         if kv is not None:
             return q, kv
     return None
-
-
-def _balanced_unit_split(counts: set[int], tp: int) -> tuple[Shard, Shard] | None:
-    """(large, small) unit splits for sites with ``g * n`` and ``n`` units: the large site balanced, the small
-    one covering the units each rank's share needs (``kv_cover``)."""
-    if len(counts) != 2:
-        return None
-    small, big = sorted(counts)
-    if big % small or tp > big:
-        return None
-    q = Shard(0, balanced_split(big, tp))
-    kv = kv_cover(q, big // small)
-    return None if kv is None else (q, kv)
 
 
 def _most_ranks(group: list[PlanSite], units: dict[PlanSite, int], tp: int) -> int:

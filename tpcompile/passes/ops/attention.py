@@ -75,12 +75,11 @@ def _attend_per_kv_head(q: Shard, group: int, heads: int, mask_heads: int | None
         if len(set(repeats)) == 1:
             return b.call(node.target, *args, **kwargs)
         query, key, value, *rest = args
-        has_mask = len(rest) > 0 or "attn_mask" in kwargs
         outs, lo = [], 0
         for j, count in enumerate(repeats):
             part = list(rest)
             part_kwargs = dict(kwargs)
-            if mask_heads is not None and has_mask:
+            if mask_heads is not None:  # a mask split by query head: the rows of this call's heads
                 mask = part[0] if part else part_kwargs["attn_mask"]
                 mask = b.call(aten.slice.Tensor, mask, mask_heads, lo, lo + count)
                 if part:
