@@ -22,7 +22,9 @@ from torch.distributed import distributed_c10d
 from tests.conftest import tprun
 from tests.processes import alive, children, start
 from tests.test_lm_runtime_helpers import build_lm_artifact
+from tpcompile.runtime.errors import Terminated
 from tpcompile.runtime.launch.launcher import free_port
+from tpcompile.runtime.launch.lifetime import stop_signals_deferred
 from tpcompile.runtime.transport.distributed import (
     RENDEZVOUS_TIMEOUT_S,
     CollectiveError,
@@ -165,6 +167,38 @@ def test_ctrl_c_works_when_the_suite_runs_with_sigint_ignored(art: Path) -> None
     finally:
         signal.signal(signal.SIGINT, previous)
     _stops_every_rank(proc, _children(proc, wait_for=lambda pid: True), os.kill, signal.SIGINT)
+
+
+def test_stop_signals_act_only_where_the_launcher_delivers_them() -> None:
+    """A Ctrl-C inside ``queue.get`` could leave its lock released twice (a RuntimeError, exit 1, instead
+    of "interrupted"): the launcher's wait loop records SIGINT/SIGTERM and raises at its own poll."""
+    calls: list[int] = []
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_term = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    try:
+        with stop_signals_deferred() as deliver:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # both handlers have run by now, were they not deferred
+            assert calls == []
+            with pytest.raises(KeyboardInterrupt):
+                deliver()
+            assert calls == [signal.SIGTERM]  # the SIGTERM handler ran first, in arrival order
+            deliver()  # nothing left
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with stop_signals_deferred() as deliver:
+            os.kill(os.getpid(), signal.SIGINT)  # ignored on entry: stays ignored
+            os.kill(os.getpid(), signal.SIGTERM)  # default: the launcher's "terminated"
+            time.sleep(0.05)
+            with pytest.raises(Terminated):
+                deliver()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGTERM, previous_term)
 
 
 def test_busy_port_is_a_one_line_error(art: Path) -> None:

@@ -43,6 +43,7 @@ from ..reporting import (
 )
 from ..transport.shm import remove_segments
 from .args import WorkerArgs
+from .lifetime import stop_signals_deferred
 from .nodes import LOCALHOST, Nodes
 
 __all__ = [
@@ -328,36 +329,38 @@ def spawn_workers(
         port = free_port()
     elif nodes.hosts_rank0 and nodes.master_addr in (LOCALHOST, "localhost"):
         check_port_free(port)  # rank 0's store listens here (on another host's address: not checkable)
-    ranks = _spawn(argv, nprocs, port, env, rank0_stdin, cpu_sets, nodes)
-    done: queue.Queue[int] = queue.Queue()
-    for r in ranks:
-        threading.Thread(
-            target=r.wait_and_report, args=(done,), name=f"rank{r.rank}-wait", daemon=True
-        ).start()
-    finished: set[int] = set()
-    try:
-        while len(finished) < nprocs:
-            try:
-                rank = done.get(timeout=_POLL_S)
-            except queue.Empty:
-                continue
-            finished.add(rank)
-            failed = ranks[rank]
-            rc = failed.proc.returncode
-            if rc != 0:
-                _terminate(ranks, grace_s)
-                code = rc if rc is not None and rc > 0 else EXIT_FAILURE
-                if failed.reported and rc is not None and rc > 0:
-                    return LaunchOutcome(code, failed.error_line, rank, reported=True)
-                return LaunchOutcome(code, failed.describe_failure(), rank)
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
-        _terminate(ranks, grace_s)
-        if isinstance(exc, Terminated):
-            return LaunchOutcome(EXIT_TERMINATED, "terminated")
-        return LaunchOutcome(EXIT_INTERRUPTED, "interrupted")
-    except BaseException:
-        _terminate(ranks, grace_s)
-        raise
+    with stop_signals_deferred() as deliver_stop_signals:  # Ctrl-C acts between polls, not inside queue.get
+        ranks = _spawn(argv, nprocs, port, env, rank0_stdin, cpu_sets, nodes)
+        done: queue.Queue[int] = queue.Queue()
+        for r in ranks:
+            threading.Thread(
+                target=r.wait_and_report, args=(done,), name=f"rank{r.rank}-wait", daemon=True
+            ).start()
+        finished: set[int] = set()
+        try:
+            while len(finished) < nprocs:
+                deliver_stop_signals()
+                try:
+                    rank = done.get(timeout=_POLL_S)
+                except queue.Empty:
+                    continue
+                finished.add(rank)
+                failed = ranks[rank]
+                rc = failed.proc.returncode
+                if rc != 0:
+                    _terminate(ranks, grace_s)
+                    code = rc if rc is not None and rc > 0 else EXIT_FAILURE
+                    if failed.reported and rc is not None and rc > 0:
+                        return LaunchOutcome(code, failed.error_line, rank, reported=True)
+                    return LaunchOutcome(code, failed.describe_failure(), rank)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+            _terminate(ranks, grace_s)
+            if isinstance(exc, Terminated):
+                return LaunchOutcome(EXIT_TERMINATED, "terminated")
+            return LaunchOutcome(EXIT_INTERRUPTED, "interrupted")
+        except BaseException:
+            _terminate(ranks, grace_s)
+            raise
     for r in ranks:  # error lines of ranks that then exited 0: nothing else reported them
         _write("".join(r.held))
     return LaunchOutcome(EXIT_OK)

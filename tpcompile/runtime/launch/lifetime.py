@@ -6,6 +6,8 @@ Invariants: after :func:`die_with_parent`, the kernel SIGKILLs the process as so
 their children from the main thread), and the process has already exited if the parent was gone before.
 After :func:`stop_on_sigterm`, the first SIGTERM raises :class:`~tpcompile.runtime.errors.Terminated` (a
 ``KeyboardInterrupt``) in the main thread and later ones are ignored, so the cleanup runs once, undisturbed.
+Within :func:`stop_signals_deferred`, SIGINT and SIGTERM run their handlers only where the block asks for
+them, never in the middle of library code.
 Standard library only: a child calls this before importing anything heavy.
 """
 
@@ -16,12 +18,20 @@ import ctypes
 import os
 import signal
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 from ..errors import Terminated
 
-__all__ = ["EXIT_PARENT_GONE", "die_with_parent", "stop_on_sigterm", "stop_signals_held", "worker_signals"]
+__all__ = [
+    "EXIT_PARENT_GONE",
+    "die_with_parent",
+    "stop_on_sigterm",
+    "stop_signals_deferred",
+    "stop_signals_held",
+    "worker_signals",
+]
 
 _PR_SET_PDEATHSIG = 1
 #: Exit code of a child that finds its parent already gone.
@@ -60,6 +70,48 @@ def stop_signals_held() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_deferred() -> Iterator[Callable[[], None]]:
+    """Record SIGINT and SIGTERM within the block; the handler each had before runs (and may raise
+    ``KeyboardInterrupt`` or :class:`Terminated`) only when the block calls the yielded ``deliver()``.
+
+    A ``KeyboardInterrupt`` raised asynchronously can land between a lock's release and its re-acquire
+    inside ``queue.get`` (``Condition.wait``), and the stop then surfaces as ``RuntimeError: release
+    unlocked lock`` instead of a clean stop. A signal ignored on entry stays ignored; one whose handler was
+    the default raises ``KeyboardInterrupt`` (SIGINT) or :class:`Terminated` (SIGTERM). Signals still
+    pending when the block ends are dropped: the block is the cleanup they asked for. Outside the main
+    thread (where no signal handler runs) ``deliver`` does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    pending: list[int] = []
+    previous = {int(signum): signal.getsignal(signum) for signum in _STOP_SIGNALS}
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        pending.append(signum)
+
+    def deliver() -> None:
+        while pending:
+            signum = pending.pop(0)
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif signum == signal.SIGTERM:
+                raise Terminated()
+            else:
+                raise KeyboardInterrupt()
+
+    for signum, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(signum, record)
+    try:
+        yield deliver
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def worker_signals() -> None:
