@@ -24,7 +24,7 @@ from tests.processes import alive, children, start
 from tests.test_lm_runtime_helpers import build_lm_artifact
 from tpcompile.runtime.errors import Terminated
 from tpcompile.runtime.launch.launcher import free_port
-from tpcompile.runtime.launch.lifetime import stop_signals_deferred
+from tpcompile.runtime.launch.lifetime import stop_on_sigterm, stop_signals_deferred
 from tpcompile.runtime.transport.distributed import (
     RENDEZVOUS_TIMEOUT_S,
     CollectiveError,
@@ -196,6 +196,13 @@ def test_stop_signals_act_only_where_the_launcher_delivers_them() -> None:
                 deliver()
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        stop_on_sigterm()  # its handler ignores later SIGTERMs: that holds after the block too
+        with stop_signals_deferred() as deliver:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            with pytest.raises(Terminated):
+                deliver()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous_int)
         signal.signal(signal.SIGTERM, previous_term)

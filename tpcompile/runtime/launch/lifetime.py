@@ -80,7 +80,8 @@ def stop_signals_deferred() -> Iterator[Callable[[], None]]:
     A ``KeyboardInterrupt`` raised asynchronously can land between a lock's release and its re-acquire
     inside ``queue.get`` (``Condition.wait``), and the stop then surfaces as ``RuntimeError: release
     unlocked lock`` instead of a clean stop. A signal ignored on entry stays ignored; one whose handler was
-    the default raises ``KeyboardInterrupt`` (SIGINT) or :class:`Terminated` (SIGTERM). Signals still
+    the default raises ``KeyboardInterrupt`` (SIGINT) or :class:`Terminated` (SIGTERM); a disposition a
+delivered handler sets (``stop_on_sigterm``'s: ignore later SIGTERMs) is kept after the block. Signals still
     pending when the block ends are dropped: the block is the cleanup they asked for. Outside the main
     thread (where no signal handler runs) ``deliver`` does nothing.
     """
@@ -111,7 +112,8 @@ def stop_signals_deferred() -> Iterator[Callable[[], None]]:
         yield deliver
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+            if signal.getsignal(signum) is record:  # a delivered handler's own change (SIG_IGN) stays
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def worker_signals() -> None:
