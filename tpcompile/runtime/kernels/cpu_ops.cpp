@@ -49,7 +49,7 @@ inline void dot4(const float* w, long k_total, const float* x, float* out) {
   const float* w1 = w + k_total;
   const float* w2 = w + 2 * k_total;
   const float* w3 = w + 3 * k_total;
-  v16f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+  v16f a0{}, a1{}, a2{}, a3{};
   long k = 0;
   for (; k + 16 <= k_total; k += 16) {
     v16f xv = load16(x + k);
@@ -72,7 +72,7 @@ inline void dot4(const float* w, long k_total, const float* x, float* out) {
 }
 
 inline float dot1(const float* w, long k_total, const float* x) {
-  v16f a = {0};
+  v16f a{};
   long k = 0;
   for (; k + 16 <= k_total; k += 16) a += load16(w + k) * load16(x + k);
   float s = hsum(a);

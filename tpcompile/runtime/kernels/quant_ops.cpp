@@ -54,6 +54,7 @@ constexpr int64_t kernel_format(int64_t format) {
 
 using tpcompile_simd::hsum;
 using tpcompile_simd::load16;
+using tpcompile_simd::store16;
 using tpcompile_simd::v16f;
 typedef uint8_t v16u8 __attribute__((vector_size(16)));
 
@@ -82,10 +83,12 @@ inline v16f bytes_to_float(const uint8_t* p) {
   __m128i h = _mm_srli_si128(v, 8);
   __m256 a = _mm256_cvtepi32_ps(kSigned ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v));
   __m256 b = _mm256_cvtepi32_ps(kSigned ? _mm256_cvtepi8_epi32(h) : _mm256_cvtepu8_epi32(h));
-  std::memcpy(&r, &a, 32);
-  std::memcpy(reinterpret_cast<char*>(&r) + 32, &b, 32);
+  std::memcpy(&r.part[0], &a, 32);
+  std::memcpy(&r.part[1], &b, 32);
 #else
-  for (int i = 0; i < 16; i++) r[i] = kSigned ? float(int8_t(p[i])) : float(p[i]);
+  float f[16];
+  for (int i = 0; i < 16; i++) f[i] = kSigned ? float(int8_t(p[i])) : float(p[i]);
+  r = load16(f);
 #endif
   return r;
 }
@@ -305,16 +308,16 @@ void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t k, float* out, in
     }
     if constexpr (is_group(F)) {
       group_weights<F>(wr, nb, bb, [&](int64_t at, v16f lo, v16f hi) {
-        std::memcpy(dst + at, &lo, sizeof lo);
-        std::memcpy(dst + at + 16, &hi, sizeof hi);
+        store16(dst + at, lo);
+        store16(dst + at + 16, hi);
       });
       continue;
     }
     for (int64_t b = 0; b < nb; b++) {
       v16f lo, hi;
       weights<F>(wr + b * bb, lo, hi);
-      std::memcpy(dst + b * kBlock, &lo, sizeof lo);
-      std::memcpy(dst + b * kBlock + 16, &hi, sizeof hi);
+      store16(dst + b * kBlock, lo);
+      store16(dst + b * kBlock + 16, hi);
     }
   }
 }

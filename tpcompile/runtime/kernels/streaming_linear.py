@@ -44,23 +44,35 @@ __all__ = ["MAX_ROWS", "decode_linear", "kernel_available", "use_streaming_linea
 MAX_ROWS = 8
 
 _SOURCE = r"""
-typedef float v16 __attribute__((vector_size(64)));
+/* 16-float lane groups built from the host's own vectors (one AVX-512 register, two AVX ones, four SSE/NEON
+   ones): GCC lowers a 64-byte vector through the stack on a host without AVX-512. */
+#if defined(__AVX512F__)
+#define LANES 16
+#elif defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
+#define PARTS (16 / LANES)
+typedef float vec __attribute__((vector_size(LANES * 4)));
 
-static inline v16 load16(const float *p) { v16 v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline vec load(const float *p) { vec v; __builtin_memcpy(&v, p, sizeof v); return v; }
 
+/* Four 16-lane accumulators (one per 16 floats of each 64), added pairwise, then the lanes in order: the
+   same sums on every host. */
 static inline float dot(const float *w, const float *x, long k_total) {
-    v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    vec a[4 * PARTS];
+    for (int j = 0; j < 4 * PARTS; j++) a[j] = (vec){0};
     long k = 0;
-    for (; k + 64 <= k_total; k += 64) {
-        a0 += load16(w + k) * load16(x + k);
-        a1 += load16(w + k + 16) * load16(x + k + 16);
-        a2 += load16(w + k + 32) * load16(x + k + 32);
-        a3 += load16(w + k + 48) * load16(x + k + 48);
-    }
-    for (; k + 16 <= k_total; k += 16) a0 += load16(w + k) * load16(x + k);
-    v16 a = (a0 + a1) + (a2 + a3);
+    for (; k + 64 <= k_total; k += 64)
+        for (int j = 0; j < 4 * PARTS; j++) a[j] += load(w + k + j * LANES) * load(x + k + j * LANES);
+    for (; k + 16 <= k_total; k += 16)
+        for (int p = 0; p < PARTS; p++) a[p] += load(w + k + p * LANES) * load(x + k + p * LANES);
     float s = 0.0f;
-    for (int i = 0; i < 16; i++) s += a[i];
+    for (int p = 0; p < PARTS; p++) {
+        vec t = (a[p] + a[PARTS + p]) + (a[2 * PARTS + p] + a[3 * PARTS + p]);
+        for (int l = 0; l < LANES; l++) s += t[l];
+    }
     for (; k < k_total; k++) s += w[k] * x[k];
     return s;
 }
