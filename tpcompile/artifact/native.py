@@ -9,8 +9,9 @@ Invariants:
   uses, shared memory or the process group), masked attention by ``tpcompile::prefix_attention``
   (attention over the written part of the KV cache only) and linears by ``tpcompile::streaming_linear``
   (the decode matrix-vector kernel; more rows go to ``aten.linear``): all three run the runtime's C++
-  kernels (``runtime/kernels/cpu_ops.cpp``) without a Python call; packed (quantized) weights are bound
-  to ``tpcompile::quant_linear`` / ``quant_embedding`` exactly as the runtime binds them
+  kernels (``runtime/kernels/cpu_ops.cpp``) without a Python call, through their C shims
+  (``cpu_ops.C_SHIMS``: a direct call, not the package's boxing proxy executor); packed (quantized)
+  weights are bound to ``tpcompile::quant_linear`` / ``quant_embedding`` exactly as the runtime binds them
   (``runtime/load/quantized.py``), so a package reads them packed too;
 - a package holds no weights: the runtime binds the rank's own tensors to it (no copy, and the KV cache
   stays in place, shared with the eager program);
@@ -37,6 +38,7 @@ from tpcompile.runtime.format import PROGRAM_FILE, WEIGHTS_FILE
 from tpcompile.runtime.format.native_section import NATIVE_FILE, NativeSection, NativeTarget
 from tpcompile.runtime.format.quant_section import QuantSection
 from tpcompile.runtime.kernels.compiled import use_transport_ops
+from tpcompile.runtime.kernels.cpu_ops import C_SHIMS
 from tpcompile.runtime.kernels.prefix_attention import use_prefix_attention
 from tpcompile.runtime.kernels.streaming_linear import streaming_linear as _linear_op  # noqa: F401
 from tpcompile.runtime.load.graph_rewrite import retarget_calls
@@ -111,11 +113,13 @@ class NativeJob:
         with torch.no_grad():
             native = torch.export.export(module, self.examples, dynamic_shapes=self.dynamic, strict=False)
         drop_derived_value_bounds(native, self.dynamic)
-        torch._inductor.aoti_compile_and_package(
-            native,
-            package_path=str(rank_dir / NATIVE_FILE),
-            inductor_configs=_inductor_configs(self.target.arch, self.threads),
-        )
+        shims = {getattr(torch.ops.tpcompile, op).default: [decl] for op, decl in C_SHIMS.items()}
+        with torch._inductor.config.patch({"aot_inductor.custom_ops_to_c_shims": shims}):
+            torch._inductor.aoti_compile_and_package(
+                native,
+                package_path=str(rank_dir / NATIVE_FILE),
+                inductor_configs=_inductor_configs(self.target.arch, self.threads),
+            )
 
 
 def _compile_in_worker(task: tuple[NativeJob, int]) -> int | BaseException:

@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
@@ -85,6 +86,8 @@ def load_cpp_library(source: Path, name: str) -> bool:
     try:
         if not target.exists():
             _build(compiler, source, target)
+        # global: a native program (an AOTInductor package) resolves the library's C shims when it loads
+        ctypes.CDLL(str(target), mode=os.RTLD_GLOBAL | os.RTLD_NOW)
         torch.ops.load_library(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError):
         return False

@@ -29,7 +29,25 @@ from . import prefix_attention as _attention_ops  # noqa: F401
 from . import streaming_linear as _linear_ops  # noqa: F401
 from .cpp_library import load_cpp_library
 
-__all__ = ["attach", "collective_seconds", "cpu_ops_loaded", "load_cpu_ops"]
+__all__ = ["C_SHIMS", "KERNELS_OFF", "attach", "collective_seconds", "cpu_ops_loaded", "load_cpu_ops"]
+
+#: Why the library may be missing, for a user's message.
+KERNELS_OFF = "no C++ compiler, or TPCOMPILE_CPU_KERNELS=0"
+
+#: The C functions through which a native program (an AOTInductor package, ``artifact/native.py``) calls
+#: each op, by op name: AOTInductor's ``custom_ops_to_c_shims`` declarations, implemented at the end of
+#: ``cpu_ops.cpp``. A package compiled with them needs this library loaded (globally) before it loads.
+C_SHIMS = {
+    "streaming_linear": "AOTITorchError aoti_torch_cpu_streaming_linear(AtenTensorHandle x, "
+    "AtenTensorHandle weight, AtenTensorHandle* bias, AtenTensorHandle* ret0)",
+    "all_reduce_sum": "AOTITorchError aoti_torch_cpu_all_reduce_sum(AtenTensorHandle t, "
+    "AtenTensorHandle* ret0)",
+    "all_gather": "AOTITorchError aoti_torch_cpu_all_gather(AtenTensorHandle t, int64_t world, "
+    "AtenTensorHandle* ret0)",
+    "prefix_attention": "AOTITorchError aoti_torch_cpu_prefix_attention(AtenTensorHandle query, "
+    "AtenTensorHandle key, AtenTensorHandle value, AtenTensorHandle* attn_mask, double dropout_p, "
+    "int32_t is_causal, double* scale, int32_t enable_gqa, AtenTensorHandle* ret0)",
+}
 
 _SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 _LOADED: bool | None = None

@@ -5,6 +5,8 @@ Invariants:
   cache it writes is the one the eager program reads), so the two can be used in turn;
 - its collectives are the transport ops of :mod:`.compiled`, which must be bound (``bind_transport``)
   before the first call, exactly as for ``tprun --compile``;
+- it calls its ops through their C shims (``cpu_ops.C_SHIMS``), so it loads only after the C++ kernel
+  library has (on a host that cannot build it, the package is not used);
 - a package this host cannot run (another architecture, a missing CPU feature, another torch, a file
   that does not load) is never called: :func:`load_native` returns why, and :func:`settle_native` makes
   every rank run its eager program then (ranks never mix the two kinds), with one line for the user.
@@ -23,7 +25,7 @@ from torch import nn
 from ..errors import first_line
 from ..format.native_section import NativeSection, host_cpu_flags
 from ..load.program import RankProgram
-from .cpu_ops import load_cpu_ops
+from .cpu_ops import KERNELS_OFF, cpu_ops_loaded, load_cpu_ops
 
 __all__ = ["NativeProgram", "load_native", "native_unavailable", "settle_native"]
 
@@ -33,7 +35,7 @@ class NativeProgram:
 
     def __init__(self, path: Path, module: nn.Module) -> None:
         self.path = path
-        load_cpu_ops()  # the ops the package calls run their C++ kernels (Python ones if it cannot build)
+        load_cpu_ops()  # before the package: it calls the ops' C shims, which this library defines
         # the package records the compile host's ISA; load_native has already checked the one it needs
         package_log = logging.getLogger("torch.export.pt2_archive._package")
         level = package_log.level
@@ -77,6 +79,8 @@ def load_native(
             return NativeProgram(path, module), None
         except Exception as exc:  # a package that does not load: the eager program still runs
             reason = f"{path.name} does not load ({first_line(exc)})"
+            if not cpu_ops_loaded():
+                reason = f"{path.name} calls the C++ kernels, which could not be built here ({KERNELS_OFF})"
     return None, reason
 
 
