@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -71,6 +72,9 @@ bind_from_env()
 runpy.run_module({WORKER_MODULE!r}, run_name="__main__", alter_sys=True)
 """
 _POLL_S = 0.1
+#: What a native program (an AOTInductor package) prints itself when a call inside it raises: the call's
+#: place in the generated code. The error follows as the rank's own ``tprun: error:`` line; this is noise.
+_NATIVE_CALL_FAILED = re.compile(r"^Error: .* API call failed at \S+\.cpp, line \d+$")
 _STDERR_LOCK = threading.Lock()
 
 
@@ -175,6 +179,7 @@ class _Rank:
 
     A rank's own ``tprun: error:`` line is held back, not forwarded: the launcher reports the failed rank
     with that error in one line (an error is printed once, not once per rank and again by the launcher).
+    A native program's own line about the failed call inside it is dropped (the error line says why).
     """
 
     def __init__(self, rank: int, proc: subprocess.Popen[str], prefix: str) -> None:
@@ -192,6 +197,8 @@ class _Rank:
         if stream is None:
             return
         for line in stream:
+            if _NATIVE_CALL_FAILED.match(line.rstrip("\n")):
+                continue
             verbatim = line.startswith(VERBATIM_MARK)
             if verbatim:
                 line = line.removeprefix(VERBATIM_MARK)
