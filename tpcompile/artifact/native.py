@@ -12,7 +12,7 @@ Invariants:
   kernels (``runtime/kernels/cpu_ops.cpp``) without a Python call, through their C shims
   (``cpu_ops.C_SHIMS``: a direct call, not the package's boxing proxy executor); packed (quantized)
   weights are bound to ``tpcompile::quant_linear`` / ``quant_embedding`` exactly as the runtime binds them
-  (``runtime/load/quantized.py``), so a package reads them packed too;
+  (``runtime/load/quantized.py``), so a package reads them packed too (through ``quant.C_SHIMS``);
 - a package holds no weights: the runtime binds the rank's own tensors to it (no copy, and the KV cache
   stays in place, shared with the eager program);
 - it is built for the target recorded in the manifest (``extra.native``): the CPU architecture, the vector
@@ -40,6 +40,7 @@ from tpcompile.runtime.format.quant_section import QuantSection
 from tpcompile.runtime.kernels.compiled import use_transport_ops
 from tpcompile.runtime.kernels.cpu_ops import C_SHIMS
 from tpcompile.runtime.kernels.prefix_attention import use_prefix_attention
+from tpcompile.runtime.kernels.quant import C_SHIMS as QUANT_C_SHIMS
 from tpcompile.runtime.kernels.streaming_linear import streaming_linear as _linear_op  # noqa: F401
 from tpcompile.runtime.load.graph_rewrite import retarget_calls
 from tpcompile.runtime.load.mapped import map_safetensors
@@ -113,7 +114,8 @@ class NativeJob:
         with torch.no_grad():
             native = torch.export.export(module, self.examples, dynamic_shapes=self.dynamic, strict=False)
         drop_derived_value_bounds(native, self.dynamic)
-        shims = {getattr(torch.ops.tpcompile, op).default: [decl] for op, decl in C_SHIMS.items()}
+        declared = {**C_SHIMS, **QUANT_C_SHIMS}
+        shims = {getattr(torch.ops.tpcompile, op).default: [decl] for op, decl in declared.items()}
         with torch._inductor.config.patch({"aot_inductor.custom_ops_to_c_shims": shims}):
             torch._inductor.aoti_compile_and_package(
                 native,

@@ -15,9 +15,6 @@
 //   gone or the timeout passed, never waits forever.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/inductor/aoti_torch/c/shim.h>
-#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
 #include <signal.h>
@@ -37,6 +34,7 @@
 #include <thread>
 #include <vector>
 
+#include "aoti_shim.h"
 #include "vector_math.h"
 
 namespace {
@@ -367,27 +365,13 @@ TORCH_LIBRARY_IMPL(tpcompile, CPU, m) {
 }
 
 // ------------------------------------------------------------------------------- AOTInductor C shims
-// A native program (an AOTInductor package) calls the ops through these C functions, whose declarations
-// cpu_ops.py lists (C_SHIMS) for the compiler, instead of its proxy executor, which boxes every argument
-// of every call (~8 us a call; a SmolLM2 decode step makes ~300). A shim calls its op through the
-// dispatcher, typed: the kernel that runs, and what a profiler records, are exactly those of a boxed call.
-// The package resolves these symbols when it loads, so this library is loaded RTLD_GLOBAL first.
-namespace {
-
-namespace aoti = torch::aot_inductor;
-
-const at::Tensor& tensor_of(AtenTensorHandle handle) { return *aoti::tensor_handle_to_tensor_pointer(handle); }
-
-c10::optional<at::Tensor> optional_tensor(AtenTensorHandle* handle) {
-  return handle ? c10::optional<at::Tensor>(tensor_of(*handle)) : c10::nullopt;
-}
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-}  // namespace
+// A native program calls the ops through these C functions (declared in cpu_ops.C_SHIMS) instead of its
+// proxy executor, which boxes every argument of every call (~8 us a call; a SmolLM2 decode step makes
+// ~300). See aoti_shim.h.
+using tpcompile_shim::handle_of;
+using tpcompile_shim::optional_tensor;
+using tpcompile_shim::tensor_of;
+using tpcompile_shim::typed_op;
 
 extern "C" {
 
@@ -396,21 +380,21 @@ AOTITorchError aoti_torch_cpu_streaming_linear(AtenTensorHandle x, AtenTensorHan
   AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
     static const auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&,
                                                const c10::optional<at::Tensor>&)>("tpcompile::streaming_linear");
-    *ret0 = aoti::new_tensor_handle(op.call(tensor_of(x), tensor_of(weight), optional_tensor(bias)));
+    *ret0 = handle_of(op.call(tensor_of(x), tensor_of(weight), optional_tensor(bias)));
   });
 }
 
 AOTITorchError aoti_torch_cpu_all_reduce_sum(AtenTensorHandle t, AtenTensorHandle* ret0) {
   AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
     static const auto op = typed_op<at::Tensor(const at::Tensor&)>("tpcompile::all_reduce_sum");
-    *ret0 = aoti::new_tensor_handle(op.call(tensor_of(t)));
+    *ret0 = handle_of(op.call(tensor_of(t)));
   });
 }
 
 AOTITorchError aoti_torch_cpu_all_gather(AtenTensorHandle t, int64_t world, AtenTensorHandle* ret0) {
   AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
     static const auto op = typed_op<at::Tensor(const at::Tensor&, int64_t)>("tpcompile::all_gather");
-    *ret0 = aoti::new_tensor_handle(op.call(tensor_of(t), world));
+    *ret0 = handle_of(op.call(tensor_of(t), world));
   });
 }
 
@@ -423,7 +407,7 @@ AOTITorchError aoti_torch_cpu_prefix_attention(AtenTensorHandle query, AtenTenso
         typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                             double, bool, c10::optional<double>, bool)>("tpcompile::prefix_attention");
     const c10::optional<double> maybe_scale = scale ? c10::optional<double>(*scale) : c10::nullopt;
-    *ret0 = aoti::new_tensor_handle(op.call(tensor_of(query), tensor_of(key), tensor_of(value),
+    *ret0 = handle_of(op.call(tensor_of(query), tensor_of(key), tensor_of(value),
                                             optional_tensor(attn_mask), dropout_p, is_causal != 0, maybe_scale,
                                             enable_gqa != 0));
   });

@@ -25,7 +25,16 @@ import torch.nn.functional as F
 from ..format.quant_section import QuantFormat
 from .cpp_library import load_cpp_library
 
-__all__ = ["dequantize", "load_quant_ops", "quant_ops_loaded"]
+__all__ = ["C_SHIMS", "dequantize", "load_quant_ops", "quant_ops_loaded"]
+
+#: The C functions through which a native program calls the ops that read packed weights, by op name (as
+#: ``cpu_ops.C_SHIMS``; implemented at the end of ``quant_ops.cpp``).
+C_SHIMS = {
+    "quant_linear": "AOTITorchError aoti_torch_cpu_quant_linear(AtenTensorHandle x, AtenTensorHandle packed, "
+    "AtenTensorHandle* bias, int64_t format, int64_t in_features, AtenTensorHandle* ret0)",
+    "quant_embedding": "AOTITorchError aoti_torch_cpu_quant_embedding(AtenTensorHandle packed, "
+    "AtenTensorHandle ids, int64_t format, int64_t in_features, AtenTensorHandle* ret0)",
+}
 
 _SOURCE = Path(__file__).with_name("quant_ops.cpp")
 _LOADED: bool | None = None

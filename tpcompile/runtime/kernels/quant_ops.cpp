@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "aoti_shim.h"
 #include "vector_math.h"
 
 #if defined(__x86_64__)
@@ -428,6 +429,35 @@ at::Tensor quant_embedding(const at::Tensor& packed, const at::Tensor& ids_in, i
 }
 
 }  // namespace
+
+// A native program calls the ops through these C functions (declared in quant.C_SHIMS), not its boxing
+// proxy executor: see aoti_shim.h.
+using tpcompile_shim::handle_of;
+using tpcompile_shim::optional_tensor;
+using tpcompile_shim::tensor_of;
+using tpcompile_shim::typed_op;
+
+extern "C" {
+
+AOTITorchError aoti_torch_cpu_quant_linear(AtenTensorHandle x, AtenTensorHandle packed, AtenTensorHandle* bias,
+                                           int64_t format, int64_t in_features, AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    static const auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                               int64_t, int64_t)>("tpcompile::quant_linear");
+    *ret0 = handle_of(op.call(tensor_of(x), tensor_of(packed), optional_tensor(bias), format, in_features));
+  });
+}
+
+AOTITorchError aoti_torch_cpu_quant_embedding(AtenTensorHandle packed, AtenTensorHandle ids, int64_t format,
+                                              int64_t in_features, AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    static const auto op =
+        typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>("tpcompile::quant_embedding");
+    *ret0 = handle_of(op.call(tensor_of(packed), tensor_of(ids), format, in_features));
+  });
+}
+
+}  // extern "C"
 
 TORCH_LIBRARY_IMPL(tpcompile, CPU, m) {
   m.impl("quant_linear", &quant_linear);
