@@ -65,7 +65,8 @@ def _run_both(rank: int, world: int, port: int, dirs: list[str], prompt: list[in
 
 
 def _compare(torch_dir: Path, onnx_dir: Path, prompt: list[int], tmp: Path) -> tuple[torch.Tensor, list[int]]:
-    """Both artifacts on two spawned gloo ranks: outputs within 1e-4, the same 32 greedy tokens. Returns
+    """Both artifacts on two spawned gloo ranks: outputs within fp32 round-off (1e-4 + 1e-5 relative: logits
+    reach ~30), the same 32 greedy tokens. Returns
     the torch artifact's outputs and tokens."""
     result = tmp / "both.pt"
     args = (2, free_port(), [str(torch_dir), str(onnx_dir)], prompt, str(result))
@@ -73,7 +74,7 @@ def _compare(torch_dir: Path, onnx_dir: Path, prompt: list[int], tmp: Path) -> t
     got = torch.load(result)
     (ref_logits, ref_new), (onnx_logits, onnx_new) = got["torch"], got["onnx"]
     assert ref_logits.shape == onnx_logits.shape
-    assert (ref_logits - onnx_logits).abs().max().item() <= 1e-4
+    torch.testing.assert_close(onnx_logits, ref_logits, rtol=1e-5, atol=1e-4)  # fp32 round-off
     assert onnx_new == ref_new and len(ref_new) == NEW_TOKENS
     return ref_logits, ref_new
 

@@ -14,6 +14,7 @@ from examples import gpt
 from tests.simulate import simulate
 from tpcompile.compiler import plan_model
 from tpcompile.frontend.capture import CapturedModel, captured_program
+from tpcompile.plan.auto import choose_plan
 from tpcompile.plan.spec import PlanFile
 from tpcompile.runtime.format.hardware import HardwareProfile
 from tpcompile.runtime.format.placement import Shard, balanced_split
@@ -143,7 +144,8 @@ bandwidth_gbs = 100
 def test_gqa_balanced_heads_cut_a_kv_group(masked: bool) -> None:
     """9 query heads over 3 KV heads at tp=2: whole groups give 6+3; weighed on a profile where bytes decide,
     the balanced 5+4 split is kept (KV heads {0,1} and {1,2}, each rank attending once per KV head with the
-    query heads it serves, the per-head mask sliced with them) and every rank's output is the reference's."""
+    query heads it serves, the per-head mask sliced with them) and every rank's output is the reference's.
+    Without a profile the balanced split is the plan too: its largest rank holds fewer bytes."""
     from tpcompile.runtime.format.hardware import parse_profile
 
     torch.manual_seed(0)
@@ -152,6 +154,9 @@ def test_gqa_balanced_heads_cut_a_kv_group(masked: bool) -> None:
     captured = capture(model, x, torch.arange(5))
     plain = plan_model(captured, 2)[1]
     roots = {captured.state_names()[n]: pl for n, pl in plain.roots.items()}
+    assert (roots["q.weight"], roots["k.weight"]) == (Shard(0, (40, 32)), Shard(0, (16, 16), (0, 8)))
+    whole_groups = choose_plan(captured.gm, 2, captured.state_names(), set(captured.user_inputs()))[1]
+    roots = {captured.state_names()[n]: pl for n, pl in whole_groups.roots.items()}
     assert (roots["q.weight"], roots["k.weight"]) == (Shard(0, (48, 24)), Shard(0, (16, 8)))
     profile = parse_profile(SLOW_MEMORY, "slow-memory.toml")
     check(captured, 2, x, torch.arange(5), profile=profile)

@@ -41,7 +41,7 @@ from tpcompile.passes.slicing import local_shape, local_tensor
 from tpcompile.plan.auto import choose_plan
 from tpcompile.plan.experts import DEFAULT_MOE
 from tpcompile.plan.spec import PlanFile, ShardingPlan
-from tpcompile.plan.weigh import weigh_plans
+from tpcompile.plan.weigh import balance_by_bytes, weigh_plans
 from tpcompile.runtime.format import (
     FORMAT_ONNX,
     FORMAT_TORCH,
@@ -79,7 +79,8 @@ def plan_model(
 ) -> tuple[ShardingPlan, Propagation]:
     """Choose the plan and propagate placements (no files written); with a hardware ``profile``, the exact
     plans the search can make are weighed with the cost model (all-reduces in ``comm_dtype``) and the
-    fastest is kept (``plan/weigh.py``)."""
+    fastest is kept (``plan/weigh.py``); without one, the search's plan or its balanced variant, whichever
+    leaves the largest rank fewer bytes (a plan file's plan is taken as it is)."""
     drop_no_op_conversions(captured.gm)
     fold_repeat_kv_into_sdpa(captured.gm)
     split_fused_projections(captured.gm)
@@ -102,8 +103,12 @@ def plan_model(
             balanced=balanced,
         )
 
-    if profile is None or tp == 1:
+    if tp == 1 or (profile is None and plan_file is not None):
         plan, prop = search({})
+    elif profile is None:
+        from tpcompile.cost.extract import workload
+
+        plan, prop = balance_by_bytes(search, lambda p: workload(captured, p).largest_rank_bytes())
     else:
         from tpcompile.cost.extract import workload
         from tpcompile.cost.model import predict

@@ -64,6 +64,10 @@ class Workload:
     def collective_count(self) -> int:
         return sum(self.collectives.values())
 
+    def largest_rank_bytes(self) -> int:
+        """The most bytes one rank holds: its weights and a full KV cache."""
+        return max(r.weight_bytes + r.kv_bytes_per_position * self.max_seq_len for r in self.ranks)
+
     def extrapolated(self, deeper: Workload, layers: int) -> Workload:
         """The workload of ``layers`` identical layers, from this one (1 layer) and ``deeper`` (2 layers):
         ``self + (layers - 1) * (deeper - self)``, exact when the layers are identical."""

@@ -17,7 +17,8 @@ and one that does not fit the profile's memory is predicted at 0 tokens/s.
 
 Invariant: every candidate is a plan the search itself produced (only told which sites not to try, or to
 balance its units), so it is exact by the same propagation; the choice depends on the graph's structure and
-the profile, never on names. Without a profile nothing is weighed and the search's plan is the plan.
+the profile, never on names. Without a profile nothing is weighed: the plan is the search's, or its
+balanced variant when that leaves the largest rank fewer bytes (``balance_by_bytes``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ GAIN = 0.01
 
 Search = Callable[[dict[str, str], bool], tuple[ShardingPlan, Propagation]]  # (keep whole, balanced)
 Speed = Callable[[Propagation], float]  # predicted decode tokens/s of a propagated plan (0: does not fit)
+RankBytes = Callable[[Propagation], int]  # the most bytes one rank of a propagated plan holds
 
 
 def _collectives(prop: Propagation) -> int:
@@ -46,6 +48,28 @@ def _splits_something(prop: Propagation) -> bool:
     return any(isinstance(pl, Shard | Pieces) for pl in prop.roots.values())
 
 
+def _balanced_variant(search: Search, plan: ShardingPlan) -> tuple[ShardingPlan, Propagation] | None:
+    """The search's balanced plan when it differs from ``plan`` and is exact (None otherwise)."""
+    try:
+        alt_plan, alt_prop = search({}, True)
+    except UsageError:  # a balanced split that cannot be planned at this tp is no candidate
+        return None
+    if alt_plan.decisions == plan.decisions or alt_prop.refusals:
+        return None
+    return alt_plan, alt_prop
+
+
+def balance_by_bytes(search: Search, largest_rank: RankBytes) -> tuple[ShardingPlan, Propagation]:
+    """Without a profile: the search's plan, or its balanced variant when that leaves the largest rank
+    fewer bytes (weights and a full KV cache: what must fit on one device, and about what its decode step
+    reads while the other ranks wait for it at every all-reduce)."""
+    plan, prop = search({}, False)
+    variant = _balanced_variant(search, plan)
+    if variant is not None and largest_rank(variant[1]) < largest_rank(prop):
+        return variant
+    return plan, prop
+
+
 def weigh_plans(search: Search, speed: Speed, profile: str) -> tuple[ShardingPlan, Propagation]:
     """The plan predicted fastest on ``profile`` among the search's plan, its balanced variant and those
     keeping chain classes whole; ``plan.weighed`` lists every candidate tried (the chosen one marked)."""
@@ -53,11 +77,9 @@ def weigh_plans(search: Search, speed: Speed, profile: str) -> tuple[ShardingPla
     best = (plan, prop, WeighedPlan((), _collectives(prop), speed(prop)))
     weighed = [best[2]]
     balanced = False
-    try:
-        alt_plan, alt_prop = search({}, True)
-    except UsageError:  # a balanced split that cannot be planned at this tp is no candidate
-        alt_plan, alt_prop = plan, prop
-    if alt_plan.decisions != plan.decisions and not alt_prop.refusals:
+    variant = _balanced_variant(search, plan)
+    if variant is not None:
+        alt_plan, alt_prop = variant
         alt = WeighedPlan((), _collectives(alt_prop), speed(alt_prop), balanced=True)
         weighed.append(alt)
         if alt.decode_tokens_per_s > best[2].decode_tokens_per_s * (1 + GAIN):
