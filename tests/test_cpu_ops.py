@@ -48,18 +48,42 @@ def test_streaming_linear_rounds_differently_from_blas() -> None:
     assert not torch.equal(torch.ops.tpcompile.streaming_linear(x, weight, None), F.linear(x, weight))
 
 
-@pytest.mark.parametrize("queries", [1, 5])
-def test_prefix_attention_equals_full_attention(queries: int) -> None:
-    q, k, v = torch.randn(1, 4, queries, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
-    open_ = torch.zeros(1, 1, queries, 40, dtype=torch.bool)
-    open_[..., :9] = True
-    k[..., 9:, :] = float("nan")  # stale cache slots past the written ones are never read
-    additive = torch.zeros(1, 1, queries, 40).masked_fill(~open_, float("-inf"))
-    for mask in (open_, additive):
-        got = torch.ops.tpcompile.prefix_attention(q, k, v, mask, 0.0, False, None, True)
-        want = F.scaled_dot_product_attention(q, k[..., :9, :], v[..., :9, :], mask[..., :9], enable_gqa=True)
-        assert got.is_contiguous()  # what compiled code reads it as
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("queries", [1, 5, 9])
+@pytest.mark.parametrize(("batch", "heads", "kv_heads", "dim"), [(1, 4, 2, 16), (2, 3, 3, 20), (1, 9, 3, 64)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefix_attention_equals_full_attention(
+    queries: int, batch: int, heads: int, kv_heads: int, dim: int, threads: int
+) -> None:
+    """Decode-sized queries (<= 8) run the direct loop, longer ones SDPA: both equal SDPA over the open keys,
+    for boolean and additive masks, shared by every head or per head, with and without GQA."""
+    torch.set_num_threads(threads)
+    try:
+        q = torch.randn(batch, heads, queries, dim)
+        k, v = torch.randn(batch, kv_heads, 40, dim), torch.randn(batch, kv_heads, 40, dim + 3)
+        for mask_heads in (1, heads):
+            open_ = torch.rand(batch, mask_heads, queries, 40) < 0.7
+            open_[..., 0] = True
+            open_[..., 9:] = False
+            k[..., 9:, :] = float("nan")  # stale cache slots past the written ones are never read
+            additive = torch.zeros(open_.shape).masked_fill(~open_, float("-inf"))
+            for mask in (open_, additive):
+                got = torch.ops.tpcompile.prefix_attention(q, k, v, mask, 0.0, False, 0.3, True)
+                want = F.scaled_dot_product_attention(
+                    q, k[..., :9, :], v[..., :9, :], mask[..., :9], scale=0.3, enable_gqa=True
+                )
+                assert got.is_contiguous()  # what compiled code reads it as
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+
+
+def test_prefix_attention_row_without_open_key_is_sdpas() -> None:
+    q, k, v = torch.randn(1, 2, 2, 16), torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
+    mask = torch.ones(1, 1, 2, 12, dtype=torch.bool)
+    mask[..., 1, :] = False  # the second query sees nothing
+    got = torch.ops.tpcompile.prefix_attention(q, k, v, mask, 0.0, False, None, False)
+    want = F.scaled_dot_product_attention(q, k, v, torch.zeros(mask.shape).masked_fill(~mask, float("-inf")))
+    torch.testing.assert_close(got, want, equal_nan=True)
 
 
 def _rank(rank: int, world: int, port: int, scenario: str, result: Any) -> None:

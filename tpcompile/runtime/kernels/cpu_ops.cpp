@@ -1,6 +1,7 @@
 // CPU kernels of tpcompile's custom ops, so that compiled code (an AOTInductor package, an Inductor graph)
 // calls them without a Python call: the decode matrix-vector product, the same-host shared-memory
-// collectives and attention over the written part of the KV cache.
+// collectives and attention over the written part of the KV cache (a decode step's few queries by a direct
+// loop, longer prompts by SDPA).
 //
 // Built by cpu_ops.py with the host's C++ compiler against the running torch, cached per source, CPU and
 // torch version. The ops' schemas (and fake kernels) are defined in Python; this file only implements
@@ -22,7 +23,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
@@ -334,22 +337,122 @@ int64_t attended_prefix(const at::Tensor& mask) {
   return keys;
 }
 
+// The few query rows of a decode step: a direct loop per (batch, query head) instead of the flash kernel,
+// whose fixed cost per call (~15 us: buffers, thread dispatch, blocking for long sequences) is most of a
+// decode step's attention over a short cache. softmax(q . k * scale + mask) . v in fp32: scores, their
+// maximum, exp(score - max), their sum, then the weighted values divided by the sum (the flash kernel's
+// result up to the order of fp32 sums). Handles fp32 4-D query/key/value with contiguous rows (a view of
+// the cache is fine), GQA (query head h reads key head h / (Hq / Hkv)) and a boolean or fp32 additive mask
+// broadcastable to [B, Hq, Lq, S]; false for anything else (the caller then runs SDPA).
+constexpr int64_t kSmallQueries = 8;
+
+bool few_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const c10::optional<at::Tensor>& mask_in, c10::optional<double> scale_in, bool enable_gqa,
+                         at::Tensor& out) {
+  if (q.scalar_type() != at::kFloat || k.scalar_type() != at::kFloat || v.scalar_type() != at::kFloat) return false;
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || q.device().type() != at::kCPU) return false;
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2), Dv = v.size(3);
+  if (L > kSmallQueries || S < 1 || k.size(0) != B || v.size(0) != B || v.size(1) != Hkv || v.size(2) != S ||
+      k.size(3) != D || Hkv < 1 || H % Hkv != 0 || (H != Hkv && !enable_gqa))
+    return false;
+  if (q.stride(3) != 1 || k.stride(3) != 1 || v.stride(3) != 1) return false;
+  at::Tensor mask;
+  if (mask_in.has_value() && mask_in->defined()) {
+    const at::ScalarType t = mask_in->scalar_type();
+    if ((t != at::kBool && t != at::kFloat) || mask_in->dim() > 4 || mask_in->device().type() != at::kCPU)
+      return false;
+    mask = mask_in->expand({B, H, L, S});  // strides of 0 where it broadcasts
+  }
+  const float scale = scale_in.has_value() ? float(*scale_in) : float(1.0 / std::sqrt(double(D)));
+  out = at::empty({B, H, L, Dv}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const bool bool_mask = mask.defined() && mask.scalar_type() == at::kBool;
+  const bool* mb = bool_mask ? mask.data_ptr<bool>() : nullptr;
+  const float* mf = mask.defined() && !bool_mask ? mask.data_ptr<float>() : nullptr;
+  const int64_t group = H / Hkv;
+  std::atomic<bool> fully_masked{false};
+  // enough work per task that waking a thread pays (a short cache runs inline)
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L * S * (D + Dv)));
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(S);
+    std::vector<float> acc(Dv);
+    for (int64_t bh = begin; bh < end; bh++) {
+      const int64_t b = bh / H, h = bh % H, g = h / group;
+      const float* kb = kp + b * k.stride(0) + g * k.stride(1);
+      const float* vb = vp + b * v.stride(0) + g * v.stride(1);
+      for (int64_t i = 0; i < L; i++) {
+        const float* qi = qp + b * q.stride(0) + h * q.stride(1) + i * q.stride(2);
+        const int64_t mrow = mask.defined() ? b * mask.stride(0) + h * mask.stride(1) + i * mask.stride(2) : 0;
+        const int64_t mcol = mask.defined() ? mask.stride(3) : 0;
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < S; j++) {
+          float s;
+          if (mb != nullptr && !mb[mrow + j * mcol]) {
+            s = -std::numeric_limits<float>::infinity();
+          } else {
+            const float* kj = kb + j * k.stride(2);
+            int64_t d = 0;
+            v16f a{};
+            for (; d + 16 <= D; d += 16) a += load16(qi + d) * load16(kj + d);
+            s = hsum(a);
+            for (; d < D; d++) s += qi[d] * kj[d];
+            s = s * scale;
+            if (mf != nullptr) s += mf[mrow + j * mcol];
+          }
+          p[j] = s;
+          top = std::max(top, s);
+        }
+        if (top == -std::numeric_limits<float>::infinity()) {
+          fully_masked = true;  // SDPA's own answer for a row with no open key
+          continue;
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < S; j++) {
+          p[j] = std::exp(p[j] - top);
+          sum += p[j];
+        }
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t j = 0; j < S; j++) {
+          if (p[j] == 0.0f) continue;
+          const float* vj = vb + j * v.stride(2);
+          const float w = p[j];
+          int64_t d = 0;
+          for (; d + 16 <= Dv; d += 16) tpcompile_simd::store16(acc.data() + d, load16(acc.data() + d) + w * load16(vj + d));
+          for (; d < Dv; d++) acc[d] += w * vj[d];
+        }
+        float* oi = op + ((b * H + h) * L + i) * Dv;
+        const float inv = 1.0f / sum;
+        for (int64_t d = 0; d < Dv; d++) oi[d] = acc[d] * inv;
+      }
+    }
+  });
+  return !fully_masked;
+}
+
 at::Tensor prefix_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             const c10::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal,
                             c10::optional<double> scale, bool enable_gqa) {
   at::Tensor k = key, v = value;
   c10::optional<at::Tensor> mask = attn_mask;
   const int64_t keys = key.size(-2);
+  bool cut = false;
   if (mask.has_value() && mask->defined() && !is_causal && mask->dim() >= 2 && mask->size(-1) == keys &&
       keys > 1 && mask->device().type() == at::kCPU) {
+    cut = true;
     const int64_t length = attended_prefix(*mask);
     k = key.narrow(-2, 0, length);
     v = value.narrow(-2, 0, length);
-    at::Tensor cut = mask->narrow(-1, 0, length);
-    if (cut.scalar_type() == at::kBool)
-      cut = at::zeros(cut.sizes(), query.options()).masked_fill_(cut.logical_not(), -std::numeric_limits<float>::infinity());
-    mask = cut;
+    mask = mask->narrow(-1, 0, length);
   }
+  at::Tensor out;
+  if (dropout_p == 0.0 && !is_causal && few_query_attention(query, k, v, mask, scale, enable_gqa, out)) return out;
+  if (cut && mask->scalar_type() == at::kBool)
+    mask = at::zeros(mask->sizes(), query.options())
+               .masked_fill_(mask->logical_not(), -std::numeric_limits<float>::infinity());
   return at::scaled_dot_product_attention(query, k, v, mask, dropout_p, is_causal, scale, enable_gqa).contiguous();
 }
 
