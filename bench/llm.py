@@ -5,11 +5,13 @@ Q4_1 file as it is; see bench/peers.py), and the compile-time memory of a >= 4 G
 ::
 
     python bench/llm.py [--max-new-tokens 128] [--skip-big] [--skip-hf-tp] [--skip-onnx] [--workdir DIR]
-                        [--json]
+                        [--pairs 6] [--json]
 
 Every measured program runs in its own process, so its memory is its own: peak RSS is the VmHWM of the
 processes of interest, polled from /proc, and the largest process of a tree as reported by ``wait4``.
-Each generation config runs twice (in alternating rounds, fresh processes) and the better run is kept.
+Each generation config runs twice (in alternating rounds, fresh processes) and the better run is kept; the
+ratio to llama.cpp F32 is then judged on ``--pairs`` runs of tp=2 native each followed at once by llama.cpp
+(their median), since this kind of host changes its memory bandwidth for minutes at a time.
 Linux only. Not a test: the numbers depend on the machine and on whatever else runs on it.
 """
 
@@ -21,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -244,6 +247,7 @@ class Gen:
     new_ids: list[int] = field(default_factory=list)
     failure: str = ""
     host_share: float | None = None  # tprun --profile: the largest rank's share of host overhead
+    paired: list[float] = field(default_factory=list)  # llama.cpp F32: tp=2 native / this, back-to-back pairs
 
     def keep_better(self, result: dict[str, Any], rss: list[int]) -> None:
         if result["decode"] > self.decode:
@@ -393,6 +397,25 @@ def measure_generation(gens: list[Gen], work: Path, max_new: int, peer: Peer | N
             print(f"llm.py: {g.name}, run {rnd + 1}: {res['decode']:.1f} tokens/s", file=sys.stderr)
 
 
+def measure_pairs(tp2: Gen, peer_gen: Gen, work: Path, max_new: int, peer: Peer, pairs: int) -> None:
+    """``pairs`` more runs of ``tp2`` each followed at once by ``peer_gen``: their ratios, in
+    ``peer_gen.paired``. A host whose memory bandwidth changes for minutes at a time (seen here: 70 and 95
+    tokens/s for the same artifact) makes a best-of-2 ratio compare two different machines; a pair runs
+    within seconds, so the median of pairs compares the two programs."""
+    art = artifact_dir(work, tp2.tp, tp2.fmt)
+    for i in range(pairs):
+        try:
+            ours, _ = tprun_once(art, max_new, work / "tokens.json", tp2.flags)
+            gguf = Path(peer_gen.flags[0])
+            theirs = llama_cpp_generate(peer.python, gguf, peer.ids, CORES, max_new, SEQ_LEN)
+        except RuntimeError as exc:
+            print(f"llm.py: pair {i + 1} failed: {exc}", file=sys.stderr)
+            continue
+        peer_gen.paired.append(ours["decode"] / theirs["decode"])
+        speeds = f"{ours['decode']:.1f} / {theirs['decode']:.1f} tokens/s"
+        print(f"llm.py: pair {i + 1}: {speeds}", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------------------------- report
 def _mib(n: int) -> str:
     return f"{n / MIB:.0f}"
@@ -415,6 +438,11 @@ def _gen_row(g: Gen, ref: Gen) -> list[object]:
     return [g.name, threads, f"{g.decode:.1f}", f"{g.ttft:.3f}", g.new_tokens, rss, share, host, agree]
 
 
+def tp2_native(gens: list[Gen]) -> Gen:
+    """The tp=2 native run: the one every target is about."""
+    return next(g for g in gens if g.kind == "tprun" and g.tp == 2 and g.fmt == "torch" and not g.flags)
+
+
 def tables(gens: list[Gen], compiles: list[list[object]], big: dict[str, Any] | None) -> str:
     """The markdown report: generation runs, compiles, and targets with PASS/MISS."""
     header = ["run", "threads", "decode (tokens/s)", "time to first token (s)", "new tokens",
@@ -424,7 +452,7 @@ def tables(gens: list[Gen], compiles: list[list[object]], big: dict[str, Any] | 
     header = ["compile", "seconds", "peak RSS, largest process (MiB)", "peak PSS, process tree (MiB)"]
     lines += _table(header, compiles) + [""]
     eager = gens[0]
-    tp2 = next(g for g in gens if g.kind == "tprun" and g.tp == 2 and g.fmt == "torch" and not g.flags)
+    tp2 = tp2_native(gens)
     speedup = tp2.decode / eager.decode if eager.decode and tp2.decode else None
     targets: list[tuple[str, str, str, bool | None]] = [
         (f"decode tokens/s, {tp2.name} / transformers eager",
@@ -439,7 +467,15 @@ def tables(gens: list[Gen], compiles: list[list[object]], big: dict[str, Any] | 
     f32 = next((g for g in gens if g.kind == "llama.cpp" and "F32" in g.name and not g.failure), None)
     if f32 is not None and f32.decode:
         ratio = tp2.decode / f32.decode
-        targets.append((f"decode tokens/s, {tp2.name} / {f32.name}", f"{ratio:.2f}x", ">= 1x", ratio >= 1))
+        what = f"decode tokens/s, {tp2.name} / {f32.name}"
+        if f32.paired:  # the verdict: the median of back-to-back pairs (see measure_pairs)
+            ratios = sorted(f32.paired)
+            median = statistics.median(ratios)
+            measured = f"{median:.2f}x (pairs {ratios[0]:.2f}-{ratios[-1]:.2f}; best of 2 above {ratio:.2f}x)"
+            what += f", median of {len(ratios)} back-to-back pairs"
+            targets.append((what, measured, ">= 1x", median >= 1))
+        else:
+            targets.append((what, f"{ratio:.2f}x", ">= 1x", ratio >= 1))
     if big:
         largest, base, peak = big["largest_tensor_bytes"], big["baseline"], big["compile_peak"]
         limit = f"<= 2 x {largest / MIB:.0f} + {base / MIB:.0f} = {(2 * largest + base) / MIB:.0f} MiB"
@@ -459,6 +495,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-onnx", action="store_true", help="skip the ONNX-format artifacts")
     parser.add_argument("--workdir", type=Path, help="default: a temporary directory, removed at the end")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
+    parser.add_argument("--pairs", type=int, default=6,
+                        help="back-to-back runs of tp=2 native and llama.cpp F32 (ratio target)")  # fmt: skip
     parser.add_argument("--worker", choices=["hf-eager", "hf-tp"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     from tests.checkpoints import smollm2_gguf
@@ -502,6 +540,10 @@ def main(argv: list[str] | None = None) -> None:
             gens.append(Gen(f"llama.cpp, the Q4_1 GGUF as it is, {CORES} threads", "llama.cpp", 1,
                             flags=(str(smollm2_gguf()),)))  # fmt: skip
         measure_generation(gens, work, args.max_new_tokens, peer)
+        f32_gen = next((g for g in gens if g.kind == "llama.cpp" and "F32" in g.name and g.decode), None)
+        tp2_gen = tp2_native(gens)
+        if peer is not None and f32_gen is not None and tp2_gen.decode:
+            measure_pairs(tp2_gen, f32_gen, work, args.max_new_tokens, peer, args.pairs)
         for g in gens:  # host overhead of a decode step, from tprun --profile (one more run each)
             if g.kind == "tprun" and g.tp == 2 and g.fmt == "torch" and "--compile" not in g.flags:
                 art, saved = artifact_dir(work, 2), work / "profile.json"
@@ -519,7 +561,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to fp32), greedy, chat template, prompt "
         f"{PROMPT!r} ({gens[-1].prompt_tokens} tokens), max {args.max_new_tokens} new tokens, KV cache "
-        f"{SEQ_LEN}; best of 2 runs\n{host}\n{llama_note}\n"
+        f"{SEQ_LEN}; best of 2 runs; the llama.cpp F32 target: the median of {args.pairs} back-to-back pairs"
+        f"\n{host}\n{llama_note}\n"
     )
     print(tables(gens, compiles, big))
     print(f"\n(benchmark took {time.perf_counter() - began:.0f} s)")
