@@ -443,6 +443,11 @@ def tp2_native(gens: list[Gen]) -> Gen:
     return next(g for g in gens if g.kind == "tprun" and g.tp == 2 and g.fmt == "torch" and not g.flags)
 
 
+def llama_f32(gens: list[Gen]) -> Gen | None:
+    """llama.cpp on the F32 GGUF, if it ran (a config with a decode speed had a successful run)."""
+    return next((g for g in gens if g.kind == "llama.cpp" and "F32" in g.name and g.decode), None)
+
+
 def tables(gens: list[Gen], compiles: list[list[object]], big: dict[str, Any] | None) -> str:
     """The markdown report: generation runs, compiles, and targets with PASS/MISS."""
     header = ["run", "threads", "decode (tokens/s)", "time to first token (s)", "new tokens",
@@ -464,8 +469,8 @@ def tables(gens: list[Gen], compiles: list[list[object]], big: dict[str, Any] | 
          "-" if tp2.host_share is None else f"{tp2.host_share:.0%}", f"<= {TARGET_HOST:.0%}",
          None if tp2.host_share is None else tp2.host_share <= TARGET_HOST),
     ]  # fmt: skip
-    f32 = next((g for g in gens if g.kind == "llama.cpp" and "F32" in g.name and not g.failure), None)
-    if f32 is not None and f32.decode:
+    f32 = llama_f32(gens)
+    if f32 is not None:
         ratio = tp2.decode / f32.decode
         what = f"decode tokens/s, {tp2.name} / {f32.name}"
         if f32.paired:  # the verdict: the median of back-to-back pairs (see measure_pairs)
@@ -540,7 +545,7 @@ def main(argv: list[str] | None = None) -> None:
             gens.append(Gen(f"llama.cpp, the Q4_1 GGUF as it is, {CORES} threads", "llama.cpp", 1,
                             flags=(str(smollm2_gguf()),)))  # fmt: skip
         measure_generation(gens, work, args.max_new_tokens, peer)
-        f32_gen = next((g for g in gens if g.kind == "llama.cpp" and "F32" in g.name and g.decode), None)
+        f32_gen = llama_f32(gens)
         tp2_gen = tp2_native(gens)
         if peer is not None and f32_gen is not None and tp2_gen.decode:
             measure_pairs(tp2_gen, f32_gen, work, args.max_new_tokens, peer, args.pairs)
