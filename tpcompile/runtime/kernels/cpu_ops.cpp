@@ -394,6 +394,94 @@ int64_t attended_prefix(const at::Tensor& mask) {
   return keys;  // other dtypes: keep every column
 }
 
+// One head's keys and values of one batch row: key j at keys + j * key_stride (dim floats), value j at
+// values + j * value_stride (value_dim floats).
+struct AttendedKeys {
+  const float* keys;
+  int64_t key_stride;
+  const float* values;
+  int64_t value_stride;
+  int64_t count, dim, value_dim;
+};
+
+// One query row's mask over the keys: boolean (false: closed) or additive fp32, column j at j * stride;
+// neither pointer set: no mask.
+struct KeyMask {
+  const bool* open = nullptr;
+  const float* add = nullptr;
+  int64_t stride = 0;
+};
+
+// Head dims up to 16 * kMaxHeadVectors keep the query and the output row in registers (attend_row<V>).
+constexpr int64_t kMaxHeadVectors = 8;
+
+// softmax(q . k_j * scale + mask_j) . v into out for one query row; false (out untouched) when no key is
+// open. V > 0: dim == value_dim == 16 V, the query and the weighted sum of values live in V registers
+// each; V == 0: any dims, the sum in acc. p holds the count scores. Every lane adds in the same order for
+// both, so V only changes where the numbers live, not their values.
+template <int V>
+bool attend_row(const float* q, const AttendedKeys& kv, const KeyMask& mask, float scale, float* p, float* acc,
+                float* out) {
+  constexpr float kClosed = -std::numeric_limits<float>::infinity();
+  v16f qv[V > 0 ? V : 1];
+  if constexpr (V > 0)
+    for (int c = 0; c < V; c++) qv[c] = load16(q + 16 * c);
+  float top = kClosed;
+  for (int64_t j = 0; j < kv.count; j++) {
+    if (mask.open != nullptr && !mask.open[j * mask.stride]) {
+      p[j] = kClosed;
+      continue;
+    }
+    const float* kj = kv.keys + j * kv.key_stride;
+    float s;
+    if constexpr (V > 0) {
+      v16f a = qv[0] * load16(kj);
+      for (int c = 1; c < V; c++) a += qv[c] * load16(kj + 16 * c);
+      s = hsum(a);
+    } else {
+      int64_t d = 0;
+      v16f a{};
+      for (; d + 16 <= kv.dim; d += 16) a += load16(q + d) * load16(kj + d);
+      s = hsum(a);
+      for (; d < kv.dim; d++) s += q[d] * kj[d];
+    }
+    s = s * scale;
+    if (mask.add != nullptr) s += mask.add[j * mask.stride];
+    p[j] = s;
+    top = std::max(top, s);
+  }
+  if (top == kClosed) return false;
+  float sum = 0.0f;
+  for (int64_t j = 0; j < kv.count; j++) {
+    p[j] = std::exp(p[j] - top);
+    sum += p[j];
+  }
+  const float inv = 1.0f / sum;
+  if constexpr (V > 0) {
+    v16f o[V];
+    for (int c = 0; c < V; c++) o[c] = v16f{};
+    for (int64_t j = 0; j < kv.count; j++) {
+      if (p[j] == 0.0f) continue;
+      const float* vj = kv.values + j * kv.value_stride;
+      for (int c = 0; c < V; c++) o[c] += p[j] * load16(vj + 16 * c);
+    }
+    for (int c = 0; c < V; c++) tpcompile_simd::store16(out + 16 * c, inv * o[c]);
+  } else {
+    std::fill(acc, acc + kv.value_dim, 0.0f);
+    for (int64_t j = 0; j < kv.count; j++) {
+      if (p[j] == 0.0f) continue;
+      const float* vj = kv.values + j * kv.value_stride;
+      const float w = p[j];
+      int64_t d = 0;
+      for (; d + 16 <= kv.value_dim; d += 16)
+        tpcompile_simd::store16(acc + d, load16(acc + d) + w * load16(vj + d));
+      for (; d < kv.value_dim; d++) acc[d] += w * vj[d];
+    }
+    for (int64_t d = 0; d < kv.value_dim; d++) out[d] = acc[d] * inv;
+  }
+  return true;
+}
+
 // The few query rows of a decode step: a direct loop per (batch, query head) instead of the flash kernel,
 // whose fixed cost per call (~15 us: buffers, thread dispatch, blocking for long sequences) is most of a
 // decode step's attention over a short cache. softmax(q . k * scale + mask) . v in fp32: scores, their
@@ -434,56 +522,35 @@ bool few_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
   std::atomic<bool> fully_masked{false};
   // enough work per task that waking a thread pays (a short cache runs inline)
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L * S * (D + Dv)));
+  const int64_t vectors = D == Dv && D % 16 == 0 && D <= 16 * kMaxHeadVectors ? D / 16 : 0;
   at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> p(S);
     std::vector<float> acc(Dv);
     for (int64_t bh = begin; bh < end; bh++) {
       const int64_t b = bh / H, h = bh % H, g = h / group;
-      const float* kb = kp + b * k.stride(0) + g * k.stride(1);
-      const float* vb = vp + b * v.stride(0) + g * v.stride(1);
+      AttendedKeys keys{kp + b * k.stride(0) + g * k.stride(1), k.stride(2), vp + b * v.stride(0) + g * v.stride(1),
+                        v.stride(2), S, D, Dv};
       for (int64_t i = 0; i < L; i++) {
         const float* qi = qp + b * q.stride(0) + h * q.stride(1) + i * q.stride(2);
-        const int64_t mrow = mask.defined() ? b * mask.stride(0) + h * mask.stride(1) + i * mask.stride(2) : 0;
-        const int64_t mcol = mask.defined() ? mask.stride(3) : 0;
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < S; j++) {
-          float s;
-          if (mb != nullptr && !mb[mrow + j * mcol]) {
-            s = -std::numeric_limits<float>::infinity();
-          } else {
-            const float* kj = kb + j * k.stride(2);
-            int64_t d = 0;
-            v16f a{};
-            for (; d + 16 <= D; d += 16) a += load16(qi + d) * load16(kj + d);
-            s = hsum(a);
-            for (; d < D; d++) s += qi[d] * kj[d];
-            s = s * scale;
-            if (mf != nullptr) s += mf[mrow + j * mcol];
-          }
-          p[j] = s;
-          top = std::max(top, s);
-        }
-        if (top == -std::numeric_limits<float>::infinity()) {
-          fully_masked = true;  // SDPA's own answer for a row with no open key
-          continue;
-        }
-        float sum = 0.0f;
-        for (int64_t j = 0; j < S; j++) {
-          p[j] = std::exp(p[j] - top);
-          sum += p[j];
-        }
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t j = 0; j < S; j++) {
-          if (p[j] == 0.0f) continue;
-          const float* vj = vb + j * v.stride(2);
-          const float w = p[j];
-          int64_t d = 0;
-          for (; d + 16 <= Dv; d += 16) tpcompile_simd::store16(acc.data() + d, load16(acc.data() + d) + w * load16(vj + d));
-          for (; d < Dv; d++) acc[d] += w * vj[d];
+        KeyMask m;
+        if (mask.defined()) {
+          const int64_t row = b * mask.stride(0) + h * mask.stride(1) + i * mask.stride(2);
+          m = KeyMask{mb ? mb + row : nullptr, mf ? mf + row : nullptr, mask.stride(3)};
         }
         float* oi = op + ((b * H + h) * L + i) * Dv;
-        const float inv = 1.0f / sum;
-        for (int64_t d = 0; d < Dv; d++) oi[d] = acc[d] * inv;
+        bool open = false;
+        switch (vectors) {
+          case 1: open = attend_row<1>(qi, keys, m, scale, p.data(), acc.data(), oi); break;
+          case 2: open = attend_row<2>(qi, keys, m, scale, p.data(), acc.data(), oi); break;
+          case 3: open = attend_row<3>(qi, keys, m, scale, p.data(), acc.data(), oi); break;
+          case 4: open = attend_row<4>(qi, keys, m, scale, p.data(), acc.data(), oi); break;
+          case 5: open = attend_row<5>(qi, keys, m, scale, p.data(), acc.data(), oi); break;
+          case 6: open = attend_row<6>(qi, keys, m, scale, p.data(), acc.data(), oi); break;
+          case 7: open = attend_row<7>(qi, keys, m, scale, p.data(), acc.data(), oi); break;
+          case 8: open = attend_row<8>(qi, keys, m, scale, p.data(), acc.data(), oi); break;
+          default: open = attend_row<0>(qi, keys, m, scale, p.data(), acc.data(), oi);
+        }
+        if (!open) fully_masked = true;  // SDPA's own answer for a row with no open key
       }
     }
   });
