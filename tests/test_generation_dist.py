@@ -108,6 +108,49 @@ def test_distributed_token_choice_and_gather(sizes: list[int]) -> None:
     mp.spawn(_ranks, args=(len(sizes), free_port(), sizes), nprocs=len(sizes), join=True)
 
 
+def _shared_memory_ranks(rank: int, world: int, port: int, sizes: list[int]) -> None:
+    from tpcompile.runtime.kernels.compiled import bind_transport
+    from tpcompile.runtime.kernels.cpu_ops import load_cpu_ops, shared_memory_argmax
+    from tpcompile.runtime.transport.shm import ShmCommunicator
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        assert load_cpu_ops()
+        comm = ShmCommunicator.create(rank, world, timeout_s=5.0)
+        bind_transport(dist.group.WORLD.group_name, world, comm)
+        placement = Shard(dim=-1, sizes=tuple(sizes))
+        total = sum(sizes)
+        for dtype in (torch.float32, torch.bfloat16):
+            full = _tie_logits(sizes, dtype)
+            local = _slice(full, placement, rank)
+            # the one-call C++ path is the one taken, and equals torch.argmax over the whole vocabulary
+            native = shared_memory_argmax(local, local.shape[-1], placement.offset(rank), world)
+            assert native is not None and native.tolist() == full.argmax(dim=-1).tolist(), (dtype, native)
+            got = distributed_argmax(local, VocabShard(placement, rank, total))
+            assert got.tolist() == full.argmax(dim=-1).tolist(), (dtype, got)
+        full = _tie_logits(sizes, torch.float32)
+        full[:, total - 1] = 100.0  # padding past vocab_size: never chosen
+        got = distributed_argmax(_slice(full, placement, rank), VocabShard(placement, rank, total - 1))
+        assert got.tolist() == full[:, : total - 1].argmax(dim=-1).tolist()
+        # a vocabulary that ends inside rank 0's slice: the other ranks hold only padding
+        got = distributed_argmax(_slice(full, placement, rank), VocabShard(placement, rank, sizes[0] - 1))
+        assert got.tolist() == full[:, : sizes[0] - 1].argmax(dim=-1).tolist()
+        # a sliced (non-contiguous) view of [B, T, V] logits, as a program's last position
+        logits = torch.randn(3, 2, total, generator=torch.Generator().manual_seed(7))
+        last = _slice(logits, placement, rank)[:, -1, :]
+        got = distributed_argmax(last, VocabShard(placement, rank, total))
+        assert got.tolist() == logits[:, -1, :].argmax(dim=-1).tolist()
+        comm.close()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes", [[5, 3], [4, 2, 3]], ids=["tp2", "tp3"])
+def test_greedy_choice_in_one_cpp_call_equals_argmax(sizes: list[int]) -> None:
+    mp.spawn(_shared_memory_ranks, args=(len(sizes), free_port(), sizes), nprocs=len(sizes), join=True)
+
+
 def test_warpers_match_transformers() -> None:
     from transformers.generation.logits_process import (
         TemperatureLogitsWarper,

@@ -29,7 +29,15 @@ from . import prefix_attention as _attention_ops  # noqa: F401
 from . import streaming_linear as _linear_ops  # noqa: F401
 from .cpp_library import load_cpp_library
 
-__all__ = ["C_SHIMS", "KERNELS_OFF", "attach", "collective_seconds", "cpu_ops_loaded", "load_cpu_ops"]
+__all__ = [
+    "C_SHIMS",
+    "KERNELS_OFF",
+    "attach",
+    "collective_seconds",
+    "cpu_ops_loaded",
+    "load_cpu_ops",
+    "shared_memory_argmax",
+]
 
 #: Why the library may be missing, for a user's message.
 KERNELS_OFF = "no C++ compiler, or TPCOMPILE_CPU_KERNELS=0"
@@ -51,6 +59,7 @@ C_SHIMS = {
 
 _SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 _LOADED: bool | None = None
+_SHARED_WORLD = 0  # ranks of the shared-memory segment the C++ collectives are attached to (0: none)
 
 
 def load_cpu_ops() -> bool:
@@ -74,13 +83,26 @@ def cpu_ops_loaded() -> bool:
 def attach(group_name: str, world: int, comm: ShmCommunicator | None) -> None:
     """Bind the CPU collectives: the shared-memory segment of ``comm`` (same-host ranks), else only the
     process group ``group_name`` of ``world`` ranks. Does nothing while the library is not loaded."""
+    global _SHARED_WORLD
     if not _LOADED:
         return
     if comm is None:
         torch.ops.tpcompile_cpu.attach(0, 0, world, 0, 0, 0.0, group_name)
+        _SHARED_WORLD = 0
         return
     address, header, slot = comm.layout()
     torch.ops.tpcompile_cpu.attach(address, comm.rank, world, header, slot, comm.timeout_s, group_name)
+    _SHARED_WORLD = world
+
+
+def shared_memory_argmax(local: torch.Tensor, valid: int, offset: int, world: int) -> torch.Tensor | None:
+    """The global greedy ids ``[B]`` of vocabulary-sharded logits ``local`` (``[B, V_local]``, this rank's
+    real ids ``[offset, offset + valid)``) in one C++ call through the shared-memory segment of ``world``
+    ranks (``lm/sampling.distributed_argmax``'s result); None when the C++ collectives are not attached
+    to such a segment or ``local`` is not a 2-D CPU tensor (the caller then gathers in Python)."""
+    if world != _SHARED_WORLD or world < 2 or local.device.type != "cpu" or local.dim() != 2:
+        return None
+    return torch.ops.tpcompile_cpu.sharded_argmax(local, valid, offset)
 
 
 def collective_seconds() -> tuple[float, int]:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..format import Placement, Shard
+from ..kernels.cpu_ops import shared_memory_argmax
 from ..transport.collectives import all_gather_small, broadcast_tokens, gather_sharded, world_size
 from .options import SamplingConfig
 
@@ -70,10 +71,16 @@ def distributed_argmax(
 
     Each rank contributes ``(max, argmax + offset)`` per row (packed into
     float64, exact for any float logits and ids < 2**53); the winner is the
-    first rank holding the maximum, i.e. the lowest global index on ties.
+    first rank holding the maximum, i.e. the lowest global index on ties.  Ranks that share a host do all
+    of it in one C++ call (``kernels/cpu_ops.shared_memory_argmax``), with the same result.
     """
-    if not isinstance(shard.placement, Shard) or world_size(group) == 1:
+    world = world_size(group)
+    if not isinstance(shard.placement, Shard) or world == 1:
         return local[:, : shard.vocab_size].argmax(dim=-1)
+    if group in (None, dist.group.WORLD):
+        native = shared_memory_argmax(local, shard.valid, shard.offset, world)
+        if native is not None:
+            return native
     rows = local.shape[0]
     mine = local[:, : shard.valid]
     if mine.shape[-1] == 0:
