@@ -1,4 +1,5 @@
-"""Real processes for the fault tests: start a command as a terminal would, and watch processes in /proc.
+"""Real processes for the tests: start a command as a terminal would, watch processes in /proc, and run a
+function of a test module in a process whose C++ kernels are built for another ISA.
 
 :func:`start` gives the command a default SIGINT disposition whatever the test run inherited: a suite
 started as a background job (``nohup make test &``) has SIGINT ignored, which every child would inherit,
@@ -15,6 +16,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from tests.conftest import REPO, cli_env
 
@@ -81,3 +84,15 @@ def kill_group(proc: subprocess.Popen[str]) -> None:
     """SIGKILL what is left of the process group ``proc`` leads (cleanup after a failed test)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def outputs_built_for(isa: str, function: str, tmp: Path) -> list[torch.Tensor]:
+    """What ``module:function`` (a test module's function returning tensors) returns in a fresh process
+    whose C++ kernels are built for ``isa`` (``TPCOMPILE_CPU_ISA``, a GCC ``-march`` value)."""
+    module, name = function.split(":")
+    saved = tmp / f"{name}-{isa}.pt"
+    script = f"import torch\nfrom {module} import {name}\ntorch.save({name}(), {str(saved)!r})\n"
+    env = dict(os.environ, TPCOMPILE_CPU_ISA=isa)
+    subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, check=True, timeout=900)
+    result: list[torch.Tensor] = torch.load(saved)
+    return result

@@ -5,6 +5,7 @@ peer dies or times out."""
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from tests.processes import outputs_built_for
 from tpcompile.runtime.kernels.cpu_ops import load_cpu_ops
 from tpcompile.runtime.launch.launcher import free_port
 from tpcompile.runtime.reporting import report_exception
@@ -24,7 +26,7 @@ if not load_cpu_ops():  # the C++ compiler is part of this machine kind: a faile
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize(("out", "inp"), [(576, 576), (1537, 576), (7, 33), (4099, 100)])
+@pytest.mark.parametrize(("out", "inp"), [(576, 576), (1537, 576), (1031, 80), (7, 33), (4099, 100)])
 def test_streaming_linear_equals_f_linear(threads: int, out: int, inp: int) -> None:
     torch.set_num_threads(threads)
     try:
@@ -34,12 +36,49 @@ def test_streaming_linear_equals_f_linear(threads: int, out: int, inp: int) -> N
             for b in (None, bias):
                 got = torch.ops.tpcompile.streaming_linear(x, weight, b)
                 torch.testing.assert_close(got, F.linear(x, weight, b), atol=1e-4, rtol=1e-4)
+                # a row's result does not depend on the rows beside it (batched decode == one by one)
+                alone = [torch.ops.tpcompile.streaming_linear(x[m : m + 1], weight, b) for m in range(rows)]
+                assert torch.equal(got, torch.cat(alone))
         many = torch.randn(9, inp)  # a prompt: BLAS's result, exactly
         assert torch.equal(
             torch.ops.tpcompile.streaming_linear(many, weight, bias), F.linear(many, weight, bias)
         )
     finally:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+
+
+def kernel_outputs() -> list[torch.Tensor]:
+    """Decode products and attention of fixed seeded inputs (one thread), as this process's kernels
+    give them."""
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        outputs = []
+        for out, inp in [(1031, 576), (67, 80), (40, 100)]:
+            weight, bias = torch.randn(out, inp, generator=gen), torch.randn(out, generator=gen)
+            for rows in (1, 3):
+                x = torch.randn(rows, inp, generator=gen)
+                outputs.append(torch.ops.tpcompile.streaming_linear(x, weight, bias))
+        for dim in (64, 20):  # registers; the generic loop with a scalar tail
+            q = torch.randn(1, 9, 1, dim, generator=gen)
+            k, v = torch.randn(2, 1, 3, 40, dim, generator=gen)
+            mask = torch.rand(1, 1, 1, 40, generator=gen) > 0.3
+            outputs.append(torch.ops.tpcompile.prefix_attention(q, k, v, mask, 0.0, False, None, True))
+        return outputs
+    finally:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64-v3 is an x86 target")
+def test_kernels_give_the_same_bits_when_built_for_avx2(tmp_path: Path) -> None:
+    """vector_math.h's invariant: one order of fp32 sums on every host, whatever loop shape an ISA gets
+    (8 rows side by side with AVX-512, one row at a time with AVX2). A build for x86-64-v3 (AVX2 + FMA)
+    in another process gives bit for bit this process's (the host's own build) results."""
+    theirs = outputs_built_for("x86-64-v3", "tests.test_cpu_ops:kernel_outputs", tmp_path)
+    mine = kernel_outputs()
+    assert len(theirs) == len(mine)
+    for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+        assert torch.equal(a, b), i
 
 
 def test_streaming_linear_rounds_differently_from_blas() -> None:

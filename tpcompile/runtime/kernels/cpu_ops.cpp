@@ -43,45 +43,71 @@
 namespace {
 
 // ---------------------------------------------------------------------------------------------- linear
+// kernel_tail_fma: a scalar sum after the vector loop (s += w[k] * x[k]) is written as std::fma. Left to
+// the compiler, an AVX-512 build turned it into vector products added one by one (two roundings each),
+// an AVX2 build into FMAs (one): different bits on two hosts, against vector_math.h's invariant.
 using tpcompile_simd::hsum;
 using tpcompile_simd::load16;
 using tpcompile_simd::v16f;
 
-// The features of dot4's rows past the last whole 16 (when the width is not a multiple of 16), added in
-// order. Out of line: inlined, its loop made GCC move the vector loop's pointers through other registers
-// around every row block (in a standalone copy of the loop: 29 instead of 38 GB/s on one thread; inside
-// this library no difference was measurable, so this guards the code shape rather than a measured speed).
-__attribute__((noinline)) void dot4_tail(const float* w, long k_total, long k, const float* x, float* out) {
-  for (; k < k_total; k++)
-    for (int r = 0; r < 4; r++) out[r] += w[r * k_total + k] * x[k];
+// One weight row times one activation row, the decode product's unit: two 16-lane accumulators over
+// alternate 16-float chunks, then hsum, then the tail in order; one order on every host. Each weight row is
+// one sequential stream, which the hardware prefetchers follow best. On x86 the lanes are 32-byte vectors
+// (the same lanes, so the same sums): one thread of an AMD EPYC (SmolLM2's products, medians of interleaved
+// runs) reads 34-36 GB/s this way in an AVX2 build, against 23-24 for 4 rows read side by side; 64-byte
+// loads are slower where a row is not 64-byte aligned (26 GB/s).
+#if defined(__AVX__)
+typedef float v8f __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
 }
 
-// out[o] = dot(w[o], x) for 4 consecutive weight rows read side by side (4 streams, 4 accumulators).
-inline void dot4(const float* w, long k_total, const float* x, float* out) {
-  const float* w0 = w;
-  const float* w1 = w + k_total;
-  const float* w2 = w + 2 * k_total;
-  const float* w3 = w + 3 * k_total;
-  v16f a0{}, a1{}, a2{}, a3{};
+inline float dot1(const float* w, long k_total, const float* x) {
+  v8f a0{}, a1{}, b0{}, b1{};  // a: lanes 0-7 and 8-15 of the even chunks; b: of the odd ones
   long k = 0;
-  for (; k + 16 <= k_total; k += 16) {
-    v16f xv = load16(x + k);
-    a0 += load16(w0 + k) * xv;
-    a1 += load16(w1 + k) * xv;
-    a2 += load16(w2 + k) * xv;
-    a3 += load16(w3 + k) * xv;
+  for (; k + 32 <= k_total; k += 32) {
+    a0 += load8(w + k) * load8(x + k);
+    a1 += load8(w + k + 8) * load8(x + k + 8);
+    b0 += load8(w + k + 16) * load8(x + k + 16);
+    b1 += load8(w + k + 24) * load8(x + k + 24);
   }
-  out[0] = hsum(a0);
-  out[1] = hsum(a1);
-  out[2] = hsum(a2);
-  out[3] = hsum(a3);
-  if (k < k_total) dot4_tail(w, k_total, k, x, out);
+  if (k + 16 <= k_total) {
+    a0 += load8(w + k) * load8(x + k);
+    a1 += load8(w + k + 8) * load8(x + k + 8);
+    k += 16;
+  }
+  const v8f lanes[2] = {a0 + b0, a1 + b1};  // the 16 lanes of a + b
+  v16f sum;
+  std::memcpy(&sum, lanes, sizeof sum);
+  float s = hsum(sum);
+  for (; k < k_total; k++) s = std::fma(w[k], x[k], s);  // see kernel_tail_fma
+  return s;
 }
+#else
+inline float dot1(const float* w, long k_total, const float* x) {
+  v16f a{}, b{};
+  long k = 0;
+  for (; k + 32 <= k_total; k += 32) {
+    a += load16(w + k) * load16(x + k);
+    b += load16(w + k + 16) * load16(x + k + 16);
+  }
+  if (k + 16 <= k_total) {
+    a += load16(w + k) * load16(x + k);
+    k += 16;
+  }
+  float s = hsum(a + b);
+  for (; k < k_total; k++) s = std::fma(w[k], x[k], s);  // see kernel_tail_fma
+  return s;
+}
+#endif
 
-// 8 rows side by side (8 streams, 8 accumulators) where the host has 32 vector registers (AVX-512): on one
-// thread a SmolLM2 lm_head reads at 44-48 GB/s this way, at 31-34 with 4 rows (a plain sum: 48). Each row's
-// sum has dot4's order, so the outputs are the same bits. With 16 registers (AVX2, NEON) 8 accumulators
-// would spill: dot4 there.
+// 8 rows side by side, each with dot1's two accumulators (16 of AVX-512's 32 registers), for widths that
+// are a multiple of 16: the same sums as dot1, so the same bits. In an AVX-512 build a decode step runs
+// faster this way than row by row (fp32 SmolLM2 tp=2, alternating runs); with 16 registers (AVX2, NEON)
+// the accumulators would spill: dot1 there.
 #if defined(__AVX512F__)
 constexpr bool kWideBlocks = true;
 #else
@@ -89,49 +115,21 @@ constexpr bool kWideBlocks = false;
 #endif
 
 inline void dot8(const float* w, long k_total, const float* x, float* out) {
-  v16f a[8];
-  for (int r = 0; r < 8; r++) a[r] = v16f{};
-  for (long k = 0; k < k_total; k += 16) {
-    const v16f xv = load16(x + k);
-    for (int r = 0; r < 8; r++) a[r] += load16(w + r * k_total + k) * xv;
-  }
-  for (int r = 0; r < 8; r++) out[r] = hsum(a[r]);
-}
-
-inline float dot1(const float* w, long k_total, const float* x) {
-  v16f a{};
+  v16f a[8], b[8];
+  for (int r = 0; r < 8; r++) a[r] = b[r] = v16f{};
   long k = 0;
-  for (; k + 16 <= k_total; k += 16) a += load16(w + k) * load16(x + k);
-  float s = hsum(a);
-  for (; k < k_total; k++) s += w[k] * x[k];
-  return s;
-}
-
-// y = w x (+ b) for one activation row, output rows [4 lo, 4 hi): the decode step's case, in a function of
-// its own so that its loop's registers are planned apart from the many-row loop of the caller's lambda.
-__attribute__((noinline)) void gemv_blocks(const float* w, long k_total, long n_out, const float* x, const float* b,
-                                           float* y, int64_t lo, int64_t hi) {
-  int64_t blk = lo;
-  if (kWideBlocks && k_total % 16 == 0)
-    for (; blk + 2 <= hi && blk * 4 + 8 <= n_out; blk += 2) {
-      const long o = blk * 4;
-      dot8(w + o * k_total, k_total, x, y + o);
-      if (b != nullptr)
-        for (int i = 0; i < 8; i++) y[o + i] += b[o + i];
-    }
-  for (; blk < hi; blk++) {
-    const long o = blk * 4;
-    if (o + 4 <= n_out) {
-      dot4(w + o * k_total, k_total, x, y + o);
-      if (b != nullptr)
-        for (int i = 0; i < 4; i++) y[o + i] += b[o + i];
-    } else {
-      for (long oo = o; oo < n_out; oo++) {
-        const float s = dot1(w + oo * k_total, k_total, x);
-        y[oo] = b ? s + b[oo] : s;
-      }
+  for (; k + 32 <= k_total; k += 32) {
+    const v16f x0 = load16(x + k), x1 = load16(x + k + 16);
+    for (int r = 0; r < 8; r++) {
+      a[r] += load16(w + r * k_total + k) * x0;
+      b[r] += load16(w + r * k_total + k + 16) * x1;
     }
   }
+  if (k < k_total) {
+    const v16f x0 = load16(x + k);
+    for (int r = 0; r < 8; r++) a[r] += load16(w + r * k_total + k) * x0;
+  }
+  for (int r = 0; r < 8; r++) out[r] = hsum(a[r] + b[r]);
 }
 
 constexpr long kMaxRows = 8;
@@ -162,26 +160,21 @@ at::Tensor streaming_linear(const at::Tensor& x, const at::Tensor& weight, const
   const float* xp = xc.data_ptr<float>();
   const float* b = (bias.has_value() && bias->defined()) ? bias->data_ptr<float>() : nullptr;
   float* y = out.data_ptr<float>();
-  const long blocks = (n_out + 3) / 4;
-  // a grain of 64 blocks (256 rows, >= 150 KB of weights): small products stay on one thread
-  at::parallel_for(0, blocks, 64, [&](int64_t lo, int64_t hi) {
-    if (rows == 1) return gemv_blocks(w, k_total, n_out, xp, b, y, lo, hi);
-    float acc[4];
-    for (int64_t blk = lo; blk < hi; blk++) {
-      const long o = blk * 4;
-      for (long m = 0; m < rows; m++) {
-        const float* xr = xp + m * k_total;
-        if (o + 4 <= n_out) {
-          dot4(w + o * k_total, k_total, xr, acc);
-          for (int i = 0; i < 4; i++) y[m * n_out + o + i] = b ? acc[i] + b[o + i] : acc[i];
-        } else {
-          for (long oo = o; oo < n_out; oo++) {
-            float s = dot1(w + oo * k_total, k_total, xr);
-            y[m * n_out + oo] = b ? s + b[oo] : s;
-          }
-        }
+  // a grain of 256 output rows (>= 150 KB of weights): small products stay on one thread. Output row o
+  // of every activation row is computed while weight row o is in L1.
+  at::parallel_for(0, n_out, 256, [&](int64_t lo, int64_t hi) {
+    int64_t o = lo;
+    if (kWideBlocks && rows == 1 && k_total % 16 == 0)
+      for (; o + 8 <= hi; o += 8) {
+        dot8(w + o * k_total, k_total, xp, y + o);
+        if (b != nullptr)
+          for (int i = 0; i < 8; i++) y[o + i] += b[o + i];
       }
-    }
+    for (; o < hi; o++)
+      for (long m = 0; m < rows; m++) {
+        const float s = dot1(w + o * k_total, k_total, xp + m * k_total);
+        y[m * n_out + o] = b ? s + b[o] : s;
+      }
   });
   return out;
 }
@@ -510,7 +503,7 @@ bool attend_row(const float* q, const AttendedKeys& kv, const KeyMask& mask, flo
       v16f a{};
       for (; d + 16 <= kv.dim; d += 16) a += load16(q + d) * load16(kj + d);
       s = hsum(a);
-      for (; d < kv.dim; d++) s += q[d] * kj[d];
+      for (; d < kv.dim; d++) s = std::fma(q[d], kj[d], s);  // see kernel_tail_fma
     }
     s = s * scale;
     if (mask.add != nullptr) s += mask.add[j * mask.stride];
