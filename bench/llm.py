@@ -57,7 +57,9 @@ PROFILE = re.compile(
 
 
 def host_line() -> str:
-    """The CPU model, its vector ISAs, cores and load: numbers measured on one host do not hold on another."""
+    """The CPU model, its vector ISAs, cores and load: numbers measured on one host do not hold on another;
+    and the ISA tpcompile's kernels were built for when ``TPCOMPILE_CPU_ISA`` narrows it (a host's AVX2 code
+    paths measured on an AVX-512 host)."""
     model, flags = "unknown CPU", set()
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         key, _, value = line.partition(":")
@@ -68,7 +70,10 @@ def host_line() -> str:
     known = (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AMX", "amx_tile"))
     isa = [name for name, flag in known if flag in flags]
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"host: {model}; ISA {', '.join(isa) or 'none of AVX2/AVX-512/AMX'}; {CORES} cores; load {load}"
+    built = os.environ.get("TPCOMPILE_CPU_ISA")
+    kernels = f"; tpcompile's C++ kernels built for -march={built}" if built else ""
+    isas = ", ".join(isa) or "none of AVX2/AVX-512/AMX"
+    return f"host: {model}; ISA {isas}; {CORES} cores; load {load}{kernels}"
 
 
 # --------------------------------------------------------------------------------------------- processes

@@ -30,7 +30,7 @@ def _tie_logits(sizes: list[int], dtype: torch.dtype) -> torch.Tensor:
     """Rows with exact ties across rank boundaries, within one rank, everywhere, plus NaN and random rows."""
     total = sum(sizes)
     gen = torch.Generator().manual_seed(3)
-    rows = torch.randn(8, total, generator=gen).to(dtype)
+    rows = torch.randn(9, total, generator=gen).to(dtype)
     boundary = sizes[0]  # first id of rank 1
     rows[0, boundary - 1] = rows[0, boundary] = 9.0  # across the rank 0 / rank 1 boundary
     rows[1, boundary + 1] = rows[1, boundary + 2] = 9.0  # within rank 1
@@ -40,6 +40,7 @@ def _tie_logits(sizes: list[int], dtype: torch.dtype) -> torch.Tensor:
     rows[5, boundary + 1] = float("nan")  # NaN counts as the maximum in torch.argmax
     rows[6] = float("-inf")
     rows[6, total - 2 :] = 5.0  # the last rank(s), tied
+    rows[7, [2, boundary + 1]] = float("nan")  # NaNs on two ranks: the first wins
     return rows
 
 
@@ -146,7 +147,7 @@ def _shared_memory_ranks(rank: int, world: int, port: int, sizes: list[int]) -> 
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sizes", [[5, 3], [4, 2, 3]], ids=["tp2", "tp3"])
+@pytest.mark.parametrize("sizes", [[5, 3], [4, 2, 3], [37, 20]], ids=["tp2", "tp3", "tp2-wide"])
 def test_greedy_choice_in_one_cpp_call_equals_argmax(sizes: list[int]) -> None:
     mp.spawn(_shared_memory_ranks, args=(len(sizes), free_port(), sizes), nprocs=len(sizes), join=True)
 

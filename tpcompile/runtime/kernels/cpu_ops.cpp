@@ -52,10 +52,11 @@ using tpcompile_simd::v16f;
 
 // One weight row times one activation row, the decode product's unit: two 16-lane accumulators over
 // alternate 16-float chunks, then hsum, then the tail in order; one order on every host. Each weight row is
-// one sequential stream, which the hardware prefetchers follow best. On x86 the lanes are 32-byte vectors
-// (the same lanes, so the same sums): one thread of an AMD EPYC (SmolLM2's products, medians of interleaved
-// runs) reads 34-36 GB/s this way in an AVX2 build, against 23-24 for 4 rows read side by side; 64-byte
-// loads are slower where a row is not 64-byte aligned (26 GB/s).
+// one sequential stream, which the hardware prefetchers follow best. On x86 the lanes are 32-byte vectors,
+// AVX-512 or not (the same lanes, so the same sums). On one thread of an AMD EPYC (bench/gemv.py: a decode
+// step's products) this reads 33-35 GB/s where a plain sum reads 35-36, in AVX2 and AVX-512 builds alike;
+// 4 rows side by side read 23-24 in an AVX2 build, 8 rows (AVX-512) 30, 64-byte loads of rows that are not
+// 64-byte aligned 26.
 #if defined(__AVX__)
 typedef float v8f __attribute__((vector_size(32)));
 
@@ -79,10 +80,7 @@ inline float dot1(const float* w, long k_total, const float* x) {
     a1 += load8(w + k + 8) * load8(x + k + 8);
     k += 16;
   }
-  const v8f lanes[2] = {a0 + b0, a1 + b1};  // the 16 lanes of a + b
-  v16f sum;
-  std::memcpy(&sum, lanes, sizeof sum);
-  float s = hsum(sum);
+  float s = tpcompile_simd::hsum8((a0 + b0) + (a1 + b1));  // hsum(a + b)
   for (; k < k_total; k++) s = std::fma(w[k], x[k], s);  // see kernel_tail_fma
   return s;
 }
@@ -104,40 +102,13 @@ inline float dot1(const float* w, long k_total, const float* x) {
 }
 #endif
 
-// 8 rows side by side, each with dot1's two accumulators (16 of AVX-512's 32 registers), for widths that
-// are a multiple of 16: the same sums as dot1, so the same bits. In an AVX-512 build a decode step runs
-// faster this way than row by row (fp32 SmolLM2 tp=2, alternating runs); with 16 registers (AVX2, NEON)
-// the accumulators would spill: dot1 there.
-#if defined(__AVX512F__)
-constexpr bool kWideBlocks = true;
-#else
-constexpr bool kWideBlocks = false;
-#endif
-
-inline void dot8(const float* w, long k_total, const float* x, float* out) {
-  v16f a[8], b[8];
-  for (int r = 0; r < 8; r++) a[r] = b[r] = v16f{};
-  long k = 0;
-  for (; k + 32 <= k_total; k += 32) {
-    const v16f x0 = load16(x + k), x1 = load16(x + k + 16);
-    for (int r = 0; r < 8; r++) {
-      a[r] += load16(w + r * k_total + k) * x0;
-      b[r] += load16(w + r * k_total + k + 16) * x1;
-    }
-  }
-  if (k < k_total) {
-    const v16f x0 = load16(x + k);
-    for (int r = 0; r < 8; r++) a[r] += load16(w + r * k_total + k) * x0;
-  }
-  for (int r = 0; r < 8; r++) out[r] = hsum(a[r] + b[r]);
-}
-
 constexpr long kMaxRows = 8;
 
 bool streamable(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   if (x.device().type() != at::kCPU || w.device().type() != at::kCPU) return false;
   if (x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat) return false;
-  if (w.dim() != 2 || !w.is_contiguous() || x.dim() < 1 || x.size(-1) != w.size(1)) return false;
+  if (w.dim() != 2 || !w.is_contiguous() || x.dim() < 1 || x.size(-1) != w.size(1) || w.size(1) == 0)
+    return false;
   if (x.numel() / std::max<int64_t>(1, w.size(1)) > kMaxRows) return false;
   if (bias.has_value() && bias->defined()) {
     const at::Tensor& b = *bias;
@@ -163,14 +134,7 @@ at::Tensor streaming_linear(const at::Tensor& x, const at::Tensor& weight, const
   // a grain of 256 output rows (>= 150 KB of weights): small products stay on one thread. Output row o
   // of every activation row is computed while weight row o is in L1.
   at::parallel_for(0, n_out, 256, [&](int64_t lo, int64_t hi) {
-    int64_t o = lo;
-    if (kWideBlocks && rows == 1 && k_total % 16 == 0)
-      for (; o + 8 <= hi; o += 8) {
-        dot8(w + o * k_total, k_total, xp, y + o);
-        if (b != nullptr)
-          for (int i = 0; i < 8; i++) y[o + i] += b[o + i];
-      }
-    for (; o < hi; o++)
+    for (int64_t o = lo; o < hi; o++)
       for (long m = 0; m < rows; m++) {
         const float s = dot1(w + o * k_total, k_total, xp + m * k_total);
         y[m * n_out + o] = b ? s + b[o] : s;
@@ -376,43 +340,51 @@ int64_t first_argmax(const float* p, int64_t n) {
   return 0;  // unreachable: top is one of p's values
 }
 
-// The global greedy token of each row of vocabulary-sharded logits local [B, V_local], whose first `valid`
-// columns are the real vocabulary ids [offset, offset + valid): each rank publishes (its maximum, its global
-// id) per row as two doubles (exact for any logit and any id < 2^53) through the shared-memory slots, and
-// every rank picks, per row, the first rank holding the maximum (a NaN counting as the maximum), i.e. the
-// lowest global id on ties: torch.argmax over the concatenated vocabulary, on every rank alike. This is
-// lm/sampling.distributed_argmax in one call, without the Python ops between a step's last kernel and the
-// next step (~0.4 ms of a ~4 ms quantized decode step).
-at::Tensor sharded_argmax(const at::Tensor& local, int64_t valid, int64_t offset) {
-  TORCH_CHECK(comm.attached, "tpcompile collective: sharded_argmax needs the shared-memory transport");
-  TORCH_CHECK(local.dim() == 2 && local.device().type() == at::kCPU, "sharded_argmax: expects [B, V] CPU logits");
-  const int64_t rows = local.size(0);
-  valid = std::min(valid, local.size(1));
-  const at::Tensor logits = local.to(at::kFloat).contiguous();  // bf16 / fp16 widen exactly
-  at::Tensor pair = at::empty({rows, 2}, logits.options().dtype(at::kDouble));
-  TORCH_CHECK(fits(pair), "sharded_argmax: ", rows, " rows do not fit a shared-memory slot");
-  double* mine = pair.data_ptr<double>();
-  for (int64_t b = 0; b < rows; b++) {
+// Per row of logits [B, V] (fp32, contiguous): (its maximum, the global id offset + its first index) over
+// the first `valid` columns as two doubles (exact for any logit and any id < 2^53); (-inf, offset) when
+// valid == 0 (a rank holding only padding).
+void local_maxima(const at::Tensor& logits, int64_t valid, int64_t offset, double* pairs) {
+  for (int64_t b = 0; b < logits.size(0); b++) {
     const float* p = logits.data_ptr<float>() + b * logits.size(1);
     const int64_t j = valid > 0 ? first_argmax(p, valid) : 0;
-    mine[2 * b] = valid > 0 ? double(p[j]) : -std::numeric_limits<double>::infinity();
-    mine[2 * b + 1] = double(j + offset);
+    pairs[2 * b] = valid > 0 ? double(p[j]) : -std::numeric_limits<double>::infinity();
+    pairs[2 * b + 1] = double(j + offset);
   }
-  const int64_t parity = exchange(pair).first;
-  at::Tensor ids = at::empty({rows}, logits.options().dtype(at::kLong));
-  int64_t* out = ids.data_ptr<int64_t>();
-  for (int64_t b = 0; b < rows; b++) {
-    const double* first = reinterpret_cast<const double*>(slot(0, parity)) + 2 * b;
-    double top = first[0], id = first[1];
-    for (int64_t r = 1; r < comm.world && top == top; r++) {
-      const double* theirs = reinterpret_cast<const double*>(slot(r, parity)) + 2 * b;
-      if (theirs[0] > top || theirs[0] != theirs[0]) {
-        top = theirs[0];
-        id = theirs[1];
-      }
+}
+
+// The id of the first rank's pair holding the largest value (a NaN counting as the largest) for row b of
+// the pairs every rank published in the slots of `parity`: torch.argmax's rule over the concatenation.
+int64_t first_maximal_rank_id(int64_t parity, int64_t b) {
+  const double* first = reinterpret_cast<const double*>(slot(0, parity)) + 2 * b;
+  double top = first[0], id = first[1];
+  for (int64_t r = 1; r < comm.world && top == top; r++) {
+    const double* theirs = reinterpret_cast<const double*>(slot(r, parity)) + 2 * b;
+    if (theirs[0] > top || theirs[0] != theirs[0]) {
+      top = theirs[0];
+      id = theirs[1];
     }
-    out[b] = static_cast<int64_t>(id);
   }
+  return static_cast<int64_t>(id);
+}
+
+// The global greedy token of each row of vocabulary-sharded logits local [B, V_local] (fp32, bf16 or fp16),
+// whose first `valid` columns are the vocabulary ids [offset, offset + valid): each rank publishes its
+// local_maxima through the shared-memory slots and every rank takes first_maximal_rank_id per row, i.e.
+// torch.argmax over the concatenated vocabulary (lowest id on ties), on every rank alike.
+// lm/sampling.distributed_argmax in one call, without the Python ops between a step's last kernel and the
+// next step (~0.4 ms of a ~4.4 ms quantized SmolLM2 tp=2 step).
+at::Tensor sharded_argmax(const at::Tensor& local, int64_t valid, int64_t offset) {
+  TORCH_CHECK(comm.attached, "tpcompile collective: sharded_argmax needs the shared-memory transport");
+  TORCH_CHECK(local.dim() == 2 && local.device().type() == at::kCPU,
+              "tpcompile collective: sharded_argmax expects [B, V] CPU logits");
+  const at::Tensor logits = local.to(at::kFloat).contiguous();  // bf16 / fp16 widen exactly
+  const int64_t rows = logits.size(0);
+  at::Tensor pairs = at::empty({rows, 2}, logits.options().dtype(at::kDouble));
+  TORCH_CHECK(fits(pairs), "tpcompile collective: ", rows, " rows of pairs do not fit a shared-memory slot");
+  local_maxima(logits, std::min(valid, logits.size(1)), offset, pairs.data_ptr<double>());
+  const int64_t parity = exchange(pairs).first;
+  at::Tensor ids = at::empty({rows}, logits.options().dtype(at::kLong));
+  for (int64_t b = 0; b < rows; b++) ids.data_ptr<int64_t>()[b] = first_maximal_rank_id(parity, b);
   return ids;
 }
 
@@ -472,12 +444,13 @@ struct KeyMask {
   int64_t stride = 0;
 };
 
-// Head dims up to 16 * kMaxHeadVectors keep the query and the output row in registers (attend_row<V>).
+// Head dims up to 16 * kMaxHeadVectors take attend_row<V>, whose query and output rows are V-vector arrays
+// the compiler keeps in registers where they fit (AVX-512's 32 hold 128 dims; AVX2's 16 about 64).
 constexpr int64_t kMaxHeadVectors = 8;
 
 // softmax(q . k_j * scale + mask_j) . v into out for one query row; false (out untouched) when no key is
-// open. V > 0: dim == value_dim == 16 V, the query and the weighted sum of values live in V registers
-// each; V == 0: any dims, the sum in acc. p holds the count scores. Every lane adds in the same order for
+// open. V > 0: dim == value_dim == 16 V, the query and the weighted sum of values are arrays of V vectors
+// (no store and reload per key); V == 0: any dims, the sum in acc. p holds the count scores. Every lane adds in the same order for
 // both, so V only changes where the numbers live, not their values.
 template <int V>
 bool attend_row(const float* q, const AttendedKeys& kv, const KeyMask& mask, float scale, float* p, float* acc,

@@ -1,7 +1,8 @@
 """C++ CPU kernels for tpcompile's custom ops (``cpu_ops.cpp``), so that compiled code calls them without a
 Python call: ``tpcompile::streaming_linear`` (the decode matrix-vector product), ``tpcompile::all_reduce_sum``
 / ``tpcompile::all_gather`` (the same-host shared-memory transport, or the bound process group) and
-``tpcompile::prefix_attention``.
+``tpcompile::prefix_attention``; and the runtime's greedy choice over vocabulary-sharded logits in one call
+through the same transport (:func:`shared_memory_argmax`).
 
 The ops are defined (schema, fake kernel, a Python kernel for every device) where they live in Python
 (:mod:`.streaming_linear`, :mod:`.compiled`, :mod:`.prefix_attention`); loading this library adds a CPU kernel
@@ -60,6 +61,8 @@ C_SHIMS = {
 _SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 _LOADED: bool | None = None
 _SHARED_WORLD = 0  # ranks of the shared-memory segment the C++ collectives are attached to (0: none)
+_SLOT_BYTES = 0  # bytes of one of its slots
+_ARGMAX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # widened to fp32 exactly
 
 
 def load_cpu_ops() -> bool:
@@ -83,24 +86,27 @@ def cpu_ops_loaded() -> bool:
 def attach(group_name: str, world: int, comm: ShmCommunicator | None) -> None:
     """Bind the CPU collectives: the shared-memory segment of ``comm`` (same-host ranks), else only the
     process group ``group_name`` of ``world`` ranks. Does nothing while the library is not loaded."""
-    global _SHARED_WORLD
+    global _SHARED_WORLD, _SLOT_BYTES
     if not _LOADED:
         return
     if comm is None:
         torch.ops.tpcompile_cpu.attach(0, 0, world, 0, 0, 0.0, group_name)
-        _SHARED_WORLD = 0
+        _SHARED_WORLD = _SLOT_BYTES = 0
         return
     address, header, slot = comm.layout()
     torch.ops.tpcompile_cpu.attach(address, comm.rank, world, header, slot, comm.timeout_s, group_name)
-    _SHARED_WORLD = world
+    _SHARED_WORLD, _SLOT_BYTES = world, slot
 
 
 def shared_memory_argmax(local: torch.Tensor, valid: int, offset: int, world: int) -> torch.Tensor | None:
     """The global greedy ids ``[B]`` of vocabulary-sharded logits ``local`` (``[B, V_local]``, this rank's
     real ids ``[offset, offset + valid)``) in one C++ call through the shared-memory segment of ``world``
     ranks (``lm/sampling.distributed_argmax``'s result); None when the C++ collectives are not attached
-    to such a segment or ``local`` is not a 2-D CPU tensor (the caller then gathers in Python)."""
+    to such a segment, or ``local`` is not a 2-D fp32 / bf16 / fp16 CPU tensor whose (value, id) pairs fit
+    a slot (the caller then gathers in Python)."""
     if world != _SHARED_WORLD or world < 2 or local.device.type != "cpu" or local.dim() != 2:
+        return None
+    if local.dtype not in _ARGMAX_DTYPES or local.shape[0] * 16 > _SLOT_BYTES:
         return None
     return torch.ops.tpcompile_cpu.sharded_argmax(local, valid, offset)
 

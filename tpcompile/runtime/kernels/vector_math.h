@@ -91,6 +91,16 @@ inline void store16(float* p, const v16f& v) {
 #endif
 }
 
+#if defined(__AVX__)
+// hsum from its first sum h8 (lanes 0-7 plus lanes 8-15): a kernel that holds its 16 lanes as two 32-byte
+// halves starts here (joining them into one 64-byte vector would go through memory).
+inline float hsum8(__m256 h8) {
+  const __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+  const __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+  return _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+}
+#endif
+
 // The sum of the 16 lanes as a tree: h8[i] = v[i] + v[i + 8], h4[i] = h8[i] + h8[i + 4], h2[i] = h4[i] +
 // h4[i + 2], then h2[0] + h2[1].  Four vector additions instead of sixteen dependent scalar ones: a decode
 // product reduces one row every ~600 weight bytes, where a serial sum costs a tenth of the bandwidth.
@@ -99,14 +109,11 @@ inline float hsum(const v16f& v) {
 #if defined(__AVX512F__)
   __m512 z;
   std::memcpy(&z, &v, sizeof z);
-  const __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(z),
-                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1)));
+  const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1));
+  return hsum8(_mm256_add_ps(_mm512_castps512_ps256(z), high));
 #else
-  const __m256 h8 = v.part[0] + v.part[1];
+  return hsum8(v.part[0] + v.part[1]);
 #endif
-  const __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
-  const __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
-  return _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
 #else
   float h[8];
   for (int i = 0; i < 8; i++) h[i] = v[i] + v[i + 8];

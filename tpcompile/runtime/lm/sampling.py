@@ -71,8 +71,10 @@ def distributed_argmax(
 
     Each rank contributes ``(max, argmax + offset)`` per row (packed into
     float64, exact for any float logits and ids < 2**53); the winner is the
-    first rank holding the maximum, i.e. the lowest global index on ties.  Ranks that share a host do all
-    of it in one C++ call (``kernels/cpu_ops.shared_memory_argmax``), with the same result.
+    first rank holding the maximum, i.e. the lowest global index on ties.  When the C++ collectives are
+    attached to the default group's shared-memory segment (ranks of one host running native programs),
+    all of it is one C++ call (``kernels/cpu_ops.shared_memory_argmax``), with the
+    same result.
     """
     world = world_size(group)
     if not isinstance(shard.placement, Shard) or world == 1:
