@@ -12,7 +12,8 @@ dequantized by transformers and saved as a Hugging Face directory in the work di
 
 Each artifact is compiled once into the work directory (kept between runs); every generation runs in fresh
 processes, twice, and the better decode speed is kept. Not a test: the numbers depend on the machine and on
-whatever else runs on it (the table prints the load average).
+whatever else runs on it (the table's host line: CPU, ISAs, load, and the ISA tpcompile's kernels were
+built for when ``TPCOMPILE_CPU_ISA`` narrows it).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -32,6 +32,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+
+from llm import host_line  # noqa: E402  (the CPU model, its ISAs, the load, the kernels' build ISA)
 
 BIN = Path(sys.executable).parent
 CORES = os.cpu_count() or 1
@@ -140,10 +142,7 @@ def main() -> None:
                 engine="llama.cpp", tp=1, weights="Q4_1 file", decode=speed, rank_bytes=source.stat().st_size
             )
         )
-    load = os.getloadavg()[0]
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())  # fmt: skip
-    header = f"{time.strftime('%Y-%m-%d')}, {cpu}, {CORES} cores, load average {load:.1f}; {note}"
+    header = f"{time.strftime('%Y-%m-%d')}; {host_line()}; {note}"
     if args.json:
         print(json.dumps(dict(header=header, rows=rows), indent=1))
         return

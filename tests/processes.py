@@ -9,7 +9,9 @@ and Python then installs no KeyboardInterrupt handler at all.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import REPO, cli_env
@@ -86,13 +89,37 @@ def kill_group(proc: subprocess.Popen[str]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+#: Marks a test that compares the host's own x86 build of the C++ kernels with an x86-64-v3 (AVX2 + FMA)
+#: build: skipped off x86, and where ``TPCOMPILE_CPU_ISA`` already narrows the host's build (both would be
+#: one build).
+compares_with_avx2_build = pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64") or "TPCOMPILE_CPU_ISA" in os.environ,
+    reason="compares the host's own x86 build with an x86-64-v3 one",
+)
+
+
 def outputs_built_for(isa: str, function: str, tmp: Path) -> list[torch.Tensor]:
-    """What ``module:function`` (a test module's function returning tensors) returns in a fresh process
-    whose C++ kernels are built for ``isa`` (``TPCOMPILE_CPU_ISA``, a GCC ``-march`` value)."""
+    """What ``module:function`` (a test module's function returning tensors) returns on one torch thread
+    in a fresh process whose C++ kernels are built for ``isa`` (``TPCOMPILE_CPU_ISA``, a GCC ``-march``
+    value)."""
     module, name = function.split(":")
     saved = tmp / f"{name}-{isa}.pt"
-    script = f"import torch\nfrom {module} import {name}\ntorch.save({name}(), {str(saved)!r})\n"
+    script = (
+        f"import torch\nfrom {module} import {name}\ntorch.set_num_threads(1)\n"
+        f"torch.save({name}(), {str(saved)!r})\n"
+    )
     env = dict(os.environ, TPCOMPILE_CPU_ISA=isa)
     subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, check=True, timeout=900)
     result: list[torch.Tensor] = torch.load(saved)
     return result
+
+
+def assert_same_bits_as_avx2_build(function: str, tmp: Path) -> None:
+    """``module:function`` gives here (the host's own build; the caller runs one torch thread) bit for bit
+    the tensors it gives in a process whose kernels are built for x86-64-v3."""
+    module, name = function.split(":")
+    mine = getattr(importlib.import_module(module), name)()
+    theirs = outputs_built_for("x86-64-v3", function, tmp)
+    assert len(theirs) == len(mine)
+    for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+        assert torch.equal(a, b), f"output {i} differs"

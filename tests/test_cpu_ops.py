@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import platform
 import signal
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from tests.processes import outputs_built_for
+from tests.processes import assert_same_bits_as_avx2_build, compares_with_avx2_build
 from tpcompile.runtime.kernels.cpu_ops import load_cpu_ops
 from tpcompile.runtime.launch.launcher import free_port
 from tpcompile.runtime.reporting import report_exception
@@ -49,41 +48,28 @@ def test_streaming_linear_equals_f_linear(threads: int, out: int, inp: int) -> N
 
 
 def kernel_outputs() -> list[torch.Tensor]:
-    """Decode products and attention of fixed seeded inputs (one thread), as this process's kernels
-    give them."""
-    torch.set_num_threads(1)
-    try:
-        gen = torch.Generator().manual_seed(0)
-        outputs = []
-        for out, inp in [(1031, 576), (67, 80), (40, 100)]:
-            weight, bias = torch.randn(out, inp, generator=gen), torch.randn(out, generator=gen)
-            for rows in (1, 3):
-                x = torch.randn(rows, inp, generator=gen)
-                outputs.append(torch.ops.tpcompile.streaming_linear(x, weight, bias))
-        for dim in (64, 20):  # registers; the generic loop with a scalar tail
-            q = torch.randn(1, 9, 1, dim, generator=gen)
-            k, v = torch.randn(2, 1, 3, 40, dim, generator=gen)
-            mask = torch.rand(1, 1, 1, 40, generator=gen) > 0.3
-            outputs.append(torch.ops.tpcompile.prefix_attention(q, k, v, mask, 0.0, False, None, True))
-        return outputs
-    finally:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    """Decode products and attention of fixed seeded inputs, as this process's kernels give them."""
+    gen = torch.Generator().manual_seed(0)
+    outputs = []
+    for out, inp in [(1031, 576), (67, 80), (40, 100)]:
+        weight, bias = torch.randn(out, inp, generator=gen), torch.randn(out, generator=gen)
+        for rows in (1, 3):
+            x = torch.randn(rows, inp, generator=gen)
+            outputs.append(torch.ops.tpcompile.streaming_linear(x, weight, bias))
+    for dim in (64, 20):  # registers; the generic loop with a scalar tail
+        q = torch.randn(1, 9, 1, dim, generator=gen)
+        k, v = torch.randn(2, 1, 3, 40, dim, generator=gen)
+        mask = torch.rand(1, 1, 1, 40, generator=gen) > 0.3
+        outputs.append(torch.ops.tpcompile.prefix_attention(q, k, v, mask, 0.0, False, None, True))
+    return outputs
 
 
-@pytest.mark.skipif(
-    platform.machine() not in ("x86_64", "AMD64") or "TPCOMPILE_CPU_ISA" in os.environ,
-    reason="compares the host's own x86 build with an x86-64-v3 one",
-)
-def test_kernels_give_the_same_bits_when_built_for_avx2(tmp_path: Path) -> None:
+@compares_with_avx2_build
+def test_kernels_give_the_same_bits_when_built_for_avx2(tmp_path: Path, one_thread: None) -> None:
     """vector_math.h's invariant: one order of fp32 sums on every host, whatever registers an ISA holds
     the lanes in (one 64-byte vector with AVX-512, two 32-byte ones with AVX2) and however the compiler
-    treats a scalar tail. A build for x86-64-v3 (AVX2 + FMA) in another process gives bit for bit this
-    process's (the host's own build) results."""
-    theirs = outputs_built_for("x86-64-v3", "tests.test_cpu_ops:kernel_outputs", tmp_path)
-    mine = kernel_outputs()
-    assert len(theirs) == len(mine)
-    for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
-        assert torch.equal(a, b), i
+    treats a scalar tail."""
+    assert_same_bits_as_avx2_build("tests.test_cpu_ops:kernel_outputs", tmp_path)
 
 
 def test_streaming_linear_rounds_differently_from_blas() -> None:

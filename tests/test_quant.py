@@ -14,8 +14,6 @@ SmolLM2 itself (greedy tokens equal transformers at tp=1..4 on the kept-quantize
 from __future__ import annotations
 
 import json
-import os
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import tpcompile
-from tests.processes import outputs_built_for
+from tests.processes import assert_same_bits_as_avx2_build, compares_with_avx2_build
 
 gguf = pytest.importorskip("gguf")
 
@@ -95,40 +93,28 @@ def test_kernels_equal_the_reference_dequantization(fmt: QuantFormat) -> None:
 
 def quant_kernel_outputs() -> list[torch.Tensor]:
     """Decode products (1 and 3 activation rows, with a bias) of every kept format on fixed seeded blocks,
-    one thread, as this process's kernels give them (int4_g128: random nibbles, small fp16 d and m)."""
+    as this process's kernels give them (int4_g128: random nibbles, small fp16 d and m)."""
     assert load_quant_ops()
-    torch.set_num_threads(1)
-    try:
-        gen = torch.Generator().manual_seed(0)
-        cases = [(fmt, *_quantized(fmt, 37, 3 * fmt.block)[:1]) for fmt in GGUF_FORMATS]
-        g128 = torch.randint(0, 256, (37, 2, 68), dtype=torch.uint8, generator=gen)
-        g128[..., 0:4] = torch.tensor([0.01, -0.05]).half().view(torch.uint8)
-        cases.append((QuantFormat.INT4_G128, g128.reshape(37, -1)))
-        outputs = []
-        for fmt, packed in cases:
-            cols = packed.shape[1] // fmt.block_bytes * fmt.block
-            bias = torch.randn(37, generator=gen)
-            for rows in (1, 3):
-                x = torch.randn(rows, cols, generator=gen)
-                outputs.append(torch.ops.tpcompile.quant_linear(x, packed, bias, fmt.code, cols))
-        return outputs
-    finally:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+    gen = torch.Generator().manual_seed(0)
+    cases = [(fmt, *_quantized(fmt, 37, 3 * fmt.block)[:1]) for fmt in GGUF_FORMATS]
+    g128 = torch.randint(0, 256, (37, 2, 68), dtype=torch.uint8, generator=gen)
+    g128[..., 0:4] = torch.tensor([0.01, -0.05]).half().view(torch.uint8)
+    cases.append((QuantFormat.INT4_G128, g128.reshape(37, -1)))
+    outputs = []
+    for fmt, packed in cases:
+        cols = packed.shape[1] // fmt.block_bytes * fmt.block
+        bias = torch.randn(37, generator=gen)
+        for rows in (1, 3):
+            x = torch.randn(rows, cols, generator=gen)
+            outputs.append(torch.ops.tpcompile.quant_linear(x, packed, bias, fmt.code, cols))
+    return outputs
 
 
-@pytest.mark.skipif(
-    platform.machine() not in ("x86_64", "AMD64") or "TPCOMPILE_CPU_ISA" in os.environ,
-    reason="compares the host's own x86 build with an x86-64-v3 one",
-)
-def test_quant_kernels_give_the_same_bits_when_built_for_avx2(tmp_path: Path) -> None:
+@compares_with_avx2_build
+def test_quant_kernels_give_the_same_bits_when_built_for_avx2(tmp_path: Path, one_thread: None) -> None:
     """Every weight a kernel decodes is the reference's value and every sum has one order, on any ISA: the
-    AVX-512 build's table lookup of nibble weights and the AVX2 build's widen-and-scale give the same bits
-    (the x86-64-v3 build runs in another process)."""
-    theirs = outputs_built_for("x86-64-v3", "tests.test_quant:quant_kernel_outputs", tmp_path)
-    mine = quant_kernel_outputs()
-    assert len(theirs) == len(mine)
-    for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
-        assert torch.equal(a, b), i
+    AVX-512 build's table lookup of nibble weights and the AVX2 build's widen-and-scale give the same bits."""
+    assert_same_bits_as_avx2_build("tests.test_quant:quant_kernel_outputs", tmp_path)
 
 
 # -- a tiny Llama as GGUF ---------------------------------------------------------------------------------
