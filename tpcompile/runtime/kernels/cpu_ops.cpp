@@ -450,8 +450,8 @@ constexpr int64_t kMaxHeadVectors = 8;
 
 // softmax(q . k_j * scale + mask_j) . v into out for one query row; false (out untouched) when no key is
 // open. V > 0: dim == value_dim == 16 V, the query and the weighted sum of values are arrays of V vectors
-// (no store and reload per key); V == 0: any dims, the sum in acc. p holds the count scores. Every lane adds in the same order for
-// both, so V only changes where the numbers live, not their values.
+// (no store and reload per key); V == 0: any dims, the sum in acc. p holds the count scores. Every lane
+// adds in the same order for both, so V only changes where the numbers live, not their values.
 template <int V>
 bool attend_row(const float* q, const AttendedKeys& kv, const KeyMask& mask, float scale, float* p, float* acc,
                 float* out) {
