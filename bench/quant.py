@@ -11,9 +11,10 @@ dequantized by transformers and saved as a Hugging Face directory in the work di
                           [--workdir DIR] [--json] [--no-llama-cpp]
 
 Each artifact is compiled once into the work directory (kept between runs); every generation runs in fresh
-processes, twice, and the better decode speed is kept. Not a test: the numbers depend on the machine and on
-whatever else runs on it (the table's host line: CPU, ISAs, load, and the ISA tpcompile's kernels were
-built for when ``TPCOMPILE_CPU_ISA`` narrows it).
+processes, twice, and the better decode speed is kept. Under the table, the issue's targets as ratios of
+this run's rows (quantized tp=2 >= 3x the fp32 tp=2 artifact, >= 1x llama.cpp), PASS or MISS. Not a test:
+the numbers depend on the machine and on whatever else runs on it (the table's host line: CPU, ISAs, load,
+and the ISA tpcompile's kernels were built for when ``TPCOMPILE_CPU_ISA`` narrows it).
 """
 
 from __future__ import annotations
@@ -131,7 +132,14 @@ def main() -> None:
             speed = max(_decode(out, args.max_new_tokens, saved) for _ in range(2))
             prompt_ids = json.loads(saved.read_text())[0]["prompt_ids"]
             rows.append(
-                dict(engine="tprun", tp=tp, weights=kind, decode=speed, rank_bytes=_weight_bytes(out))
+                dict(
+                    engine="tprun",
+                    tp=tp,
+                    format=name,
+                    weights=kind,
+                    decode=speed,
+                    rank_bytes=_weight_bytes(out),
+                )
             )
     speed, note = None, "llama.cpp skipped (--no-llama-cpp)"
     if not args.no_llama_cpp:
@@ -143,8 +151,9 @@ def main() -> None:
             )
         )
     header = f"{time.strftime('%Y-%m-%d')}; {host_line()}; {note}"
+    checks = targets(rows)
     if args.json:
-        print(json.dumps(dict(header=header, rows=rows), indent=1))
+        print(json.dumps(dict(header=header, rows=rows, targets=checks), indent=1))
         return
     print(header)
     print("| engine | tp | weights | largest rank's weights | decode tokens/s |")
@@ -152,6 +161,31 @@ def main() -> None:
     for r in rows:
         size = f"{r['rank_bytes'] / 2**20:.1f} MiB"
         print(f"| {r['engine']} | {r['tp']} | {r['weights']} | {size} | {r['decode']:.1f} |")
+    if checks:
+        print()
+        print("| target (issue 16), this run | measured | limit | result |")
+        print("|---|---|---|---|")
+        for c in checks:
+            verdict = "PASS" if c["met"] else "MISS"
+            print(f"| {c['target']} | {c['measured']:.2f}x | >= {c['limit']:g}x | {verdict} |")
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's speed targets as ratios of rows of this run (a target whose rows did not run is left
+    out): quantized tp=2 against the fp32 tp=2 artifact (>= 3x) and against llama.cpp on the file (>= 1x)."""
+    speed = {(r["engine"], r["tp"], r.get("format")): r["decode"] for r in rows}
+    quantized = speed.get(("tprun", 2, "gguf"))
+    if quantized is None:
+        return []
+    peers = [
+        ("quantized tp=2 / fp32 tp=2 artifact", speed.get(("tprun", 2, "fp32")), 3.0),
+        ("quantized tp=2 / llama.cpp, same file", speed.get(("llama.cpp", 1, None)), 1.0),
+    ]
+    return [
+        dict(target=what, measured=quantized / other, limit=limit, met=quantized / other >= limit)
+        for what, other, limit in peers
+        if other
+    ]
 
 
 if __name__ == "__main__":
