@@ -384,7 +384,8 @@ at::Tensor sharded_argmax(const at::Tensor& local, int64_t valid, int64_t offset
   local_maxima(logits, std::min(valid, logits.size(1)), offset, pairs.data_ptr<double>());
   const int64_t parity = exchange(pairs).first;
   at::Tensor ids = at::empty({rows}, logits.options().dtype(at::kLong));
-  for (int64_t b = 0; b < rows; b++) ids.data_ptr<int64_t>()[b] = first_maximal_rank_id(parity, b);
+  int64_t* out = ids.data_ptr<int64_t>();
+  for (int64_t b = 0; b < rows; b++) out[b] = first_maximal_rank_id(parity, b);
   return ids;
 }
 

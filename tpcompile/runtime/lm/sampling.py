@@ -73,8 +73,7 @@ def distributed_argmax(
     float64, exact for any float logits and ids < 2**53); the winner is the
     first rank holding the maximum, i.e. the lowest global index on ties.  When the C++ collectives are
     attached to the default group's shared-memory segment (ranks of one host running native programs),
-    all of it is one C++ call (``kernels/cpu_ops.shared_memory_argmax``), with the
-    same result.
+    all of it is one C++ call (``kernels/cpu_ops.shared_memory_argmax``), with the same result.
     """
     world = world_size(group)
     if not isinstance(shard.placement, Shard) or world == 1:
