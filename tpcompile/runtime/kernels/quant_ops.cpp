@@ -159,11 +159,32 @@ struct NibbleTable {
 #endif
 };
 
+// d and m of a Q4_1 / int4 group header (two f16 side by side) in fp32. AVX-512: converted together in one
+// 128-bit register, then each broadcast (~4% faster Q4_1 decode products than two broadcast-and-converts;
+// with AVX2 the two are ~4% faster, so it keeps them). The same floats either way.
+inline void scale_pair(const uint8_t* header, Scale& d, Scale& m) {
+#if defined(__AVX512F__)
+  int32_t pair;
+  std::memcpy(&pair, header, 4);
+  const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(pair));
+  d = _mm512_broadcastss_ps(dm);
+  m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
+#else
+  d = scale_at(header);
+  m = scale_at(header + 2);
+#endif
+}
+
 // The table of a block whose f16 d is at `header` and f16 m right after it (kOffsetEight: m = -8 d, Q4_0).
 template <bool kOffsetEight>
 inline NibbleTable nibble_table(const uint8_t* header) {
-  const Scale d = scale_at(header);
-  const Scale m = kOffsetEight ? d * -8.0f : scale_at(header + 2);
+  Scale d, m;
+  if constexpr (kOffsetEight) {
+    d = scale_at(header);
+    m = d * -8.0f;
+  } else {
+    scale_pair(header, d, m);
+  }
 #if defined(__AVX512F__)
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   return {_mm512_fmadd_ps(d, iota, m)};
