@@ -535,13 +535,13 @@ bool attend_row(const float* q, const AttendedKeys& kv, const KeyMask& mask, flo
 // maximum, exp(score - max), their sum, then the weighted values divided by the sum (the flash kernel's
 // result up to the order of fp32 sums). Handles fp32 4-D query/key/value with contiguous rows (a view of
 // the cache is fine), GQA (query head h reads key head h / (Hq / Hkv)) and a boolean or fp32 additive mask
-// broadcastable to [B, Hq, Lq, S]; false for anything else (the caller then runs SDPA).
+// broadcastable to [B, Hq, Lq, keys]; false for anything else (the caller then runs SDPA). Only the first S
+// keys are read (of k, v and the mask's last dim; the caller knows the rest closed), so no narrowed views.
 constexpr int64_t kSmallQueries = 8;
 
 bool few_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const c10::optional<at::Tensor>& mask_in, int64_t S, c10::optional<double> scale_in,
                          bool enable_gqa, at::Tensor& out) {
-  // S: the keys attended, the first S of k / v / the mask's last dim (the rest closed): no narrowed views
   if (q.scalar_type() != at::kFloat || k.scalar_type() != at::kFloat || v.scalar_type() != at::kFloat) return false;
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || q.device().type() != at::kCPU) return false;
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
