@@ -100,10 +100,10 @@ def _weight_bytes(artifact: Path) -> int:
 
 def paired_ratios(quantized: Path, fp32: Path, max_new: int, pairs: int, saved: Path) -> list[float]:
     """``pairs`` runs of the quantized tp=2 artifact and the fp32 one back to back (which goes first
-    alternates): quantized / fp32 decode speed of each pair. This host changes its memory bandwidth for
-    minutes at a time (the fp32 artifact, bound by it, decodes at ~70 or ~100 tokens/s), so two best-of-2
-    rows may compare two different machines; a pair runs within seconds, and the median of pairs compares
-    the two programs (as ``bench/llm.py --pairs`` does for llama.cpp)."""
+    alternates): quantized / fp32 decode speed of each pair. This host changes its memory bandwidth and its
+    CPU speed for minutes at a time (seen here: the fp32 artifact at 51-105 tokens/s, the quantized one at
+    145-290), so two best-of-2 rows may compare two different machines; a pair runs within seconds, and the
+    median of pairs compares the two programs (as ``bench/llm.py --pairs`` does for llama.cpp)."""
     ratios: list[float] = []
     for i in range(pairs):
         order = (quantized, fp32) if i % 2 == 0 else (fp32, quantized)
