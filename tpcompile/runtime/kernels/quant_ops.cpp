@@ -413,23 +413,25 @@ void check_packed(const at::Tensor& packed, int64_t format, int64_t k) {
               "quant kernels: packed row of ", packed.size(1), " bytes does not hold ", k, " features");
 }
 
+// t as an fp32 contiguous tensor: t itself when it is one already (a decode step's input and bias, ~200
+// calls a step, skip the dispatcher calls of .to() / .contiguous(), a microsecond each), else a copy.
+inline at::Tensor fp32_contiguous(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+}
+
 at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, const c10::optional<at::Tensor>& bias_in,
                         int64_t format, int64_t k) {
   check_packed(packed, format, k);
   format = kernel_format(format);
   TORCH_CHECK(x_in.size(-1) == k, "quant_linear: input has ", x_in.size(-1), " features, weight ", k);
-  // a decode step calls this ~200 times: an fp32 contiguous input (the usual one) and an fp32 bias are
-  // used as they are, without the dispatcher calls of .to() / .view(), a microsecond each
   const bool fp32 = x_in.scalar_type() == at::kFloat;
-  at::Tensor x = fp32 && x_in.is_contiguous() ? x_in : x_in.to(at::kFloat).contiguous();
+  at::Tensor x = fp32_contiguous(x_in);
   const int64_t n = packed.size(0);
   const int64_t rows = k ? x.numel() / k : 0;
   c10::SmallVector<int64_t, 4> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
   at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined())
-    bias = bias_in->scalar_type() == at::kFloat && bias_in->is_contiguous() ? *bias_in
-                                                                            : bias_in->to(at::kFloat).contiguous();
+  if (bias_in.has_value() && bias_in->defined()) bias = fp32_contiguous(*bias_in);
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const int64_t row_bytes = packed.size(1);
   if (rows <= kDecodeRows) {
