@@ -55,7 +55,8 @@ class CapturedModel:
     # read_packed(name, dim, start, length) -> uint8 blocks of that slice (runtime/format/quant_section.py)
     packed: dict[str, QuantFormat] = field(default_factory=dict)
     read_packed: Callable[[str, int, int, int], torch.Tensor] | None = None
-    # quantized in the source, but stored as floats (no kernel for the format): name -> (format, source bytes)
+    # quantized in the source, but stored as floats (no kernel for the format): stored tensor's name (as in
+    # packed) -> (format, its bytes in the source)
     unpacked: dict[str, tuple[str, int]] = field(default_factory=dict)
     # how the user stores the packed weights as floats instead (named when their blocks cannot be split)
     float_fix: str = "--dequantize"

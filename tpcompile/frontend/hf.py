@@ -234,7 +234,10 @@ def load_hf(
         names = set(captured.state_names().values()) - zero
         captured.packed = {n: f for n in sorted(names) if (f := reader.packed_format(n)) is not None}
         captured.read_packed = reader.read_packed
-        captured.unpacked = dict(ckpt.gguf.unpacked)
+        for name in sorted(names):  # the file's names -> the stored tensors' names, as packed is keyed
+            key = reader.source_key(name)
+            if key in ckpt.gguf.unpacked:
+                captured.unpacked[name] = ckpt.gguf.unpacked[key]
     return captured
 
 

@@ -110,7 +110,8 @@ class CheckpointReader:
         self.aliases = {name: names for names in groups.values() for name in names}
         self.buffers = dict(model.named_buffers(remove_duplicate=False))
 
-    def _resolve(self, name: str) -> str | None:
+    def source_key(self, name: str) -> str | None:
+        """The checkpoint's name of the stored tensor ``name`` (ties resolved), or None if it has none."""
         local = name.removeprefix(PREFIX)
         for candidate in self.aliases.get(local, [local]):
             if candidate in self.available:
@@ -129,7 +130,7 @@ class CheckpointReader:
 
     def check(self, name: str, expected: tuple[int, ...]) -> None:
         """Fail before compiling when the checkpoint lacks a tensor or disagrees with the config."""
-        key = self._resolve(name)
+        key = self.source_key(name)
         if key is None:
             self._computed(name.removeprefix(PREFIX))
             return
@@ -140,24 +141,24 @@ class CheckpointReader:
             )
 
     def read(self, name: str) -> torch.Tensor:
-        key = self._resolve(name)
+        key = self.source_key(name)
         if key is None:
             return self._computed(name.removeprefix(PREFIX))
         return self.source.read(key).to(self.dtype)
 
     def packed_format(self, name: str) -> QuantFormat | None:
         """The block format the source can read ``name`` packed in (a GGUF file), or None."""
-        key = self._resolve(name)
+        key = self.source_key(name)
         formats = getattr(self.source, "packed_format", None)
         return None if key is None or formats is None else formats(key)
 
     def read_packed(self, name: str, dim: int, start: int, length: int) -> torch.Tensor:
-        key = self._resolve(name)
+        key = self.source_key(name)
         assert key is not None
         return self.source.read_packed(key, dim, start, length)  # type: ignore[attr-defined]
 
     def read_slice(self, name: str, dim: int, start: int, length: int) -> torch.Tensor:
-        key = self._resolve(name)
+        key = self.source_key(name)
         if key is None:
             return self._computed(name.removeprefix(PREFIX)).narrow(dim, start, length)
         return read_slice(self.source, key, dim, start, length).to(self.dtype)
