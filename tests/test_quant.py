@@ -6,7 +6,9 @@ shards to the kernels.
   uneven block split of the MLP at tp=2 and 3), run on real ranks: logits within 1e-4 of transformers
   running the same file (which dequantizes it); row-parallel cuts fall on block boundaries;
 - a tp at which the blocks do not go round is refused with one line, exit 2, nothing written;
-- ``--dequantize`` stores floats again.
+- ``--dequantize`` stores floats again;
+- a GGML type without a kernel (Q5_0) is stored as floats with one warning line, and one the installed gguf
+  cannot read (Q8_1) is refused with one line, exit 3, nothing written.
 SmolLM2 itself (greedy tokens equal transformers at tp=1..4 on the kept-quantized artifact) runs in
 ``test_llm_e2e.py``, whose compiles now keep its Q4_1/Q8_0 tensors packed; the tp=2 size bound is here.
 """
@@ -14,6 +16,7 @@ SmolLM2 itself (greedy tokens equal transformers at tp=1..4 on the kept-quantize
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,8 +169,10 @@ HF_NAMES = {
 }
 
 
-def write_tiny_llama(path: Path, layout: Layout) -> None:
-    """The GGUF file of ``layout`` (random weights; no tokenizer)."""
+def write_tiny_llama(path: Path, layout: Layout, foreign: dict[str, str] | None = None) -> None:
+    """The GGUF file of ``layout`` (random weights; no tokenizer). ``foreign`` stores some tensor kinds in a
+    GGML type tpcompile has no kernel for instead, by name (``{"ffn_up": "Q5_0"}``); a type gguf cannot
+    quantize (Q8_1) gets blocks of zeros of its size."""
     hidden, heads, kv_heads, ffn = layout.hidden, layout.heads, layout.kv_heads, layout.ffn
     head_dim = hidden // heads
     gen = np.random.default_rng(0)
@@ -192,6 +197,15 @@ def write_tiny_llama(path: Path, layout: Layout) -> None:
         else:
             writer.add_tensor(name, quantize(value, fmt, seed=len(name) + shape[0]), raw_dtype=GGML[fmt])
 
+    def add_foreign(name: str, shape: tuple[int, int], ggml: Any) -> None:
+        value = (gen.standard_normal(shape) * 0.3).astype(np.float32)
+        try:
+            blocks = gguf.quants.quantize(value, ggml)
+        except NotImplementedError:
+            block, size = gguf.GGML_QUANT_SIZES[ggml]
+            blocks = np.zeros((shape[0], shape[1] // block * size), dtype=np.uint8)
+        writer.add_tensor(name, blocks, raw_dtype=ggml)
+
     add("token_embd.weight", (VOCAB, hidden), layout.embedding, 1.0)
     add("output_norm.weight", (hidden,), None)
     shapes = {
@@ -207,7 +221,10 @@ def write_tiny_llama(path: Path, layout: Layout) -> None:
         add(f"blk.{i}.attn_norm.weight", (hidden,), None)
         add(f"blk.{i}.ffn_norm.weight", (hidden,), None)
         for kind, fmt in layout.types.items():
-            add(f"blk.{i}.{kind}.weight", shapes[kind], fmt)
+            if foreign and kind in foreign:
+                add_foreign(f"blk.{i}.{kind}.weight", shapes[kind], gguf.GGMLQuantizationType[foreign[kind]])
+            else:
+                add(f"blk.{i}.{kind}.weight", shapes[kind], fmt)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -307,6 +324,45 @@ def test_blocks_that_do_not_go_round_are_refused(tmp_path: Path) -> None:
         "tpcompile: error: --tp 3 cannot split hf.model.layers.0.self_attn.o_proj.weight on its quantization "
         "blocks (32 input features each): its whole units of 32 features split over at most 2 ranks; use "
         "--tp 2 or less, or --dequantize"
+    ]
+    assert not out.exists()
+
+
+def test_a_type_without_a_kernel_is_stored_dequantized_with_one_warning(tmp_path: Path) -> None:
+    """Q5_0, which gguf reads and tpcompile has no kernel for: those weights are stored as floats, one
+    warning line names them and the bytes they add, and the logits still equal transformers' on the file."""
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "q5_0.gguf"
+    write_tiny_llama(path, LAYOUTS["q"], foreign={"ffn_up": "Q5_0"})
+    manifest = _compile_tiny(path, 2, tmp_path / "out")
+    up = [f"hf.model.layers.{i}.mlp.up_proj.weight" for i in range(LAYERS)]
+    assert manifest["extra"]["quant"]["dequantized"] == dict.fromkeys(up, "Q5_0")
+    assert not any(name in manifest["extra"]["quant"]["tensors"] for name in up)
+    [warning] = [w for w in manifest["warnings"] if "no kernel" in w]
+    assert re.fullmatch(
+        rf"2 quantized tensors \(Q5_0\) have no kernel and are stored dequantized: {re.escape(up[0])} "
+        r"\(and 1 more\), [0-9.]+ MiB more than in the source \(tpcompile explain lists them\)",
+        warning,
+    ), warning
+    reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 33, 2, 63, 17, 4, 8, 11, 40]])
+    with torch.no_grad():
+        want = reference.eval()(ids).logits
+    torch.testing.assert_close(_logits(tmp_path / "out", ids), want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_type_that_cannot_be_read_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Q8_1, which the installed gguf cannot dequantize: exit 3, one line naming the tensor and its type,
+    nothing written."""
+    path = tmp_path / "q8_1.gguf"
+    write_tiny_llama(path, LAYOUTS["q"], foreign={"ffn_up": "Q8_1"})
+    out = tmp_path / "out"
+    proc = tpcompile(path, "--tp", "2", "-o", out, "--quiet", "--no-native")
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"tpcompile: error: {path}: tensor blk.0.ffn_up.weight is quantized as Q8_1, which the installed "
+        "gguf package cannot dequantize (Dequantization for Q8_1 is not yet implemented)"
     ]
     assert not out.exists()
 
