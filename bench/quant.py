@@ -15,7 +15,8 @@ processes, twice, and the better decode speed is kept. Under the table, the issu
 this run's rows (quantized tp=2 >= 3x the fp32 tp=2 artifact, >= 1x llama.cpp), PASS or MISS; the 3x one
 is judged on ``--pairs`` more runs of the two tp=2 artifacts back to back (:func:`paired_ratios`). Not a test:
 the numbers depend on the machine and on whatever else runs on it (the table's host line: CPU, ISAs, load,
-and the ISA tpcompile's kernels were built for when ``TPCOMPILE_CPU_ISA`` narrows it).
+and the ISA tpcompile's kernels were built for when ``TPCOMPILE_CPU_ISA`` narrows it; then the host's state at
+the start and at the end of the run, :func:`host_state`).
 """
 
 from __future__ import annotations
@@ -113,6 +114,48 @@ def paired_ratios(quantized: Path, fp32: Path, max_new: int, pairs: int, saved: 
     return ratios
 
 
+def host_state() -> dict[str, float]:
+    """Where this host is now, on one thread: the Q4_1 decode product's time per 32-weight block with its
+    weight (1.4 MiB) in cache, and the memory read bandwidth. This host has run the same loop at ~1.0 and at
+    ~1.5 ns per block, for minutes or for a second at a time, and the quantized/fp32 ratio moves with it:
+    sampled at the start and at the end of a run, so that a table says which host it saw then."""
+    import torch
+
+    from tpcompile.runtime.format.quant_section import QuantFormat
+    from tpcompile.runtime.kernels.quant import load_quant_ops
+    from tpcompile.runtime.lm.profile import read_bandwidth
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        state = dict(read_gb_s=read_bandwidth(remeasure=True) / 1e9)
+        if load_quant_ops():
+            rows, cols = 4096, 576
+            gen = torch.Generator().manual_seed(0)
+            packed = torch.randint(0, 256, (rows, cols // 32, 20), dtype=torch.uint8, generator=gen)
+            halves = (torch.rand(rows, cols // 32, 2, generator=gen) * 0.01).half()
+            packed[:, :, :4] = halves.view(torch.uint8).reshape(rows, cols // 32, 4)
+            packed = packed.reshape(rows, -1)
+            x = torch.randn(1, cols, generator=gen)
+            product = torch.ops.tpcompile.quant_linear
+            code = QuantFormat.Q4_1.code
+            best = float("inf")
+            for _ in range(200):
+                start = time.perf_counter()
+                product(x, packed, None, code, cols)
+                best = min(best, time.perf_counter() - start)
+            state["q4_1_ns_per_block"] = best / (rows * cols // 32) * 1e9
+        return state
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _state_line(when: str, state: dict[str, float]) -> str:
+    kernel = state.get("q4_1_ns_per_block")
+    product = f"Q4_1 product {kernel:.2f} ns per block in cache, " if kernel is not None else ""
+    return f"host state at the {when} (one thread): {product}memory read {state['read_gb_s']:.1f} GB/s"
+
+
 def _llama_cpp(source: Path, prompt_ids: list[int], max_new: int) -> tuple[float | None, str]:
     try:
         import peers  # bench/peers.py: the llama-cpp-python environment
@@ -140,6 +183,7 @@ def main() -> None:
     args = parser.parse_args()
     source = _smollm2()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    states = {"start": host_state()}
     rows: list[dict[str, Any]] = []
     prompt_ids: list[int] = []
     artifacts: dict[tuple[int, str], Path] = {}
@@ -173,12 +217,16 @@ def main() -> None:
     if llama_speed is not None:
         row = dict(engine="llama.cpp", tp=1, weights="Q4_1 file", decode=llama_speed)
         rows.append(row | dict(rank_bytes=source.stat().st_size))
+    states["end"] = host_state()
     header = f"{time.strftime('%Y-%m-%d')}; {host_line()}; {note}"
     checks = targets(rows, pairs)
     if args.json:
-        print(json.dumps(dict(header=header, rows=rows, pairs=pairs, targets=checks), indent=1))
+        report = dict(header=header, host_state=states, rows=rows, pairs=pairs, targets=checks)
+        print(json.dumps(report, indent=1))
         return
     print(header)
+    for when, state in states.items():
+        print(_state_line(when, state))
     print("| engine | tp | weights | largest rank's weights | decode tokens/s |")
     print("|---|---|---|---|---|")
     for r in rows:

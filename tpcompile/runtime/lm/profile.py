@@ -49,11 +49,11 @@ def _clock() -> tuple[float, int] | None:
     return python[0] + native[0], python[1] + native[1]
 
 
-def read_bandwidth(nbytes: int = 256 * 2**20) -> float:
+def read_bandwidth(nbytes: int = 256 * 2**20, *, remeasure: bool = False) -> float:
     """Bytes per second this process reads from memory with its torch threads (measured once per thread
-    count: the best of three sums over a buffer larger than any cache)."""
+    count, or again with ``remeasure``: the best of three sums over a buffer larger than any cache)."""
     threads = torch.get_num_threads()
-    if threads not in _BANDWIDTH:
+    if remeasure or threads not in _BANDWIDTH:
         buf = torch.ones(nbytes // 4, dtype=torch.float32)
         best = float("inf")
         for _ in range(3):
