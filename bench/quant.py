@@ -121,6 +121,7 @@ def host_state() -> dict[str, float]:
     sampled at the start and at the end of a run, so that a table says which host it saw then."""
     import torch
 
+    from tpcompile.frontend.quantize import quantize_rows
     from tpcompile.runtime.format.quant_section import QuantFormat
     from tpcompile.runtime.kernels.quant import load_quant_ops
     from tpcompile.runtime.lm.profile import read_bandwidth
@@ -132,10 +133,8 @@ def host_state() -> dict[str, float]:
         if load_quant_ops():
             rows, cols = 4096, 576
             gen = torch.Generator().manual_seed(0)
-            packed = torch.randint(0, 256, (rows, cols // 32, 20), dtype=torch.uint8, generator=gen)
-            halves = (torch.rand(rows, cols // 32, 2, generator=gen) * 0.01).half()
-            packed[:, :, :4] = halves.view(torch.uint8).reshape(rows, cols // 32, 4)
-            packed = packed.reshape(rows, -1)
+            # --quantize int4 (group 32) writes Q4_1's blocks, which the Q4_1 kernel runs
+            packed = quantize_rows(torch.randn(rows, cols, generator=gen), QuantFormat.INT4_G32)
             x = torch.randn(1, cols, generator=gen)
             product = torch.ops.tpcompile.quant_linear
             code = QuantFormat.Q4_1.code
