@@ -458,21 +458,20 @@ struct KeyMask {
   int64_t stride = 0;
 };
 
-// Head dims up to 16 * kMaxHeadVectors take attend_row<V>, whose query and output rows are V-vector arrays
-// the compiler keeps in registers where they fit (AVX-512's 32 hold 128 dims; AVX2's 16 about 64).
-constexpr int64_t kMaxHeadVectors = 8;
+// One query row of an attention call: its query, its mask over the keys, where its output goes, and
+// whether any key was open for it (when none is, out is left untouched).
+struct QueryRow {
+  const float* q;
+  KeyMask mask;
+  float* out;
+  bool open;
+};
 
-// softmax(q . k_j * scale + mask_j) . v into out for one query row; false (out untouched) when no key is
-// open. V > 0: dim == value_dim == 16 V, the query and the weighted sum of values are arrays of V vectors
-// (no store and reload per key); V == 0: any dims, the sum in acc. p holds the count scores. Every lane
-// adds in the same order for both, so V only changes where the numbers live, not their values.
-template <int V>
+// softmax(q . k_j * scale + mask_j) . v for one query row, any dims: one key at a time, the weighted sum of
+// values in acc. p holds the count scores. Each score is hsum(q * k_j) * scale (+ mask), as in attend_rows.
 bool attend_row(const float* q, const AttendedKeys& kv, const KeyMask& mask, float scale, float* p, float* acc,
                 float* out) {
   constexpr float kClosed = -std::numeric_limits<float>::infinity();
-  v16f qv[V > 0 ? V : 1];
-  if constexpr (V > 0)
-    for (int c = 0; c < V; c++) qv[c] = load16(q + 16 * c);
   float top = kClosed;
   for (int64_t j = 0; j < kv.count; j++) {
     if (mask.open != nullptr && !mask.open[j * mask.stride]) {
@@ -480,18 +479,11 @@ bool attend_row(const float* q, const AttendedKeys& kv, const KeyMask& mask, flo
       continue;
     }
     const float* kj = kv.keys + j * kv.key_stride;
-    float s;
-    if constexpr (V > 0) {
-      v16f a = qv[0] * load16(kj);
-      for (int c = 1; c < V; c++) a += qv[c] * load16(kj + 16 * c);
-      s = hsum(a);
-    } else {
-      int64_t d = 0;
-      v16f a{};
-      for (; d + 16 <= kv.dim; d += 16) a += load16(q + d) * load16(kj + d);
-      s = hsum(a);
-      for (; d < kv.dim; d++) s = std::fma(q[d], kj[d], s);  // see kernel_tail_fma
-    }
+    int64_t d = 0;
+    v16f a{};
+    for (; d + 16 <= kv.dim; d += 16) a += load16(q + d) * load16(kj + d);
+    float s = hsum(a);
+    for (; d < kv.dim; d++) s = std::fma(q[d], kj[d], s);  // see kernel_tail_fma
     s = s * scale;
     if (mask.add != nullptr) s += mask.add[j * mask.stride];
     p[j] = s;
@@ -504,29 +496,93 @@ bool attend_row(const float* q, const AttendedKeys& kv, const KeyMask& mask, flo
     sum += p[j];
   }
   const float inv = 1.0f / sum;
-  if constexpr (V > 0) {
-    v16f o[V];
-    for (int c = 0; c < V; c++) o[c] = v16f{};
-    for (int64_t j = 0; j < kv.count; j++) {
-      if (p[j] == 0.0f) continue;
-      const float* vj = kv.values + j * kv.value_stride;
-      for (int c = 0; c < V; c++) o[c] += p[j] * load16(vj + 16 * c);
-    }
-    for (int c = 0; c < V; c++) tpcompile_simd::store16(out + 16 * c, inv * o[c]);
-  } else {
-    std::fill(acc, acc + kv.value_dim, 0.0f);
-    for (int64_t j = 0; j < kv.count; j++) {
-      if (p[j] == 0.0f) continue;
-      const float* vj = kv.values + j * kv.value_stride;
-      const float w = p[j];
-      int64_t d = 0;
-      for (; d + 16 <= kv.value_dim; d += 16)
-        tpcompile_simd::store16(acc + d, load16(acc + d) + w * load16(vj + d));
-      for (; d < kv.value_dim; d++) acc[d] += w * vj[d];
-    }
-    for (int64_t d = 0; d < kv.value_dim; d++) out[d] = acc[d] * inv;
+  std::fill(acc, acc + kv.value_dim, 0.0f);
+  for (int64_t j = 0; j < kv.count; j++) {
+    if (p[j] == 0.0f) continue;
+    const float* vj = kv.values + j * kv.value_stride;
+    const float w = p[j];
+    int64_t d = 0;
+    for (; d + 16 <= kv.value_dim; d += 16) tpcompile_simd::store16(acc + d, load16(acc + d) + w * load16(vj + d));
+    for (; d < kv.value_dim; d++) acc[d] += w * vj[d];
   }
+  for (int64_t d = 0; d < kv.value_dim; d++) out[d] = acc[d] * inv;
   return true;
+}
+
+// Head dims up to 16 * kMaxHeadVectors take attend_rows<V> (dim == value_dim == 16 V).
+constexpr int64_t kMaxHeadVectors = 8;
+constexpr int64_t kKeyTile = 16;
+
+// attend_row for every row of `rows` over the same keys (the query heads of one GQA group, each with its
+// queries), the keys taken 16 at a time: each tile of keys and values is read from memory once for all the
+// rows (a long cache does not fit in L2), the 16 scores of a row are reduced together (hsum16) and
+// exponentiated together (exp16). p: rows x pitch scores (pitch: count rounded up to a multiple of 16).
+// Per row, each score is the same fp32 number as attend_row's and the weighted values add in key order;
+// only exp and the order of the softmax's sum differ.
+template <int V>
+void attend_rows(QueryRow* rows, int64_t n_rows, const AttendedKeys& kv, float scale, float* p, int64_t pitch) {
+  constexpr float kClosed = -std::numeric_limits<float>::infinity();
+  std::vector<v16f> tops(n_rows, tpcompile_simd::splat16(kClosed));
+  for (int64_t t = 0; t < kv.count; t += kKeyTile) {
+    const int64_t n = std::min(kKeyTile, kv.count - t);
+    for (int64_t r = 0; r < n_rows; r++) {
+      v16f qv[V];
+      for (int c = 0; c < V; c++) qv[c] = load16(rows[r].q + 16 * c);
+      v16f dots[kKeyTile];
+      for (int64_t j = 0; j < kKeyTile; j++) {
+        dots[j] = v16f{};
+        if (j >= n) continue;
+        const float* kj = kv.keys + (t + j) * kv.key_stride;
+        v16f a = qv[0] * load16(kj);
+        for (int c = 1; c < V; c++) a += qv[c] * load16(kj + 16 * c);
+        dots[j] = a;
+      }
+      float* pr = p + r * pitch + t;
+      tpcompile_simd::store16(pr, scale * tpcompile_simd::hsum16(dots));
+      const KeyMask& mask = rows[r].mask;
+      for (int64_t j = 0; j < kKeyTile; j++) {
+        const int64_t key = t + j;
+        if (j >= n || (mask.open != nullptr && !mask.open[key * mask.stride]))
+          pr[j] = kClosed;
+        else if (mask.add != nullptr)
+          pr[j] += mask.add[key * mask.stride];
+      }
+      tops[r] = tpcompile_simd::max16(tops[r], load16(pr));
+    }
+  }
+  for (int64_t r = 0; r < n_rows; r++) {
+    float top = kClosed;
+    for (int i = 0; i < 16; i++) top = std::max(top, tops[r][i]);
+    rows[r].open = top != kClosed;
+    if (!rows[r].open) continue;
+    v16f sums{};
+    for (int64_t t = 0; t < kv.count; t += kKeyTile) {
+      float* pr = p + r * pitch + t;
+      const v16f e = tpcompile_simd::exp16(load16(pr) - top);
+      tpcompile_simd::store16(pr, e);
+      sums += e;
+    }
+    tops[r] = tpcompile_simd::splat16(1.0f / hsum(sums));  // now the rows' 1 / sum
+    for (int c = 0; c < V; c++) tpcompile_simd::store16(rows[r].out + 16 * c, v16f{});
+  }
+  for (int64_t t = 0; t < kv.count; t += kKeyTile) {
+    const int64_t n = std::min(kKeyTile, kv.count - t);
+    for (int64_t r = 0; r < n_rows; r++) {
+      if (!rows[r].open) continue;
+      const float* pr = p + r * pitch + t;
+      v16f o[V];
+      for (int c = 0; c < V; c++) o[c] = load16(rows[r].out + 16 * c);
+      for (int64_t j = 0; j < n; j++) {
+        if (pr[j] == 0.0f) continue;  // a closed key: its cache slot may hold anything
+        const float* vj = kv.values + (t + j) * kv.value_stride;
+        for (int c = 0; c < V; c++) o[c] += pr[j] * load16(vj + 16 * c);
+      }
+      for (int c = 0; c < V; c++) tpcompile_simd::store16(rows[r].out + 16 * c, o[c]);
+    }
+  }
+  for (int64_t r = 0; r < n_rows; r++)
+    if (rows[r].open)
+      for (int c = 0; c < V; c++) tpcompile_simd::store16(rows[r].out + 16 * c, tops[r] * load16(rows[r].out + 16 * c));
 }
 
 // The few query rows of a decode step: a direct loop per (batch, query head) instead of the flash kernel,
@@ -571,35 +627,44 @@ bool few_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
   // enough work per task that waking a thread pays (a short cache runs inline)
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L * S * (D + Dv)));
   const int64_t vectors = D == Dv && D % 16 == 0 && D <= 16 * kMaxHeadVectors ? D / 16 : 0;
+  const int64_t pitch = (S + kKeyTile - 1) / kKeyTile * kKeyTile;
   at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(S);
+    std::vector<float> p(vectors ? std::min(end - begin, group) * L * pitch : S);
     std::vector<float> acc(Dv);
-    for (int64_t bh = begin; bh < end; bh++) {
-      const int64_t b = bh / H, h = bh % H, g = h / group;
+    std::vector<QueryRow> rows;
+    for (int64_t bh = begin; bh < end;) {
+      // the heads of this task that read the same key head (all of a GQA group when the task holds it)
+      const int64_t b = bh / H, g = (bh % H) / group;
+      const int64_t run_end = std::min(end, b * H + (g + 1) * group);
       AttendedKeys keys{kp + b * k.stride(0) + g * k.stride(1), k.stride(2), vp + b * v.stride(0) + g * v.stride(1),
                         v.stride(2), S, D, Dv};
-      for (int64_t i = 0; i < L; i++) {
-        const float* qi = qp + b * q.stride(0) + h * q.stride(1) + i * q.stride(2);
-        KeyMask m;
-        if (mask.defined()) {
-          const int64_t row = b * mask.stride(0) + h * mask.stride(1) + i * mask.stride(2);
-          m = KeyMask{mb ? mb + row : nullptr, mf ? mf + row : nullptr, mask.stride(3)};
+      rows.clear();
+      for (; bh < run_end; bh++)
+        for (int64_t i = 0; i < L; i++) {
+          const int64_t h = bh % H;
+          KeyMask m;
+          if (mask.defined()) {
+            const int64_t row = b * mask.stride(0) + h * mask.stride(1) + i * mask.stride(2);
+            m = KeyMask{mb ? mb + row : nullptr, mf ? mf + row : nullptr, mask.stride(3)};
+          }
+          rows.push_back(QueryRow{qp + b * q.stride(0) + h * q.stride(1) + i * q.stride(2), m,
+                                  op + ((b * H + h) * L + i) * Dv, false});
         }
-        float* oi = op + ((b * H + h) * L + i) * Dv;
-        bool open = false;
-        switch (vectors) {
-          case 1: open = attend_row<1>(qi, keys, m, scale, p.data(), acc.data(), oi); break;
-          case 2: open = attend_row<2>(qi, keys, m, scale, p.data(), acc.data(), oi); break;
-          case 3: open = attend_row<3>(qi, keys, m, scale, p.data(), acc.data(), oi); break;
-          case 4: open = attend_row<4>(qi, keys, m, scale, p.data(), acc.data(), oi); break;
-          case 5: open = attend_row<5>(qi, keys, m, scale, p.data(), acc.data(), oi); break;
-          case 6: open = attend_row<6>(qi, keys, m, scale, p.data(), acc.data(), oi); break;
-          case 7: open = attend_row<7>(qi, keys, m, scale, p.data(), acc.data(), oi); break;
-          case 8: open = attend_row<8>(qi, keys, m, scale, p.data(), acc.data(), oi); break;
-          default: open = attend_row<0>(qi, keys, m, scale, p.data(), acc.data(), oi);
-        }
-        if (!open) fully_masked = true;  // SDPA's own answer for a row with no open key
+      const int64_t n = int64_t(rows.size());
+      switch (vectors) {
+        case 1: attend_rows<1>(rows.data(), n, keys, scale, p.data(), pitch); break;
+        case 2: attend_rows<2>(rows.data(), n, keys, scale, p.data(), pitch); break;
+        case 3: attend_rows<3>(rows.data(), n, keys, scale, p.data(), pitch); break;
+        case 4: attend_rows<4>(rows.data(), n, keys, scale, p.data(), pitch); break;
+        case 5: attend_rows<5>(rows.data(), n, keys, scale, p.data(), pitch); break;
+        case 6: attend_rows<6>(rows.data(), n, keys, scale, p.data(), pitch); break;
+        case 7: attend_rows<7>(rows.data(), n, keys, scale, p.data(), pitch); break;
+        case 8: attend_rows<8>(rows.data(), n, keys, scale, p.data(), pitch); break;
+        default:
+          for (QueryRow& row : rows) row.open = attend_row(row.q, keys, row.mask, scale, p.data(), acc.data(), row.out);
       }
+      for (const QueryRow& row : rows)
+        if (!row.open) fully_masked = true;  // SDPA's own answer for a row with no open key
     }
   });
   return !fully_masked;

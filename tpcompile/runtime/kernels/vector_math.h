@@ -123,4 +123,105 @@ inline float hsum(const v16f& v) {
 #endif
 }
 
+// Sixteen hsums at once: lane j of the result is hsum(v[j]) bit for bit (the same tree: lanes i + i + 8,
+// then i + i + 4, i + i + 2, then the pair), with ~3 shuffles and adds per vector instead of ~8 for one
+// hsum: an attention step reduces one key's dot product per 16 lanes of it.
+inline v16f hsum16(const v16f* v) {
+  v16f r;
+#if defined(__AVX512F__)
+  __m512 h8[8], h4[4], h2[2];
+  for (int p = 0; p < 8; p++) {  // [h8 of v[2p] | h8 of v[2p + 1]]
+    __m512 a, b;
+    std::memcpy(&a, &v[2 * p], 64);
+    std::memcpy(&b, &v[2 * p + 1], 64);
+    h8[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                          _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  for (int p = 0; p < 4; p++)  // 128-bit chunk c: h4 of v[4p + c]
+    h4[p] = _mm512_add_ps(_mm512_shuffle_f32x4(h8[2 * p], h8[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_f32x4(h8[2 * p], h8[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int p = 0; p < 2; p++)  // chunk c: h2 of v[8p + c], then h2 of v[8p + 4 + c]
+    h2[p] = _mm512_add_ps(_mm512_shuffle_ps(h4[2 * p], h4[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                          _mm512_shuffle_ps(h4[2 * p], h4[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // chunk c: the sums of v[c], v[c + 4], v[c + 8], v[c + 12]; lane j takes v[j]'s from lane 4 (j % 4) + j / 4
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(h2[0], h2[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_ps(h2[0], h2[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m512 out = _mm512_permutexvar_ps(order, sums);
+  std::memcpy(&r, &out, 64);
+#elif defined(__AVX__)
+  // the same tree on 32-byte halves: each vector's h8 is one add of its halves, no shuffle
+  __m256 h8[8][2], h4[4][2], h2[2][2];
+  for (int p = 0; p < 8; p++)
+    for (int q = 0; q < 2; q++) h8[p][q] = v[2 * p + q].part[0] + v[2 * p + q].part[1];
+  for (int p = 0; p < 4; p++)
+    for (int q = 0; q < 2; q++) {
+      const __m256 lo = h8[2 * p + q][0], hi = h8[2 * p + q][1];
+      h4[p][q] = _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+    }
+  for (int p = 0; p < 2; p++)
+    for (int q = 0; q < 2; q++)
+      h2[p][q] = _mm256_add_ps(_mm256_shuffle_ps(h4[2 * p][q], h4[2 * p + 1][q], _MM_SHUFFLE(1, 0, 1, 0)),
+                               _mm256_shuffle_ps(h4[2 * p][q], h4[2 * p + 1][q], _MM_SHUFFLE(3, 2, 3, 2)));
+  alignas(32) float sums[16];
+  for (int q = 0; q < 2; q++)
+    _mm256_store_ps(sums + 8 * q, _mm256_add_ps(_mm256_shuffle_ps(h2[0][q], h2[1][q], _MM_SHUFFLE(2, 0, 2, 0)),
+                                                _mm256_shuffle_ps(h2[0][q], h2[1][q], _MM_SHUFFLE(3, 1, 3, 1))));
+  alignas(32) float out[16];
+  for (int j = 0; j < 16; j++) out[j] = sums[4 * (j % 4) + j / 4];
+  r = load16(out);
+#else
+  alignas(16) float out[16];
+  for (int j = 0; j < 16; j++) out[j] = hsum(v[j]);
+  r = load16(out);
+#endif
+  return r;
+}
+
+// exp of each lane of a GCC float vector (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-7 series
+// in r, times 2^n): within ~2 ulp of exp, and 0 below -87 (where exp is within a few ulp of FLT_MIN), -inf
+// included. Lane-wise operations only, so every ISA's registers give the same bits.
+template <typename F>
+inline F exp_lanes(F x) {
+  typedef int I __attribute__((vector_size(sizeof(F))));
+  const I zero_below = x < -87.0f;
+  x = x < -87.0f ? F{} - 87.0f : x;
+  const F n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2): 1.5 * 2^23 trick
+  F r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  F y = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const I scale_bits = (__builtin_convertvector(n, I) + 127) << 23;  // 2^n, n in [-126, 128]
+  const F result = y * reinterpret_cast<const F&>(scale_bits);
+  return zero_below ? F{} : result;
+}
+
+inline v16f exp16(const v16f& x) {
+#if defined(__AVX512F__)
+  return exp_lanes(x);
+#else
+  v16f r;
+  for (int p = 0; p < kParts; p++) r.part[p] = exp_lanes(x.part[p]);
+  return r;
+#endif
+}
+
+// s in every lane.
+inline v16f splat16(float s) { return v16f{} + s; }
+
+// The larger of each pair of lanes.
+inline v16f max16(const v16f& a, const v16f& b) {
+#if defined(__AVX512F__)
+  return a > b ? a : b;
+#else
+  v16f r;
+  for (int p = 0; p < kParts; p++) r.part[p] = a.part[p] > b.part[p] ? a.part[p] : b.part[p];
+  return r;
+#endif
+}
+
 }  // namespace tpcompile_simd
