@@ -110,6 +110,33 @@ def test_prefix_attention_equals_full_attention(
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(8, 2, 64), (6, 3, 128), (3, 1, 16)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefix_attention_over_many_key_tiles_equals_sdpa(
+    heads: int, kv_heads: int, dim: int, threads: int
+) -> None:
+    """A cache long enough for many tiles of 16 keys, the last one partial, closed keys inside it holding
+    NaN, the query heads of a GQA group split between tasks or not: SDPA over the open keys."""
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(heads * dim)
+        q = torch.randn(1, heads, 1, dim, generator=gen) * 4  # scores spread wide: exp over a large range
+        k, v = torch.randn(2, 1, kv_heads, 160, dim, generator=gen)
+        open_ = torch.rand(1, heads, 1, 160, generator=gen) < 0.8
+        open_[..., 0] = True
+        open_[..., 117:] = False
+        k[..., 117:, :] = float("nan")
+        k[..., 5, :] = v[..., 5, :] = float("nan")  # a closed slot that is read but must not count
+        open_[..., 5] = False
+        got = torch.ops.tpcompile.prefix_attention(q, k, v, open_, 0.0, False, None, True)
+        want = F.scaled_dot_product_attention(
+            q, k[..., :117, :].nan_to_num(), v[..., :117, :].nan_to_num(), open_[..., :117], enable_gqa=True
+        )
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+
+
 def test_prefix_attention_row_without_open_key_is_sdpas() -> None:
     q, k, v = torch.randn(1, 2, 2, 16), torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
     mask = torch.ones(1, 1, 2, 12, dtype=torch.bool)
