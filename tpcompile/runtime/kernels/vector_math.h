@@ -125,35 +125,40 @@ inline float hsum(const v16f& v) {
 
 // Sixteen hsums at once: lane j of the result is hsum(v[j]) bit for bit (the same tree: lanes i + i + 8,
 // then i + i + 4, i + i + 2, then the pair), with ~3 shuffles and adds per vector instead of ~8 for one
-// hsum: an attention step reduces one key's dot product per 16 lanes of it.
+// hsum: an attention step reduces one key's dot product per 16 lanes of it. The shuffles below leave the
+// sum of the vector taken i-th in lane 4 (i % 4) + i / 4, so the vectors are taken in that order (the map
+// is its own inverse) and each sum lands in its own lane.
+constexpr int kHsum16Order[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+
 inline v16f hsum16(const v16f* v) {
   v16f r;
 #if defined(__AVX512F__)
   __m512 h8[8], h4[4], h2[2];
-  for (int p = 0; p < 8; p++) {  // [h8 of v[2p] | h8 of v[2p + 1]]
+  for (int p = 0; p < 8; p++) {  // [h8 of one vector | h8 of the next]
     __m512 a, b;
-    std::memcpy(&a, &v[2 * p], 64);
-    std::memcpy(&b, &v[2 * p + 1], 64);
+    std::memcpy(&a, &v[kHsum16Order[2 * p]], 64);
+    std::memcpy(&b, &v[kHsum16Order[2 * p + 1]], 64);
     h8[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
                           _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
   }
-  for (int p = 0; p < 4; p++)  // 128-bit chunk c: h4 of v[4p + c]
+  for (int p = 0; p < 4; p++)  // 128-bit chunk c: h4 of the vector taken (4p + c)-th
     h4[p] = _mm512_add_ps(_mm512_shuffle_f32x4(h8[2 * p], h8[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0)),
                           _mm512_shuffle_f32x4(h8[2 * p], h8[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  for (int p = 0; p < 2; p++)  // chunk c: h2 of v[8p + c], then h2 of v[8p + 4 + c]
+  for (int p = 0; p < 2; p++)  // chunk c: h2 of the vectors taken (8p + c)-th and (8p + 4 + c)-th
     h2[p] = _mm512_add_ps(_mm512_shuffle_ps(h4[2 * p], h4[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
                           _mm512_shuffle_ps(h4[2 * p], h4[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  // chunk c: the sums of v[c], v[c + 4], v[c + 8], v[c + 12]; lane j takes v[j]'s from lane 4 (j % 4) + j / 4
+  // chunk c: the sums of the vectors taken c-th, (c + 4)-th, (c + 8)-th and (c + 12)-th
   const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(h2[0], h2[1], _MM_SHUFFLE(2, 0, 2, 0)),
                                     _mm512_shuffle_ps(h2[0], h2[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  const __m512 out = _mm512_permutexvar_ps(order, sums);
-  std::memcpy(&r, &out, 64);
+  std::memcpy(&r, &sums, 64);
 #elif defined(__AVX__)
   // the same tree on 32-byte halves: each vector's h8 is one add of its halves, no shuffle
   __m256 h8[8][2], h4[4][2], h2[2][2];
   for (int p = 0; p < 8; p++)
-    for (int q = 0; q < 2; q++) h8[p][q] = v[2 * p + q].part[0] + v[2 * p + q].part[1];
+    for (int q = 0; q < 2; q++) {
+      const v16f& a = v[kHsum16Order[2 * p + q]];
+      h8[p][q] = a.part[0] + a.part[1];
+    }
   for (int p = 0; p < 4; p++)
     for (int q = 0; q < 2; q++) {
       const __m256 lo = h8[2 * p + q][0], hi = h8[2 * p + q][1];
@@ -163,13 +168,9 @@ inline v16f hsum16(const v16f* v) {
     for (int q = 0; q < 2; q++)
       h2[p][q] = _mm256_add_ps(_mm256_shuffle_ps(h4[2 * p][q], h4[2 * p + 1][q], _MM_SHUFFLE(1, 0, 1, 0)),
                                _mm256_shuffle_ps(h4[2 * p][q], h4[2 * p + 1][q], _MM_SHUFFLE(3, 2, 3, 2)));
-  alignas(32) float sums[16];
   for (int q = 0; q < 2; q++)
-    _mm256_store_ps(sums + 8 * q, _mm256_add_ps(_mm256_shuffle_ps(h2[0][q], h2[1][q], _MM_SHUFFLE(2, 0, 2, 0)),
-                                                _mm256_shuffle_ps(h2[0][q], h2[1][q], _MM_SHUFFLE(3, 1, 3, 1))));
-  alignas(32) float out[16];
-  for (int j = 0; j < 16; j++) out[j] = sums[4 * (j % 4) + j / 4];
-  r = load16(out);
+    r.part[q] = _mm256_add_ps(_mm256_shuffle_ps(h2[0][q], h2[1][q], _MM_SHUFFLE(2, 0, 2, 0)),
+                              _mm256_shuffle_ps(h2[0][q], h2[1][q], _MM_SHUFFLE(3, 1, 3, 1)));
 #else
   alignas(16) float out[16];
   for (int j = 0; j < 16; j++) out[j] = hsum(v[j]);
