@@ -1,4 +1,4 @@
-"""Benchmark: the decode matrix-vector products of SmolLM2-135M on one thread, per instruction set.
+"""Benchmark: the decode matrix-vector products of SmolLM2-135M, and decode attention, on one thread, per ISA.
 
 A decode step reads every weight once, so its products should run at the host's memory bandwidth. This
 measures, on one thread (a rank per core), the weights of one decode step of a rank -- 30 layers of
@@ -7,6 +7,12 @@ cache -- read by ``tpcompile::streaming_linear`` (the C++ kernel, ``runtime/kern
 ``F.linear`` (BLAS), and a plain ``sum`` over the same bytes as the bandwidth reference. The kernel is
 built twice: for this host (``-march=native``: AVX-512 where the host has it) and for AVX2 + FMA only
 (``TPCOMPILE_CPU_ISA=x86-64-v3``, the code path of an AVX2-only host; the memory system stays this one's).
+
+Decode attention: one query row per head over a KV cache of 512 to 4096 positions, through
+``tpcompile::prefix_attention`` (the direct loop of a decode step, ``cpu_ops.cpp``) and through
+``F.scaled_dot_product_attention`` (torch's flash kernel, what an eager program runs), for a group of query
+heads sharing one KV head as in a SmolLM2 rank and for a Llama-3-8B rank at tp=4 (8 heads, 2 KV heads,
+head size 128), with the boolean mask a program passes (every cached position open).
 
     .venv/bin/python bench/gemv.py [--repeats 20]
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -36,6 +43,10 @@ HIDDEN, INTER, VOCAB, LAYERS, HEAD = 576, 1536, 49152, 30, 64
 RANKS = {"tp=1": (9, 3, INTER, VOCAB), "tp=2 rank 0": (6, 2, INTER // 2, VOCAB // 2)}
 ISAS = {"native": "this host (-march=native)", "x86-64-v3": "AVX2 + FMA only (-march=x86-64-v3)"}
 TAG = "GEMV_JSON "
+#: (name, query heads, KV heads, head size) of one attention call
+ATTENTION = {"SmolLM2 rank: 3 heads on 1 KV head": (3, 1, HEAD), "Llama-3-8B rank at tp=4": (8, 2, 128)}
+CONTEXTS = (512, 2048, 4096)
+KERNELS = ("C++ kernel", "SDPA")
 
 
 def shapes(heads: int, kv: int, inter: int, vocab: int) -> list[tuple[int, int]]:
@@ -73,7 +84,35 @@ def worker(repeats: int) -> None:
                     kernel(inputs[w.shape[1]], w)
                 best = min(best, time.perf_counter() - start) if i else best
             results[f"{rank}|{name}"] = (best * 1e3, nbytes / best / 1e9)
+    results.update(attention_times(repeats))
     print(TAG + json.dumps(results))
+
+
+def attention_times(repeats: int) -> dict[str, tuple[float, float]]:
+    """``"attention|case|context|kernel" -> (microseconds per call, 0)``: best of ``10 * repeats`` calls."""
+    import torch
+    import torch.nn.functional as F
+
+    attend = torch.ops.tpcompile.prefix_attention.default
+    results = {}
+    for case, (heads, kv_heads, dim) in ATTENTION.items():
+        for context in CONTEXTS:
+            q = torch.randn(1, heads, 1, dim)
+            k, v = torch.randn(2, 1, kv_heads, context, dim)
+            mask = torch.ones(1, 1, 1, context, dtype=torch.bool)
+            kernels = {
+                "C++ kernel": functools.partial(attend, q, k, v, mask, 0.0, False, None, True),
+                "SDPA": functools.partial(F.scaled_dot_product_attention, q, k, v, mask, enable_gqa=True),
+            }
+            for name, kernel in kernels.items():
+                kernel()
+                best = float("inf")
+                for _ in range(10 * repeats):
+                    start = time.perf_counter()
+                    kernel()
+                    best = min(best, time.perf_counter() - start)
+                results[f"attention|{case}|{context}|{name}"] = (best * 1e6, 0.0)
+    return results
 
 
 def measure(isa: str, repeats: int) -> dict[str, tuple[float, float]]:
@@ -109,6 +148,16 @@ def main() -> None:
         for rank in RANKS:
             cells = [f"{ms:.1f} ({gbs:.1f})" for ms, gbs in (results[isa][f"{rank}|{k}"] for k in kernels)]
             print(f"| {label} | {rank} | " + " | ".join(cells) + " |")
+    print("\none thread, fp32, one query row per head; microseconds per attention call, C++ kernel / SDPA\n")
+    print("| kernels built for | call | " + " | ".join(f"{c} positions" for c in CONTEXTS) + " |")
+    print("|---|---|" + "---|" * len(CONTEXTS))
+    for isa, label in ISAS.items():
+        for case in ATTENTION:
+            cells = []
+            for context in CONTEXTS:
+                ours, sdpa = (results[isa][f"attention|{case}|{context}|{kernel}"][0] for kernel in KERNELS)
+                cells.append(f"{ours:.0f} / {sdpa:.0f}")
+            print(f"| {label} | {case} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
