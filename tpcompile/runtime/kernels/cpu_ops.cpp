@@ -529,14 +529,13 @@ void attend_rows(QueryRow* rows, int64_t n_rows, const AttendedKeys& kv, float s
       v16f qv[V];
       for (int c = 0; c < V; c++) qv[c] = load16(rows[r].q + 16 * c);
       v16f dots[kKeyTile];
-      for (int64_t j = 0; j < kKeyTile; j++) {
-        dots[j] = v16f{};
-        if (j >= n) continue;
+      for (int64_t j = 0; j < n; j++) {
         const float* kj = kv.keys + (t + j) * kv.key_stride;
         v16f a = qv[0] * load16(kj);
         for (int c = 1; c < V; c++) a += qv[c] * load16(kj + 16 * c);
         dots[j] = a;
       }
+      for (int64_t j = n; j < kKeyTile; j++) dots[j] = v16f{};  // past the last key: lanes set closed below
       float* pr = p + r * pitch + t;
       tpcompile_simd::store16(pr, scale * tpcompile_simd::hsum16(dots));
       const KeyMask& mask = rows[r].mask;
