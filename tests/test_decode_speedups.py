@@ -240,3 +240,20 @@ def test_prefix_attention_rewrite_only_where_the_mask_is_made_in_the_graph() -> 
     k, mask = torch.randn(1, 2, 32, 8), torch.ones(1, 1, 1, 32, dtype=torch.bool)
     given = torch.export.export(_MaskInput(), (q, k, mask)).module()
     assert use_prefix_attention(given) == 0
+
+
+def test_a_mask_shared_by_compiled_attention_calls_is_computed_once() -> None:
+    """In a graph to be compiled, the attention calls that share a mask read one ``computed_once`` copy of
+    it (Inductor would otherwise rebuild the mask inside each call's kernel), with the same results."""
+    from tpcompile.runtime.kernels.prefix_attention import use_prefix_attention
+
+    q = torch.randn(1, 2, 1, 8)
+    module = torch.export.export(_CachedAttention(), (q, torch.tensor([5]))).module()
+    want = [module(q, torch.tensor([p])) for p in (0, 5, 31)]
+    assert use_prefix_attention(module, custom_op=True) == 2
+    calls = module.graph.find_nodes(op="call_function", target=torch.ops.tpcompile.prefix_attention.default)
+    copies = module.graph.find_nodes(op="call_function", target=torch.ops.tpcompile.computed_once.default)
+    assert len(calls) == 2 and len(copies) == 1
+    assert all(call.args[3] is copies[0] for call in calls)
+    for p, w in zip((0, 5, 31), want, strict=True):
+        torch.testing.assert_close(module(q, torch.tensor([p])), w, rtol=1e-6, atol=1e-6)

@@ -692,6 +692,10 @@ at::Tensor prefix_attention(const at::Tensor& query, const at::Tensor& key, cons
   return at::scaled_dot_product_attention(query, k, v, mask, dropout_p, is_causal, scale, enable_gqa).contiguous();
 }
 
+// A contiguous copy of the attention mask of a step (prefix_attention.py's computed_once): an opaque op,
+// so that compiled code stores the mask once and every attention call of the step reads that copy.
+at::Tensor computed_once(const at::Tensor& t) { return t.clone(at::MemoryFormat::Contiguous); }
+
 std::tuple<double, int64_t> collective_clock() { return {comm.seconds, comm.calls}; }
 
 }  // namespace
@@ -701,6 +705,7 @@ TORCH_LIBRARY_IMPL(tpcompile, CPU, m) {
   m.impl("all_reduce_sum", &all_reduce_sum);
   m.impl("all_gather", &all_gather);
   m.impl("prefix_attention", &prefix_attention);
+  m.impl("computed_once", &computed_once);
 }
 
 // ------------------------------------------------------------------------------- AOTInductor C shims
@@ -749,6 +754,13 @@ AOTITorchError aoti_torch_cpu_prefix_attention(AtenTensorHandle query, AtenTenso
     *ret0 = handle_of(op.call(tensor_of(query), tensor_of(key), tensor_of(value),
                                             optional_tensor(attn_mask), dropout_p, is_causal != 0, maybe_scale,
                                             enable_gqa != 0));
+  });
+}
+
+AOTITorchError aoti_torch_cpu_computed_once(AtenTensorHandle t, AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    static const auto op = typed_op<at::Tensor(const at::Tensor&)>("tpcompile::computed_once");
+    *ret0 = handle_of(op.call(tensor_of(t)));
   });
 }
 

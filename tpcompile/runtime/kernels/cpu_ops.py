@@ -56,6 +56,8 @@ C_SHIMS = {
     "prefix_attention": "AOTITorchError aoti_torch_cpu_prefix_attention(AtenTensorHandle query, "
     "AtenTensorHandle key, AtenTensorHandle value, AtenTensorHandle* attn_mask, double dropout_p, "
     "int32_t is_causal, double* scale, int32_t enable_gqa, AtenTensorHandle* ret0)",
+    "computed_once": "AOTITorchError aoti_torch_cpu_computed_once(AtenTensorHandle t, "
+    "AtenTensorHandle* ret0)",
 }
 
 _SOURCE = Path(__file__).with_name("cpu_ops.cpp")

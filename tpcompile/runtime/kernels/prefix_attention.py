@@ -15,6 +15,10 @@ Invariants:
 - the cut length is computed once per mask tensor (every layer of a step shares one mask) and cached
   while that tensor object is alive; so only calls whose mask is computed inside the graph and used by
   nothing but attention are rewritten (a fresh, never-mutated tensor on every run of the program);
+- in a graph to be compiled, a mask that several attention calls read goes through
+  ``tpcompile::computed_once`` first: Inductor recomputes a cheap elementwise value inside every kernel that
+  reads it, so a causal mask over ``max_seq_len`` positions was otherwise rebuilt for each of the 30-60
+  attention calls of a decode step (~17% of a SmolLM2 step at 4096 positions, whatever the context);
 - CPU only: the cut length is a host integer (``nonzero`` + ``int``), which on a GPU would stop the host
   at every layer of every step and break CUDA graphs.  A program on any other device is not rewritten and
   attends over the whole cache (same result, one fixed shape), and a mask on another device passes
@@ -28,9 +32,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ..load.graph_rewrite import retarget_calls, tensors_on_cpu
+from ..load.graph_rewrite import graph_modules, retarget_calls, tensors_on_cpu
 
-__all__ = ["attended_prefix", "prefix_attention", "use_prefix_attention"]
+__all__ = ["attended_prefix", "computed_once", "prefix_attention", "use_prefix_attention"]
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _cached: tuple[weakref.ref[torch.Tensor], torch.dtype, int, torch.Tensor] | None = None
@@ -121,6 +125,18 @@ def _prefix_attention_fake(
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
+@torch.library.custom_op("tpcompile::computed_once", mutates_args=())
+def computed_once(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t``: an opaque op, so that compiled code stores ``t`` once for all its readers
+    instead of recomputing it inside each of them (the C++ library's kernel replaces this one)."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+@computed_once.register_fake
+def _computed_once_fake(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
 _DEFAULTS: dict[str, object] = dict(
     attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
 )
@@ -161,5 +177,24 @@ def use_prefix_attention(module: torch.nn.Module, *, custom_op: bool = False) ->
         return 0
     if custom_op:
         op = torch.ops.tpcompile.prefix_attention.default
-        return retarget_calls(module, _SDPA, op, _op_args, where=_rewritable)
+        count = retarget_calls(module, _SDPA, op, _op_args, where=_rewritable)
+        _compute_shared_masks_once(module)
+        return count
     return retarget_calls(module, _SDPA, prefix_attention, where=_rewritable)
+
+
+def _compute_shared_masks_once(module: torch.nn.Module) -> None:
+    """Make the attention calls that share a mask read one ``computed_once`` copy of it."""
+    op = torch.ops.tpcompile.prefix_attention.default
+    once = torch.ops.tpcompile.computed_once.default
+    for gm in graph_modules(module):
+        masks = dict.fromkeys(n.args[3] for n in gm.graph.nodes if n.op == "call_function" and n.target == op)
+        shared = [m for m in masks if isinstance(m, torch.fx.Node) and len(m.users) > 1 and m.target != once]
+        for mask in shared:
+            with gm.graph.inserting_after(mask):
+                copy = gm.graph.call_function(once, (mask,))
+            for user in list(mask.users):
+                if user is not copy:
+                    user.replace_input_with(mask, copy)
+        if shared:
+            gm.recompile()
