@@ -544,6 +544,7 @@ template <int V>
 void attend_rows(QueryRow* rows, int64_t n_rows, const AttendedKeys& kv, float scale, float* p, int64_t pitch) {
   constexpr float kClosed = -std::numeric_limits<float>::infinity();
   std::vector<v16f> tops(n_rows, tpcompile_simd::splat16(kClosed));
+  std::vector<float> inverse_sums(n_rows);
   for (int64_t t = 0; t < kv.count; t += kKeyTile) {
     const int64_t n = std::min(kKeyTile, kv.count - t);
     for (int64_t r = 0; r < n_rows; r++) {
@@ -582,7 +583,7 @@ void attend_rows(QueryRow* rows, int64_t n_rows, const AttendedKeys& kv, float s
       tpcompile_simd::store16(pr, e);
       sums += e;
     }
-    tops[r] = tpcompile_simd::splat16(1.0f / hsum(sums));  // now the rows' 1 / sum
+    inverse_sums[r] = 1.0f / hsum(sums);
     for (int c = 0; c < V; c++) tpcompile_simd::store16(rows[r].out + 16 * c, v16f{});
   }
   for (int64_t t = 0; t < kv.count; t += kKeyTile) {
@@ -602,10 +603,11 @@ void attend_rows(QueryRow* rows, int64_t n_rows, const AttendedKeys& kv, float s
   }
   for (int64_t r = 0; r < n_rows; r++)
     if (rows[r].open)
-      for (int c = 0; c < V; c++) tpcompile_simd::store16(rows[r].out + 16 * c, tops[r] * load16(rows[r].out + 16 * c));
+      for (int c = 0; c < V; c++)
+        tpcompile_simd::store16(rows[r].out + 16 * c, inverse_sums[r] * load16(rows[r].out + 16 * c));
 }
 
-// The few query rows of a decode step: a direct loop per (batch, query head) instead of the flash kernel,
+// The few query rows of a decode step: a direct loop per (batch, KV head) instead of the flash kernel,
 // whose fixed cost per call (~15 us: buffers, thread dispatch, blocking for long sequences) is most of a
 // decode step's attention over a short cache. softmax(q . k * scale + mask) . v in fp32: scores, their
 // maximum, exp(score - max), their sum, then the weighted values divided by the sum (the flash kernel's
