@@ -116,14 +116,16 @@ def paired_ratios(quantized: Path, fp32: Path, max_new: int, pairs: int, saved: 
 
 def host_state() -> dict[str, float]:
     """Where this host is now, on one thread: the Q4_1 decode product's time per 32-weight block with its
-    weight (1.4 MiB) in cache, and the memory read bandwidth. This host has run the same loop at ~1.0 and at
-    ~1.5 ns per block, for minutes or for a second at a time, and the quantized/fp32 ratio moves with it:
-    sampled at the start and at the end of a run, so that a table says which host it saw then."""
+    weight (1.4 MiB) in cache (in the file's row layout, as earlier runs probed it, and with the rows
+    interleaved as the runtime binds them), and the memory read bandwidth. This host has run the same loop
+    at ~1.0 and at ~1.5 ns per block, for minutes or for a second at a time, and the quantized/fp32 ratio
+    moves with it: sampled at the start and at the end of a run, so that a table says which host it saw
+    then."""
     import torch
 
     from tpcompile.frontend.quantize import quantize_rows
     from tpcompile.runtime.format.quant_section import QuantFormat
-    from tpcompile.runtime.kernels.quant import load_quant_ops
+    from tpcompile.runtime.kernels.quant import interleave_rows, load_quant_ops, op_code
     from tpcompile.runtime.lm.profile import read_bandwidth
 
     threads = torch.get_num_threads()
@@ -137,21 +139,34 @@ def host_state() -> dict[str, float]:
             packed = quantize_rows(torch.randn(rows, cols, generator=gen), QuantFormat.INT4_G32)
             x = torch.randn(1, cols, generator=gen)
             product = torch.ops.tpcompile.quant_linear
-            code = QuantFormat.Q4_1.code
-            best = float("inf")
-            for _ in range(200):
-                start = time.perf_counter()
-                product(x, packed, None, code, cols)
-                best = min(best, time.perf_counter() - start)
-            state["q4_1_ns_per_block"] = best / (rows * cols // 32) * 1e9
+            # the file's row layout (the probe of earlier runs), and the rows interleaved by 8 as the runtime
+            # binds them (kernels/quant.py, interleave_rows)
+            layouts = {
+                "q4_1_ns_per_block": (packed, QuantFormat.Q4_1.code),
+                "q4_1_interleaved_ns_per_block": (
+                    interleave_rows(packed, QuantFormat.Q4_1),
+                    op_code(QuantFormat.Q4_1, interleaved=True),
+                ),
+            }
+            for key, (weight, code) in layouts.items():
+                best = float("inf")
+                for _ in range(200):
+                    start = time.perf_counter()
+                    product(x, weight, None, code, cols)
+                    best = min(best, time.perf_counter() - start)
+                state[key] = best / (rows * cols // 32) * 1e9
         return state
     finally:
         torch.set_num_threads(threads)
 
 
 def _state_line(when: str, state: dict[str, float]) -> str:
-    kernel = state.get("q4_1_ns_per_block")
-    product = f"Q4_1 product {kernel:.2f} ns per block in cache, " if kernel is not None else ""
+    kernel, interleaved = state.get("q4_1_ns_per_block"), state.get("q4_1_interleaved_ns_per_block")
+    product = (
+        f"Q4_1 product {kernel:.2f} ns per block in cache ({interleaved:.2f} with rows interleaved), "
+        if kernel is not None and interleaved is not None
+        else ""
+    )
     return f"host state at the {when} (one thread): {product}memory read {state['read_gb_s']:.1f} GB/s"
 
 

@@ -32,7 +32,14 @@ from tests.processes import assert_same_bits_as_avx2_build, compares_with_avx2_b
 gguf = pytest.importorskip("gguf")
 
 from tpcompile.runtime.format.quant_section import GGUF_FORMATS, QuantFormat  # noqa: E402
-from tpcompile.runtime.kernels.quant import dequantize, load_quant_ops  # noqa: E402
+from tpcompile.runtime.kernels.quant import (  # noqa: E402
+    deinterleave_rows,
+    dequantize,
+    interleave_rows,
+    interleaves,
+    load_quant_ops,
+    op_code,
+)
 
 GGML = {f: gguf.GGMLQuantizationType[f.name] for f in GGUF_FORMATS}
 K_QUANTS = (QuantFormat.Q4_K, QuantFormat.Q5_K, QuantFormat.Q6_K)
@@ -68,24 +75,41 @@ def _quantized(fmt: QuantFormat, rows: int, cols: int, seed: int = 0) -> tuple[t
     return torch.from_numpy(blocks), torch.from_numpy(reference)
 
 
-def check_kernels(packed: torch.Tensor, fmt: QuantFormat, reference: torch.Tensor, ids: torch.Tensor) -> None:
-    """Every kernel of ``fmt`` on ``packed`` against ``reference`` (its dequantized weight): the Python and
-    C++ dequantizers and the embedding lookup of ``ids`` bit for bit; the linear (with and without a bias)
-    to fp32 round-off, on the decode path (<= 8 rows) and the decoded-tile prefill path."""
+def check_kernels(
+    packed: torch.Tensor,
+    fmt: QuantFormat,
+    reference: torch.Tensor,
+    ids: torch.Tensor,
+    interleaved: bool = False,
+) -> None:
+    """Every kernel of ``fmt`` on ``packed`` (its rows interleaved by 8 first with ``interleaved``) against
+    ``reference`` (its dequantized weight): the Python and C++ dequantizers and the embedding lookup of
+    ``ids`` bit for bit; the linear (with and without a bias) to fp32 round-off, on the decode path (<= 8
+    rows) and the decoded-tile prefill path; on the decode path each activation row gets the same bits alone
+    as in a batch."""
     assert load_quant_ops(), "the C++ quantized kernels did not build"
     n, cols = reference.shape
     assert torch.equal(dequantize(packed, fmt, cols), reference)  # the Python kernels' weights
-    assert torch.equal(torch.ops.tpcompile.quant_dequantize(packed, fmt.code, cols), reference)
-    assert torch.equal(torch.ops.tpcompile.quant_embedding(packed, ids, fmt.code, cols), reference[ids])
+    code = op_code(fmt, interleaved)
+    if interleaved:
+        packed = interleave_rows(packed, fmt)
+        assert torch.equal(dequantize(deinterleave_rows(packed, fmt), fmt, cols), reference)
+    assert torch.equal(torch.ops.tpcompile.quant_dequantize(packed, code, cols), reference)
+    assert torch.equal(torch.ops.tpcompile.quant_embedding(packed, ids, code, cols), reference[ids])
     bias = torch.randn(n)
     for rows in (1, 3, 8, 9, 40):
         x = torch.randn(2, rows, cols)
-        got = torch.ops.tpcompile.quant_linear(x, packed, bias, fmt.code, cols)
+        got = torch.ops.tpcompile.quant_linear(x, packed, bias, code, cols)
         want = F.linear(x, reference, bias)
         scale = float(want.abs().max())
         torch.testing.assert_close(got, want, atol=2e-6 * scale, rtol=1e-5)
-        got = torch.ops.tpcompile.quant_linear(x, packed, None, fmt.code, cols)
+        got = torch.ops.tpcompile.quant_linear(x, packed, None, code, cols)
         torch.testing.assert_close(got, F.linear(x, reference), atol=2e-6 * scale, rtol=1e-5)
+    batch = torch.randn(8, cols)
+    alone = torch.cat(
+        [torch.ops.tpcompile.quant_linear(row[None], packed, bias, code, cols) for row in batch]
+    )
+    assert torch.equal(torch.ops.tpcompile.quant_linear(batch, packed, bias, code, cols), alone)
 
 
 @pytest.mark.parametrize("fmt", GGUF_FORMATS)
@@ -94,22 +118,69 @@ def test_kernels_equal_the_reference_dequantization(fmt: QuantFormat) -> None:
     check_kernels(packed, fmt, reference, torch.tensor([[0, 95, 7], [7, 3, 3]]))
 
 
+INTERLEAVED_FORMATS = tuple(f for f in GGUF_FORMATS if interleaves(f))
+
+
+# 45 rows: 5 groups of 8, then 5 rows as they are; 1024 inputs: AVX-512 builds permute a block's inputs
+# rather than read them 8 times over (quant_ops.cpp, kRepeatedInputs)
+@pytest.mark.parametrize(("rows", "cols"), [(96, 160), (45, 160), (45, 1024)])
+@pytest.mark.parametrize("fmt", INTERLEAVED_FORMATS)
+def test_interleaved_kernels_equal_the_reference_dequantization(
+    fmt: QuantFormat, rows: int, cols: int
+) -> None:
+    packed, reference = _quantized(fmt, rows, cols)
+    check_kernels(packed, fmt, reference, torch.tensor([[0, rows - 1, 7], [40, 3, 3]]), interleaved=True)
+
+
+@pytest.mark.parametrize("fmt", INTERLEAVED_FORMATS)
+def test_interleaved_rows_are_laid_out_by_groups_of_eight(fmt: QuantFormat) -> None:
+    """Each group of 8 rows keeps its bytes, block by block: the 8 rows' f16 d, their f16 m (Q4_1), then
+    byte j of their quants for each j; the rows after the last group are unchanged."""
+    rows, blocks, size = 21, 3, fmt.block_bytes
+    packed = torch.randint(
+        0, 256, (rows, blocks * size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    header = 4 if fmt is QuantFormat.Q4_1 else 2
+    want = packed.clone()
+    for group in range(rows // 8):
+        out = want[8 * group : 8 * group + 8].view(-1)
+        for b in range(blocks):
+            at = b * 8 * size
+            for field in range(0, header, 2):  # d, then m
+                for r in range(8):
+                    out[at + 8 * field + 2 * r : at + 8 * field + 2 * r + 2] = packed[
+                        8 * group + r, b * size + field :
+                    ][:2]
+            for j in range(size - header):
+                for r in range(8):
+                    out[at + 8 * header + 8 * j + r] = packed[8 * group + r, b * size + header + j]
+    got = interleave_rows(packed, fmt)
+    assert torch.equal(got, want)
+    assert torch.equal(deinterleave_rows(got, fmt), packed)
+
+
 def quant_kernel_outputs() -> list[torch.Tensor]:
     """Decode products (1 and 3 activation rows, with a bias) of every kept format on fixed seeded blocks,
-    as this process's kernels give them (int4_g128: random nibbles, small fp16 d and m)."""
+    as this process's kernels give them (int4_g128: random nibbles, small fp16 d and m), and of the nibble
+    formats with their rows interleaved."""
     assert load_quant_ops()
     gen = torch.Generator().manual_seed(0)
     cases = [(fmt, *_quantized(fmt, 37, 3 * fmt.block)[:1]) for fmt in GGUF_FORMATS]
     g128 = torch.randint(0, 256, (37, 2, 68), dtype=torch.uint8, generator=gen)
     g128[..., 0:4] = torch.tensor([0.01, -0.05]).half().view(torch.uint8)
     cases.append((QuantFormat.INT4_G128, g128.reshape(37, -1)))
+    codes = [fmt.code for fmt, _ in cases]
+    for fmt in INTERLEAVED_FORMATS:
+        for cols in (3 * fmt.block, 32 * fmt.block):
+            cases.append((fmt, interleave_rows(_quantized(fmt, 37, cols)[0], fmt)))
+            codes.append(op_code(fmt, interleaved=True))
     outputs = []
-    for fmt, packed in cases:
+    for (fmt, packed), code in zip(cases, codes, strict=True):
         cols = packed.shape[1] // fmt.block_bytes * fmt.block
         bias = torch.randn(37, generator=gen)
         for rows in (1, 3):
             x = torch.randn(rows, cols, generator=gen)
-            outputs.append(torch.ops.tpcompile.quant_linear(x, packed, bias, fmt.code, cols))
+            outputs.append(torch.ops.tpcompile.quant_linear(x, packed, bias, code, cols))
     return outputs
 
 

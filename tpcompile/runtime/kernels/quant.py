@@ -10,8 +10,9 @@ fly (see the source).
 Invariants:
 - :func:`dequantize` is the reference: bit for bit the values ``gguf.quants.dequantize`` gives for the same
   blocks, in fp32 (``int8`` / ``int4_g*``, written by ``--quantize``: ``d * q`` and ``d * q + m``); every
-  kernel computes with those values (fp32 products and sums), so results agree
-  with the dequantized model to fp32 round-off;
+  kernel computes with those values (fp32 products and sums; the interleaved decode as ``d * sum(q * x) +
+  m * sum(x)`` per block), so results agree with the dequantized model to fp32 round-off;
+- :func:`interleave_rows` only reorders bytes: :func:`deinterleave_rows` gives the packed tensor back;
 - a failed build is not an error: the Python kernels run (``TPCOMPILE_CPU_KERNELS=0`` skips the build).
 """
 
@@ -25,7 +26,17 @@ import torch.nn.functional as F
 from ..format.quant_section import QuantFormat
 from .cpp_library import load_cpp_library
 
-__all__ = ["C_SHIMS", "dequantize", "load_quant_ops", "quant_ops_loaded"]
+__all__ = [
+    "C_SHIMS",
+    "ROWS_INTERLEAVED",
+    "deinterleave_rows",
+    "dequantize",
+    "interleave_rows",
+    "interleaves",
+    "load_quant_ops",
+    "op_code",
+    "quant_ops_loaded",
+]
 
 #: The C functions through which a native program calls the ops that read packed weights, by op name (as
 #: ``cpu_ops.C_SHIMS``; implemented at the end of ``quant_ops.cpp``).
@@ -35,6 +46,11 @@ C_SHIMS = {
     "quant_embedding": "AOTITorchError aoti_torch_cpu_quant_embedding(AtenTensorHandle packed, "
     "AtenTensorHandle ids, int64_t format, int64_t in_features, AtenTensorHandle* ret0)",
 }
+
+#: An op's format code with this bit set: the packed rows are interleaved :data:`GROUP_ROWS` at a time
+#: (:func:`interleave_rows`; ``quant_ops.cpp``'s ``kRowsInterleaved``).
+ROWS_INTERLEAVED = 1 << 8
+GROUP_ROWS = 8
 
 _SOURCE = Path(__file__).with_name("quant_ops.cpp")
 _LOADED: bool | None = None
@@ -64,6 +80,67 @@ def dequantize(packed: torch.Tensor, fmt: QuantFormat, cols: int) -> torch.Tenso
         q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).to(torch.float32)
         w = half(0) * q + half(2) if q4_1 else half(0) * (q - 8)
     return w.reshape(rows, cols)
+
+
+#: The formats with a row-interleaved layout: blocks of 32 weights with an f16 d (and m) ahead of the quants.
+_INTERLEAVED = (QuantFormat.Q8_0, QuantFormat.Q4_0, QuantFormat.Q4_1, QuantFormat.INT8, QuantFormat.INT4_G32)
+
+
+def interleaves(fmt: QuantFormat) -> bool:
+    """Whether ``fmt`` has a row-interleaved layout (:func:`interleave_rows`)."""
+    return fmt in _INTERLEAVED
+
+
+def op_code(fmt: QuantFormat, interleaved: bool = False) -> int:
+    """The ``format`` argument of the ops for a weight of ``fmt``, its rows interleaved or not."""
+    return fmt.code | (ROWS_INTERLEAVED if interleaved else 0)
+
+
+def _group_fields(fmt: QuantFormat) -> tuple[int, int]:
+    """(bytes of a block's header: f16 d, and f16 m; bytes of its quants)."""
+    header = 4 if fmt in (QuantFormat.Q4_1, QuantFormat.INT4_G32) else 2
+    return header, fmt.block_bytes - header
+
+
+def interleave_rows(packed: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """``packed`` (``[rows, blocks * block_bytes]``, a format that :func:`interleaves`) with its rows
+    interleaved by 8, the layout the CPU decode kernel reads fastest (``quant_ops.cpp``, ``decode_groups``):
+    each group of 8 rows keeps its bytes, arranged block by block as the 8 rows' f16 d, their f16 m (Q4_1),
+    then byte j of the 8 rows' quants for each j (16 bytes of nibbles, or Q8_0's 32 int8); the last
+    ``rows % 8`` rows stay as they are."""
+    rows, width = packed.shape
+    grouped = rows // GROUP_ROWS * GROUP_ROWS
+    if not grouped:
+        return packed
+    header, _ = _group_fields(fmt)
+    blocks = packed[:grouped].reshape(grouped // GROUP_ROWS, GROUP_ROWS, -1, fmt.block_bytes)
+    fields = [blocks[..., at : at + 2] for at in range(0, header, 2)] + [blocks[..., header:]]
+    # each field [groups, 8, blocks, size] -> [groups, blocks, size, 8] for the nibbles (byte j of 8 rows),
+    # [groups, blocks, 8, 2] for the f16 scales (8 rows' halves side by side)
+    parts = [f.permute(0, 2, 1, 3) for f in fields[:-1]] + [fields[-1].permute(0, 2, 3, 1)]
+    groups = torch.cat([part.reshape(*part.shape[:2], -1) for part in parts], dim=-1)
+    return torch.cat([groups.reshape(grouped, width), packed[grouped:]]).contiguous()
+
+
+def deinterleave_rows(packed: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """The inverse of :func:`interleave_rows`."""
+    rows, width = packed.shape
+    grouped = rows // GROUP_ROWS * GROUP_ROWS
+    if not grouped:
+        return packed
+    header, nibbles = _group_fields(fmt)
+    groups = packed[:grouped].reshape(grouped // GROUP_ROWS, width // fmt.block_bytes, -1)
+    lead = groups.shape[:2]
+    halves = [groups[..., 16 * i : 16 * i + 16].reshape(*lead, GROUP_ROWS, 2) for i in range(header // 2)]
+    qs = groups[..., 8 * header :].reshape(*lead, nibbles, GROUP_ROWS).transpose(2, 3)
+    blocks = torch.cat([*halves, qs], dim=-1).permute(0, 2, 1, 3)  # [groups, 8, blocks, block_bytes]
+    return torch.cat([blocks.reshape(grouped, width), packed[grouped:]]).contiguous()
+
+
+def _from_op_code(code: int, packed: torch.Tensor) -> tuple[QuantFormat, torch.Tensor]:
+    """The format an op's ``format`` argument names, and ``packed`` with its rows in order."""
+    fmt = QuantFormat.from_code(code & ~ROWS_INTERLEAVED)
+    return fmt, deinterleave_rows(packed, fmt) if code & ROWS_INTERLEAVED else packed
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -118,8 +195,10 @@ _K_QUANTS = {QuantFormat.Q4_K: _q4_k, QuantFormat.Q5_K: _q5_k, QuantFormat.Q6_K:
 def quant_linear(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, format: int, in_features: int
 ) -> torch.Tensor:
-    """``F.linear(x, W, bias)`` for the weight ``W`` that ``packed`` holds in format ``format`` (its code)."""
-    weight = dequantize(packed, QuantFormat.from_code(format), in_features).to(x.dtype)
+    """``F.linear(x, W, bias)`` for the weight ``W`` that ``packed`` holds in format ``format`` (its
+    :func:`op_code`)."""
+    fmt, packed = _from_op_code(format, packed)
+    weight = dequantize(packed, fmt, in_features).to(x.dtype)
     return F.linear(x, weight, bias)
 
 
@@ -133,8 +212,8 @@ def _quant_linear_fake(
 @torch.library.custom_op("tpcompile::quant_embedding", mutates_args=())
 def quant_embedding(packed: torch.Tensor, ids: torch.Tensor, format: int, in_features: int) -> torch.Tensor:
     """The rows ``ids`` of the table that ``packed`` holds, decoded to fp32 (``F.embedding``)."""
-    rows = packed.index_select(0, ids.reshape(-1))
-    table = dequantize(rows, QuantFormat.from_code(format), in_features)
+    fmt, packed = _from_op_code(format, packed)
+    table = dequantize(packed.index_select(0, ids.reshape(-1)), fmt, in_features)
     return table.reshape(*ids.shape, in_features)
 
 
@@ -148,7 +227,8 @@ def _quant_embedding_fake(
 @torch.library.custom_op("tpcompile::quant_dequantize", mutates_args=())
 def quant_dequantize(packed: torch.Tensor, format: int, in_features: int) -> torch.Tensor:
     """The whole weight decoded to fp32 (:func:`dequantize`)."""
-    return dequantize(packed, QuantFormat.from_code(format), in_features)
+    fmt, packed = _from_op_code(format, packed)
+    return dequantize(packed, fmt, in_features)
 
 
 @quant_dequantize.register_fake

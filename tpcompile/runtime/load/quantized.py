@@ -5,11 +5,13 @@ under ``W + PACKED_SUFFIX`` (``format/quant_section.py``). :func:`bind_packed_we
 tensors out of the loaded state, stores each on the module as a buffer beside ``W``, and rewrites the ops
 that read ``W``: ``aten.linear(x, W, b)`` -> ``tpcompile::quant_linear(x, W_packed, b, format, cols)``,
 ``aten.embedding(W, ids)`` -> ``tpcompile::quant_embedding(W_packed, ids, format, cols)``. Any other use of
-``W`` gets ``W`` itself, decoded once at load (correct, not smaller).
+``W`` gets ``W`` itself, decoded once at load (correct, not smaller). On CPU the nibble formats' rows are
+interleaved by 8 at load (``kernels/quant.py``, ``interleave_rows``: the same bytes, read faster by a
+decode step), bound as ``W_packed_x8`` with the interleaved format code; the shard keeps the file's layout.
 
-Invariant: the rewritten program computes what the program computed with the dequantized weights (the
-kernels use exactly the dequantized values, see ``kernels/quant.py``); ``W`` no longer exists as a meta
-parameter afterwards (it is gone, or it holds the decoded weight).
+Invariant: the rewritten program computes what the program computed with the dequantized weights, to fp32
+round-off (see ``kernels/quant.py``); ``W`` no longer exists as a meta parameter afterwards (it is gone, or it
+holds the decoded weight).
 """
 
 from __future__ import annotations
@@ -22,13 +24,23 @@ from torch import nn
 
 from ..errors import ArtifactLoadError
 from ..format.quant_section import PACKED_SUFFIX, QuantFormat, QuantSection
-from ..kernels.quant import dequantize, load_quant_ops
+from ..kernels.quant import (
+    deinterleave_rows,
+    dequantize,
+    interleave_rows,
+    interleaves,
+    load_quant_ops,
+    op_code,
+)
 from .graph_rewrite import graph_modules
 
-__all__ = ["PACKED_ATTR_SUFFIX", "bind_packed_weights"]
+__all__ = ["INTERLEAVED_ATTR_SUFFIX", "PACKED_ATTR_SUFFIX", "bind_packed_weights"]
 
 #: Attribute name of the packed buffer beside a weight attribute ``weight`` (``weight_packed``).
 PACKED_ATTR_SUFFIX = "_packed"
+#: ... when its rows are interleaved (``weight_packed_x8``): a native package built for the other layout
+#: then misses its tensor by name and is not run, rather than reading bytes in the wrong order.
+INTERLEAVED_ATTR_SUFFIX = "_packed_x8"
 
 _LINEAR = torch.ops.aten.linear.default
 _EMBEDDING = torch.ops.aten.embedding.default
@@ -48,27 +60,28 @@ def _attr_owner(module: nn.Module, key: str, source: str) -> tuple[nn.Module, st
     return owner, name
 
 
-def _rewrite_uses(gm: torch.fx.GraphModule, packed: dict[str, tuple[QuantFormat, int]]) -> set[str]:
-    """Point the linears and lookups of ``gm`` that read a weight of ``packed`` (key -> format, input
-    features) at its packed buffer; return the keys some other op of ``gm`` still reads."""
+def _rewrite_uses(gm: torch.fx.GraphModule, packed: dict[str, tuple[str, int, int]]) -> set[str]:
+    """Point the linears and lookups of ``gm`` that read a weight of ``packed`` (key -> (its buffer's
+    attribute suffix, the ops' format code, input features)) at its packed buffer; return the keys some
+    other op of ``gm`` still reads."""
     still_read: set[str] = set()
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "get_attr" or node.target not in packed:
             continue
         key = str(node.target)
-        fmt, cols = packed[key]
+        suffix, code, cols = packed[key]
         with gm.graph.inserting_after(node):
-            buffer = gm.graph.get_attr(key + PACKED_ATTR_SUFFIX)
+            buffer = gm.graph.get_attr(key + suffix)
         for user in list(node.users):
             if user.op == "call_function" and user.target is _LINEAR and user.args[1] is node:
                 x, _, *rest = user.args
                 bias = rest[0] if rest else user.kwargs.get("bias")
                 user.target = torch.ops.tpcompile.quant_linear.default
-                user.args, user.kwargs = (x, buffer, bias, fmt.code, cols), {}
+                user.args, user.kwargs = (x, buffer, bias, code, cols), {}
             elif user.op == "call_function" and user.target is _EMBEDDING and user.args[0] is node:
                 user.target = torch.ops.tpcompile.quant_embedding.default
-                user.args, user.kwargs = (buffer, user.args[1], fmt.code, cols), {}
+                user.args, user.kwargs = (buffer, user.args[1], code, cols), {}
             else:
                 still_read.add(key)
         if not node.users:
@@ -94,6 +107,7 @@ def bind_packed_weights(
         return 0
     load_quant_ops()
     found: dict[str, tuple[nn.Module, str, torch.Tensor, QuantFormat, int]] = {}
+    bound: dict[str, tuple[str, int, int]] = {}  # key -> (buffer suffix, op format code, input features)
     for key, info in sorted(section.tensors.items()):
         packed = tensors.pop(key + PACKED_SUFFIX, None)
         if packed is None:
@@ -111,14 +125,20 @@ def bind_packed_weights(
                 f"packed weights for {key} in {source} have shape {list(packed.shape)} {packed.dtype}, which "
                 f"does not hold the program's {list(logical.shape)} weight as {fmt.value}; recompile it"
             )
-        owner.register_buffer(name + PACKED_ATTR_SUFFIX, packed, persistent=False)
+        interleaved = interleaves(fmt) and packed.device.type == "cpu"
+        suffix = INTERLEAVED_ATTR_SUFFIX if interleaved else PACKED_ATTR_SUFFIX
+        if interleaved:
+            packed = interleave_rows(packed, fmt)
+        owner.register_buffer(name + suffix, packed, persistent=False)
         found[key] = (owner, name, packed, fmt, cols)
-    formats = {key: (fmt, cols) for key, (_, _, _, fmt, cols) in found.items()}
+        bound[key] = (suffix, op_code(fmt, interleaved), cols)
     still_read: set[str] = set()
     for gm in graph_modules(module):
-        still_read |= _rewrite_uses(gm, formats)
+        still_read |= _rewrite_uses(gm, bound)
     for key, (owner, name, packed, fmt, cols) in found.items():
         if key in still_read:  # some other op reads it: give it the decoded weight too
+            if bound[key][0] == INTERLEAVED_ATTR_SUFFIX:
+                packed = deinterleave_rows(packed, fmt)
             tensors[key] = dequantize(packed, fmt, cols).to(getattr(owner, name).dtype)
         elif name in owner._parameters:
             del owner._parameters[name]
