@@ -16,7 +16,10 @@ SmolLM2 itself (greedy tokens equal transformers at tp=1..4 on the kept-quantize
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import tpcompile
+from tests.conftest import REPO, tpcompile
 from tests.processes import assert_same_bits_as_avx2_build, compares_with_avx2_build
 
 gguf = pytest.importorskip("gguf")
@@ -130,6 +133,25 @@ def test_interleaved_kernels_equal_the_reference_dequantization(
 ) -> None:
     packed, reference = _quantized(fmt, rows, cols)
     check_kernels(packed, fmt, reference, torch.tensor([[0, rows - 1, 7], [40, 3, 3]]), interleaved=True)
+
+
+def python_kernels_read_interleaved_rows() -> None:
+    """Run where the C++ kernels are off: the ops' Python kernels on interleaved rows (the interleaved op
+    code) give the dequantized model's values bit for bit."""
+    assert not load_quant_ops()
+    for fmt in INTERLEAVED_FORMATS:
+        packed, reference = _quantized(fmt, 45, 160)
+        rows, code = interleave_rows(packed, fmt), op_code(fmt, interleaved=True)
+        x, ids = torch.randn(3, 160), torch.tensor([0, 44, 9])
+        assert torch.equal(torch.ops.tpcompile.quant_linear(x, rows, None, code, 160), F.linear(x, reference))
+        assert torch.equal(torch.ops.tpcompile.quant_embedding(rows, ids, code, 160), reference[ids])
+        assert torch.equal(torch.ops.tpcompile.quant_dequantize(rows, code, 160), reference)
+
+
+def test_python_kernels_read_interleaved_rows() -> None:
+    script = "from tests.test_quant import python_kernels_read_interleaved_rows as check; check()"
+    env = dict(os.environ, TPCOMPILE_CPU_KERNELS="0")
+    subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, check=True, timeout=300)
 
 
 @pytest.mark.parametrize("fmt", INTERLEAVED_FORMATS)

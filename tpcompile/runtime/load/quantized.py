@@ -5,9 +5,10 @@ under ``W + PACKED_SUFFIX`` (``format/quant_section.py``). :func:`bind_packed_we
 tensors out of the loaded state, stores each on the module as a buffer beside ``W``, and rewrites the ops
 that read ``W``: ``aten.linear(x, W, b)`` -> ``tpcompile::quant_linear(x, W_packed, b, format, cols)``,
 ``aten.embedding(W, ids)`` -> ``tpcompile::quant_embedding(W_packed, ids, format, cols)``. Any other use of
-``W`` gets ``W`` itself, decoded once at load (correct, not smaller). On CPU the nibble formats' rows are
-interleaved by 8 at load (``kernels/quant.py``, ``interleave_rows``: the same bytes, read faster by a
-decode step), bound as ``W_packed_x8`` with the interleaved format code; the shard keeps the file's layout.
+``W`` gets ``W`` itself, decoded once at load (correct, not smaller). On CPU the rows of the 32-weight
+block formats (Q8_0, Q4_0, Q4_1, int8, int4_g32) are interleaved by 8 at load (``kernels/quant.py``,
+``interleave_rows``: the same bytes, read faster by a decode step), bound as ``W_packed_x8`` with the
+interleaved format code; the shard keeps the file's layout.
 
 Invariant: the rewritten program computes what the program computed with the dequantized weights, to fp32
 round-off (see ``kernels/quant.py``); ``W`` no longer exists as a meta parameter afterwards (it is gone, or it
