@@ -183,8 +183,8 @@ def test_interleaved_rows_are_laid_out_by_groups_of_eight(fmt: QuantFormat) -> N
 
 def quant_kernel_outputs() -> list[torch.Tensor]:
     """Decode products (1 and 3 activation rows, with a bias) of every kept format on fixed seeded blocks,
-    as this process's kernels give them (int4_g128: random nibbles, small fp16 d and m), and of the nibble
-    formats with their rows interleaved."""
+    as this process's kernels give them (int4_g128: random nibbles, small fp16 d and m), and of the formats
+    with an interleaved layout with their rows interleaved (3 and 32 blocks a row)."""
     assert load_quant_ops()
     gen = torch.Generator().manual_seed(0)
     cases = [(fmt, *_quantized(fmt, 37, 3 * fmt.block)[:1]) for fmt in GGUF_FORMATS]

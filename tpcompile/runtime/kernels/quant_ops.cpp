@@ -393,9 +393,7 @@ void decode_rows(const uint8_t* w, int64_t row_bytes, const float* x, int64_t ro
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
-// A 32-weight block of F (Q8_0 / Q4_0 / Q4_1): its bytes, and where a group block's quants start (after the
-// 8 rows' f16 d, and their f16 m).
-constexpr int64_t small_block_bytes(int64_t F) { return F == Q8_0 ? 34 : F == Q4_1 ? 20 : 18; }
+// Where a group block's quants start: after the 8 rows' f16 d, and (Q4_1) their f16 m.
 constexpr int64_t group_quants_at(int64_t F) { return kGroupRows * (F == Q4_1 ? 4 : 2); }
 
 inline v8f splat8(float s) { return v8f{s, s, s, s, s, s, s, s}; }
@@ -506,7 +504,7 @@ template <int64_t F, int R>
 void decode_groups(const uint8_t* w, int64_t row_bytes, const float* x, const float* xs, const float* x8, int64_t k,
                    const float* bias, float* y, int64_t n, int64_t begin, int64_t end) {
   static_assert(F == Q8_0 || F == Q4_0 || F == Q4_1);
-  constexpr int64_t bb = small_block_bytes(F), quants = group_quants_at(F);
+  const int64_t bb = block_bytes(F), quants = group_quants_at(F);
   const int64_t nb = k / kBlock;
   for (int64_t g = begin; g < end; g++) {
     const uint8_t* group = w + g * kGroupRows * row_bytes;
@@ -521,7 +519,8 @@ void decode_groups(const uint8_t* w, int64_t row_bytes, const float* x, const fl
       if constexpr (R <= 2) {
         for (int r = 0; r < R; r++) {
           const int64_t at = r * k + b * kBlock;
-          dots[r] = x8 ? block_dots16<F, true>(qs, nullptr, x8 + at * kGroupRows) : block_dots16<F, false>(qs, x + at, nullptr);
+          dots[r] = x8 ? block_dots16<F, true>(qs, nullptr, x8 + at * kGroupRows)
+                       : block_dots16<F, false>(qs, x + at, nullptr);
         }
       } else
 #endif
@@ -605,6 +604,17 @@ void decode_groups(const uint8_t* w, int64_t row_bytes, const float* x, const fl
   }
 }
 
+// Output units [begin, end) of an interleaved weight: unit u < n / 8 is group u, unit n / 8 the rows after
+// the last group (their file layout, decode_rows).
+template <int64_t F>
+void decode_interleaved(const uint8_t* w, int64_t row_bytes, const float* x, const float* xs, const float* x8,
+                        int64_t rows, int64_t k, const float* bias, float* y, int64_t n, int64_t begin,
+                        int64_t end) {
+  const int64_t groups = n / kGroupRows, last = std::min(end, groups);
+  if (begin < last) decode_groups<F>(w, row_bytes, x, xs, x8, rows, k, bias, y, n, begin, last);
+  if (end > groups) decode_rows<F>(w, row_bytes, x, rows, k, bias, y, n, groups * kGroupRows, n);
+}
+
 template <int64_t F>
 void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t k, float* out, int64_t begin, int64_t end) {
   const int64_t nb = k / block_size(F);
@@ -637,7 +647,7 @@ void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t k, float* out, in
 template <int64_t F>
 void dequant_interleaved_rows(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k, float* out,
                               int64_t begin, int64_t end) {
-  constexpr int64_t bb = small_block_bytes(F), quants = group_quants_at(F);
+  const int64_t bb = block_bytes(F), quants = group_quants_at(F);
   const int64_t nb = k / kBlock, grouped = n / kGroupRows * kGroupRows;
   for (int64_t o = begin; o < end; o++) {
     float* dst = out + (o - begin) * k;
@@ -738,33 +748,25 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, const 
       const int64_t nb = k / kBlock, groups = n / kGroupRows;
       // per thread, kept between calls: a decode step makes ~200 of them
       thread_local std::vector<float> sums, repeated;
-      if (format != Q8_0) sums.resize(std::max<size_t>(sums.size(), rows * nb));
-      for (int64_t i = 0; format != Q8_0 && i < rows * nb; i++) sums[i] = block_sum(xp + i * kBlock);
+      if (format != Q8_0) {  // Q8_0 has no m
+        sums.resize(std::max<size_t>(sums.size(), rows * nb));
+        for (int64_t i = 0; i < rows * nb; i++) sums[i] = block_sum(xp + i * kBlock);
+      }
       const float* xs = sums.data();
       const float* x8 = nullptr;
 #if defined(__AVX512F__)
       if (rows <= 2 && rows * k <= kRepeatedInputs) {
         repeated.resize(std::max<size_t>(repeated.size(), rows * k * kGroupRows));
-        for (int64_t i = 0; i < rows * k; i++) _mm256_storeu_ps(repeated.data() + i * kGroupRows, _mm256_set1_ps(xp[i]));
-        x8 = repeated.data();
+        float* copies = repeated.data();
+        for (int64_t i = 0; i < rows * k; i++) _mm256_storeu_ps(copies + i * kGroupRows, _mm256_set1_ps(xp[i]));
+        x8 = copies;
       }
 #endif
       at::parallel_for(0, groups + (n % kGroupRows ? 1 : 0), 8, [&](int64_t begin, int64_t end) {
-        const int64_t last = std::min(end, groups);
-        const int64_t tail = groups * kGroupRows;
         switch (format) {
-          case Q8_0:
-            if (begin < last) decode_groups<Q8_0>(w, row_bytes, xp, xs, x8, rows, k, bp, yp, n, begin, last);
-            if (end > groups) decode_rows<Q8_0>(w, row_bytes, xp, rows, k, bp, yp, n, tail, n);
-            return;
-          case Q4_0:
-            if (begin < last) decode_groups<Q4_0>(w, row_bytes, xp, xs, x8, rows, k, bp, yp, n, begin, last);
-            if (end > groups) decode_rows<Q4_0>(w, row_bytes, xp, rows, k, bp, yp, n, tail, n);
-            return;
-          case Q4_1:
-            if (begin < last) decode_groups<Q4_1>(w, row_bytes, xp, xs, x8, rows, k, bp, yp, n, begin, last);
-            if (end > groups) decode_rows<Q4_1>(w, row_bytes, xp, rows, k, bp, yp, n, tail, n);
-            return;
+          case Q8_0: return decode_interleaved<Q8_0>(w, row_bytes, xp, xs, x8, rows, k, bp, yp, n, begin, end);
+          case Q4_0: return decode_interleaved<Q4_0>(w, row_bytes, xp, xs, x8, rows, k, bp, yp, n, begin, end);
+          case Q4_1: return decode_interleaved<Q4_1>(w, row_bytes, xp, xs, x8, rows, k, bp, yp, n, begin, end);
         }
       });
       return fp32 ? y : y.to(x_in.scalar_type());
