@@ -11,12 +11,11 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-import torch
-
 from tpcompile.errors import UsageError
 from tpcompile.frontend.capture import CapturedModel, capture_factory, capture_pickle, captured_program
 from tpcompile.frontend.options import LanguageModelOptions
 from tpcompile.runtime.errors import first_line
+from tpcompile.runtime.load.exported_load import load_exported
 from tpcompile.runtime.load.program_archive import unsafe_content
 
 KNOWN_FORMATS = (
@@ -64,7 +63,7 @@ def load_model(
                     "with --trust-pickle"
                 )
             try:
-                ep = torch.export.load(str(path))
+                ep = load_exported(path)
             except Exception as err:
                 raise UsageError(
                     f"{spec} is not a loadable torch.export archive: {first_line(err)}"

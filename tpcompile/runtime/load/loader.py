@@ -39,6 +39,7 @@ from ..format import (
 from ..format.native_section import native_section
 from ..format.quant_section import quant_section
 from ..kernels.native import load_native
+from .exported_load import load_exported
 from .graph_rewrite import rewrite_devices
 from .program import RankProgram
 from .program_archive import unsafe_content
@@ -97,7 +98,7 @@ def _load_module(manifest: Manifest, path: Path, rel: str, trust_pickle: bool) -
     if not trust_pickle:
         check_program_trust(path, rel)
     try:
-        exported = torch.export.load(str(path))
+        exported = load_exported(path)
         return exported.module()
     except Exception as exc:
         hint = ""
