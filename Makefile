@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q --durations=25
+	# two workers, each taking whole test modules (module fixtures compile once); real-model modules first
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 lint: setup
 	$(PY) -m ruff check .

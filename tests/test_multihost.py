@@ -108,6 +108,7 @@ def _two_hosts_module():  # type: ignore[no-untyped-def]
     return two_hosts
 
 
+@pytest.mark.slow
 def test_smollm2_across_two_namespaces_with_delay(compiled_smollm2) -> None:  # type: ignore[no-untyped-def]
     """SmolLM2 at tp=2 with one rank in each of two network namespaces, 2 ms one-way delay on their link:
     the same greedy tokens as on one host."""

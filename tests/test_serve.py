@@ -26,6 +26,7 @@ from tpcompile.runtime.transport.shm import SEGMENT_PREFIX
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+pytestmark = pytest.mark.slow  # SmolLM2 end to end
 
 SLOTS = 8
 SEQ = 128
