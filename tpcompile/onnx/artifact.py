@@ -16,8 +16,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tpcompile.artifact.workers import job_failure, worker_pool
 from tpcompile.artifact.writer import atomic_directory
 from tpcompile.errors import UsageError
@@ -28,6 +26,7 @@ from tpcompile.onnx.segments import split_model
 from tpcompile.runtime.format import Manifest, sha256_file
 from tpcompile.runtime.format.onnx_section import OnnxRank
 from tpcompile.runtime.format.quant_section import quant_section
+from tpcompile.runtime.load.exported_load import load_exported
 
 FORMAT = "onnx"
 PROGRAM = "program.pt2"
@@ -36,7 +35,7 @@ WEIGHTS = "weights.safetensors"
 
 def convert_rank(rank_dir: Path, zero_state: set[str]) -> tuple[OnnxRank, list[Path]]:
     """Write ``rank_dir``'s segments; return the rank's steps and the segment files."""
-    program = torch.export.load(str(rank_dir / PROGRAM))
+    program = load_exported(rank_dir / PROGRAM)
     align_safetensors(rank_dir / WEIGHTS)
     stateful = stateful_module(program, zero_state)
     model = export_model(stateful, rank_dir / WEIGHTS)
