@@ -14,6 +14,7 @@ process group, and a rank ends with an exit code and at most one error line.
 from __future__ import annotations
 
 import contextlib
+import gc
 import sys
 from collections.abc import Sequence
 
@@ -109,9 +110,12 @@ def run_worker(args: WorkerArgs) -> int:
             use_shared_memory(comm)
         if session is not None:
             session.progress = watchdog
-            session.run(session.load_model(program, compile_decode), prompts)
+            model = session.load_model(program, compile_decode)
+            _freeze_loaded_heap()
+            session.run(model, prompts)
             session.save()
             return EXIT_USER_ERROR if session.rejected and env.rank == 0 else EXIT_OK
+        _freeze_loaded_heap()
         if args.serve is not None:  # tprun serve: every rank runs the serving loop
             return serve_ranks(program, args.serve, env.rank)
         with watchdog.watching() if watchdog is not None else contextlib.nullcontext():
@@ -121,6 +125,15 @@ def run_worker(args: WorkerArgs) -> int:
     finally:
         destroy_group()
     return EXIT_OK
+
+
+def _freeze_loaded_heap() -> None:
+    """Collect what loading left behind, then exempt every object alive now (the program, the imported
+    modules: ~400k objects for a SmolLM2 rank) from garbage collection: no later collection scans them,
+    neither a full one in the middle of a decode step or a request, nor the several the interpreter runs
+    at exit (~1.5 s of a 2-core host's rank exit). The cost: one full collection here (~0.2 s)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _report_prompt_error(exc: PromptError) -> int:
