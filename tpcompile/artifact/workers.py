@@ -14,6 +14,7 @@ nothing in /dev/shm. Every job runs exactly once, or :meth:`WorkerPool.results` 
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -71,6 +72,7 @@ def _serve(
         except Exception as exc:  # the job's own errors are its results; anything else is reported here
             value = WorkerFailed(f"{type(exc).__name__}: {first_line(exc)}")
         results.send((index, value))
+    gc.freeze()  # the worker exits next: its collections at exit would only scan what its jobs left
 
 
 class WorkerPool(Generic[J, R]):
