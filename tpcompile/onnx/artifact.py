@@ -23,22 +23,18 @@ from tpcompile.onnx.aligned import align_safetensors
 from tpcompile.onnx.export import DOMAIN, OPSET, export_model
 from tpcompile.onnx.functional import stateful_module
 from tpcompile.onnx.segments import split_model
-from tpcompile.runtime.format import Manifest, sha256_file
+from tpcompile.runtime.format import FORMAT_ONNX, PROGRAM_FILE, WEIGHTS_FILE, Manifest, sha256_file
 from tpcompile.runtime.format.onnx_section import OnnxRank
 from tpcompile.runtime.format.quant_section import quant_section
 from tpcompile.runtime.load.exported_load import load_exported
 
-FORMAT = "onnx"
-PROGRAM = "program.pt2"
-WEIGHTS = "weights.safetensors"
-
 
 def convert_rank(rank_dir: Path, zero_state: set[str]) -> tuple[OnnxRank, list[Path]]:
     """Write ``rank_dir``'s segments; return the rank's steps and the segment files."""
-    program = load_exported(rank_dir / PROGRAM)
-    align_safetensors(rank_dir / WEIGHTS)
+    program = load_exported(rank_dir / PROGRAM_FILE)
+    align_safetensors(rank_dir / WEIGHTS_FILE)
     stateful = stateful_module(program, zero_state)
-    model = export_model(stateful, rank_dir / WEIGHTS)
+    model = export_model(stateful, rank_dir / WEIGHTS_FILE)
     return split_model(model, rank_dir)
 
 
@@ -81,11 +77,11 @@ def to_onnx(out: Path, manifest: Manifest, progress: Callable[[str], None] | Non
     entries = {e.dir: e for e in manifest.ranks}
     for rank_dir, graph, files in _convert_all(out, list(entries), set(manifest.zero_state)):
         entry = entries[rank_dir]
-        (out / rank_dir / PROGRAM).unlink()
-        entry.files = {f: sha256_file(out / rank_dir / f) for f in [*files, WEIGHTS]}
+        (out / rank_dir / PROGRAM_FILE).unlink()
+        entry.files = {f: sha256_file(out / rank_dir / f) for f in [*files, WEIGHTS_FILE]}
         ranks[str(entry.rank)] = graph
         say(f"rank {entry.rank}: {len(files)} ONNX segments written")
-    manifest.format = FORMAT
+    manifest.format = FORMAT_ONNX
     manifest.extra["onnx"] = {"opset": OPSET, "collective_domain": DOMAIN, "ranks": ranks}
 
 
