@@ -15,6 +15,8 @@ root dimension it shows and at what scale, so a demand on the view (``S(1)`` of 
 from __future__ import annotations
 
 import enum
+import functools
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -221,6 +223,7 @@ def piece_key(name: str, window: tuple[int, int, int]) -> str:
     return f"{name}[{':,' * dim}{lo}:{hi}]"
 
 
+@functools.lru_cache(maxsize=4096)
 def scale_shard(pl: Shard, dim: int, scale: Fraction) -> Shard | None:
     """``pl`` moved to ``dim`` with every size and start multiplied by ``scale``; None unless exact."""
     values = [Fraction(v) * scale for v in (*pl.sizes, *(pl.starts or ()))]
@@ -243,11 +246,23 @@ def resolve_view(view: FreeView, root: Placement) -> Placement | None:
     return scale_shard(root, dim, 1 / vd.scale)
 
 
+#: id of each traced value -> (a weak reference to it, its shape), while the value lives: a plan search asks
+#: ~500k times for the shapes of the same ~1,700 values, and a symbolic size is a new Python object on every
+#: ``.shape`` of a fake tensor
+_SHAPES: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = {}
+
+
 def shape_of(node: Any) -> tuple[Any, ...]:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     if not isinstance(val, torch.Tensor):
         raise TypeError(f"{node} is not a tensor")
-    return tuple(int(s) if isinstance(s, int) else s for s in val.shape)
+    key = id(val)
+    known = _SHAPES.get(key)
+    if known is not None and known[0]() is val:
+        return known[1]
+    shape = tuple(val.shape)
+    _SHAPES[key] = (weakref.ref(val, lambda _: _SHAPES.pop(key, None)), shape)
+    return shape
 
 
 def source_line(node: fx.Node) -> str:

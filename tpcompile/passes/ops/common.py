@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
 from tpcompile.passes.rule_api import FreeView, RuleContext, Strategy
@@ -10,12 +9,9 @@ from tpcompile.runtime.format.placement import REPLICATE, Partial, Placement
 
 
 def tensor_inputs(ctx: RuleContext, node: fx.Node) -> list[fx.Node]:
-    """Tensor-valued inputs of a node, in argument order, without duplicates."""
-    seen: list[fx.Node] = []
-    for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs)):
-        if ctx.is_tensor(a) and a not in seen:
-            seen.append(a)
-    return seen
+    """Tensor-valued inputs of a node, in argument order, without duplicates (``all_input_nodes`` is fx's
+    own list of them, kept with the node: no walk of its arguments per call)."""
+    return [a for a in node.all_input_nodes if ctx.is_tensor(a)]
 
 
 def replicate_all(ctx: RuleContext, node: fx.Node) -> Strategy:

@@ -54,13 +54,27 @@ def _same(a: Any, b: Any) -> bool:
     return _is_zero(_expr(a) - _expr(b))
 
 
+def _symbolic(shape: tuple[Any, ...]) -> tuple[int | sympy.Expr, ...]:
+    return tuple(s if isinstance(s, int) else _expr(s) for s in shape)
+
+
 def map_shard_through_reshape(
     in_shape: tuple[Any, ...], out_shape: tuple[Any, ...], pl: Shard
 ) -> tuple[Shard | None, int | None]:
     """The output placement of a reshape of an ``S(d)`` tensor, or (None, unit hint) when it cannot stay.
 
     A size-1 output dim takes the shard only when the shard overlaps and is whole units of it: one KV head
-    (``[B, T, 1 * D]`` viewed as ``[B, T, 1, D]``) replicated on every rank stays split by heads."""
+    (``[B, T, 1 * D]`` viewed as ``[B, T, 1, D]``) replicated on every rank stays split by heads.
+
+    Symbolic sizes are taken as their expressions, so the answer is remembered: a plan search asks the
+    same question of every layer's reshapes, once per candidate plan."""
+    return _map_shard(_symbolic(in_shape), _symbolic(out_shape), pl)
+
+
+@functools.lru_cache(maxsize=4096)
+def _map_shard(
+    in_shape: tuple[int | sympy.Expr, ...], out_shape: tuple[int | sympy.Expr, ...], pl: Shard
+) -> tuple[Shard | None, int | None]:
     d = pl.dim
     left = _prod(in_shape[:d])
     inner = _prod(in_shape[d + 1 :])
