@@ -6,6 +6,7 @@ none depends on placements or on the plan.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -49,11 +50,23 @@ def norm_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
 
-def _shape(node: Any) -> tuple[Any, ...]:
+#: id of each traced value -> (a weak reference to it, its shape), while the value lives: a plan search asks
+#: ~500k times for the shapes of the same ~1,700 values, and a symbolic size is a new Python object on every
+#: ``.shape`` of a fake tensor
+_SHAPES: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = {}
+
+
+def shape_of(node: Any) -> tuple[Any, ...]:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     if not isinstance(val, torch.Tensor):
         raise TypeError(f"{node} is not a tensor")
-    return tuple(val.shape)
+    key = id(val)
+    known = _SHAPES.get(key)
+    if known is not None and known[0]() is val:
+        return known[1]
+    shape = tuple(val.shape)
+    _SHAPES[key] = (weakref.ref(val, lambda _: _SHAPES.pop(key, None)), shape)
+    return shape
 
 
 def slice_bounds(node: Any) -> tuple[int, int, int] | None:
@@ -61,7 +74,7 @@ def slice_bounds(node: Any) -> tuple[int, int, int] | None:
     if not isinstance(node, fx.Node) or node.op != "call_function" or node.target != aten.slice.Tensor:
         return None
     args = list(node.args) + [None] * (5 - len(node.args))
-    shape = _shape(args[0])
+    shape = shape_of(args[0])
     raw_dim, lo, hi, step = args[1] if args[1] is not None else 0, args[2] or 0, args[3], args[4] or 1
     if not isinstance(raw_dim, int):
         return None
@@ -95,7 +108,7 @@ def feature_unit(product: fx.Node) -> int:
             if packet(user) not in _RESHAPES or user in seen:
                 continue
             seen.add(user)
-            features, out = _shape(node)[-1], _shape(user)
+            features, out = shape_of(node)[-1], shape_of(user)
             if not isinstance(features, int) or not all(isinstance(s, int) for s in out[-2:]):
                 continue
             if out[-1] == features:

@@ -14,7 +14,8 @@ import torch
 import torch.fx as fx
 
 from tpcompile.passes.collectives import redistribute
-from tpcompile.passes.rule_api import NodeOut, Propagation, shape_of
+from tpcompile.passes.graph_queries import shape_of
+from tpcompile.passes.rule_api import NodeOut, Propagation
 from tpcompile.runtime.format.placement import RootPlacement
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -25,6 +24,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 import torch.fx as fx
 
+from tpcompile.passes.graph_queries import shape_of
 from tpcompile.plan.spec import ParamDecision, ShardingPlan, Style
 from tpcompile.runtime.format.placement import (
     REPLICATE,
@@ -244,25 +244,6 @@ def resolve_view(view: FreeView, root: Placement) -> Placement | None:
     vd = view.dims[dim]
     assert vd is not None
     return scale_shard(root, dim, 1 / vd.scale)
-
-
-#: id of each traced value -> (a weak reference to it, its shape), while the value lives: a plan search asks
-#: ~500k times for the shapes of the same ~1,700 values, and a symbolic size is a new Python object on every
-#: ``.shape`` of a fake tensor
-_SHAPES: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = {}
-
-
-def shape_of(node: Any) -> tuple[Any, ...]:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if not isinstance(val, torch.Tensor):
-        raise TypeError(f"{node} is not a tensor")
-    key = id(val)
-    known = _SHAPES.get(key)
-    if known is not None and known[0]() is val:
-        return known[1]
-    shape = tuple(val.shape)
-    _SHAPES[key] = (weakref.ref(val, lambda _: _SHAPES.pop(key, None)), shape)
-    return shape
 
 
 def source_line(node: fx.Node) -> str:

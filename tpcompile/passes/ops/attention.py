@@ -16,10 +16,10 @@ from typing import Any
 
 import torch.fx as fx
 
-from tpcompile.passes.graph_queries import kv_cover, kv_repeats, kv_split, query_split
+from tpcompile.passes.graph_queries import kv_cover, kv_repeats, kv_split, query_split, shape_of
 from tpcompile.passes.ops.common import concrete
 from tpcompile.passes.ops.registry import aten, register
-from tpcompile.passes.rule_api import Lowering, LoweringBuilder, RuleContext, Strategy, shape_of
+from tpcompile.passes.rule_api import Lowering, LoweringBuilder, RuleContext, Strategy
 from tpcompile.runtime.format.placement import REPLICATE, Partial, Placement, Shard
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from tpcompile.passes.graph_queries import shape_of
 from tpcompile.passes.ops.common import concrete, replicate_all
 from tpcompile.passes.ops.registry import aten, register
-from tpcompile.passes.rule_api import FreeView, RuleContext, SiteKind, Strategy, shape_of
+from tpcompile.passes.rule_api import FreeView, RuleContext, SiteKind, Strategy
 from tpcompile.plan.spec import Style
 from tpcompile.runtime.format.placement import PARTIAL, REPLICATE, Partial, Placement, Replicate, Shard
 

@@ -12,10 +12,10 @@ import numbers
 
 import torch.fx as fx
 
-from tpcompile.passes.graph_queries import packet
+from tpcompile.passes.graph_queries import packet, shape_of
 from tpcompile.passes.ops.common import concrete, tensor_inputs
 from tpcompile.passes.ops.registry import aten, aten_ops, register
-from tpcompile.passes.rule_api import RuleContext, Strategy, shape_of
+from tpcompile.passes.rule_api import RuleContext, Strategy
 from tpcompile.runtime.format.placement import PARTIAL, REPLICATE, Partial, Placement, Replicate, Shard
 
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch.fx as fx
 
-from tpcompile.passes.graph_queries import norm_dim, packet
+from tpcompile.passes.graph_queries import norm_dim, packet, shape_of
 from tpcompile.passes.ops.common import concrete, replicate_all
 from tpcompile.passes.ops.pointwise import Linearity, pointwise_strategy
 from tpcompile.passes.ops.registry import aten, register
-from tpcompile.passes.rule_api import LoweringBuilder, RuleContext, Strategy, shape_of
+from tpcompile.passes.rule_api import LoweringBuilder, RuleContext, Strategy
 from tpcompile.runtime.format.placement import PARTIAL, REPLICATE, Partial, Placement, Shard
 
 

@@ -18,9 +18,9 @@ import sympy
 import torch
 import torch.fx as fx
 
-from tpcompile.passes.graph_queries import norm_dim, packet
+from tpcompile.passes.graph_queries import norm_dim, packet, shape_of
 from tpcompile.passes.ops.registry import aten, register
-from tpcompile.passes.rule_api import FreeView, LoweringBuilder, RuleContext, Strategy, ViewDim, shape_of
+from tpcompile.passes.rule_api import FreeView, LoweringBuilder, RuleContext, Strategy, ViewDim
 from tpcompile.runtime.format.placement import REPLICATE, Partial, Replicate, Shard
 
 
