@@ -102,21 +102,34 @@ SMOLLM2_SEQ_LEN = 128  # the test prompt (36 tokens) + 64 new ones fit
 
 
 @pytest.fixture(scope="session")
-def compiled_smollm2(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
-    """``compiled_smollm2(tp)``: SmolLM2 compiled once per tp for the whole session (KV cache 128)."""
+def shared_tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory every worker of this run sees: under ``pytest -n`` each worker's base temporary
+    directory is a child of the run's (``popen-gw0``, ...), so their parent is shared; without xdist it
+    is the session's own. Whatever is built there is built under a :class:`filelock.FileLock` (the other
+    worker waits for it instead of building it a second time)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def compiled_smollm2(shared_tmp_path: Path) -> Callable[[int], Path]:
+    """``compiled_smollm2(tp)``: SmolLM2 compiled once per tp for the whole run, by whichever worker asks
+    first (KV cache 128). Tests only read these artifacts (one that edits an artifact copies it first)."""
+    from filelock import FileLock
+
     from tests.checkpoints import smollm2_gguf
 
-    root = tmp_path_factory.mktemp("smollm2")
-    done: dict[int, Path] = {}
+    root = shared_tmp_path / "smollm2"
+    root.mkdir(exist_ok=True)
 
     def get(tp: int) -> Path:
-        if tp not in done:
-            out = root / f"tp{tp}"
-            args = ("--tp", str(tp), "-o", out, "--max-seq-len", str(SMOLLM2_SEQ_LEN), "--quiet")
-            proc = tpcompile(smollm2_gguf(), *args)
-            assert proc.returncode == 0, proc.stderr
-            done[tp] = out
-        return done[tp]
+        out = root / f"tp{tp}"
+        with FileLock(root / f"tp{tp}.lock"):
+            if not (out / "manifest.json").exists():  # a compile writes its manifest last
+                args = ("--tp", str(tp), "-o", out, "--max-seq-len", str(SMOLLM2_SEQ_LEN), "--quiet")
+                proc = tpcompile(smollm2_gguf(), *args)
+                assert proc.returncode == 0, proc.stderr
+        return out
 
     return get
 
