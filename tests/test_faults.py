@@ -31,7 +31,8 @@ from tpcompile.runtime.transport.distributed import (
     destroy_group,
     init_group,
 )
-from tpcompile.runtime.transport.shm import SEGMENT_PREFIX, ShmCommunicator, remove_segments
+from tpcompile.runtime.transport.segments import SEGMENT_PREFIX, remove_segments
+from tpcompile.runtime.transport.shm import ShmCommunicator
 
 GENERATE = ("--prompt", "abc", "--no-chat-template", "--max-new-tokens", "4000")
 SHM_MAPPING = f"/dev/shm/{SEGMENT_PREFIX}"

@@ -82,6 +82,37 @@ def test_flipped_byte_is_reported_and_nothing_runs(lm_artifact: Path, tmp_path: 
     assert not (tmp_path / "tokens.json").exists()
 
 
+_LAUNCHER_WITHOUT_TORCH = """
+import runpy, sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("the launcher imported " + name)
+
+sys.meta_path.insert(0, NoTorch())
+sys.argv = ["tprun", *sys.argv[1:]]
+runpy.run_module("tpcompile.runtime.cli", run_name="__main__")
+"""
+
+
+def test_the_launcher_checks_and_starts_the_ranks_without_importing_torch(
+    lm_artifact: Path, tmp_path: Path
+) -> None:
+    """tprun's own process verifies the files (hashes, program trust, prompts) and spawns the ranks without
+    torch (~2 s of every start-up); only the ranks load it. Here torch cannot be imported by the launcher
+    at all, and the answer is the same as a normal run's."""
+    normal = _prompt(lm_artifact, tmp_path)
+    assert normal.returncode == 0, normal.stderr
+    want = json.loads((tmp_path / "tokens.json").read_text())
+    saved = tmp_path / "without-torch.json"
+    args = [str(lm_artifact), "--prompt", "hi", "--max-new-tokens", "2", "--save-tokens", str(saved)]
+    cmd = [sys.executable, "-c", _LAUNCHER_WITHOUT_TORCH, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(saved.read_text()) == want
+
+
 def test_manifest_that_is_not_json(lm_artifact: Path, tmp_path: Path) -> None:
     art = _copy(lm_artifact, tmp_path)
     _flip(art / "manifest.json", 0)  # "{" -> "z"

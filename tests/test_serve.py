@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import tpcompile, tprun
 from tests.processes import alive, children, kill_group, start, wait_for
 from tpcompile.runtime.launch.launcher import free_port
-from tpcompile.runtime.transport.shm import SEGMENT_PREFIX
+from tpcompile.runtime.transport.segments import SEGMENT_PREFIX
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")

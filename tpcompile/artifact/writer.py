@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tpcompile.errors import OutputError, UsageError
 from tpcompile.runtime.format import WORK_DIR_PATTERN, work_dir_name
-from tpcompile.runtime.transport.shm import process_alive
+from tpcompile.runtime.transport.segments import process_alive
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2

@@ -56,11 +56,9 @@ def _check_parent(path: Path) -> None:
 def _preflight(args: WorkerArgs) -> int:
     """Check manifest, inputs/prompts and output dirs before spawning; return the number of ranks."""
     from .format import load_artifact_manifest, verify_shared_files
-    from .lm.prompts import read_prompt_file
-    from .lm.session import not_a_causal_lm
-    from .load.loader import check_artifact
-    from .load.tensor_io import order_inputs, read_inputs
-    from .transport.distributed import choose_backend, in_torchrun
+    from .launch.nodes import in_torchrun
+    from .lm.prompts import not_a_causal_lm, read_prompt_file
+    from .load.program_archive import check_artifact
 
     manifest = load_artifact_manifest(args.artifact, verify=not args.skip_verify)
     gen = args.generation
@@ -77,10 +75,15 @@ def _preflight(args: WorkerArgs) -> int:
             if path is not None:
                 _check_parent(path)
     elif args.inputs is not None and args.output is not None:
+        from .load.tensor_io import order_inputs, read_inputs
+
         order_inputs(manifest.inputs, read_inputs(args.inputs), manifest.symbols)
         _check_parent(args.output)
-    if not in_torchrun():
-        # All ranks are local: validate --backend/--device for the highest local rank.
+    if not in_torchrun() and (args.backend is not None or args.device is not None):
+        # All ranks are local: validate --backend/--device for the highest local rank (without them
+        # each rank picks NCCL or gloo itself, which cannot fail; the launcher then never imports torch).
+        from .transport.distributed import choose_backend
+
         choose_backend(manifest.tp, args.backend, args.device, local_rank=manifest.tp - 1)
     return manifest.tp
 
@@ -89,7 +92,7 @@ def _run(args: WorkerArgs, port: int | None, nodes: Nodes | None = None) -> int:
     """Launch the ranks (or run in-process under torchrun) and return the exit code; a failed launch
     raises (see :func:`~tpcompile.runtime.launch.launcher.run_ranks`)."""
     from .launch.launcher import run_ranks
-    from .transport.distributed import in_torchrun
+    from .launch.nodes import in_torchrun
 
     nprocs = _preflight(args)
     if in_torchrun():  # torchrun started the ranks: this process is one of them

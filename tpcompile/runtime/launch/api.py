@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..format import load_artifact_manifest
+from ..lm.prompts import not_a_causal_lm
 from ..lm.sampling import SamplingConfig
-from ..lm.session import Generation, GenerationArgs, not_a_causal_lm
+from ..lm.session import Generation, GenerationArgs
 from ..load.tensor_io import order_inputs
 from .args import DEFAULT_TIMEOUT_S, WorkerArgs
 from .launcher import run_ranks

@@ -42,7 +42,7 @@ from ..reporting import (
     LAUNCHER_PID_ENV,
     VERBATIM_MARK,
 )
-from ..transport.shm import remove_segments
+from ..transport.segments import remove_segments
 from .args import WorkerArgs
 from .lifetime import stop_signals_deferred
 from .nodes import LOCALHOST, Nodes

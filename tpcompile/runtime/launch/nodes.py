@@ -10,13 +10,21 @@ talk through the process group (gloo over TCP, or NCCL).
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import LaunchError
 
-__all__ = ["LOCALHOST", "Nodes"]
+__all__ = ["LOCALHOST", "Nodes", "in_torchrun"]
 
 LOCALHOST = "127.0.0.1"
+
+
+def in_torchrun(environ: Mapping[str, str] | None = None) -> bool:
+    """True when launched by torchrun (or any launcher that sets RANK and WORLD_SIZE)."""
+    env = os.environ if environ is None else environ
+    return "RANK" in env and "WORLD_SIZE" in env
 
 
 @dataclass(frozen=True)

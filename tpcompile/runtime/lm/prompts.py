@@ -5,7 +5,7 @@ return (a NUL byte: binary data), are refused with one line that says where.  ``
 ``--prompt-file`` and a non-terminal stdin (a pipe, a file) here, whole, before any rank starts; a
 terminal's lines (and stdin under torchrun) are checked one by one as rank 0 reads them.
 
-Invariant: every prompt text that reaches a tokenizer passed :func:`prompt_text`.  Standard library only.
+Invariant: every prompt text that reaches a tokenizer passed :func:`prompt_text`.  No torch, no tokenizer.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import IO
 
-from ..errors import InputError, first_line
+from ..errors import InputError, ManifestError, first_line
+from ..format import Manifest
 
-__all__ = ["MAX_STDIN_BYTES", "prompt_text", "read_prompt_file", "spool_stdin"]
+__all__ = ["MAX_STDIN_BYTES", "not_a_causal_lm", "prompt_text", "read_prompt_file", "spool_stdin"]
 
 #: The most stdin ``tprun`` reads ahead of the ranks (prompts, not a data stream).
 MAX_STDIN_BYTES = 64 << 20
@@ -62,3 +63,11 @@ def spool_stdin(source: IO[bytes], spool: IO[bytes], limit: int = MAX_STDIN_BYTE
         spool.write(line)
     spool.flush()
     return lines
+
+
+def not_a_causal_lm(manifest: Manifest) -> ManifestError:
+    """The error for ``--prompt``/stdin prompts on an artifact that is not a causal LM."""
+    return ManifestError(
+        f"{manifest.path} is a '{manifest.kind}' artifact, not a causal LM: text prompts need an artifact "
+        "compiled as a causal LM; run this one with --inputs IN.safetensors -o OUT.safetensors"
+    )

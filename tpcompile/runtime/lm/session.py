@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, ManifestError, PromptError, first_line
+from ..errors import InputError, PromptError, first_line
 from ..format import Manifest
 from ..load.program import RankProgram
 from ..reporting import ERROR_PREFIX, print_verbatim
@@ -31,7 +31,7 @@ from ..transport.watchdog import ProgressWatchdog
 from .generate import CausalLM, GenerationStats, check_prompt_length
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationArgs
 from .profile import StepProfiler
-from .prompts import prompt_text, read_prompt_file
+from .prompts import not_a_causal_lm, prompt_text, read_prompt_file
 from .tokenization import StreamDecoder, encode_prompt, load_tokenizer
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "Generation",
     "GenerationArgs",
     "GenerationSession",
-    "not_a_causal_lm",
     "read_prompt_file",
 ]
 
@@ -69,14 +68,6 @@ class Generation:
             decode_s=raw["decode_s"],
         )
         return cls(record["text"], record["prompt_ids"], record["new_ids"], stats)
-
-
-def not_a_causal_lm(manifest: Manifest) -> ManifestError:
-    """The error for ``--prompt``/stdin prompts on an artifact that is not a causal LM."""
-    return ManifestError(
-        f"{manifest.path} is a '{manifest.kind}' artifact, not a causal LM: text prompts need an artifact "
-        "compiled as a causal LM; run this one with --inputs IN.safetensors -o OUT.safetensors"
-    )
 
 
 def _write_json(path: Path, data: Any) -> None:

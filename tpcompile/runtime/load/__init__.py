@@ -1,7 +1,8 @@
 """Loading one rank of an artifact: check its files, open its program, attach its weights.
 
-Modules: :mod:`.program` (the loaded :class:`RankProgram`), :mod:`.loader` (``load_rank``,
-``check_artifact``), :mod:`.weights`, :mod:`.program_archive` (what loading a program archive would
-execute), :mod:`.graph_rewrite` (run-time rewrites of the program's graphs) and :mod:`.tensor_io` (the
-named tensors a program consumes and produces).  Invariant: one job, one rank, no process group needed.
+Modules: :mod:`.program` (the loaded :class:`RankProgram`), :mod:`.loader` (``load_rank``),
+:mod:`.weights`, :mod:`.program_archive` (what loading a program archive would execute, and
+``check_artifact``: the launcher's checks of the files, without torch), :mod:`.graph_rewrite` (run-time
+rewrites of the program's graphs) and :mod:`.tensor_io` (the named tensors a program consumes and
+produces).  Invariant: one job, one rank, no process group needed.
 """

@@ -19,20 +19,17 @@ from ..errors import (
     ArtifactCorrupt,
     ArtifactLoadError,
     BackendError,
-    UntrustedContent,
     and_more,
     first_line,
 )
 from ..format import (
     FORMAT_ONNX,
-    FORMAT_TORCH,
     MANIFEST_NAME,
     PROGRAM_FILE,
     WEIGHTS_FILE,
     Manifest,
     artifact_format,
     load_artifact_manifest,
-    verify_artifact,
     verify_rank_files,
     verify_shared_files,
 )
@@ -42,11 +39,11 @@ from ..kernels.native import load_native
 from .exported_load import load_exported
 from .graph_rewrite import rewrite_devices
 from .program import RankProgram
-from .program_archive import unsafe_content
+from .program_archive import check_program_trust
 from .quantized import bind_packed_weights
 from .weights import assign_tensors, create_zero_state, move_to_device, unloaded_tensors
 
-__all__ = ["check_artifact", "check_program_trust", "load_rank"]
+__all__ = ["load_rank"]
 
 _CPU = torch.device("cpu")
 
@@ -58,40 +55,6 @@ def _register_collective_kernels() -> None:
             "this torch build has no torch.distributed support; install a standard torch build"
         )
     import torch.distributed._functional_collectives  # noqa: F401
-
-
-def check_program_trust(path: Path, rel: str) -> None:
-    """Refuse a program archive whose loading would unpickle data or load compiled code.
-
-    Raises:
-        UntrustedContent: naming the entry; ``--trust-pickle`` (``trust_pickle=True``) skips this check.
-        ArtifactLoadError: the file is not a zip archive.
-    """
-    try:
-        problem = unsafe_content(path)
-    except Exception as exc:  # zipfile raises BadZipFile, OSError, ValueError, ...
-        raise ArtifactLoadError(f"cannot load {rel}: {first_line(exc)}") from exc
-    if problem is not None:
-        raise UntrustedContent(
-            f"{rel} contains {problem}, which runs code when loaded; pass --trust-pickle only if you "
-            "trust where the artifact comes from (or recompile it with tpcompile)"
-        )
-
-
-def check_artifact(manifest: Manifest, *, verify: bool = True, trust_pickle: bool = False) -> None:
-    """Everything about the files that can fail before any rank starts: hashes, then program trust.
-
-    ``tprun`` runs this once in the launcher, so a corrupt or untrusted artifact is one error line
-    and no rank is spawned.
-
-    Raises:
-        ArtifactCorrupt, UntrustedContent, ArtifactLoadError.
-    """
-    if verify:
-        verify_artifact(manifest)
-    if not trust_pickle and artifact_format(manifest) == FORMAT_TORCH:  # ONNX segments hold no pickles
-        for entry in manifest.ranks:
-            check_program_trust(manifest.path / entry.dir / PROGRAM_FILE, entry.relpath(PROGRAM_FILE))
 
 
 def _load_module(manifest: Manifest, path: Path, rel: str, trust_pickle: bool) -> nn.Module:

@@ -7,6 +7,9 @@ entries load a compiled shared library.  :func:`unsafe_content` inspects the arc
 and an allowlist of entries, without loading anything, and names the first entry that would run code.
 tpcompile writes programs without any such entry (its example inputs are empty).
 
+:func:`check_artifact` is everything about an artifact's files that can fail before a rank starts (the
+hashes, then this check); the ``tprun`` launcher runs it once, and this module does not import torch.
+
 Invariant: inspecting an archive never unpickles or executes anything from it, and prints nothing.
 """
 
@@ -19,7 +22,10 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-__all__ = ["unsafe_content"]
+from ..errors import ArtifactLoadError, UntrustedContent, first_line
+from ..format import FORMAT_TORCH, PROGRAM_FILE, Manifest, artifact_format, verify_artifact
+
+__all__ = ["check_artifact", "check_program_trust", "unsafe_content"]
 
 _PLAIN_FILES = {"archive_format", "archive_version", "byteorder"}
 _SAMPLE_INPUTS_DIR = "data/sample_inputs/"
@@ -114,3 +120,37 @@ def unsafe_content(path: str | Path) -> str | None:
             if problem is not None:
                 return problem
     return None
+
+
+def check_program_trust(path: Path, rel: str) -> None:
+    """Refuse a program archive whose loading would unpickle data or load compiled code.
+
+    Raises:
+        UntrustedContent: naming the entry; ``--trust-pickle`` (``trust_pickle=True``) skips this check.
+        ArtifactLoadError: the file is not a zip archive.
+    """
+    try:
+        problem = unsafe_content(path)
+    except Exception as exc:  # zipfile raises BadZipFile, OSError, ValueError, ...
+        raise ArtifactLoadError(f"cannot load {rel}: {first_line(exc)}") from exc
+    if problem is not None:
+        raise UntrustedContent(
+            f"{rel} contains {problem}, which runs code when loaded; pass --trust-pickle only if you "
+            "trust where the artifact comes from (or recompile it with tpcompile)"
+        )
+
+
+def check_artifact(manifest: Manifest, *, verify: bool = True, trust_pickle: bool = False) -> None:
+    """Everything about the files that can fail before any rank starts: hashes, then program trust.
+
+    ``tprun`` runs this once in the launcher, so a corrupt or untrusted artifact is one error line
+    and no rank is spawned.
+
+    Raises:
+        ArtifactCorrupt, UntrustedContent, ArtifactLoadError.
+    """
+    if verify:
+        verify_artifact(manifest)
+    if not trust_pickle and artifact_format(manifest) == FORMAT_TORCH:  # ONNX segments hold no pickles
+        for entry in manifest.ranks:
+            check_program_trust(manifest.path / entry.dir / PROGRAM_FILE, entry.relpath(PROGRAM_FILE))

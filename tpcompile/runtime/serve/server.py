@@ -96,9 +96,9 @@ def serve(options: ServeOptions) -> int:
     import uvicorn
 
     from ..format import load_artifact_manifest
-    from ..lm.session import not_a_causal_lm
+    from ..lm.prompts import not_a_causal_lm
     from ..lm.tokenization import load_tokenizer
-    from ..load.loader import check_artifact
+    from ..load.program_archive import check_artifact
     from .app import build_app
     from .service import Service
 

@@ -39,7 +39,6 @@ __all__ = [
     "configure_device",
     "destroy_group",
     "group_device",
-    "in_torchrun",
     "init_group",
 ]
 
@@ -53,12 +52,6 @@ RENDEZVOUS_TIMEOUT_S = 600.0
 NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
 #: ``NCCL error in: /path/NCCLUtils.cpp:77, `` opening an NCCL exception: where, not what.
 _NCCL_SOURCE = re.compile(r"^NCCL error in: \S+:\d+,\s*")
-
-
-def in_torchrun(environ: Mapping[str, str] | None = None) -> bool:
-    """True when launched by torchrun (or any launcher that sets RANK and WORLD_SIZE)."""
-    env = os.environ if environ is None else environ
-    return "RANK" in env and "WORLD_SIZE" in env
 
 
 def _env_int(env: Mapping[str, str], key: str, default: int | None = None) -> int:

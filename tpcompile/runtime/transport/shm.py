@@ -31,17 +31,15 @@ from torch.profiler import record_function
 
 from ..errors import CollectiveError
 from .rank_sum import group_all_reduce, rank_order_sum
+from .segments import SEGMENT_PREFIX, SHM_DIR, process_alive
 
-__all__ = ["SEGMENT_PREFIX", "ShmCommunicator", "remove_segments", "shm_supported"]
+__all__ = ["ShmCommunicator", "shm_supported"]
 
 SLOT_BYTES = 8 * 2**20  # per rank and parity: covers decode steps and prompts of a few thousand tokens
 _HEADER = 64  # one cache line per rank: its sequence number (int64 #0) and its pid (int64 #1)
 _TIMEOUT_S = 300.0
 _LIVENESS_S = 0.25  # how often a waiting rank checks that the ranks it waits for still exist
 _SPIN_S = 0.05  # after this long without progress, sleep between polls instead of only yielding
-SHM_DIR = Path("/dev/shm")
-#: Segment files are named ``SEGMENT_PREFIX + "<pid of rank 0>-<nonce>"``.
-SEGMENT_PREFIX = "tpcompile-"
 
 
 def shm_supported(device: torch.device) -> bool:
@@ -51,36 +49,6 @@ def shm_supported(device: torch.device) -> bool:
         and os.environ.get("TPCOMPILE_SHM", "1") != "0"
         and SHM_DIR.is_dir()
     )
-
-
-def remove_segments(rank0_pid: int, directory: Path = SHM_DIR) -> list[Path]:
-    """Unlink the segment files a job whose rank 0 had pid ``rank0_pid`` left behind (if it was killed
-    between creating the file and unlinking it); return the removed paths."""
-    removed = []
-    for path in directory.glob(f"{SEGMENT_PREFIX}{rank0_pid}-*"):
-        try:
-            path.unlink()
-        except OSError:
-            continue
-        removed.append(path)
-    return removed
-
-
-def process_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return stat[stat.rindex(")") + 2 :][:1] not in ("Z", "X")
 
 
 def _segment_size(world: int) -> int:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
 from ..reporting import EXIT_FAILURE, print_error
-from .shm import process_alive
+from .segments import process_alive
 
 __all__ = ["NCCL_TIMEOUT_GRACE_S", "ProgressWatchdog", "same_host_peers"]
 
