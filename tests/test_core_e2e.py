@@ -93,7 +93,8 @@ def test_under_torchrun_uses_its_rendezvous(gpt_pt2: Path, tmp_path: Path) -> No
     idx = torch.randint(0, gpt.GPTConfig().vocab_size, (1, 7))
     save_file({"idx": idx}, str(tmp_path / "in.safetensors"))
     proc = run(
-        "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tpcompile.runtime.cli",
+        "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--log-dir", tmp_path / "torchrun",
+        "-m", "tpcompile.runtime.cli",
         tmp_path / "art", "--inputs", tmp_path / "in.safetensors", "-o", tmp_path / "out.safetensors",
     )
     assert proc.returncode == 0, proc.stderr

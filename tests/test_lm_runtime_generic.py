@@ -69,6 +69,8 @@ def test_prompt_under_torchrun_streams_from_rank_0(art: Path, tmp_path: Path) ->
         "--standalone",
         "--nproc-per-node",
         "2",
+        "--log-dir",  # not a torchelastic_* directory left in /tmp
+        tmp_path / "torchrun",
         "-m",
         "tpcompile.runtime.cli",
         art,
