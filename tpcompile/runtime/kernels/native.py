@@ -14,7 +14,6 @@ Invariants:
 
 from __future__ import annotations
 
-import logging
 import platform
 from pathlib import Path
 
@@ -36,28 +35,23 @@ class NativeProgram:
     def __init__(self, path: Path, module: nn.Module) -> None:
         self.path = path
         load_cpu_ops()  # before the package: it calls the ops' C shims, which this library defines
-        # the package records the compile host's ISA; load_native has already checked the one it needs
-        package_log = logging.getLogger("torch.export.pt2_archive._package")
-        level = package_log.level
-        package_log.setLevel(logging.ERROR)
-        try:
-            self.runner = torch._inductor.aoti_load_package(str(path))
-        finally:
-            package_log.setLevel(level)
+        # the package's C++ loader, opened as torch's aoti_load_package opens it, minus its check of the
+        # compile host (load_native has checked the ISA the package needs) and without importing
+        # torch._inductor, which imports torch._dynamo: ~1.5 s of every rank's start-up
+        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         state: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
         state.update(module.named_buffers(remove_duplicate=False))
-        needed = self.runner.get_constant_fqns()
+        needed = self.loader.get_constant_fqns()
         missing = [name for name in needed if name not in state]
         if missing:
             raise ValueError(f"the package needs tensor {missing[0]}, which the program does not hold")
-        self.runner.load_constants(
-            {name: state[name] for name in needed}, check_full_update=True, user_managed=True
-        )
+        # (constants, into the inactive buffer, check_full_update, user_managed: no copy, allow_h2d_copy)
+        self.loader.load_constants({name: state[name] for name in needed}, False, True, True, False)
 
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        """The package's flat outputs for its tensor inputs (``boxed_run`` consumes the list it is given)."""
         with torch.inference_mode():
-            result = self.runner(*inputs)
-        return list(result) if isinstance(result, list | tuple) else [result]
+            return list(self.loader.boxed_run(list(inputs)))
 
 
 def native_unavailable(section: NativeSection, device: torch.device) -> str | None:
