@@ -36,7 +36,6 @@ from ..format import (
 from ..format.native_section import native_section
 from ..format.quant_section import quant_section
 from ..kernels.native import load_native
-from .exported_load import load_exported
 from .graph_reader import read_program
 from .graph_rewrite import rewrite_devices
 from .program import RankProgram
@@ -63,7 +62,11 @@ def _load_module(manifest: Manifest, path: Path, rel: str, trust_pickle: bool) -
         check_program_trust(path, rel)
     try:
         module = read_program(path)  # the graph alone, ~10x sooner; None: an archive only torch reads
-        return module if module is not None else load_exported(path).module()
+        if module is None:
+            from .exported_load import load_exported  # imports torch.export and sympy: only when needed
+
+            module = load_exported(path).module()
+        return module
     except Exception as exc:
         hint = ""
         if manifest.torch_version and manifest.torch_version != torch.__version__:
