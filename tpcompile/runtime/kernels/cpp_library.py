@@ -26,7 +26,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.utils.cpp_extension as cpp_extension
 
 __all__ = ["load_cpp_library"]
 
@@ -58,6 +57,8 @@ FLAGS = ("-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
 
 
 def _build(compiler: str, source: Path, target: Path) -> None:
+    import torch.utils.cpp_extension as cpp_extension  # setuptools with it: ~0.2 s a rank needs only to build
+
     include = [f"-I{p}" for p in cpp_extension.include_paths()]
     libdirs = cpp_extension.library_paths()
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
