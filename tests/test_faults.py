@@ -31,7 +31,7 @@ from tpcompile.runtime.transport.distributed import (
     destroy_group,
     init_group,
 )
-from tpcompile.runtime.transport.segments import SEGMENT_PREFIX, remove_segments
+from tpcompile.runtime.transport.segments import SEGMENT_PREFIX, remove_segments, segment_files
 from tpcompile.runtime.transport.shm import ShmCommunicator
 
 GENERATE = ("--prompt", "abc", "--no-chat-template", "--max-new-tokens", "4000")
@@ -101,7 +101,7 @@ def _finish(proc: subprocess.Popen[str], pids: list[int], since: float) -> str:
     while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [pid for pid in pids if alive(pid)] == []
-    assert list(Path("/dev/shm").glob(f"{SEGMENT_PREFIX}{pids[0]}-*")) == []
+    assert segment_files(pids[0]) == []
     assert "Traceback" not in stderr
     assert "prompt tokens:" not in stderr  # the fault did land during generation
     return stderr

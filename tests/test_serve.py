@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import tpcompile, tprun
 from tests.processes import alive, children, kill_group, start, wait_for
 from tpcompile.runtime.launch.launcher import free_port
-from tpcompile.runtime.transport.segments import SEGMENT_PREFIX
+from tpcompile.runtime.transport.segments import segment_files
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -293,10 +293,6 @@ def test_queue_full_is_429(server: Server) -> None:
     wait_for(lambda: server.health()["open_requests"] == 0, 30, "the closed streams to be cancelled")
 
 
-def _shm_of(pid: int) -> list[Path]:
-    return list(Path("/dev/shm").glob(f"{SEGMENT_PREFIX}{pid}-*"))
-
-
 def test_a_rank_killed_with_sigkill_gets_503_and_a_nonzero_exit(artifact: Path) -> None:
     srv = Server(artifact)
     try:
@@ -323,7 +319,7 @@ def test_a_rank_killed_with_sigkill_gets_503_and_a_nonzero_exit(artifact: Path) 
         err_text = srv.proc.communicate()[1]
         assert "rank 1 failed" in err_text, err_text
         wait_for(lambda: not any(alive(p) for p in ranks), 10, "the ranks to be gone")
-        assert _shm_of(ranks[0]) == []
+        assert segment_files(ranks[0]) == []
     finally:
         kill_group(srv.proc)
 
@@ -351,7 +347,7 @@ def test_sigterm_with_requests_in_flight_finishes_them_and_leaves_nothing(
         rc, err = srv.proc.wait(timeout=60), srv.proc.communicate()[1]
         assert rc == 0, err
         assert not any(alive(p) for p in ranks)
-        assert _shm_of(ranks[0]) == []
+        assert segment_files(ranks[0]) == []
         assert children(srv.proc.pid) == []
     finally:
         kill_group(srv.proc)

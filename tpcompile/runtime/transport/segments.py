@@ -8,18 +8,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["SEGMENT_PREFIX", "SHM_DIR", "process_alive", "remove_segments"]
+__all__ = ["SEGMENT_PREFIX", "SHM_DIR", "process_alive", "remove_segments", "segment_files"]
 
 SHM_DIR = Path("/dev/shm")
 #: Segment files are named ``SEGMENT_PREFIX + "<pid of rank 0>-<nonce>"``.
 SEGMENT_PREFIX = "tpcompile-"
 
 
+def segment_files(rank0_pid: int, directory: Path = SHM_DIR) -> list[Path]:
+    """The segment files of the job whose rank 0 has (or had) pid ``rank0_pid``."""
+    return sorted(directory.glob(f"{SEGMENT_PREFIX}{rank0_pid}-*"))
+
+
 def remove_segments(rank0_pid: int, directory: Path = SHM_DIR) -> list[Path]:
     """Unlink the segment files a job whose rank 0 had pid ``rank0_pid`` left behind (if it was killed
     between creating the file and unlinking it); return the removed paths."""
     removed = []
-    for path in directory.glob(f"{SEGMENT_PREFIX}{rank0_pid}-*"):
+    for path in segment_files(rank0_pid, directory):
         try:
             path.unlink()
         except OSError:
