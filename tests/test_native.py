@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,17 @@ def _generate(art: Path, *flags: str) -> tuple[dict[str, Any], Any]:
     return json.loads(saved.read_text())[0], ran
 
 
+def _marches(package: Path) -> set[str]:
+    """The -march of every object in a package's shared libraries, from the switches g++ records in the
+    debug info of each (AOTInductor builds with line tables)."""
+    with zipfile.ZipFile(package) as archive:
+        libraries = [archive.read(n) for n in archive.namelist() if n.endswith(".so")]
+    assert libraries
+    found = {m.decode() for lib in libraries for m in re.findall(rb"-march=([\w.-]+)", lib)}
+    assert found, "no recorded compiler switches"
+    return found
+
+
 def _copy(art: Path, dst: Path) -> tuple[Path, dict[str, Any]]:
     shutil.copytree(art, dst)
     return dst, json.loads((dst / "manifest.json").read_text())
@@ -87,8 +99,11 @@ def test_native_greedy_tokens_equal_transformers(tp: int, native: Any, reference
     art = native(tp)
     manifest = json.loads((art / "manifest.json").read_text())
     target = manifest["extra"]["native"]["target"]
-    assert target["device"] == "cpu" and target["isa"] == ["avx2", "fma"]  # portable to every x86-64 host
+    assert target["device"] == "cpu"  # x86-64-v3 (AVX2 + FMA): portable to every x86-64 host with AVX2
+    assert target["isa"] == ["avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"]
     assert all("native.pt2" in r["files"] for r in manifest["ranks"])  # listed, so hashed and verified
+    for rank in range(tp):  # built for that level, not for this host's CPU model (-march=native)
+        assert _marches(art / f"rank{rank}" / "native.pt2") == {"x86-64-v3"}
     result, ran = _generate(art, "--profile")
     assert result["new_ids"] == reference(result["prompt_ids"])
     assert WARNING.search(ran.stderr) is None

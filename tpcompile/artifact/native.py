@@ -52,7 +52,13 @@ Progress = Callable[[str], None]
 
 #: Vector width of the generated kernels per architecture (bits); None: the compiler's default.
 _SIMD_BITS = {"x86_64": 256}  # AVX2 (+FMA): every x86-64 host of the kind has it, AVX-512 or not
-_ISA_FLAGS = {"x86_64": ("avx2", "fma")}
+#: The -march all of a package's C++ (kernels and wrapper) is built for, per architecture. Without it
+#: Inductor passes -march=native, which ties a package to the build host's CPU model (AVX-512 code on an
+#: AVX-512 build host: an illegal instruction on the AVX2 hosts its manifest says it runs on).
+_MARCH = {"x86_64": "x86-64-v3"}
+#: The CPU flags (as /proc/cpuinfo names them) of that level: x86-64-v3 is AVX, AVX2, BMI1, BMI2, F16C,
+#: FMA, LZCNT (``abm``), MOVBE and XSAVE.
+_ISA_FLAGS = {"x86_64": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave")}
 
 
 _LINEAR = torch.ops.aten.linear.default
@@ -80,6 +86,9 @@ def _inductor_configs(arch: str, threads: int) -> dict[str, Any]:
     bits = _SIMD_BITS.get(arch)
     if bits is not None:
         configs["cpp.simdlen"] = bits
+    march = _MARCH.get(arch)
+    if march is not None:
+        configs["cpp.march"] = march
     return configs
 
 

@@ -1,6 +1,6 @@
 """The native section of a manifest (``extra.native``): each rank's program compiled to native code.
 
-``{"target": {"device": "cpu", "arch": "x86_64", "isa": ["avx2", "fma"], "torch_version": "2.13.0+cpu"},
+``{"target": {"device": "cpu", "arch": "x86_64", "isa": ["avx", "avx2", ...], "torch_version": "2.13.0+cpu"},
 "ranks": {"0": "native.pt2", ...}}``: rank r's package is ``rank{r}/<file>`` (listed and hashed with the
 rank's other files). Invariant: a package runs only on a host whose architecture matches and whose CPU has
 every ISA flag listed, under the torch version it was built against; ``NativeTarget.mismatch`` says why
