@@ -159,8 +159,9 @@ def _is_leaf(tree: Any) -> bool:
     return tree["type"] is None and not tree["children_spec"]
 
 
-def _check_specs(program: dict[str, Any], user_inputs: int, user_outputs: int) -> None:
-    """The call takes the user inputs flat and positionally, and returns a tuple of them or one tensor."""
+def _check_specs(program: dict[str, Any], user_inputs: int, user_outputs: int) -> bool:
+    """The call takes the user inputs flat and positionally, and returns a tuple of them or one tensor;
+    True for one tensor."""
     signature = program["graph_module"]["module_call_graph"][0]["signature"]
     args, kwargs = _tree(signature["in_spec"])["children_spec"]
     if args["type"] != "builtins.tuple" or kwargs["type"] != "builtins.dict" or kwargs["children_spec"]:
@@ -171,11 +172,11 @@ def _check_specs(program: dict[str, Any], user_inputs: int, user_outputs: int) -
     if _is_leaf(out):
         if user_outputs != 1:
             raise _Unsupported("outputs")
-    elif (
-        out["type"] != "builtins.tuple"
-        or [_is_leaf(c) for c in out["children_spec"]] != [True] * user_outputs
-    ):
+        return True
+    leaves = [_is_leaf(c) for c in out["children_spec"]]
+    if out["type"] != "builtins.tuple" or leaves != [True] * user_outputs:
         raise _Unsupported("outputs")
+    return False
 
 
 def _meta_tensor(meta: dict[str, Any]) -> torch.Tensor:
@@ -355,8 +356,7 @@ def _build(program: dict[str, Any], weights: dict[str, Any]) -> fx.GraphModule:
             raise _Unsupported("mutated buffers or inputs")
     if len(signature["output_specs"]) != len(outputs) or serialized["is_single_tensor_return"]:
         raise _Unsupported("outputs")
-    _check_specs(program, user_inputs, len(outputs))
-    single = _is_leaf(_tree(program["graph_module"]["module_call_graph"][0]["signature"]["out_spec"]))
+    single = _check_specs(program, user_inputs, len(outputs))
     graph = builder.graph
     graph.output(outputs[0] if single else tuple(outputs))
 

@@ -63,7 +63,7 @@ def _load_module(manifest: Manifest, path: Path, rel: str, trust_pickle: bool) -
     try:
         module = read_program(path)  # the graph alone, ~10x sooner; None: an archive only torch reads
         if module is None:
-            from .exported_load import load_exported  # imports torch.export and sympy: only when needed
+            from .exported_load import load_exported  # torch's deserializer (and sympy): only when needed
 
             module = load_exported(path).module()
         return module
