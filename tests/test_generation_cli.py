@@ -70,6 +70,45 @@ def test_prompt_too_long_is_one_line_exit_2(tp2: Path) -> None:
     assert proc.stdout == ""
 
 
+_SESSION_PROBE = """
+import sys
+from dataclasses import replace
+from tpcompile.runtime.format.manifest import load_artifact_manifest
+from tpcompile.runtime.lm.session import GenerationArgs, GenerationSession
+
+manifest = load_artifact_manifest(sys.argv[1])
+plain = GenerationArgs(chat_template=False)
+args = replace(plain, prompts=("hello",)) if sys.argv[4] == "prompt" else replace(plain, read_stdin=True)
+session = GenerationSession(manifest, args, int(sys.argv[2]), local_rank=int(sys.argv[3]))
+print(len(session.fixed_prompts()), session.tokenizer is not None, "transformers" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(
+    ("rank", "local_rank", "source", "probed"),
+    [
+        (0, 0, "prompt", "1 True True"),  # rank 0 encodes for every rank
+        (1, 1, "prompt", "0 False False"),  # gets rank 0's ids once connected: no transformers at all
+        (2, 0, "prompt", "1 True True"),  # the first rank of another host checks the prompt itself
+        (0, 0, "stdin", "0 True True"),
+        (2, 0, "stdin", "0 False False"),  # stdin lines are read and encoded by rank 0 only
+    ],
+)
+def test_only_rank_0_tokenizes_for_the_job(
+    tp2: Path, rank: int, local_rank: int, source: str, probed: str
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _SESSION_PROBE, str(tp2), str(rank), str(local_rank), source],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[-2] == probed
+
+
 def test_prompt_on_generic_artifact_is_refused(tp2: Path, tmp_path: Path) -> None:
     art = Path(shutil.copytree(tp2, tmp_path / "art"))
     manifest = json.loads((art / "manifest.json").read_text())

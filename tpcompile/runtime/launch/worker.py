@@ -67,7 +67,7 @@ def run_worker(args: WorkerArgs) -> int:
     session = None
     prompts: list[list[int]] = []
     if args.generation is not None:
-        session = GenerationSession(manifest, args.generation, env.rank)
+        session = GenerationSession(manifest, args.generation, env.rank, local_rank=env.local_rank)
         prompts = session.fixed_prompts()
     elif args.serve is None and (args.inputs is None or args.output is None):
         raise InputError("--inputs and -o/--output are required")

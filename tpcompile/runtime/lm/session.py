@@ -1,13 +1,17 @@
 """The worker's text-generation mode (``tprun OUT --prompt ...``): its arguments, session and results.
 
-Every rank tokenizes every prompt itself (identical files give identical
-ids), so only stdin prompts travel between ranks: rank 0 reads a line and
-broadcasts it.  Rank 0 alone writes to stdout (the streamed answer), prints
-the summary line and writes the token files and the results file
-(:class:`Generation` records, read back by ``generate_text``).  Invariant:
-all ranks walk through the same prompts in the same order and reject the
-same ones (a stdin line that is not text never leaves rank 0, which reports
-and skips it; see :mod:`.prompts`).
+Rank 0 tokenizes the prompts and broadcasts their ids once the ranks are
+connected, so no other rank imports transformers or holds a tokenizer (~77
+MiB and ~1.5 s of start-up each). The first rank of every other host also
+tokenizes the command line's prompts, only to reject a bad one as soon as
+rank 0 does (before any weight is loaded, on every host). Stdin prompts:
+rank 0 reads a line, encodes it and broadcasts its ids (or that it rejected
+it). Rank 0 alone writes to stdout (the streamed answer), prints the summary
+line and writes the token files and the results file (:class:`Generation`
+records, read back by ``generate_text``).  Invariant: all ranks walk through
+the same prompts, as the same ids, in the same order and skip the same ones
+(a stdin line that is not text, or too long, is reported by rank 0 alone;
+see :mod:`.prompts`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from .generate import CausalLM, GenerationStats, check_prompt_length
 from .options import DEFAULT_MAX_NEW_TOKENS, GenerationArgs
 from .profile import StepProfiler
 from .prompts import not_a_causal_lm, prompt_text, read_prompt_file
-from .tokenization import StreamDecoder, encode_prompt, load_tokenizer
+from .tokenization import StreamDecoder, encode_prompt, load_tokenizer, tokenizer_dir
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
@@ -82,7 +86,8 @@ def _write_json(path: Path, data: Any) -> None:
 class GenerationSession:
     """Prompts -> ids -> generated answers, on one rank."""
 
-    def __init__(self, manifest: Manifest, args: GenerationArgs, rank: int) -> None:
+    def __init__(self, manifest: Manifest, args: GenerationArgs, rank: int, *, local_rank: int = 0) -> None:
+        """``local_rank``: the rank's index on its host; the first rank of a host tokenizes (see above)."""
         if not manifest.is_causal_lm or manifest.lm is None:
             raise not_a_causal_lm(manifest)
         self.manifest = manifest
@@ -90,7 +95,12 @@ class GenerationSession:
         self.args = args
         self.rank = rank
         needs_text = bool(args.prompts or args.prompt_file or args.read_stdin)
-        self.tokenizer = load_tokenizer(manifest) if needs_text or manifest.lm.tokenizer else None
+        if needs_text:
+            tokenizer_dir(manifest)  # every rank refuses an artifact without one
+        #: rank 0 encodes every prompt and decodes every answer; a first rank elsewhere checks the prompts
+        self.tokenizes = rank == 0 or (local_rank == 0 and bool(args.prompts or args.prompt_file))
+        wanted = needs_text or bool(manifest.lm.tokenizer)
+        self.tokenizer = load_tokenizer(manifest) if self.tokenizes and wanted else None
         self.use_template = args.chat_template and self.lm_info.chat_template
         self.answers: list[Generation] = []
         self.rejected = 0
@@ -103,7 +113,8 @@ class GenerationSession:
         return encode_prompt(self.tokenizer, text, self.use_template)
 
     def fixed_prompts(self) -> list[list[int]]:
-        """Ids of the prompts given on the command line, checked against the KV cache size.
+        """Ids of the prompts given on the command line, checked against the KV cache size (empty on a rank
+        that does not tokenize them: :meth:`run` gives it rank 0's).
 
         Raises:
             PromptError: a prompt is empty or too long (detected before any weight is loaded).
@@ -111,6 +122,8 @@ class GenerationSession:
         texts = list(self.args.prompts)
         if self.args.prompt_file is not None:
             texts.append(read_prompt_file(self.args.prompt_file))
+        if texts and not self.tokenizes:
+            return []
         prompts = [self.encode(t) for t in texts] + [list(ids) for ids in self.args.prompt_ids]
         for ids in prompts:
             check_prompt_length(self.lm_info, len(ids))
@@ -131,13 +144,41 @@ class GenerationSession:
                 return line
         return None
 
-    def stdin_prompts(self) -> Iterator[str]:
-        """One prompt per non-blank stdin line (read by rank 0, broadcast to all ranks)."""
+    def _next_stdin_prompt(self) -> dict[str, Any] | None:
+        """Rank 0's next stdin prompt as it is broadcast: ``{"ids": [...]}``, ``{"rejected": message}`` (too
+        long; rank 0 has reported it), ``{"error": message}`` (the chat template refused it: every rank
+        fails), or None at the end of stdin."""
+        line = self._read_line()
+        if line is None:
+            return None
+        try:
+            ids = self.encode(line.rstrip("\r\n"))
+        except InputError as exc:
+            return {"error": str(exc)}
+        try:
+            check_prompt_length(self.lm_info, len(ids))
+        except PromptError as exc:
+            print_verbatim(f"{ERROR_PREFIX}{first_line(exc)}")
+            return {"rejected": str(exc)}
+        return {"ids": ids}
+
+    def stdin_prompts(self) -> Iterator[list[int]]:
+        """The ids of one prompt per non-blank stdin line (read and encoded by rank 0, broadcast to all
+        ranks); a rejected line counts on every rank and is skipped.
+
+        Raises:
+            InputError: rank 0 could not encode a line (on every rank).
+        """
         while True:
-            got = broadcast_object(self._read_line() if self.rank == 0 else None)
-            if not isinstance(got, str):
+            got = broadcast_object(self._next_stdin_prompt() if self.rank == 0 else None)
+            if not isinstance(got, dict):
                 return
-            yield got.rstrip("\r\n")
+            if "error" in got:
+                raise InputError(str(got["error"]))
+            if "rejected" in got:
+                self.rejected += 1
+                continue
+            yield [int(t) for t in got["ids"]]
 
     def answer(self, model: CausalLM, prompt_ids: list[int]) -> None:
         """Generate for one prompt; rank 0 streams the text, prints the summary line and keeps a record."""
@@ -194,20 +235,15 @@ class GenerationSession:
         return model
 
     def run(self, model: CausalLM, prompts: list[list[int]]) -> None:
-        """Answer the fixed prompts, then (if asked) each stdin prompt, skipping (and reporting) bad ones."""
-        for ids in prompts:
-            self.answer(model, ids)
+        """Answer the fixed prompts (rank 0's ids, on every rank), then (if asked) each stdin prompt,
+        skipping (and reporting) bad ones."""
+        shared = broadcast_object(prompts if self.rank == 0 else None)
+        assert isinstance(shared, list)  # rank 0 always sends its list
+        for ids in shared:
+            self.answer(model, [int(t) for t in ids])
         if not self.args.read_stdin:
             return
-        for text in self.stdin_prompts():
-            ids = self.encode(text)
-            try:
-                check_prompt_length(self.lm_info, len(ids))
-            except PromptError as exc:
-                self.rejected += 1
-                if self.rank == 0:
-                    print_verbatim(f"{ERROR_PREFIX}{first_line(exc)}")
-                continue
+        for ids in self.stdin_prompts():
             self.answer(model, ids)
 
     def save(self) -> None:

@@ -10,14 +10,27 @@ is held back until the next token completes it (or :meth:`StreamDecoder.finish`)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from ..errors import ArtifactLoadError, InputError, first_line
 from ..format import Manifest
 
-__all__ = ["StreamDecoder", "encode_chat", "encode_prompt", "load_tokenizer"]
+__all__ = ["StreamDecoder", "encode_chat", "encode_prompt", "load_tokenizer", "tokenizer_dir"]
 
 _REPLACEMENT = "\ufffd"
+
+
+def tokenizer_dir(manifest: Manifest) -> Path:
+    """The artifact's tokenizer directory.
+
+    Raises:
+        InputError: the artifact ships no tokenizer (only token ids can be used).
+    """
+    lm = manifest.lm
+    if lm is None or lm.tokenizer is None:
+        raise InputError(f"{manifest.path} ships no tokenizer; pass token ids through the Python API instead")
+    return manifest.path / lm.tokenizer
 
 
 def load_tokenizer(manifest: Manifest) -> Any:
@@ -27,10 +40,7 @@ def load_tokenizer(manifest: Manifest) -> Any:
         InputError: the artifact ships no tokenizer (only token ids can be used).
         ArtifactLoadError: transformers is missing or the tokenizer cannot be loaded.
     """
-    lm = manifest.lm
-    if lm is None or lm.tokenizer is None:
-        raise InputError(f"{manifest.path} ships no tokenizer; pass token ids through the Python API instead")
-    path = manifest.path / lm.tokenizer
+    path = tokenizer_dir(manifest)
     try:
         from transformers import AutoTokenizer
     except ImportError as exc:
@@ -39,7 +49,8 @@ def load_tokenizer(manifest: Manifest) -> Any:
         # never the artifact's own Python code (auto_map), and no network: the files are all local
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
     except Exception as exc:
-        raise ArtifactLoadError(f"cannot load the tokenizer in {lm.tokenizer}: {first_line(exc)}") from exc
+        where = path.relative_to(manifest.path)
+        raise ArtifactLoadError(f"cannot load the tokenizer in {where}: {first_line(exc)}") from exc
 
 
 def _as_ids(encoded: Any) -> list[int]:
