@@ -34,6 +34,12 @@ def run(
     )
 
 
+def run_code(code: str, *args: object, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """``python -c code args`` in a fresh interpreter (what a test of imports needs), from the repo."""
+    cmd = [sys.executable, "-c", code, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=timeout)
+
+
 def write_manifest(art: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as ``art/manifest.json`` with its digest, as tpcompile writes it (a hand-built or
     edited manifest that the runtime verifies)."""

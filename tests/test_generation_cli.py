@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, cli_env, tprun, write_manifest
+from tests.conftest import REPO, cli_env, run_code, tprun, write_manifest
 from tests.test_lm_runtime_helpers import EOS, build_lm_artifact, full_weights, reference_generate
 
 SUMMARY = re.compile(
@@ -97,14 +97,7 @@ print(len(session.fixed_prompts()), session.tokenizer is not None, "transformers
 def test_only_rank_0_tokenizes_for_the_job(
     tp2: Path, rank: int, local_rank: int, source: str, probed: str
 ) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-c", _SESSION_PROBE, str(tp2), str(rank), str(local_rank), source],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        cwd=REPO,
-        timeout=300,
-    )
+    proc = run_code(_SESSION_PROBE, tp2, rank, local_rank, source)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[-2] == probed
 
