@@ -13,12 +13,12 @@ operator's schema, as torch's deserializer does); parameters and buffers become 
 meta tensors (the weights file supplies the values); a tuple or a single tensor is returned.
 
 Invariant: it either returns that module, or ``None`` for any archive outside the subset it knows, and
-the caller then loads with torch: another schema major version, sample inputs (``module()`` builds its
-input checks from them), constants, custom objects, higher-order ops, mutated buffers or inputs, inputs or
-outputs that are not flat tensors, weights stored with their values, an argument or output kind it does
-not decode, an operator torch does not have. It executes nothing from the archive and unpickles nothing:
-targets resolve only to ``torch.ops`` overloads and the ``operator`` functions of symbolic shapes. The
-module runs no input checks (a rank's inputs are built by the runtime itself).
+:func:`program_module` then loads with torch: another schema major version, sample inputs (``module()``
+builds its input checks from them), constants, custom objects, higher-order ops, mutated buffers or
+inputs, inputs or outputs that are not flat tensors, weights stored with their values, an argument or
+output kind it does not decode, an operator torch does not have. It executes nothing from the archive
+and unpickles nothing: targets resolve only to ``torch.ops`` overloads and the ``operator`` functions of
+symbolic shapes. The module runs no input checks (a rank's inputs are built by the runtime itself).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["read_program"]
+__all__ = ["program_module", "read_program"]
 
 #: The ``torch.export`` schema major version this reader knows (torch/_export/serde/schema.py).
 SCHEMA_MAJOR = 8
@@ -92,6 +92,17 @@ _ITEM = "torch.ops.aten.item.default"
 
 class _Unsupported(Exception):
     """The archive uses something this reader does not know: load it with torch instead."""
+
+
+def program_module(path: str | Path) -> torch.nn.Module:
+    """The module of the program archive at ``path``: :func:`read_program`'s, else torch's
+    (``torch.export.load(path).module()``, whose deserializer is imported only then)."""
+    module = read_program(path)
+    if module is not None:
+        return module
+    from .exported_load import load_exported
+
+    return load_exported(path).module()
 
 
 def read_program(path: str | Path) -> fx.GraphModule | None:

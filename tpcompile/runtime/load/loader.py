@@ -36,7 +36,7 @@ from ..format import (
 from ..format.native_section import native_section
 from ..format.quant_section import quant_section
 from ..kernels.native import load_native
-from .graph_reader import read_program
+from .graph_reader import program_module
 from .graph_rewrite import rewrite_devices
 from .program import RankProgram
 from .program_archive import check_program_trust
@@ -61,12 +61,7 @@ def _load_module(manifest: Manifest, path: Path, rel: str, trust_pickle: bool) -
     if not trust_pickle:
         check_program_trust(path, rel)
     try:
-        module = read_program(path)  # the graph alone, ~10x sooner; None: an archive only torch reads
-        if module is None:
-            from .exported_load import load_exported  # torch's deserializer (and sympy): only when needed
-
-            module = load_exported(path).module()
-        return module
+        return program_module(path)  # the graph alone, ~10x sooner (torch only for archives it leaves)
     except Exception as exc:
         hint = ""
         if manifest.torch_version and manifest.torch_version != torch.__version__:
