@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -12,6 +13,8 @@ from typing import Any
 
 import pytest
 import torch
+
+from tests.forkserver import ForkServer
 
 REPO = Path(__file__).resolve().parents[1]
 # Native programs (AOTInductor) take 10-60 s per rank to compile: every `tpcompile` the suite starts
@@ -50,8 +53,24 @@ def write_manifest(art: Path, data: dict[str, Any]) -> None:
     (art / "manifest.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
+_fork_server: ForkServer | None = None
+
+
 def tpcompile(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return run("tpcompile.cli", *args, cwd=cwd)
+    """``python -m tpcompile.cli ARGS``, forked from this worker's fork server (tests/forkserver.py: ~5 s
+    of imports less a command) where it runs, else as a plain subprocess."""
+    global _fork_server
+    if _fork_server is None:
+        _fork_server = ForkServer(cli_env(), REPO)
+        atexit.register(_fork_server.close)
+    if not _fork_server.usable:
+        return run("tpcompile.cli", *args, cwd=cwd)
+    return _fork_server.run("tpcompile.cli", [str(a) for a in args], cli_env(), cwd or REPO, timeout=600)
+
+
+def fork_server_in_use() -> bool:
+    """Whether :func:`tpcompile` forks its commands (else they run as plain subprocesses)."""
+    return _fork_server is not None and _fork_server.usable
 
 
 def tprun(*args: str | Path) -> subprocess.CompletedProcess[str]:
