@@ -4,15 +4,17 @@ transformers and the compiler once, and each command is a fork of it that runs `
 exit status), without paying the ~5 s of imports a fresh interpreter spends before a compile starts.
 
 Invariant: a command run here behaves as it does in a fresh interpreter, except that the imports listed
-in ``PRELOAD`` are already done. The server forks only while it runs no Python thread but its main one,
-and it runs no torch op, so no intra-op thread pool exists yet (what a DataLoader's forked workers rely on
-too); where that does not hold, or the server does not start, commands run as plain subprocesses. Tests of
-how a command starts (its imports, signals, a terminal) start their own processes (tests/processes.py);
-this serves ``conftest.tpcompile`` only.
+in ``PRELOAD`` are already done and that it exits without tearing its modules down (its exit handlers
+run). The server forks only while it runs no Python thread but its main one, and it runs no torch op, so
+no intra-op thread pool exists yet (what a DataLoader's forked workers rely on too); where that does not
+hold, or the server does not start, commands run as plain subprocesses. Tests of how a command starts
+(its imports, signals, a terminal) start their own processes (tests/processes.py); this serves
+``conftest.tpcompile`` only.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import runpy
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -47,7 +50,7 @@ PRELOAD = (
 
 def _child(request: dict[str, Any], replies: TextIO) -> None:
     """In the fork: become ``python -m MODULE ARGS`` and run it; its SystemExit (or its exception) ends this
-    process as it ends an interpreter that ran the module."""
+    process with the exit status and output an interpreter that ran the module would give."""
     replies.close()  # the server's, not this command's
     signal.signal(signal.SIGINT, signal.default_int_handler)
     write = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
@@ -62,8 +65,22 @@ def _child(request: dict[str, Any], replies: TextIO) -> None:
     os.environ.update(request["env"])
     sys.path[0] = request["cwd"]  # what -m puts first
     sys.argv = [request["module"], *request["args"]]
-    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
-    sys.exit(0)
+    try:
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as done:  # what the interpreter does with it: print a message, exit 1
+        code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+        if not isinstance(done.code, int | None):
+            print(done.code, file=sys.stderr)
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    # The command's exit handlers, then out without tearing down the modules the server imported: that
+    # teardown costs ~1.7 s with torch and transformers loaded, and a command's files are closed by now.
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def serve() -> None:
@@ -92,11 +109,11 @@ class ForkServer:
 
     def __init__(self, env: dict[str, str], cwd: Path) -> None:
         self._lock = threading.Lock()
-        self._proc: subprocess.Popen[str] | None = subprocess.Popen(
+        self._pending = b""  # what the server wrote past the last line read
+        self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
             [sys.executable, "-c", "from tests.forkserver import serve; serve()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            text=True,
             env=env,
             cwd=cwd,
         )
@@ -108,13 +125,19 @@ class ForkServer:
     def usable(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def _read(self, timeout: float | None) -> dict[str, int] | None:
+    def _read(self, timeout: float) -> dict[str, int] | None:
+        """The server's next reply; None if it ends, or says nothing for ``timeout`` seconds. Read from the
+        pipe itself, not a buffered reader: a reply already buffered would be invisible to ``select``."""
         assert self._proc is not None and self._proc.stdout is not None
-        ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
-        if not ready:
-            return None
-        line = self._proc.stdout.readline()
-        return json.loads(line) if line else None
+        fd, deadline = self._proc.stdout.fileno(), time.monotonic() + timeout
+        while b"\n" not in self._pending:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(fd, 65536) if ready else b""
+            if not chunk:
+                return None
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return json.loads(line)
 
     def run(
         self, module: str, args: list[str], env: dict[str, str], cwd: Path, timeout: float
@@ -123,7 +146,8 @@ class ForkServer:
             assert self._proc is not None and self._proc.stdin is not None
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
             request = {"module": module, "args": args, "env": env, "cwd": str(cwd)}
-            self._proc.stdin.write(json.dumps({**request, "stdout": str(out), "stderr": str(err)}) + "\n")
+            line = json.dumps({**request, "stdout": str(out), "stderr": str(err)}) + "\n"
+            self._proc.stdin.write(line.encode())
             self._proc.stdin.flush()
             started = self._read(timeout=60)
             assert started is not None, "the fork server stopped"
