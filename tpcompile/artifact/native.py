@@ -22,10 +22,11 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,7 @@ class NativeJob:
     quant: QuantSection | None = None
 
     def run(self, rank: int) -> None:
-        with warnings.catch_warnings():  # torch's deprecation chatter is not the user's business
+        with warnings.catch_warnings(), _without_stack_traces():  # torch's chatter is not the user's business
             warnings.simplefilter("ignore")
             self._compile(rank)
 
@@ -131,6 +132,20 @@ class NativeJob:
                 package_path=str(rank_dir / NATIVE_FILE),
                 inductor_configs=_inductor_configs(self.target.arch, self.threads),
             )
+
+
+@contextlib.contextmanager
+def _without_stack_traces() -> Iterator[None]:
+    """Tracing without recording each node's Python stack: a package's graph is the rank program's, whose
+    source lines the compiler already checked. Capturing a stack per traced node (``CapturedTraceback``,
+    mostly in AOTAutograd's trace) cost a SmolLM2 tp=2 compile with its ranks one after the other 190 s of
+    CPU against 162 without (2026-12-03)."""
+    saved = torch.fx.config.do_not_emit_stack_traces
+    torch.fx.config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        torch.fx.config.do_not_emit_stack_traces = saved
 
 
 def _compile_in_worker(task: tuple[NativeJob, int]) -> int | BaseException:
