@@ -14,7 +14,6 @@ hold, or the server does not start, commands run as plain subprocesses. Tests of
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import runpy
@@ -27,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, TextIO
+
+from tpcompile.runtime.launch.lifetime import end_process, exit_status
 
 #: What a compile imports before and while it captures a model, found with ``python -X importtime`` (the
 #: command's module itself is not preloaded: ``runpy`` runs it fresh as ``__main__``).
@@ -65,22 +66,15 @@ def _child(request: dict[str, Any], replies: TextIO) -> None:
     os.environ.update(request["env"])
     sys.path[0] = request["cwd"]  # what -m puts first
     sys.argv = [request["module"], *request["args"]]
-    try:
+    try:  # tpcompile.cli ends its process itself (end_process); the rest is for any other module
         runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
         code = 0
-    except SystemExit as done:  # what the interpreter does with it: print a message, exit 1
-        code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
-        if not isinstance(done.code, int | None):
-            print(done.code, file=sys.stderr)
+    except SystemExit as done:
+        code = exit_status(done)
     except BaseException:
         sys.excepthook(*sys.exc_info())
         code = 1
-    # The command's exit handlers, then out without tearing down the modules the server imported: that
-    # teardown costs ~1.7 s with torch and transformers loaded, and a command's files are closed by now.
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    end_process(code)
 
 
 def serve() -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
-from tests.conftest import tprun
+from tests.conftest import run_code, tprun
 from tests.processes import alive, children, start
 from tests.test_lm_runtime_helpers import build_lm_artifact
 from tpcompile.runtime.errors import Terminated
@@ -207,6 +207,36 @@ def test_stop_signals_act_only_where_the_launcher_delivers_them() -> None:
     finally:
         signal.signal(signal.SIGINT, previous_int)
         signal.signal(signal.SIGTERM, previous_term)
+
+
+_ENDS_ITSELF = """
+import atexit, sys, threading, time
+from pathlib import Path
+from tpcompile.runtime.launch.lifetime import end_process, exit_status
+out = Path(sys.argv[1])
+def late_write():
+    time.sleep(0.3)
+    (out / "thread").write_text("done")
+threading.Thread(target=late_write).start()
+atexit.register(lambda: (out / "atexit").write_text(str((out / "thread").exists())))
+sys.stdout.write("no newline yet")
+sys.stderr.write("nor here")
+code = {"none": None, "7": 7}.get(sys.argv[2], sys.argv[2])
+end_process(exit_status(SystemExit(code)))
+"""
+
+
+@pytest.mark.parametrize(("code", "status"), [("7", 7), ("none", 0), ("a message", 1)])
+def test_a_finished_process_ends_as_a_normal_exit_would(code: str, status: int, tmp_path: Path) -> None:
+    """end_process skips only the module teardown: a thread that is not a daemon is waited for, then the
+    exit handlers run, buffered output is flushed, and the status is what ``sys.exit`` would give (a
+    message: printed, status 1)."""
+    proc = run_code(_ENDS_ITSELF, tmp_path, code)
+    assert proc.returncode == status
+    assert proc.stdout == "no newline yet"
+    assert proc.stderr == "nor here" + ("a message\n" if code == "a message" else "")
+    assert (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "atexit").read_text() == "True"  # the handler ran after the thread had ended
 
 
 def test_busy_port_is_a_one_line_error(art: Path) -> None:
