@@ -4,6 +4,7 @@ and the compile's files are byte for byte the same."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -37,5 +38,5 @@ def test_forked_command_equals_a_fresh_interpreter(args: list[str], gpt_pt2: Pat
     assert conftest.fork_server_in_use()
 
 
-def _fresh(*args: str) -> object:
+def _fresh(*args: str) -> subprocess.CompletedProcess[str]:
     return conftest.run("tpcompile.cli", *args)
