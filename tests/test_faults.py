@@ -218,6 +218,8 @@ def late_write():
     time.sleep(0.3)
     (out / "thread").write_text("done")
 threading.Thread(target=late_write).start()
+from concurrent.futures import ThreadPoolExecutor
+ThreadPoolExecutor(1).submit(time.sleep, 0.1)  # a pool left open: told to stop at exit, not waited on forever
 atexit.register(lambda: (out / "atexit").write_text(str((out / "thread").exists())))
 sys.stdout.write("no newline yet")
 sys.stderr.write("nor here")
@@ -228,10 +230,10 @@ end_process(exit_status(SystemExit(code)))
 
 @pytest.mark.parametrize(("code", "status"), [("7", 7), ("none", 0), ("a message", 1)])
 def test_a_finished_process_ends_as_a_normal_exit_would(code: str, status: int, tmp_path: Path) -> None:
-    """end_process skips only the module teardown: a thread that is not a daemon is waited for, then the
-    exit handlers run, buffered output is flushed, and the status is what ``sys.exit`` would give (a
-    message: printed, status 1)."""
-    proc = run_code(_ENDS_ITSELF, tmp_path, code)
+    """end_process skips only the module teardown: a thread that is not a daemon is waited for (a thread
+    pool left open is told to stop first), then the exit handlers run, buffered output is flushed, and the
+    status is what ``sys.exit`` would give (a message: printed, status 1)."""
+    proc = run_code(_ENDS_ITSELF, tmp_path, code, timeout=60)
     assert proc.returncode == status
     assert proc.stdout == "no newline yet"
     assert proc.stderr == "nor here" + ("a message\n" if code == "a message" else "")

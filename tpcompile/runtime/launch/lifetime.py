@@ -147,9 +147,11 @@ def end_process(status: int) -> NoReturn:
     interpreter tearing down every module one by one: ~0.9 s for a ``tprun`` rank with torch loaded, ~1.7 s
     for a process with transformers too (2026-12-03). Whatever the command holds outside the process must be
     released by then (its ``finally`` blocks and exit handlers do it)."""
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # What the interpreter runs first at exit (not in typeshed): it tells thread pools left open to stop,
+    # then waits for every thread that is not a daemon.
+    wait_for_threads = getattr(threading, "_shutdown", None)
+    if wait_for_threads is not None:
+        wait_for_threads()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing left to say
