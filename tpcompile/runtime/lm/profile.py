@@ -12,8 +12,8 @@ A step is split into
 Invariants: step and collective times are measured on plain steps, without the profiler (its own cost
 never counts as overhead; the same-host transport keeps a cheap clock); only the kernel time comes from
 a few profiled steps of the same prompt (and the collective time too when the ranks talk through a
-process group, which has no clock); the four parts add up to the step time (a part measurement puts
-below zero is reported as 0).
+process group, which has no clock); the four parts add up to the step time: the measured parts are capped
+at what the step leaves for them (profiled steps run slower than plain ones), and none is below 0.
 """
 
 from __future__ import annotations
@@ -93,17 +93,28 @@ class DecodeProfile:
     collective_calls: float
 
     @property
+    def in_collectives_s(self) -> float:
+        """Collective time, at most the step."""
+        return min(self.collectives_s, self.step_s)
+
+    @property
+    def in_kernels_s(self) -> float:
+        """Kernel time, at most what the step leaves beside its collectives: it comes from profiled steps,
+        which run slower than plain ones, and on a busy host one of them can be slower still."""
+        return min(self.kernels_s, self.step_s - self.in_collectives_s)
+
+    @property
     def weights_s(self) -> float:
-        return min(self.weight_bytes / self.bandwidth, self.kernels_s) if self.bandwidth else 0.0
+        return min(self.weight_bytes / self.bandwidth, self.in_kernels_s) if self.bandwidth else 0.0
 
     @property
     def beyond_s(self) -> float:
         """Kernel time beyond streaming the weights."""
-        return max(0.0, self.kernels_s - self.weights_s)
+        return max(0.0, self.in_kernels_s - self.weights_s)
 
     @property
     def host_s(self) -> float:
-        return max(0.0, self.step_s - self.kernels_s - self.collectives_s)
+        return max(0.0, self.step_s - self.in_kernels_s - self.in_collectives_s)
 
     def line(self) -> str:
         """The one line ``tprun --profile`` prints for this rank."""
@@ -112,7 +123,7 @@ class DecodeProfile:
             f"profile rank {self.rank} ({self.program} program): decode step {self.step_s * ms:.2f} ms = "
             f"weights {self.weights_s * ms:.2f} ms ({self.weight_bytes / 2**20:.0f} MiB at "
             f"{self.bandwidth / 1e9:.1f} GB/s) + kernels {self.beyond_s * ms:.2f} ms + collectives "
-            f"{self.collectives_s * ms:.2f} ms ({self.collective_calls:.0f} calls) + host "
+            f"{self.in_collectives_s * ms:.2f} ms ({self.collective_calls:.0f} calls) + host "
             f"{self.host_s * ms:.2f} ms ({self.host_s / (self.step_s or 1.0):.0%} of the step)"
         )
 
