@@ -85,7 +85,7 @@ def check_kernels(
     ids: torch.Tensor,
     interleaved: bool = False,
 ) -> None:
-    """Every kernel of ``fmt`` on ``packed`` (its rows interleaved by 8 first with ``interleaved``) against
+    """Every kernel of ``fmt`` on ``packed`` (its rows interleaved first with ``interleaved``) against
     ``reference`` (its dequantized weight): the Python and C++ dequantizers and the embedding lookup of
     ``ids`` bit for bit; the linear (with and without a bias) to fp32 round-off, on the decode path (<= 8
     rows) and the decoded-tile prefill path; on the decode path each activation row gets the same bits alone
@@ -124,8 +124,8 @@ def test_kernels_equal_the_reference_dequantization(fmt: QuantFormat) -> None:
 INTERLEAVED_FORMATS = tuple(f for f in GGUF_FORMATS if interleaves(f))
 
 
-# 45 rows: 5 groups of 8, then 5 rows as they are; 1024 inputs: AVX-512 builds permute a block's inputs
-# rather than read them 8 times over (quant_ops.cpp, kRepeatedInputs)
+# 45 rows: 5 groups of 8 (2 of 16 for nibbles), then 5 (13) rows as they are; 1024 inputs: AVX-512 builds
+# permute a block's inputs rather than read them 8 times over (quant_ops.cpp, kRepeatedInputs)
 @pytest.mark.parametrize(("rows", "cols"), [(96, 160), (45, 160), (45, 1024)])
 @pytest.mark.parametrize("fmt", INTERLEAVED_FORMATS)
 def test_interleaved_kernels_equal_the_reference_dequantization(
@@ -155,27 +155,40 @@ def test_python_kernels_read_interleaved_rows() -> None:
 
 
 @pytest.mark.parametrize("fmt", INTERLEAVED_FORMATS)
-def test_interleaved_rows_are_laid_out_by_groups_of_eight(fmt: QuantFormat) -> None:
-    """Each group of 8 rows keeps its bytes, block by block: the 8 rows' f16 d, their f16 m (Q4_1), then
-    byte j of their quants for each j; the rows after the last group are unchanged."""
-    rows, blocks, size = 21, 3, fmt.block_bytes
+def test_interleaved_rows_are_laid_out_by_groups(fmt: QuantFormat) -> None:
+    """Each group (8 rows; 16 for nibbles) keeps its bytes, block by block: the rows' f16 d, their f16 m
+    (Q4_1), then 8 bytes for each weight j of the block: weight j of the 8 rows (Q8_0), or weight j of the
+    group's row l in byte l's low nibble and of row l + 8 in its high one; the rows after the last group are
+    unchanged."""
+    rows, blocks, size = 37, 3, fmt.block_bytes
     packed = torch.randint(
         0, 256, (rows, blocks * size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
     )
     header = 4 if fmt is QuantFormat.Q4_1 else 2
+    nibbles = fmt is not QuantFormat.Q8_0
+    group_size = 16 if nibbles else 8
+
+    def weight(row: int, block: int, j: int) -> int:
+        """Weight j of a block as the file holds it: byte j, or nibbles (byte i: weights i and i + 16)."""
+        quants = packed[row, block * size + header : (block + 1) * size]
+        return int(quants[j % 16]) >> (4 * (j // 16)) & 15 if nibbles else int(quants[j])
+
     want = packed.clone()
-    for group in range(rows // 8):
-        out = want[8 * group : 8 * group + 8].view(-1)
+    for group in range(rows // group_size):
+        first = group_size * group
+        out = want[first : first + group_size].view(-1)
         for b in range(blocks):
-            at = b * 8 * size
+            at = b * group_size * size
             for field in range(0, header, 2):  # d, then m
-                for r in range(8):
-                    out[at + 8 * field + 2 * r : at + 8 * field + 2 * r + 2] = packed[
-                        8 * group + r, b * size + field :
-                    ][:2]
-            for j in range(size - header):
-                for r in range(8):
-                    out[at + 8 * header + 8 * j + r] = packed[8 * group + r, b * size + header + j]
+                for r in range(group_size):
+                    start = at + group_size * field + 2 * r
+                    out[start : start + 2] = packed[first + r, b * size + field :][:2]
+            for j in range(32):
+                for lane in range(8):
+                    byte = weight(first + lane, b, j)
+                    if nibbles:
+                        byte |= weight(first + lane + 8, b, j) << 4
+                    out[at + group_size * header + 8 * j + lane] = byte
     got = interleave_rows(packed, fmt)
     assert torch.equal(got, want)
     assert torch.equal(deinterleave_rows(got, fmt), packed)

@@ -11,7 +11,8 @@ Invariants:
 - :func:`dequantize` is the reference: bit for bit the values ``gguf.quants.dequantize`` gives for the same
   blocks, in fp32 (``int8`` / ``int4_g*``, written by ``--quantize``: ``d * q`` and ``d * q + m``); every
   kernel computes with those values (fp32 products and sums; the interleaved decode as ``d * sum(q * x) +
-  m * sum(x)`` per block), so results agree with the dequantized model to fp32 round-off;
+  m * sum(x)`` per block, a nibble row's ``sum(q * x)`` from its group's whole bytes), so results agree with
+  the dequantized model to fp32 round-off;
 - :func:`interleave_rows` only reorders bytes: :func:`deinterleave_rows` gives the packed tensor back;
 - a failed build is not an error: the Python kernels run (``TPCOMPILE_CPU_KERNELS=0`` skips the build).
 """
@@ -31,6 +32,7 @@ __all__ = [
     "ROWS_INTERLEAVED",
     "deinterleave_rows",
     "dequantize",
+    "group_rows",
     "interleave_rows",
     "interleaves",
     "load_quant_ops",
@@ -47,10 +49,11 @@ C_SHIMS = {
     "AtenTensorHandle ids, int64_t format, int64_t in_features, AtenTensorHandle* ret0)",
 }
 
-#: An op's format code with this bit set: the packed rows are interleaved :data:`GROUP_ROWS` at a time
-#: (:func:`interleave_rows`; ``quant_ops.cpp``'s ``kRowsInterleaved``).
+#: An op's format code with this bit set: the packed rows are interleaved in groups (:func:`interleave_rows`;
+#: ``quant_ops.cpp``'s ``kRowsInterleaved``).
 ROWS_INTERLEAVED = 1 << 8
-GROUP_ROWS = 8
+#: Output rows of a kernel's vector (one a lane): a group holds one (int8 blocks) or two (nibbles) a lane.
+_LANES = 8
 
 _SOURCE = Path(__file__).with_name("quant_ops.cpp")
 _LOADED: bool | None = None
@@ -102,38 +105,65 @@ def _group_fields(fmt: QuantFormat) -> tuple[int, int]:
     return header, fmt.block_bytes - header
 
 
+def _nibbles(fmt: QuantFormat) -> bool:
+    return fmt not in (QuantFormat.Q8_0, QuantFormat.INT8)
+
+
+def group_rows(fmt: QuantFormat) -> int:
+    """Rows a group of :func:`interleave_rows` holds for ``fmt``: 8, or 16 for the nibble formats."""
+    return 2 * _LANES if _nibbles(fmt) else _LANES
+
+
 def interleave_rows(packed: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     """``packed`` (``[rows, blocks * block_bytes]``, a format that :func:`interleaves`) with its rows
-    interleaved by 8, the layout the CPU decode kernel reads fastest (``quant_ops.cpp``, ``decode_groups``):
-    each group of 8 rows keeps its bytes, arranged block by block as the 8 rows' f16 d, their f16 m (Q4_1),
-    then byte j of the 8 rows' quants for each j (16 bytes of nibbles, or Q8_0's 32 int8); the last
-    ``rows % 8`` rows stay as they are."""
+    interleaved in groups of :func:`group_rows`, the layout the CPU decode kernel reads fastest
+    (``quant_ops.cpp``, ``decode_groups``): each group keeps its rows' bytes, arranged block by block as the
+    rows' f16 d, their f16 m (Q4_1), then 8 bytes for each weight j of the block: weight j of the 8 rows
+    (Q8_0), or, for nibbles, byte l holding weight j of the group's row l in its low nibble and of row
+    l + 8 in its high one. The last rows (fewer than a group) stay as they are."""
     rows, width = packed.shape
-    grouped = rows // GROUP_ROWS * GROUP_ROWS
+    size = group_rows(fmt)
+    grouped = rows // size * size
     if not grouped:
         return packed
     header, _ = _group_fields(fmt)
-    blocks = packed[:grouped].reshape(grouped // GROUP_ROWS, GROUP_ROWS, -1, fmt.block_bytes)
-    fields = [blocks[..., at : at + 2] for at in range(0, header, 2)] + [blocks[..., header:]]
-    # each field [groups, 8, blocks, size] -> [groups, blocks, size, 8] for the nibbles (byte j of 8 rows),
-    # [groups, blocks, 8, 2] for the f16 scales (8 rows' halves side by side)
-    parts = [f.permute(0, 2, 1, 3) for f in fields[:-1]] + [fields[-1].permute(0, 2, 3, 1)]
-    groups = torch.cat([part.reshape(*part.shape[:2], -1) for part in parts], dim=-1)
-    return torch.cat([groups.reshape(grouped, width), packed[grouped:]]).contiguous()
+    blocks = packed[:grouped].reshape(grouped // size, size, -1, fmt.block_bytes)
+    groups, blocks_per_row = blocks.shape[0], blocks.shape[2]
+    # the f16 scales [groups, rows, blocks, 2] -> [groups, blocks, rows * 2] (the rows' halves side by side)
+    scales = [
+        blocks[..., at : at + 2].permute(0, 2, 1, 3).reshape(groups, blocks_per_row, -1)
+        for at in range(0, header, 2)
+    ]
+    quants = blocks[..., header:]
+    if _nibbles(fmt):  # weight j of each row (the file's byte i holds weights i and i + 16), then paired
+        weights = torch.cat([quants & 15, quants >> 4], dim=-1)
+        quants = weights[:, :_LANES] | (weights[:, _LANES:] << 4)
+    # [groups, lanes, blocks, j] -> [groups, blocks, j, lanes]: weight j of the lanes side by side
+    lanes = quants.permute(0, 2, 3, 1).reshape(groups, blocks_per_row, -1)
+    interleaved = torch.cat([*scales, lanes], dim=-1).reshape(grouped, width)
+    return torch.cat([interleaved, packed[grouped:]]).contiguous()
 
 
 def deinterleave_rows(packed: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     """The inverse of :func:`interleave_rows`."""
     rows, width = packed.shape
-    grouped = rows // GROUP_ROWS * GROUP_ROWS
+    size = group_rows(fmt)
+    grouped = rows // size * size
     if not grouped:
         return packed
-    header, nibbles = _group_fields(fmt)
-    groups = packed[:grouped].reshape(grouped // GROUP_ROWS, width // fmt.block_bytes, -1)
+    header, _ = _group_fields(fmt)
+    groups = packed[:grouped].reshape(grouped // size, width // fmt.block_bytes, -1)
     lead = groups.shape[:2]
-    halves = [groups[..., 16 * i : 16 * i + 16].reshape(*lead, GROUP_ROWS, 2) for i in range(header // 2)]
-    qs = groups[..., 8 * header :].reshape(*lead, nibbles, GROUP_ROWS).transpose(2, 3)
-    blocks = torch.cat([*halves, qs], dim=-1).permute(0, 2, 1, 3)  # [groups, 8, blocks, block_bytes]
+    scales = [
+        groups[..., 2 * size * i : 2 * size * (i + 1)].reshape(*lead, size, 2).transpose(1, 2)
+        for i in range(header // 2)
+    ]  # [groups, rows, blocks, 2]
+    # [groups, lanes, blocks, j]
+    lanes = groups[..., size * header :].reshape(*lead, fmt.block, _LANES).permute(0, 3, 1, 2)
+    if _nibbles(fmt):  # lanes' low nibbles are rows 0-7, high nibbles rows 8-15; then the file's pairing
+        weights = torch.cat([lanes & 15, lanes >> 4], dim=1)
+        lanes = weights[..., :16] | (weights[..., 16:] << 4)
+    blocks = torch.cat([*scales, lanes], dim=-1)  # [groups, rows, blocks, block_bytes]
     return torch.cat([blocks.reshape(grouped, width), packed[grouped:]]).contiguous()
 
 

@@ -10,14 +10,16 @@
 //     with BLAS (at::mm).
 // quant_embedding(packed [V, K/32*bb] u8, ids, format, K) -> [ids.., K] f32: the gathered rows decoded.
 //
-// `format | kRowsInterleaved` (Q8_0 / Q4_0 / Q4_1, int8 / int4_g32): the rows are interleaved 8 at a time
-// (see decode_groups); a decode step then reads 8 output rows' blocks as one and needs no horizontal sum.
+// `format | kRowsInterleaved` (Q8_0 / Q4_0 / Q4_1, int8 / int4_g32): the rows are interleaved in groups of 8
+// (Q8_0) or 16 (nibbles; see decode_groups); a decode step then reads a group's blocks as one and needs no
+// horizontal sum.
 //
 // Built with -O3 -march=native: GCC vector extensions become AVX-512 on hosts that have it and AVX2 (two
 // registers per vector) on those that do not. Every weight a kernel decodes equals the reference
 // dequantization (gguf.quants, fp32) bit for bit; products and sums are fp32, in one order per output
 // element on every ISA and for any number of activation rows. The interleaved decode regroups the sum as
-// d * sum(q * x) + m * sum(x) per block: equal to the dequantized product to fp32 round-off, not bit for bit.
+// d * sum(q * x) + m * sum(x) per block (a nibble row's sum(q * x) taken from whole bytes): equal to the
+// dequantized product to fp32 round-off, not bit for bit.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -41,9 +43,9 @@ namespace {
 
 constexpr int64_t kDecodeRows = 8;
 constexpr int64_t kBlock = 32;
-// The op's format code with this bit set: rows interleaved by kGroupRows (kernels/quant.py, interleave_rows).
+// The op's format code with this bit set: rows interleaved in groups (kernels/quant.py, interleave_rows; here
+// group_rows).
 constexpr int64_t kRowsInterleaved = 1 << 8;
-constexpr int64_t kGroupRows = 8;
 
 // QuantFormat.code (format/quant_section.py), in the same order
 enum Format : int64_t {
@@ -375,26 +377,37 @@ void decode_rows(const uint8_t* w, int64_t row_bytes, const float* x, int64_t ro
   }
 }
 
-// -- rows interleaved by 8 (Q8_0 / Q4_0 / Q4_1, and int8 / int4_g32 in their blocks) -----------------------
+// -- rows interleaved (Q8_0 / Q4_0 / Q4_1, and int8 / int4_g32 in their blocks) ----------------------------
 //
-// Layout: the first n / 8 * 8 rows form groups of 8; a group takes the bytes of its 8 rows (8 * row_bytes)
-// and holds, block by block (8 * bb bytes each): the 8 rows' f16 d, then (Q4_1) their 8 f16 m, then for
-// each byte j of the block's quants (16 bytes of nibbles, or Q8_0's 32 int8) the 8 rows' byte j. The last
-// n % 8 rows stay as they are. So one widening load gives weight j (and, for nibbles, j + 16) of 8 output
-// rows, each output row is one lane of a vector (no horizontal sum), and the scales of 8 rows convert in
-// one instruction: a Q4_1 decode product takes ~1.1 ns per row block instead of ~1.7 with AVX2, and
-// ~0.65-0.85 instead of ~1.0 with AVX-512 (block_dots16), on one core of the benchmark host.
+// Layout (kernels/quant.py, interleave_rows): the first n / G * G rows form groups of G = group_rows(F) rows
+// (8 for Q8_0, 16 for the nibble formats); a group takes the bytes of its G rows and holds, block by block
+// (G * bb bytes each), the G rows' f16 d, then (Q4_1) their G f16 m, then the quants, 8 bytes for each j < 32:
+//   - Q8_0: weight j of the 8 rows;
+//   - Q4_0 / Q4_1: weight j of row l in the low nibble of byte l, and of row l + 8 in its high nibble.
+// The last n % G rows stay as they are. So one widening load gives weight j of 8 output rows in the 8 lanes of
+// a vector (no horizontal sum), and the scales of 8 rows convert in one instruction. A nibble byte converted
+// whole is q(l) + 16 q(l + 8): the block's sums of whole bytes and of low nibbles times the inputs give both
+// rows' sums, the high row's as (bytes - lows) / 16, with two conversions and two multiply-adds per 16
+// weights; with a row's two nibbles in one byte (the file's pairing) each byte also took a shift. A Q4_1
+// decode product then takes ~1.7 ns per row block instead of ~2.0 in AVX2 builds, ~1.3 instead of ~1.5 in
+// AVX-512 ones (bench/quant.py's probe: one core of an Intel Xeon, weight in cache).
 //
-// An output lane sums d * (sum_j q_j * x_j) + m * (sum_j x_j) block by block: the dequantized model's weights
+// An output row sums d * (sum_j q_j * x_j) + m * (sum_j x_j) block by block: the dequantized model's weights
 // d * q + m regrouped (m = 0 for Q8_0, -8 d for Q4_0), so the result agrees with the dequantized product to
-// fp32 round-off (not bit for bit), and every lane has one order of operations on every ISA and for any
-// number of activation rows.
+// fp32 round-off (not bit for bit), and every row has one order of operations on every ISA and for any number
+// of activation rows.
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
-// Where a group block's quants start: after the 8 rows' f16 d, and (Q4_1) their f16 m.
-constexpr int64_t group_quants_at(int64_t F) { return kGroupRows * (F == Q4_1 ? 4 : 2); }
+// Output rows of a vector: one a lane.
+constexpr int64_t kLanes = 8;
+
+// Rows a group of format F holds: one a lane (Q8_0), or two (the nibble formats).
+constexpr int64_t group_rows(int64_t F) { return F == Q8_0 ? kLanes : 2 * kLanes; }
+
+// Where a group block's quants start: after its rows' f16 d, and (Q4_1) their f16 m.
+constexpr int64_t group_quants_at(int64_t F) { return group_rows(F) * (F == Q4_1 ? 4 : 2); }
 
 inline v8f splat8(float s) { return v8f{s, s, s, s, s, s, s, s}; }
 
@@ -438,140 +451,202 @@ inline v8f halves8(const uint8_t* p) {
 
 inline v8f to_float(v8i v) { return __builtin_convertvector(v, v8f); }
 
-// Weights j, j + 16, j + 1 and j + 17 (j even) of a group block's 8 rows, as floats, from its quants qs.
-template <int64_t F>
-inline void weights4(const uint8_t* qs, int j, v8f& lo0, v8f& hi0, v8f& lo1, v8f& hi1) {
-  if constexpr (F == Q8_0) {
-    lo0 = to_float(widen8<true>(qs + 8 * j)), hi0 = to_float(widen8<true>(qs + 8 * (j + 16)));
-    lo1 = to_float(widen8<true>(qs + 8 * (j + 1))), hi1 = to_float(widen8<true>(qs + 8 * (j + 17)));
-  } else {
-    const v8i even = widen8<false>(qs + 8 * j), odd = widen8<false>(qs + 8 * (j + 1));
-    lo0 = to_float(even & 15), hi0 = to_float(even >> 4);
-    lo1 = to_float(odd & 15), hi1 = to_float(odd >> 4);
-  }
-}
-
 #if defined(__AVX512F__)
-// The products of one group block with one activation row's block xb, two weights (j, j + 1) of the 8 rows
-// a 512-bit vector: (c0 + c1) + (c2 + c3) as decode_groups sums them, lane for lane the same operations. A
-// nibble's float is a lookup in 0..15 (the permute reads its low 4 bits) rather than a mask and a
-// conversion. x[j], x[j + 1] come to the two halves from x8b (the block's inputs 8 times over each, when
-// the caller has them: ~0.65 ns per row block against ~1.0 for decode_rows here), else by a permute of the
-// block's inputs (~0.85): x8 must stay in the first-level cache to be the faster.
-template <int64_t F, bool kRepeated>
-inline v8f block_dots16(const uint8_t* qs, const float* xb, const float* x8b) {
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  __m512 x_low, x_high;
-  if constexpr (!kRepeated) x_low = _mm512_loadu_ps(xb), x_high = _mm512_loadu_ps(xb + 16);
-  __m512 c02, c13;  // c0 | c2 and c1 | c3 (lanes 0-7 | 8-15)
-#pragma GCC unroll 8
-  for (int j = 0; j < 16; j += 2) {
-    __m512 lo, hi;  // weights j, j + 1 and j + 16, j + 17
-    if constexpr (F == Q8_0) {
-      lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 8 * j))));
-      hi = _mm512_cvtepi32_ps(
-          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 8 * (j + 16)))));
-    } else {
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 8 * j)));
-      lo = _mm512_permutexvar_ps(v, iota);
-      hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), iota);
-    }
-    __m512 xl, xh;
-    if constexpr (kRepeated) {
-      xl = _mm512_loadu_ps(x8b + kGroupRows * j), xh = _mm512_loadu_ps(x8b + kGroupRows * (j + 16));
-    } else {
-      const __m512i at = _mm512_add_epi32(halves, _mm512_set1_epi32(j));
-      xl = _mm512_permutexvar_ps(at, x_low), xh = _mm512_permutexvar_ps(at, x_high);
-    }
-    c02 = j == 0 ? _mm512_mul_ps(lo, xl) : _mm512_fmadd_ps(lo, xl, c02);
-    c13 = j == 0 ? _mm512_mul_ps(hi, xh) : _mm512_fmadd_ps(hi, xh, c13);
-  }
-  const __m512 pairs = _mm512_add_ps(c02, c13);
-  const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(pairs), 1));
-  const __m256 sum = _mm256_add_ps(_mm512_castps512_ps256(pairs), high);
+inline v8f halves_sum(__m512 v) {  // lanes 0-7 + lanes 8-15
+  const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  const __m256 sum = _mm256_add_ps(_mm512_castps512_ps256(v), high);
   v8f r;
   std::memcpy(&r, &sum, sizeof r);
   return r;
 }
+
+// x[j] in lanes 0-7 and x[j + 1] in lanes 8-15 (j even): from x8b (the block's inputs 8 times over each)
+// with kRepeated, else by a permute of the block's inputs (x_low: inputs 0-15, x_high: 16-31).
+template <bool kRepeated>
+inline __m512 inputs_pair(int j, const float* x8b, __m512 x_low, __m512 x_high) {
+  if constexpr (kRepeated) return _mm512_loadu_ps(x8b + kLanes * j);
+  const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i at = _mm512_add_epi32(halves, _mm512_set1_epi32(j % 16));
+  return _mm512_permutexvar_ps(at, j < 16 ? x_low : x_high);
+}
+// Q8_0's sums of byte_block_sums for one activation row, two weights (j, j + 1) a 512-bit vector: chains
+// c0 | c2 and c1 | c3 (lanes 0-7 | 8-15), lane for lane the same operations.
+template <bool kRepeated>
+inline v8f byte_dots16(const uint8_t* qs, const float* xb, const float* x8b) {
+  __m512 x_low{}, x_high{}, c02{}, c13{};
+  if constexpr (!kRepeated) x_low = _mm512_loadu_ps(xb), x_high = _mm512_loadu_ps(xb + 16);
+#pragma GCC unroll 8
+  for (int j = 0; j < 16; j += 2) {
+    const __m512 lo = _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + kLanes * j))));
+    const __m512 hi = _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + kLanes * (j + 16)))));
+    const __m512 xl = inputs_pair<kRepeated>(j, x8b, x_low, x_high);
+    const __m512 xh = inputs_pair<kRepeated>(j + 16, x8b, x_low, x_high);
+    c02 = j == 0 ? _mm512_mul_ps(lo, xl) : _mm512_fmadd_ps(lo, xl, c02);
+    c13 = j == 0 ? _mm512_mul_ps(hi, xh) : _mm512_fmadd_ps(hi, xh, c13);
+  }
+  return halves_sum(_mm512_add_ps(c02, c13));
+}
+
+// The nibble sums of nibble_block_sums for one activation row (lows, and whole bytes), two weights (j, j + 1)
+// a 512-bit vector: even j in lanes 0-7, odd j in 8-15. A nibble's float is a lookup in 0..15 (the permute
+// reads the low 4 bits) rather than a mask and a conversion.
+template <bool kRepeated>
+inline void nibble_dots16(const uint8_t* qs, const float* xb, const float* x8b, v8f& lows, v8f& bytes) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 x_low{}, x_high{}, cl{}, cb{};
+  if constexpr (!kRepeated) x_low = _mm512_loadu_ps(xb), x_high = _mm512_loadu_ps(xb + 16);
+#pragma GCC unroll 16
+  for (int j = 0; j < 32; j += 2) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + kLanes * j)));
+    const __m512 low = _mm512_permutexvar_ps(v, iota), whole = _mm512_cvtepi32_ps(v);
+    const __m512 xj = inputs_pair<kRepeated>(j, x8b, x_low, x_high);
+    cl = j == 0 ? _mm512_mul_ps(low, xj) : _mm512_fmadd_ps(low, xj, cl);
+    cb = j == 0 ? _mm512_mul_ps(whole, xj) : _mm512_fmadd_ps(whole, xj, cb);
+  }
+  lows = halves_sum(cl), bytes = halves_sum(cb);
+}
 #endif
+
+// One activation row's sums over a Q8_0 group block (quants qs; xb: the row's 32 inputs of the block; x8b: the
+// same 8 times over each, or null): lane l gets sum_j q(l, j) x_j, from four chains (even / odd j, first /
+// second 16 weights), each in order of j, summed as (c0 + c1) + (c2 + c3). R rows at once.
+template <int R>
+inline void byte_block_sums(const uint8_t* qs, const float* const (&xb)[R], const float* const (&x8b)[R],
+                            v8f (&dots)[R]) {
+#if defined(__AVX512F__)
+  if constexpr (R <= 2) {
+    for (int r = 0; r < R; r++) dots[r] = x8b[r] ? byte_dots16<true>(qs, xb[r], x8b[r]) : byte_dots16<false>(qs, xb[r], nullptr);
+    return;
+  }
+#endif
+  v8f c[R][4];
+#pragma GCC unroll 8
+  for (int j = 0; j < 16; j += 2) {  // decoded as used
+    const v8f lo0 = to_float(widen8<true>(qs + kLanes * j)), hi0 = to_float(widen8<true>(qs + kLanes * (j + 16)));
+    const v8f lo1 = to_float(widen8<true>(qs + kLanes * (j + 1)));
+    const v8f hi1 = to_float(widen8<true>(qs + kLanes * (j + 17)));
+    for (int r = 0; r < R; r++) {
+      const float* x = xb[r];
+      if (j == 0) {
+        c[r][0] = lo0 * splat8(x[0]), c[r][1] = hi0 * splat8(x[16]);
+        c[r][2] = lo1 * splat8(x[1]), c[r][3] = hi1 * splat8(x[17]);
+      } else {
+        c[r][0] = fma8(lo0, splat8(x[j]), c[r][0]), c[r][1] = fma8(hi0, splat8(x[j + 16]), c[r][1]);
+        c[r][2] = fma8(lo1, splat8(x[j + 1]), c[r][2]), c[r][3] = fma8(hi1, splat8(x[j + 17]), c[r][3]);
+      }
+    }
+  }
+  for (int r = 0; r < R; r++) dots[r] = (c[r][0] + c[r][1]) + (c[r][2] + c[r][3]);
+}
+
+// One activation row's sums over a nibble group block (as byte_block_sums): lane l gets lows = sum_j q(l, j)
+// x_j and highs = sum_j q(l + 8, j) x_j = (sum_j byte(l, j) x_j - lows) / 16, each sum from two chains (even
+// / odd j), each in order of j, summed as c_even + c_odd. R rows at once.
+template <int R>
+inline void nibble_block_sums(const uint8_t* qs, const float* const (&xb)[R], const float* const (&x8b)[R],
+                              v8f (&lows)[R], v8f (&highs)[R]) {
+  v8f bytes[R];
+#if defined(__AVX512F__)
+  if constexpr (R <= 2) {
+    for (int r = 0; r < R; r++) {
+      if (x8b[r]) {
+        nibble_dots16<true>(qs, xb[r], x8b[r], lows[r], bytes[r]);
+      } else {
+        nibble_dots16<false>(qs, xb[r], nullptr, lows[r], bytes[r]);
+      }
+    }
+  } else
+#endif
+  if constexpr (R <= 2) {  // decoded as used: 64 weight vectors do not fit in registers
+    v8f c[R][4];  // lows even / odd j, bytes even / odd j
+#pragma GCC unroll 16
+    for (int j = 0; j < 32; j += 2) {
+      const v8i even = widen8<false>(qs + kLanes * j), odd = widen8<false>(qs + kLanes * (j + 1));
+      const v8f low0 = to_float(even & 15), whole0 = to_float(even);
+      const v8f low1 = to_float(odd & 15), whole1 = to_float(odd);
+      for (int r = 0; r < R; r++) {
+        const v8f x0 = splat8(xb[r][j]), x1 = splat8(xb[r][j + 1]);
+        if (j == 0) {
+          c[r][0] = low0 * x0, c[r][1] = low1 * x1, c[r][2] = whole0 * x0, c[r][3] = whole1 * x1;
+        } else {
+          c[r][0] = fma8(low0, x0, c[r][0]), c[r][1] = fma8(low1, x1, c[r][1]);
+          c[r][2] = fma8(whole0, x0, c[r][2]), c[r][3] = fma8(whole1, x1, c[r][3]);
+        }
+      }
+    }
+    for (int r = 0; r < R; r++) lows[r] = c[r][0] + c[r][1], bytes[r] = c[r][2] + c[r][3];
+  } else {  // decoded once into memory, then read by each activation row in the same order
+    v8f low[32], whole[32];
+#pragma GCC unroll 16
+    for (int j = 0; j < 32; j++) {
+      const v8i v = widen8<false>(qs + kLanes * j);
+      low[j] = to_float(v & 15), whole[j] = to_float(v);
+    }
+    for (int r = 0; r < R; r++) {
+      const float* x = xb[r];
+      v8f l0 = low[0] * splat8(x[0]), l1 = low[1] * splat8(x[1]);
+      v8f b0 = whole[0] * splat8(x[0]), b1 = whole[1] * splat8(x[1]);
+#pragma GCC unroll 16
+      for (int j = 2; j < 32; j += 2) {
+        l0 = fma8(low[j], splat8(x[j]), l0), l1 = fma8(low[j + 1], splat8(x[j + 1]), l1);
+        b0 = fma8(whole[j], splat8(x[j]), b0), b1 = fma8(whole[j + 1], splat8(x[j + 1]), b1);
+      }
+      lows[r] = l0 + l1, bytes[r] = b0 + b1;
+    }
+  }
+  for (int r = 0; r < R; r++) highs[r] = (bytes[r] - lows[r]) * splat8(0.0625f);
+}
 
 // y[m, o] for rows m < R and the output rows of groups [begin, end); xs[m * nb + b]: block b's sum of x[m];
 // x8 (or null): each x[m, i] 8 times over (used by AVX-512 builds for R <= 2).
-// Each block's 32 products go into four chains (even / odd j, first / second 16 weights), each in order of
-// j, summed as (c0 + c1) + (c2 + c3).
 template <int64_t F, int R>
 void decode_groups(const uint8_t* w, int64_t row_bytes, const float* x, const float* xs, const float* x8, int64_t k,
                    const float* bias, float* y, int64_t n, int64_t begin, int64_t end) {
   static_assert(F == Q8_0 || F == Q4_0 || F == Q4_1);
-  const int64_t bb = block_bytes(F), quants = group_quants_at(F);
-  const int64_t nb = k / kBlock;
+  constexpr int64_t G = group_rows(F), parts = G / kLanes;  // parts: lanes' rows l, l + 8 (nibbles)
+  const int64_t bb = block_bytes(F), nb = k / kBlock;
   for (int64_t g = begin; g < end; g++) {
-    const uint8_t* group = w + g * kGroupRows * row_bytes;
-    v8f acc[R], acc_m[R];
-    for (int r = 0; r < R; r++) acc[r] = acc_m[r] = v8f{};
+    const uint8_t* group = w + g * G * row_bytes;
+    v8f acc[parts][R], acc_m[parts][R];
+    for (int p = 0; p < parts; p++)
+      for (int r = 0; r < R; r++) acc[p][r] = acc_m[p][r] = v8f{};
     for (int64_t b = 0; b < nb; b++) {
-      const uint8_t* blk = group + b * kGroupRows * bb;
-      const uint8_t* qs = blk + quants;
-      const v8f d = halves8(blk);
-      v8f dots[R];  // each row's sum_j q_j * x_j
-#if defined(__AVX512F__)
-      if constexpr (R <= 2) {
-        for (int r = 0; r < R; r++) {
-          const int64_t at = r * k + b * kBlock;
-          dots[r] = x8 ? block_dots16<F, true>(qs, nullptr, x8 + at * kGroupRows)
-                       : block_dots16<F, false>(qs, x + at, nullptr);
-        }
-      } else
-#endif
-      if constexpr (R <= 2) {  // decoded as used: 32 weight vectors do not fit in registers
-        v8f c[R][4];
-#pragma GCC unroll 8
-        for (int j = 0; j < 16; j += 2) {
-          v8f lo0, hi0, lo1, hi1;
-          weights4<F>(qs, j, lo0, hi0, lo1, hi1);
-          for (int r = 0; r < R; r++) {
-            const float* xb = x + r * k + b * kBlock;
-            if (j == 0) {
-              c[r][0] = lo0 * splat8(xb[0]), c[r][1] = hi0 * splat8(xb[16]);
-              c[r][2] = lo1 * splat8(xb[1]), c[r][3] = hi1 * splat8(xb[17]);
-            } else {
-              c[r][0] = fma8(lo0, splat8(xb[j]), c[r][0]), c[r][1] = fma8(hi0, splat8(xb[j + 16]), c[r][1]);
-              c[r][2] = fma8(lo1, splat8(xb[j + 1]), c[r][2]), c[r][3] = fma8(hi1, splat8(xb[j + 17]), c[r][3]);
-            }
-          }
-        }
-        for (int r = 0; r < R; r++) dots[r] = (c[r][0] + c[r][1]) + (c[r][2] + c[r][3]);
-      } else {  // decoded once into memory, then read by each activation row in the same order
-        v8f q[4][8];
-#pragma GCC unroll 8
-        for (int j = 0; j < 16; j += 2) weights4<F>(qs, j, q[0][j / 2], q[1][j / 2], q[2][j / 2], q[3][j / 2]);
-        for (int r = 0; r < R; r++) {
-          const float* xb = x + r * k + b * kBlock;
-          v8f c0 = q[0][0] * splat8(xb[0]), c1 = q[1][0] * splat8(xb[16]);
-          v8f c2 = q[2][0] * splat8(xb[1]), c3 = q[3][0] * splat8(xb[17]);
-#pragma GCC unroll 8
-          for (int j = 2; j < 16; j += 2) {
-            c0 = fma8(q[0][j / 2], splat8(xb[j]), c0), c1 = fma8(q[1][j / 2], splat8(xb[j + 16]), c1);
-            c2 = fma8(q[2][j / 2], splat8(xb[j + 1]), c2), c3 = fma8(q[3][j / 2], splat8(xb[j + 17]), c3);
-          }
-          dots[r] = (c0 + c1) + (c2 + c3);
-        }
+      const uint8_t* blk = group + b * G * bb;
+      const uint8_t* qs = blk + group_quants_at(F);
+      const float* xb[R];
+      const float* x8b[R];
+      for (int r = 0; r < R; r++) {
+        xb[r] = x + r * k + b * kBlock;
+        x8b[r] = x8 ? x8 + (r * k + b * kBlock) * kLanes : nullptr;
       }
-      for (int r = 0; r < R; r++) acc[r] = fma8(d, dots[r], acc[r]);
-      if constexpr (F != Q8_0) {
-        const v8f m = F == Q4_1 ? halves8(blk + 16) : d * -8.0f;
-        for (int r = 0; r < R; r++) acc_m[r] = fma8(m, splat8(xs[r * nb + b]), acc_m[r]);
+      v8f dots[parts][R];  // each row's sum_j q_j * x_j
+      if constexpr (F == Q8_0) {
+        byte_block_sums<R>(qs, xb, x8b, dots[0]);
+      } else {
+        nibble_block_sums<R>(qs, xb, x8b, dots[0], dots[parts - 1]);
+      }
+      for (int p = 0; p < parts; p++) {
+        const v8f d = halves8(blk + 2 * kLanes * p);
+        for (int r = 0; r < R; r++) acc[p][r] = fma8(d, dots[p][r], acc[p][r]);
+        if constexpr (F != Q8_0) {
+          const v8f m = F == Q4_1 ? halves8(blk + 2 * G + 2 * kLanes * p) : d * -8.0f;
+          for (int r = 0; r < R; r++) acc_m[p][r] = fma8(m, splat8(xs[r * nb + b]), acc_m[p][r]);
+        }
       }
     }
-    for (int r = 0; r < R; r++) {
-      v8f s = acc[r] + acc_m[r];
-      if (bias) {
-        v8f add;
-        std::memcpy(&add, bias + g * kGroupRows, sizeof add);
-        s += add;
+    for (int p = 0; p < parts; p++) {
+      const int64_t first = g * G + p * kLanes;
+      for (int r = 0; r < R; r++) {
+        v8f s = acc[p][r] + acc_m[p][r];
+        if (bias) {
+          v8f add;
+          std::memcpy(&add, bias + first, sizeof add);
+          s += add;
+        }
+        std::memcpy(y + r * n + first, &s, sizeof s);
       }
-      std::memcpy(y + r * n + g * kGroupRows, &s, sizeof s);
     }
   }
 }
@@ -604,15 +679,15 @@ void decode_groups(const uint8_t* w, int64_t row_bytes, const float* x, const fl
   }
 }
 
-// Output units [begin, end) of an interleaved weight: unit u < n / 8 is group u, unit n / 8 the rows after
-// the last group (their file layout, decode_rows).
+// Output units [begin, end) of an interleaved weight: unit u < n / G is group u, unit n / G the rows after the
+// last group (their file layout, decode_rows).
 template <int64_t F>
 void decode_interleaved(const uint8_t* w, int64_t row_bytes, const float* x, const float* xs, const float* x8,
                         int64_t rows, int64_t k, const float* bias, float* y, int64_t n, int64_t begin,
                         int64_t end) {
-  const int64_t groups = n / kGroupRows, last = std::min(end, groups);
+  const int64_t groups = n / group_rows(F), last = std::min(end, groups);
   if (begin < last) decode_groups<F>(w, row_bytes, x, xs, x8, rows, k, bias, y, n, begin, last);
-  if (end > groups) decode_rows<F>(w, row_bytes, x, rows, k, bias, y, n, groups * kGroupRows, n);
+  if (end > groups) decode_rows<F>(w, row_bytes, x, rows, k, bias, y, n, groups * group_rows(F), n);
 }
 
 template <int64_t F>
@@ -643,33 +718,30 @@ void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t k, float* out, in
 }
 
 // Rows [begin, end) of an interleaved weight in fp32 (the same values as dequant_rows on the rows before
-// interleaving): rows of a group from their lane, the last n % 8 rows as they are.
+// interleaving): rows of a group from their lane (and nibble), the last n % G rows as they are.
 template <int64_t F>
 void dequant_interleaved_rows(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k, float* out,
                               int64_t begin, int64_t end) {
-  const int64_t bb = block_bytes(F), quants = group_quants_at(F);
-  const int64_t nb = k / kBlock, grouped = n / kGroupRows * kGroupRows;
+  constexpr int64_t G = group_rows(F);
+  const int64_t bb = block_bytes(F), nb = k / kBlock, grouped = n / G * G;
   for (int64_t o = begin; o < end; o++) {
     float* dst = out + (o - begin) * k;
     if (o >= grouped) {
       dequant_rows<F>(w, row_bytes, k, dst, o, o + 1);
       continue;
     }
-    const int64_t lane = o % kGroupRows;
-    const uint8_t* group = w + (o - lane) * row_bytes;
+    const int64_t row = o % G, lane = row % kLanes, shift = row / kLanes * 4;
+    const uint8_t* group = w + (o - row) * row_bytes;
     for (int64_t b = 0; b < nb; b++) {
-      const uint8_t* blk = group + b * kGroupRows * bb;
-      const uint8_t* qs = blk + quants + lane;
-      const float d = half(blk + 2 * lane);
+      const uint8_t* blk = group + b * G * bb;
+      const uint8_t* qs = blk + group_quants_at(F) + lane;
+      const float d = half(blk + 2 * row);
       float* wb = dst + b * kBlock;
       if constexpr (F == Q8_0) {
-        for (int j = 0; j < 32; j++) wb[j] = d * float(int8_t(qs[kGroupRows * j]));
-        continue;
-      }
-      const float m = F == Q4_1 ? half(blk + 16 + 2 * lane) : d * -8.0f;
-      for (int j = 0; j < 16; j++) {
-        wb[j] = d * float(qs[kGroupRows * j] & 15) + m;
-        wb[j + 16] = d * float(qs[kGroupRows * j] >> 4) + m;
+        for (int j = 0; j < 32; j++) wb[j] = d * float(int8_t(qs[kLanes * j]));
+      } else {
+        const float m = F == Q4_1 ? half(blk + 2 * G + 2 * row) : d * -8.0f;
+        for (int j = 0; j < 32; j++) wb[j] = d * float((qs[kLanes * j] >> shift) & 15) + m;
       }
     }
   }
@@ -744,8 +816,8 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, const 
     const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
     float* yp = y.data_ptr<float>();
     if (p.interleaved) {
-      // each activation row's block sums, then 8 output rows a unit (and the rows after the last group)
-      const int64_t nb = k / kBlock, groups = n / kGroupRows;
+      // each activation row's block sums, then a group of output rows a unit (and the rows after the last group)
+      const int64_t nb = k / kBlock, group = group_rows(format), groups = n / group;
       // per thread, kept between calls: a decode step makes ~200 of them
       thread_local std::vector<float> sums, repeated;
       if (format != Q8_0) {  // Q8_0 has no m
@@ -756,13 +828,13 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, const 
       const float* x8 = nullptr;
 #if defined(__AVX512F__)
       if (rows <= 2 && rows * k <= kRepeatedInputs) {
-        repeated.resize(std::max<size_t>(repeated.size(), rows * k * kGroupRows));
+        repeated.resize(std::max<size_t>(repeated.size(), rows * k * kLanes));
         float* copies = repeated.data();
-        for (int64_t i = 0; i < rows * k; i++) _mm256_storeu_ps(copies + i * kGroupRows, _mm256_set1_ps(xp[i]));
+        for (int64_t i = 0; i < rows * k; i++) _mm256_storeu_ps(copies + i * kLanes, _mm256_set1_ps(xp[i]));
         x8 = copies;
       }
 #endif
-      at::parallel_for(0, groups + (n % kGroupRows ? 1 : 0), 8, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, groups + (n % group ? 1 : 0), 8, [&](int64_t begin, int64_t end) {
         switch (format) {
           case Q8_0: return decode_interleaved<Q8_0>(w, row_bytes, xp, xs, x8, rows, k, bp, yp, n, begin, end);
           case Q4_0: return decode_interleaved<Q4_0>(w, row_bytes, xp, xs, x8, rows, k, bp, yp, n, begin, end);

@@ -6,9 +6,9 @@ tensors out of the loaded state, stores each on the module as a buffer beside ``
 that read ``W``: ``aten.linear(x, W, b)`` -> ``tpcompile::quant_linear(x, W_packed, b, format, cols)``,
 ``aten.embedding(W, ids)`` -> ``tpcompile::quant_embedding(W_packed, ids, format, cols)``. Any other use of
 ``W`` gets ``W`` itself, decoded once at load (correct, not smaller). On CPU the rows of the 32-weight
-block formats (Q8_0, Q4_0, Q4_1, int8, int4_g32) are interleaved by 8 at load (``kernels/quant.py``,
-``interleave_rows``: the same bytes, read faster by a decode step), bound as ``W_packed_x8`` with the
-interleaved format code; the shard keeps the file's layout.
+block formats (Q8_0, Q4_0, Q4_1, int8, int4_g32) are interleaved at load (``kernels/quant.py``,
+``interleave_rows``: the same bytes, read faster by a decode step, 8 output rows a vector), bound as
+``W_packed_x8`` with the interleaved format code; the shard keeps the file's layout.
 
 Invariant: the rewritten program computes what the program computed with the dequantized weights, to fp32
 round-off (see ``kernels/quant.py``); ``W`` no longer exists as a meta parameter afterwards (it is gone, or it
@@ -39,8 +39,8 @@ __all__ = ["INTERLEAVED_ATTR_SUFFIX", "PACKED_ATTR_SUFFIX", "bind_packed_weights
 
 #: Attribute name of the packed buffer beside a weight attribute ``weight`` (``weight_packed``).
 PACKED_ATTR_SUFFIX = "_packed"
-#: ... when its rows are interleaved (``weight_packed_x8``): a native package built for the other layout
-#: then misses its tensor by name and is not run, rather than reading bytes in the wrong order.
+#: ... when its rows are interleaved (``weight_packed_x8``, 8 rows a vector): a native package built for the
+#: other layout then misses its tensor by name and is not run, rather than reading bytes in the wrong order.
 INTERLEAVED_ATTR_SUFFIX = "_packed_x8"
 
 _LINEAR = torch.ops.aten.linear.default
