@@ -34,7 +34,7 @@ from tests.processes import assert_same_bits_as_avx2_build, compares_with_avx2_b
 
 gguf = pytest.importorskip("gguf")
 
-from tpcompile.runtime.format.quant_section import GGUF_FORMATS, QuantFormat  # noqa: E402
+from tpcompile.runtime.format.quant_section import GGUF_FORMATS, PACKED_SUFFIX, QuantFormat  # noqa: E402
 from tpcompile.runtime.kernels.quant import (  # noqa: E402
     deinterleave_rows,
     dequantize,
@@ -415,6 +415,32 @@ def test_dequantize_stores_floats(tiny_ggufs: dict[str, tuple[Path, Any]], tmp_p
         max(r["weight_bytes"] for r in quantized["ranks"])
         < max(r["weight_bytes"] for r in manifest["ranks"]) / 2
     )
+
+
+def test_interleaved_weights_are_bound_from_huge_pages(
+    tiny_ggufs: dict[str, tuple[Path, Any]], tmp_path: Path
+) -> None:
+    """A rank's interleaved quantized weights (the runtime's own copies of the shard's bytes) share one
+    mapping advised for huge pages, and hold the shard's bytes."""
+    from safetensors.torch import load_file
+
+    from tests.test_huge_pages import mapping_of, thp_enabled
+    from tpcompile.runtime import load_rank
+
+    path, _ = tiny_ggufs["q"]
+    out = tmp_path / "q"
+    manifest = _compile_tiny(path, 1, out)
+    formats = {name: QuantFormat(t["format"]) for name, t in manifest["extra"]["quant"]["tensors"].items()}
+    shard = load_file(str(next((out / "rank0").glob("*.safetensors"))))
+    program = load_rank(out, 0)
+    bound = {name: t for name, t in program.module.named_buffers() if name.endswith("_packed_x8")}
+    assert bound and len(bound) == sum(interleaves(f) for f in formats.values())
+    for name, packed in bound.items():
+        key = name.removesuffix("_packed_x8")
+        assert torch.equal(deinterleave_rows(packed, formats[key]), shard[key + PACKED_SUFFIX]), name
+    mappings = [mapping_of(t.data_ptr()) for t in bound.values()]
+    assert len({m["range"] for m in mappings}) == 1
+    assert mappings[0]["THPeligible"] == ("1" if thp_enabled() else "0")
 
 
 def test_blocks_that_do_not_go_round_are_refused(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from ..kernels.quant import (
     op_code,
 )
 from .graph_rewrite import graph_modules
+from .huge_pages import empty_in_huge_pages
 
 __all__ = ["INTERLEAVED_ATTR_SUFFIX", "PACKED_ATTR_SUFFIX", "bind_packed_weights"]
 
@@ -95,6 +96,18 @@ def _rewrite_uses(gm: torch.fx.GraphModule, packed: dict[str, tuple[str, int, in
     return still_read
 
 
+def _interleave_in_huge_pages(
+    found: dict[str, tuple[nn.Module, str, torch.Tensor, QuantFormat, int]], keys: list[str]
+) -> None:
+    """Replace the packed tensor of each of ``keys`` in ``found`` by its rows interleaved, in memory backed by
+    huge pages where the host allows (``huge_pages.py``): a decode step streams them all."""
+    places = empty_in_huge_pages([found[key][2] for key in keys])
+    for key, place in zip(keys, places, strict=True):
+        owner, name, packed, fmt, cols = found[key]
+        place.copy_(interleave_rows(packed, fmt))
+        found[key] = (owner, name, place, fmt, cols)
+
+
 def bind_packed_weights(
     module: nn.Module, tensors: MutableMapping[str, torch.Tensor], section: QuantSection, source: str
 ) -> int:
@@ -128,11 +141,11 @@ def bind_packed_weights(
             )
         interleaved = interleaves(fmt) and packed.device.type == "cpu"
         suffix = INTERLEAVED_ATTR_SUFFIX if interleaved else PACKED_ATTR_SUFFIX
-        if interleaved:
-            packed = interleave_rows(packed, fmt)
-        owner.register_buffer(name + suffix, packed, persistent=False)
         found[key] = (owner, name, packed, fmt, cols)
         bound[key] = (suffix, op_code(fmt, interleaved), cols)
+    _interleave_in_huge_pages(found, [key for key in bound if bound[key][0] == INTERLEAVED_ATTR_SUFFIX])
+    for key, (owner, name, packed, _, _) in found.items():
+        owner.register_buffer(name + bound[key][0], packed, persistent=False)
     still_read: set[str] = set()
     for gm in graph_modules(module):
         still_read |= _rewrite_uses(gm, bound)
