@@ -515,9 +515,12 @@ inline void nibble_dots16(const uint8_t* qs, const float* xb, const float* x8b, 
 template <int R>
 inline void byte_block_sums(const uint8_t* qs, const float* const (&xb)[R], const float* const (&x8b)[R],
                             v8f (&dots)[R]) {
+  (void)x8b;  // read by AVX-512 builds
 #if defined(__AVX512F__)
   if constexpr (R <= 2) {
-    for (int r = 0; r < R; r++) dots[r] = x8b[r] ? byte_dots16<true>(qs, xb[r], x8b[r]) : byte_dots16<false>(qs, xb[r], nullptr);
+    for (int r = 0; r < R; r++) {
+      dots[r] = x8b[r] ? byte_dots16<true>(qs, xb[r], x8b[r]) : byte_dots16<false>(qs, xb[r], nullptr);
+    }
     return;
   }
 #endif
@@ -547,6 +550,7 @@ inline void byte_block_sums(const uint8_t* qs, const float* const (&xb)[R], cons
 template <int R>
 inline void nibble_block_sums(const uint8_t* qs, const float* const (&xb)[R], const float* const (&x8b)[R],
                               v8f (&lows)[R], v8f (&highs)[R]) {
+  (void)x8b;  // read by AVX-512 builds
   v8f bytes[R];
 #if defined(__AVX512F__)
   if constexpr (R <= 2) {
