@@ -14,7 +14,9 @@ and skips it with a note when it is absent. Set it up once with::
 segmentation fault in decode; without AMX it runs. Drop the AVX-512 flags on an AVX2-only host.) To compare
 the AVX2 code paths of both on an AVX-512 host, build a second environment with ``-DGGML_AVX512=OFF`` and
 run the benchmark with ``TPCOMPILE_LLAMA_CPP_PYTHON`` pointing at it and ``TPCOMPILE_CPU_ISA=x86-64-v3``
-(tpcompile's kernels built for AVX2 + FMA only; the table's host line says so).
+(tpcompile's kernels built for AVX2 + FMA only; the table's host line says so). Build the second one with
+``pip install --no-cache-dir``: pip's wheel cache does not key on ``CMAKE_ARGS``, so it would install the
+first build's wheel again, silently.
 
 Not a test: the numbers depend on the machine and on whatever else runs on it.
 """
