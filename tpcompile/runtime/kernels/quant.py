@@ -32,7 +32,6 @@ __all__ = [
     "ROWS_INTERLEAVED",
     "deinterleave_rows",
     "dequantize",
-    "group_rows",
     "interleave_rows",
     "interleaves",
     "load_quant_ops",
@@ -109,20 +108,20 @@ def _nibbles(fmt: QuantFormat) -> bool:
     return fmt not in (QuantFormat.Q8_0, QuantFormat.INT8)
 
 
-def group_rows(fmt: QuantFormat) -> int:
-    """Rows a group of :func:`interleave_rows` holds for ``fmt``: 8, or 16 for the nibble formats."""
+def _group_rows(fmt: QuantFormat) -> int:
+    """Rows a group of :func:`interleave_rows` holds for ``fmt``: one a lane, two for the nibble formats."""
     return 2 * _LANES if _nibbles(fmt) else _LANES
 
 
 def interleave_rows(packed: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     """``packed`` (``[rows, blocks * block_bytes]``, a format that :func:`interleaves`) with its rows
-    interleaved in groups of :func:`group_rows`, the layout the CPU decode kernel reads fastest
+    interleaved in groups (8 rows; 16 for the nibble formats), the layout the CPU decode kernel reads fastest
     (``quant_ops.cpp``, ``decode_groups``): each group keeps its rows' bytes, arranged block by block as the
     rows' f16 d, their f16 m (Q4_1), then 8 bytes for each weight j of the block: weight j of the 8 rows
     (Q8_0), or, for nibbles, byte l holding weight j of the group's row l in its low nibble and of row
     l + 8 in its high one. The last rows (fewer than a group) stay as they are."""
     rows, width = packed.shape
-    size = group_rows(fmt)
+    size = _group_rows(fmt)
     grouped = rows // size * size
     if not grouped:
         return packed
@@ -147,7 +146,7 @@ def interleave_rows(packed: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
 def deinterleave_rows(packed: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     """The inverse of :func:`interleave_rows`."""
     rows, width = packed.shape
-    size = group_rows(fmt)
+    size = _group_rows(fmt)
     grouped = rows // size * size
     if not grouped:
         return packed
@@ -161,8 +160,8 @@ def deinterleave_rows(packed: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     # [groups, lanes, blocks, j]
     lanes = groups[..., size * header :].reshape(*lead, fmt.block, _LANES).permute(0, 3, 1, 2)
     if _nibbles(fmt):  # lanes' low nibbles are rows 0-7, high nibbles rows 8-15; then the file's pairing
-        weights = torch.cat([lanes & 15, lanes >> 4], dim=1)
-        lanes = weights[..., :16] | (weights[..., 16:] << 4)
+        weights, half = torch.cat([lanes & 15, lanes >> 4], dim=1), fmt.block // 2
+        lanes = weights[..., :half] | (weights[..., half:] << 4)
     blocks = torch.cat([*scales, lanes], dim=-1)  # [groups, rows, blocks, block_bytes]
     return torch.cat([blocks.reshape(grouped, width), packed[grouped:]]).contiguous()
 
