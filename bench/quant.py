@@ -139,7 +139,7 @@ def host_state() -> dict[str, float]:
             packed = quantize_rows(torch.randn(rows, cols, generator=gen), QuantFormat.INT4_G32)
             x = torch.randn(1, cols, generator=gen)
             product = torch.ops.tpcompile.quant_linear
-            # the file's row layout (the probe of earlier runs), and the rows interleaved by 8 as the runtime
+            # the file's row layout (the probe of earlier runs), and the rows interleaved as the runtime
             # binds them (kernels/quant.py, interleave_rows)
             layouts = {
                 "q4_1_ns_per_block": (packed, QuantFormat.Q4_1.code),
