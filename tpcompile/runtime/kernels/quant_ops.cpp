@@ -509,9 +509,31 @@ inline void nibble_dots16(const uint8_t* qs, const float* xb, const float* x8b, 
 }
 #endif
 
+// Each of kRows activation rows' sums over a Q8_0 group block, from the block's weights at j as floats
+// (weights(j)): four chains (even / odd j, first / second 16 weights), each in order of j, summed as
+// (c0 + c1) + (c2 + c3).
+template <int kRows, typename Weights>
+inline void byte_chains(Weights weights, const float* const* xb, v8f* dots) {
+  v8f c[kRows][4];
+#pragma GCC unroll 8
+  for (int j = 0; j < 16; j += 2) {
+    const v8f lo0 = weights(j), hi0 = weights(j + 16), lo1 = weights(j + 1), hi1 = weights(j + 17);
+    for (int r = 0; r < kRows; r++) {
+      const float* x = xb[r];
+      if (j == 0) {
+        c[r][0] = lo0 * splat8(x[0]), c[r][1] = hi0 * splat8(x[16]);
+        c[r][2] = lo1 * splat8(x[1]), c[r][3] = hi1 * splat8(x[17]);
+      } else {
+        c[r][0] = fma8(lo0, splat8(x[j]), c[r][0]), c[r][1] = fma8(hi0, splat8(x[j + 16]), c[r][1]);
+        c[r][2] = fma8(lo1, splat8(x[j + 1]), c[r][2]), c[r][3] = fma8(hi1, splat8(x[j + 17]), c[r][3]);
+      }
+    }
+  }
+  for (int r = 0; r < kRows; r++) dots[r] = (c[r][0] + c[r][1]) + (c[r][2] + c[r][3]);
+}
+
 // One activation row's sums over a Q8_0 group block (quants qs; xb: the row's 32 inputs of the block; x8b: the
-// same 8 times over each, or null): lane l gets sum_j q(l, j) x_j, from four chains (even / odd j, first /
-// second 16 weights), each in order of j, summed as (c0 + c1) + (c2 + c3). R rows at once.
+// same 8 times over each, or null): lane l gets sum_j q(l, j) x_j, in byte_chains' order. R rows at once.
 template <int R>
 inline void byte_block_sums(const uint8_t* qs, const float* const (&xb)[R], const float* const (&x8b)[R],
                             v8f (&dots)[R]) {
@@ -524,29 +546,57 @@ inline void byte_block_sums(const uint8_t* qs, const float* const (&xb)[R], cons
     return;
   }
 #endif
-  v8f c[R][4];
+  if constexpr (R <= 2) {  // decoded as used
+    byte_chains<R>([&](int j) { return to_float(widen8<true>(qs + kLanes * j)); }, xb, dots);
+  } else {  // decoded once into memory, then read by each activation row in byte_chains' order
+    v8f q[4][8];  // weights j, j + 16, j + 1, j + 17 for even j
 #pragma GCC unroll 8
-  for (int j = 0; j < 16; j += 2) {  // decoded as used
-    const v8f lo0 = to_float(widen8<true>(qs + kLanes * j)), hi0 = to_float(widen8<true>(qs + kLanes * (j + 16)));
-    const v8f lo1 = to_float(widen8<true>(qs + kLanes * (j + 1)));
-    const v8f hi1 = to_float(widen8<true>(qs + kLanes * (j + 17)));
+    for (int j = 0; j < 16; j += 2) {
+      q[0][j / 2] = to_float(widen8<true>(qs + kLanes * j));
+      q[1][j / 2] = to_float(widen8<true>(qs + kLanes * (j + 16)));
+      q[2][j / 2] = to_float(widen8<true>(qs + kLanes * (j + 1)));
+      q[3][j / 2] = to_float(widen8<true>(qs + kLanes * (j + 17)));
+    }
     for (int r = 0; r < R; r++) {
       const float* x = xb[r];
+      v8f c0 = q[0][0] * splat8(x[0]), c1 = q[1][0] * splat8(x[16]);
+      v8f c2 = q[2][0] * splat8(x[1]), c3 = q[3][0] * splat8(x[17]);
+#pragma GCC unroll 8
+      for (int j = 2; j < 16; j += 2) {
+        c0 = fma8(q[0][j / 2], splat8(x[j]), c0), c1 = fma8(q[1][j / 2], splat8(x[j + 16]), c1);
+        c2 = fma8(q[2][j / 2], splat8(x[j + 1]), c2), c3 = fma8(q[3][j / 2], splat8(x[j + 17]), c3);
+      }
+      dots[r] = (c0 + c1) + (c2 + c3);
+    }
+  }
+}
+
+// Each of kRows activation rows' sums over a nibble group block, from the block's weights at j as floats
+// (weights(j, low, whole): the low nibbles, and the whole bytes): two chains a sum (even / odd j), each in
+// order of j, summed as c_even + c_odd.
+template <int kRows, typename Weights>
+inline void nibble_chains(Weights weights, const float* const* xb, v8f* lows, v8f* bytes) {
+  v8f c[kRows][4];  // lows even / odd j, bytes even / odd j
+#pragma GCC unroll 16
+  for (int j = 0; j < 32; j += 2) {
+    v8f low0, whole0, low1, whole1;
+    weights(j, low0, whole0), weights(j + 1, low1, whole1);
+    for (int r = 0; r < kRows; r++) {
+      const v8f x0 = splat8(xb[r][j]), x1 = splat8(xb[r][j + 1]);
       if (j == 0) {
-        c[r][0] = lo0 * splat8(x[0]), c[r][1] = hi0 * splat8(x[16]);
-        c[r][2] = lo1 * splat8(x[1]), c[r][3] = hi1 * splat8(x[17]);
+        c[r][0] = low0 * x0, c[r][1] = low1 * x1, c[r][2] = whole0 * x0, c[r][3] = whole1 * x1;
       } else {
-        c[r][0] = fma8(lo0, splat8(x[j]), c[r][0]), c[r][1] = fma8(hi0, splat8(x[j + 16]), c[r][1]);
-        c[r][2] = fma8(lo1, splat8(x[j + 1]), c[r][2]), c[r][3] = fma8(hi1, splat8(x[j + 17]), c[r][3]);
+        c[r][0] = fma8(low0, x0, c[r][0]), c[r][1] = fma8(low1, x1, c[r][1]);
+        c[r][2] = fma8(whole0, x0, c[r][2]), c[r][3] = fma8(whole1, x1, c[r][3]);
       }
     }
   }
-  for (int r = 0; r < R; r++) dots[r] = (c[r][0] + c[r][1]) + (c[r][2] + c[r][3]);
+  for (int r = 0; r < kRows; r++) lows[r] = c[r][0] + c[r][1], bytes[r] = c[r][2] + c[r][3];
 }
 
 // One activation row's sums over a nibble group block (as byte_block_sums): lane l gets lows = sum_j q(l, j)
-// x_j and highs = sum_j q(l + 8, j) x_j = (sum_j byte(l, j) x_j - lows) / 16, each sum from two chains (even
-// / odd j), each in order of j, summed as c_even + c_odd. R rows at once.
+// x_j and highs = sum_j q(l + 8, j) x_j = (sum_j byte(l, j) x_j - lows) / 16, each sum in nibble_chains'
+// order. R rows at once.
 template <int R>
 inline void nibble_block_sums(const uint8_t* qs, const float* const (&xb)[R], const float* const (&x8b)[R],
                               v8f (&lows)[R], v8f (&highs)[R]) {
@@ -564,41 +614,22 @@ inline void nibble_block_sums(const uint8_t* qs, const float* const (&xb)[R], co
   } else
 #endif
   if constexpr (R <= 2) {  // decoded as used: 64 weight vectors do not fit in registers
-    v8f c[R][4];  // lows even / odd j, bytes even / odd j
-#pragma GCC unroll 16
-    for (int j = 0; j < 32; j += 2) {
-      const v8i even = widen8<false>(qs + kLanes * j), odd = widen8<false>(qs + kLanes * (j + 1));
-      const v8f low0 = to_float(even & 15), whole0 = to_float(even);
-      const v8f low1 = to_float(odd & 15), whole1 = to_float(odd);
-      for (int r = 0; r < R; r++) {
-        const v8f x0 = splat8(xb[r][j]), x1 = splat8(xb[r][j + 1]);
-        if (j == 0) {
-          c[r][0] = low0 * x0, c[r][1] = low1 * x1, c[r][2] = whole0 * x0, c[r][3] = whole1 * x1;
-        } else {
-          c[r][0] = fma8(low0, x0, c[r][0]), c[r][1] = fma8(low1, x1, c[r][1]);
-          c[r][2] = fma8(whole0, x0, c[r][2]), c[r][3] = fma8(whole1, x1, c[r][3]);
-        }
-      }
-    }
-    for (int r = 0; r < R; r++) lows[r] = c[r][0] + c[r][1], bytes[r] = c[r][2] + c[r][3];
-  } else {  // decoded once into memory, then read by each activation row in the same order
+    nibble_chains<R>(
+        [&](int j, v8f& low, v8f& whole) {
+          const v8i v = widen8<false>(qs + kLanes * j);
+          low = to_float(v & 15), whole = to_float(v);
+        },
+        xb, lows, bytes);
+  } else {  // decoded once into memory, then read by two activation rows at a time (one: ~2x slower)
     v8f low[32], whole[32];
 #pragma GCC unroll 16
     for (int j = 0; j < 32; j++) {
       const v8i v = widen8<false>(qs + kLanes * j);
       low[j] = to_float(v & 15), whole[j] = to_float(v);
     }
-    for (int r = 0; r < R; r++) {
-      const float* x = xb[r];
-      v8f l0 = low[0] * splat8(x[0]), l1 = low[1] * splat8(x[1]);
-      v8f b0 = whole[0] * splat8(x[0]), b1 = whole[1] * splat8(x[1]);
-#pragma GCC unroll 16
-      for (int j = 2; j < 32; j += 2) {
-        l0 = fma8(low[j], splat8(x[j]), l0), l1 = fma8(low[j + 1], splat8(x[j + 1]), l1);
-        b0 = fma8(whole[j], splat8(x[j]), b0), b1 = fma8(whole[j + 1], splat8(x[j + 1]), b1);
-      }
-      lows[r] = l0 + l1, bytes[r] = b0 + b1;
-    }
+    const auto decoded = [&](int j, v8f& l, v8f& b) { l = low[j], b = whole[j]; };
+    for (int r = 0; r + 1 < R; r += 2) nibble_chains<2>(decoded, xb + r, lows + r, bytes + r);
+    if constexpr (R % 2) nibble_chains<1>(decoded, xb + R - 1, lows + R - 1, bytes + R - 1);
   }
   for (int r = 0; r < R; r++) highs[r] = (bytes[r] - lows[r]) * splat8(0.0625f);
 }
